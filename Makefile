@@ -1,0 +1,44 @@
+# mipvpn: `make lab` brings the lab up, `make test` runs every test tier.
+# Both install what they need: Debian packages (deps) and a virtualenv (.venv).
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+PYTHON ?= python3
+
+DEB_PACKAGES := iproute2 iputils-ping nftables tcpdump tshark \
+	strongswan-charon strongswan-swanctl libcharon-extra-plugins \
+	python3-venv
+
+.PHONY: all deps venv lab down test lint clean
+
+all: venv
+
+deps: .deps.stamp
+.deps.stamp: Makefile
+	apt-get update
+	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $(DEB_PACKAGES)
+	touch $@
+
+venv: $(BIN)/mipvpn
+$(BIN)/mipvpn: pyproject.toml | .deps.stamp
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+lab: venv
+	$(BIN)/mipvpn lab up
+	$(BIN)/mipvpn lab status
+
+down: venv
+	$(BIN)/mipvpn lab down
+
+lint: venv
+	$(BIN)/ruff check daemons lab tests
+
+# pytest exits 5 when it collected nothing: that is a failure, not a pass.
+test: venv lint
+	$(BIN)/pytest -q; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests ran" >&2; exit 1; fi; exit $$rc
+
+clean: down
+	rm -rf $(VENV) .deps.stamp
