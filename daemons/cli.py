@@ -1,10 +1,17 @@
-"""`mipvpn`: the command line of the whole system (lab, show, db, daemon)."""
+"""`mipvpn`: the command line of the whole system (lab, show, daemon)."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
 
+from daemons import control
+from daemons.config import ConfigError
+from daemons.provision import control_socket
 from lab.cli import lab_group
+from lab.lab import DEFAULT_RUN_DIR
 
 
 @click.group()
@@ -14,6 +21,60 @@ def main() -> None:
 
 
 main.add_command(lab_group)
+
+
+@main.command("daemon")
+@click.argument("role", type=click.Choice(["ha", "fa", "mn"]))
+@click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), required=True)
+def daemon(role: str, config_path: Path) -> None:
+    """Run one daemon (what the lab's supervisor and systemd units start)."""
+    from daemons.daemon import run
+
+    try:
+        run(role, config_path)
+    except ConfigError as exc:
+        raise click.ClickException(f"refusing to start: {exc}") from None
+    except KeyboardInterrupt:
+        pass
+
+
+SHOW = {
+    "bindings": "bindings",  # HA binding cache
+    "visitors": "visitors",  # FA visitor list
+    "registration": "registration",  # MN state
+    "counters": "counters",
+}
+
+
+def _table(rows: list[dict], empty: str) -> str:
+    if not rows:
+        return empty
+    cols = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r.get(c))) for r in rows)) for c in cols}
+    lines = ["  ".join(c.upper().ljust(widths[c]) for c in cols)]
+    lines += ["  ".join(str(r.get(c)).ljust(widths[c]) for c in cols) for r in rows]
+    return "\n".join(lines)
+
+
+@main.command("show")
+@click.argument("what", type=click.Choice(sorted(SHOW)))
+@click.option("--node", required=True, help="The lab node whose daemon to ask.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--run-dir", type=click.Path(path_type=Path), default=DEFAULT_RUN_DIR, envvar="MIPVPN_RUN_DIR",
+              show_default=True)
+def show(what: str, node: str, as_json: bool, run_dir: Path) -> None:
+    """Ask a daemon for its state: bindings (HA), visitors (FA), registration (MN), counters."""
+    try:
+        data = control.call(control_socket(run_dir.absolute(), node), SHOW[what])
+    except control.ControlUnavailable as exc:
+        raise click.ClickException(f"{node}: {exc}") from None
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+    elif isinstance(data, list):
+        click.echo(_table(data, f"no {what} on {node}"))
+    else:
+        for key, value in data.items():
+            click.echo(f"{key}: {value}")
 
 
 if __name__ == "__main__":

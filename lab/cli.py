@@ -10,6 +10,7 @@ from pathlib import Path
 
 import click
 
+from daemons.provision import services as daemon_services
 from lab.lab import DEFAULT_NS_PREFIX, DEFAULT_RUN_DIR, Lab, LabError
 from lab.topology import TopologyError, load
 
@@ -70,7 +71,7 @@ def up(run_dir: Path, topology_file: Path | None, backend: str, ns_prefix: str,
     the_lab = Lab(run_dir, topo, ns_prefix, backend)
     started = time.monotonic()
     try:
-        the_lab.up(capture=capture)
+        the_lab.up(capture=capture, services=daemon_services)
     except Exception as exc:
         raise click.ClickException(f"lab up failed and was rolled back: {exc}") from None
     click.echo(f"lab {topo.name!r} up in {time.monotonic() - started:.2f}s: "
@@ -114,6 +115,8 @@ def status(run_dir: Path, as_json: bool) -> None:
         click.echo(f"  {node['name']:<6} {node['role']:<6} {node['domain'] or '-':<16} {state:<7} {addrs}")
         for proc in node["processes"]:
             health = "running" if proc["running"] else f"exited {proc['last_exit']}"
+            if "healthy" in proc:
+                health += ", healthy" if proc["healthy"] else ", NOT HEALTHY"
             click.echo(f"         {proc['name']:<24} pid={proc['pid']} {health} "
                        f"restarts={proc['restarts']}")
     for mn, owner in info["attachments"].items():

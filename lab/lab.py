@@ -10,12 +10,14 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from lab import supervisor
 from lab.builder import LabNetwork, describe_kernel_state, namespace_exists
@@ -30,12 +32,36 @@ class LabError(RuntimeError):
     pass
 
 
+class Service(Protocol):
+    """A long-lived process to run in a node; healthy once its control socket answers."""
+
+    name: str
+    node: str
+    argv: list[str]
+    control_socket: Path
+
+
+ServicePlan = Callable[[Topology, Path], Sequence[Service]]
+HEALTH_TIMEOUT_S = 15.0
+
+
+def socket_answers(path: str) -> bool:
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            sock.connect(path)
+        return True
+    except OSError:
+        return False
+
+
 @dataclass
 class Lab:
     run_dir: Path
     topology: Topology
     prefix: str
     backend: str = "auto"
+    health: dict[str, str] = field(default_factory=dict)  # service name -> control socket
 
     @property
     def network(self) -> LabNetwork:
@@ -57,12 +83,13 @@ class Lab:
             state = json.loads(path.read_text())
         except FileNotFoundError:
             raise LabError(f"no lab in {run_dir} (start one with `mipvpn lab up`)") from None
-        return cls(run_dir, load(state["topology"]), state["prefix"], state.get("backend", "auto"))
+        return cls(run_dir, load(state["topology"]), state["prefix"], state.get("backend", "auto"),
+                   state.get("health", {}))
 
     def save_state(self, phase: str) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         state = {"topology": self.topology.source, "prefix": self.prefix, "backend": self.backend,
-                 "phase": phase, "namespaces": self.network.namespaces()}
+                 "phase": phase, "namespaces": self.network.namespaces(), "health": self.health}
         self.state_path.write_text(json.dumps(state, indent=2))
 
     def supervisor_alive(self) -> bool:
@@ -76,17 +103,34 @@ class Lab:
         return self.state_path.exists() and self.supervisor_alive()
 
     # ---- up --------------------------------------------------------------------------
-    def up(self, capture: bool = False) -> None:
+    def up(self, capture: bool = False, services: ServicePlan | None = None) -> None:
         self.save_state("building")
         try:
             self.network.build()
             self._start_supervisor()
             if capture:
                 self.capture_start()
+            if services is not None:
+                self.start_services(services(self.topology, self.run_dir))
             self.save_state("up")
         except BaseException:
             self.down()
             raise
+
+    def start_services(self, plan: Sequence[Service]) -> None:
+        """Start each service in order and wait until it is healthy before the next, so
+        agents are listening before the mobile nodes that need them start."""
+        for service in plan:
+            self.start_process(service.name, service.node, service.argv)
+            self.health[service.name] = str(service.control_socket)
+            deadline = time.monotonic() + HEALTH_TIMEOUT_S
+            while not socket_answers(str(service.control_socket)):
+                if time.monotonic() > deadline:
+                    log = self.run_dir / "logs" / f"{service.name.replace(':', '-')}.log"
+                    tail = log.read_text().strip().splitlines()[-5:] if log.exists() else []
+                    raise LabError(f"{service.name} did not become healthy within {HEALTH_TIMEOUT_S:.0f}s; "
+                                   f"last lines of {log}:\n  " + "\n  ".join(tail))
+                time.sleep(0.02)
 
     def _start_supervisor(self) -> None:
         (self.run_dir / "logs").mkdir(parents=True, exist_ok=True)
@@ -218,6 +262,9 @@ class Lab:
     def status(self) -> dict[str, Any]:
         topo = self.topology
         procs = self.processes()
+        for proc in procs:
+            if proc["name"] in self.health:
+                proc["healthy"] = proc["running"] and socket_answers(self.health[proc["name"]])
         nodes = []
         for node in topo.nodes.values():
             ns = self.ns(node.name)

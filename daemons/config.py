@@ -1,0 +1,223 @@
+"""Daemon configuration: YAML files checked against typed dataclasses.
+
+A wrong configuration stops the daemon at start with a message naming the file and the
+field (``ha.yaml: mobile_nodes[0].key: missing``). Secrets are hex strings in the file and
+``Secret`` objects in memory; an error about a secret never repeats its value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from daemons.secret import Secret
+
+T = TypeVar("T")
+# Placeholders for fields that REQUIRED below makes mandatory per role.
+NO_ADDRESS = ipaddress.IPv4Address(0)
+NO_PREFIX = ipaddress.IPv4Network("0.0.0.0/32")
+
+
+class ConfigError(ValueError):
+    def __init__(self, source: str, where: str, problem: str) -> None:
+        super().__init__(f"{source}: {where}: {problem}")
+
+
+# ---- the configurations -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecurityAssociation:
+    """A Mobile IP security association (RFC 5944 §1.6): SPI + key, HMAC-MD5."""
+
+    spi: int
+    key: Secret
+
+
+@dataclass(frozen=True)
+class MobileNodeEntry:
+    """What the HA knows about one of its mobile nodes."""
+
+    nai: str
+    home_address: ipaddress.IPv4Address
+    spi: int
+    key: Secret
+
+
+@dataclass(frozen=True)
+class PeerAgent:
+    """An FA-HA security association, seen from either side."""
+
+    address: ipaddress.IPv4Address
+    spi: int
+    key: Secret
+
+
+@dataclass(frozen=True)
+class Common:
+    node: str
+    role: str
+    state_dir: Path
+    control_socket: Path
+    log_level: str = "INFO"
+
+
+@dataclass(frozen=True)
+class HAConfig(Common):
+    address: ipaddress.IPv4Address = NO_ADDRESS  # the Home Agent field of RRQs
+    home_prefix: ipaddress.IPv4Network = NO_PREFIX
+    home_interface: str = "access"
+    max_lifetime: int = 300
+    replay_window: float = 7.0  # seconds, RFC 5944 §5.7 timestamps
+    mobile_nodes: list[MobileNodeEntry] = field(default_factory=list)
+    foreign_agents: list[PeerAgent] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FAConfig(Common):
+    access_interface: str = "access"
+    access_address: ipaddress.IPv4Address = NO_ADDRESS
+    care_of_address: ipaddress.IPv4Address = NO_ADDRESS
+    advertisement_interval: float = 1.0
+    max_lifetime: int = 300
+    challenge: bool = True
+    challenge_window: int = 8  # how many recent advertisement challenges are accepted
+    registration_timeout: float = 5.0  # no reply from the HA (or AAA) by then: code 78
+    home_agents: list[PeerAgent] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MNConfig(Common):
+    nai: str = ""
+    home_address: ipaddress.IPv4Address = NO_ADDRESS
+    home_prefix: ipaddress.IPv4Network = NO_PREFIX
+    home_agent: ipaddress.IPv4Address = NO_ADDRESS
+    interface: str = "eth0"
+    lifetime: int = 300
+    mn_ha: SecurityAssociation | None = None
+    mn_aaa: SecurityAssociation | None = None
+    retransmit_initial: float = 0.5  # RFC 5944 §3.6.3: back-off doubles up to the maximum
+    retransmit_max: float = 8.0
+
+
+ROLE_CONFIGS: dict[str, type[Common]] = {"ha": HAConfig, "fa": FAConfig, "mn": MNConfig}
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "ha": ("address", "home_prefix"),
+    "fa": ("access_address", "care_of_address"),
+    "mn": ("nai", "home_address", "home_prefix", "home_agent", "mn_ha"),
+}
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+def load(path: Path) -> Common:
+    source = path.name
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), "file", f"cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, "file", f"not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, "file", "must be a mapping")
+    role = data.get("role")
+    if role not in ROLE_CONFIGS:
+        raise ConfigError(source, "role", f"unknown or missing role {role!r} (one of: {', '.join(ROLE_CONFIGS)})")
+    for name in REQUIRED[role]:
+        if name not in data:
+            raise ConfigError(source, name, "missing")
+    return build(ROLE_CONFIGS[role], data, source, "")
+
+
+def dump(config: Any) -> dict[str, Any]:
+    """A config object as YAML-ready data (secrets as hex: only for writing config files)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        out[f.name] = _dump_value(getattr(config, f.name))
+    return out
+
+
+def _dump_value(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dump(value)
+    if isinstance(value, list):
+        return [_dump_value(v) for v in value]
+    if isinstance(value, Secret):
+        return value.reveal().hex()
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv4Network, Path)):
+        return str(value)
+    return value
+
+
+def build(cls: type[T], data: Any, source: str, where: str) -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(source, where or "file", "must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(source, _join(where, unknown[0]), f"unknown field (known: {', '.join(sorted(names))})")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        here = _join(where, f.name)
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(source, here, "missing")
+            continue
+        values[f.name] = _convert(hints[f.name], data[f.name], source, here)
+    return cls(**values)
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _convert(hint: Any, value: Any, source: str, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _convert(args[0], value, source, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(source, where, "must be a list")
+        (item,) = typing.get_args(hint)
+        return [_convert(item, v, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, source, where)  # type: ignore[arg-type]
+    if hint is Secret:
+        if not isinstance(value, str):
+            raise ConfigError(source, where, "must be a hex string")
+        try:
+            return Secret.from_hex(value)
+        except ValueError:
+            raise ConfigError(source, where, "not a hex string (value withheld)") from None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, where, f"must be true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and isinstance(value, float)):
+            raise ConfigError(source, where, f"must be a{'n integer' if hint is int else ' number'}, got {value!r}")
+        if value < 0:
+            raise ConfigError(source, where, f"must not be negative, got {value!r}")
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(source, where, f"must be a non-empty string, got {value!r}")
+        return value
+    if hint is Path:
+        return Path(str(value))
+    if hint in (ipaddress.IPv4Address, ipaddress.IPv4Network):
+        try:
+            return hint(str(value))
+        except ValueError as exc:
+            raise ConfigError(source, where, f"malformed {hint.__name__[4:].lower()}: {exc}") from None
+    raise ConfigError(source, where, f"unsupported type {hint!r}")  # a bug in this module

@@ -1,0 +1,34 @@
+"""`mipvpn daemon ROLE -c CONFIG`: load and check the configuration, then run one role."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+from daemons import config as configuration
+from daemons import log
+
+
+def run(role: str, config_path: Path) -> None:
+    """Raises ConfigError (naming the field) before anything starts."""
+    cfg = configuration.load(config_path)
+    if cfg.role != role:
+        raise configuration.ConfigError(config_path.name, "role",
+                                        f"is {cfg.role!r}, but the daemon was started as {role!r}")
+    log.setup(cfg.node, cfg.log_level)
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    os.umask(0o077)  # state files and sockets are ours alone
+    if role == "ha":
+        from daemons.ha import HomeAgent
+
+        main = HomeAgent(cfg).run()  # type: ignore[arg-type]
+    elif role == "fa":
+        from daemons.fa import ForeignAgent
+
+        main = ForeignAgent(cfg).run()  # type: ignore[arg-type]
+    else:
+        from daemons.mn import MobileNode
+
+        main = MobileNode(cfg).run()  # type: ignore[arg-type]
+    asyncio.run(main)

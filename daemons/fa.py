@@ -1,0 +1,246 @@
+"""The foreign agent (RFC 5944 §3.7, RFC 3012): advertisements with challenges, the
+visitor list, relaying registrations between mobile nodes and their home agents.
+
+Relaying goes through ``forward_request``; the AAA issue replaces its direct path to the HA
+with an AMR to the local AAA server without touching the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from daemons import mip
+from daemons.advertiser import Advertiser
+from daemons.config import FAConfig
+from daemons.control import ControlServer
+from daemons.log import EventLog
+from daemons.net import UdpEndpoint
+from daemons.routing import VisitorRoutes
+from daemons.state import StateFile
+from daemons.tasks import background
+
+log = EventLog("mipvpn.fa")
+Code = mip.ReplyCode
+
+
+@dataclass
+class Visitor:
+    nai: str | None
+    home_address: str
+    home_agent: str
+    mn_port: int
+    lifetime: int
+    expires: float
+    identification: int
+
+
+@dataclass
+class Pending:
+    rrq: mip.RegistrationRequest
+    nai: str | None
+    mn_port: int
+    started: float
+    timer: asyncio.TimerHandle | None = None
+
+
+class ForeignAgent:
+    def __init__(self, config: FAConfig) -> None:
+        self.config = config
+        self.visitors: dict[str, Visitor] = {}
+        self.pending: dict[tuple[str, int], Pending] = {}  # (home address, low 32 bits of id)
+        self.advertiser = Advertiser(config.access_interface, config.access_address,
+                                     mip.AdvFlag.R | mip.AdvFlag.F, (config.care_of_address,),
+                                     config.max_lifetime, config.advertisement_interval, config.challenge,
+                                     config.challenge_window)
+        self.used_challenges: deque[bytes] = deque(maxlen=1024)
+        self.ha_keys = {str(ha.address): ha for ha in config.home_agents}
+        self.counters: dict[str, int] = {"received": 0, "malformed": 0, "relayed": 0, "accepted": 0,
+                                         "denied": 0}
+        self.state = StateFile(config.state_dir / "visitors.json")
+        self.routes = VisitorRoutes(config.access_interface)
+        self.udp: UdpEndpoint | None = None
+        self.control = ControlServer(config.control_socket)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> None:
+        self.restore()
+        await self.routes.reconcile(list(self.visitors))
+        self.udp = await UdpEndpoint.open(self.on_datagram, "0.0.0.0", mip.MIP_UDP_PORT)
+        self.control.register("visitors", lambda _: self.show_visitors())
+        self.control.register("counters", lambda _: {**self.counters, **self.advertiser.counters})
+        await self.control.start()
+        log.info("fa.ready", coa=self.config.care_of_address, access=self.config.access_address,
+                 visitors=len(self.visitors))
+        await asyncio.gather(self.advertiser.run(), self.expire_loop())
+
+    def restore(self) -> None:
+        now = time.time()
+        for hoa, data in self.state.load().get("visitors", {}).items():
+            visitor = Visitor(**data)
+            if visitor.expires > now:
+                self.visitors[hoa] = visitor
+        if self.visitors:
+            log.info("fa.restored", visitors=len(self.visitors))
+
+    def persist(self) -> None:
+        self.state.save({"visitors": {k: asdict(v) for k, v in self.visitors.items()}})
+
+    async def expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.time()
+            for hoa, visitor in list(self.visitors.items()):
+                if visitor.expires <= now:
+                    await self.remove_visitor(hoa, "lifetime expired")
+
+    async def remove_visitor(self, hoa: str, reason: str) -> None:
+        visitor = self.visitors.pop(hoa, None)
+        if visitor is None:
+            return
+        self.persist()
+        await self.routes.remove(hoa)
+        log.info("visitor.removed", mn=visitor.nai, hoa=hoa, reason=reason)
+
+    # ---- registration --------------------------------------------------------------------
+    def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.counters["received"] += 1
+        try:
+            msg = mip.decode_message(data)
+        except mip.UnknownExtensionError as exc:
+            self.counters["malformed"] += 1
+            log.warning("message.unknown_extension", src=addr[0], reason=exc)
+            if isinstance(exc.partial, mip.RegistrationRequest):
+                self.deny(exc.partial, addr[1], Code.FA_POORLY_FORMED_REQUEST, None)
+            return
+        except mip.DecodeError as exc:
+            self.counters["malformed"] += 1
+            log.warning("message.malformed", src=addr[0], reason=exc)
+            return
+        if isinstance(msg, mip.RegistrationRequest):
+            background(self.on_request(msg, data, addr))
+        else:
+            background(self.on_reply(msg, data, addr))
+
+    async def on_request(self, rrq: mip.RegistrationRequest, raw: bytes, addr: tuple[str, int]) -> None:
+        nai_ext = rrq.find(mip.NAIExtension)
+        nai = nai_ext.nai if nai_ext else None
+        log.info("rrq.received", mn=nai or rrq.home_address, id=hex(rrq.identification), ha=rrq.home_agent,
+                 lifetime=rrq.lifetime)
+        code = self.check_request(rrq)
+        if code != Code.ACCEPTED:
+            self.deny(rrq, addr[1], code, nai)
+            return
+        key = (str(rrq.home_address), rrq.identification & 0xFFFFFFFF)
+        pending = Pending(rrq, nai, addr[1], time.monotonic())
+        pending.timer = asyncio.get_running_loop().call_later(
+            self.config.registration_timeout, lambda: background(self.timeout(key)))
+        old = self.pending.pop(key, None)
+        if old and old.timer:
+            old.timer.cancel()
+        self.pending[key] = pending
+        # The reply must be able to reach the MN on the access link, whatever the outcome.
+        await self.routes.add(str(rrq.home_address))
+        await self.forward_request(rrq, raw)
+
+    def check_request(self, rrq: mip.RegistrationRequest) -> Code:
+        """The FA's checks (RFC 5944 §3.7.2.1, RFC 3012 §3.2)."""
+        if rrq.lifetime > self.config.max_lifetime:
+            return Code.FA_LIFETIME_TOO_LONG
+        if rrq.care_of_address != self.config.care_of_address:
+            return Code.FA_INVALID_CARE_OF_ADDRESS
+        if rrq.find(mip.MNHAAuthExtension) is None:
+            return Code.FA_POORLY_FORMED_REQUEST
+        if self.config.challenge:
+            ext = rrq.find(mip.MNFAChallengeExtension)
+            if ext is None:
+                return Code.FA_MISSING_CHALLENGE
+            if ext.challenge in self.used_challenges:
+                return Code.FA_STALE_CHALLENGE  # a replayed request
+            if ext.challenge not in self.advertiser.challenges:
+                return Code.FA_UNKNOWN_CHALLENGE
+            if rrq.find(mip.GeneralizedAuthExtension) is None and rrq.find(mip.MNFAAuthExtension) is None:
+                return Code.FA_MN_FAILED_AUTHENTICATION  # §3.2: the challenge must be answered
+            self.used_challenges.append(ext.challenge)
+        return Code.ACCEPTED
+
+    async def forward_request(self, rrq: mip.RegistrationRequest, raw: bytes) -> None:
+        """Relay to the HA: keep everything through the MN-HA authenticator untouched,
+        drop what was only for us (challenge answer), add FA-HA authentication."""
+        relayed = mip.strip_after(raw, mip.EXT_MN_HA_AUTH)
+        ha = self.ha_keys.get(str(rrq.home_agent))
+        if ha is not None:
+            relayed = mip.append_authenticator(relayed, mip.EXT_FA_HA_AUTH, ha.spi, ha.key)
+        assert self.udp is not None
+        self.udp.send(relayed, (str(rrq.home_agent), mip.MIP_UDP_PORT))
+        self.counters["relayed"] += 1
+        log.info("rrq.relayed", mn=rrq.find(mip.NAIExtension).nai if rrq.find(mip.NAIExtension) else None,
+                 id=hex(rrq.identification), ha=rrq.home_agent)
+
+    async def timeout(self, key: tuple[str, int]) -> None:
+        pending = self.pending.pop(key, None)
+        if pending is None:
+            return
+        log.warning("rrq.timeout", mn=pending.nai, id=hex(pending.rrq.identification))
+        self.deny(pending.rrq, pending.mn_port, Code.FA_REGISTRATION_TIMEOUT, pending.nai)
+        if key[0] not in self.visitors:
+            await self.routes.remove(key[0])
+
+    def deny(self, rrq: mip.RegistrationRequest, port: int, code: Code, nai: str | None) -> None:
+        """An FA-generated denial (64-127) straight back to the MN."""
+        rrp = mip.RegistrationReply(code=code, home_address=rrq.home_address, home_agent=rrq.home_agent,
+                                    identification=rrq.identification)
+        if nai:
+            rrp.extensions.append(mip.NAIExtension(nai))
+        assert self.udp is not None
+        self.udp.send(rrp.encode(), (str(rrq.home_address), port))
+        self.counters["denied"] += 1
+        log.warning("rrp.denied", mn=nai or rrq.home_address, id=hex(rrq.identification),
+                    code=f"{int(code)}({code.name})")
+
+    async def on_reply(self, rrp: mip.RegistrationReply, raw: bytes, addr: tuple[str, int]) -> None:
+        key = (str(rrp.home_address), rrp.identification & 0xFFFFFFFF)
+        pending = self.pending.pop(key, None)
+        if pending is None:
+            self.counters["malformed"] += 1
+            log.warning("rrp.unmatched", src=addr[0], hoa=rrp.home_address, id=hex(rrp.identification))
+            return
+        if pending.timer:
+            pending.timer.cancel()
+        ha = self.ha_keys.get(addr[0])
+        if ha is not None and not mip.verify(raw, mip.EXT_FA_HA_AUTH, ha.key, spi=ha.spi):
+            log.warning("rrp.ha_auth_failed", mn=pending.nai, ha=addr[0])
+            self.deny(pending.rrq, pending.mn_port, Code.FA_HA_FAILED_AUTHENTICATION, pending.nai)
+            return
+        await self.complete(pending, rrp, raw)
+
+    async def complete(self, pending: Pending, rrp: mip.RegistrationReply, raw: bytes) -> None:
+        """The HA has answered: update the visitor list and pass the reply to the MN."""
+        hoa = str(rrp.home_address)
+        if rrp.accepted and rrp.lifetime > 0:
+            self.visitors[hoa] = Visitor(pending.nai, hoa, str(pending.rrq.home_agent), pending.mn_port,
+                                         rrp.lifetime, time.time() + rrp.lifetime, rrp.identification)
+            self.persist()
+            self.counters["accepted"] += 1
+            log.info("visitor.added", mn=pending.nai, hoa=hoa, lifetime=rrp.lifetime, id=hex(rrp.identification))
+        elif rrp.accepted:
+            await self.remove_visitor(hoa, "deregistered")
+        else:
+            self.counters["denied"] += 1
+            if hoa not in self.visitors:
+                await self.routes.remove(hoa)
+        to_mn = mip.strip_after(raw, mip.EXT_MN_HA_AUTH) if rrp.find(mip.MNHAAuthExtension) else raw
+        assert self.udp is not None
+        self.udp.send(to_mn, (hoa, pending.mn_port))
+        log.info("rrp.relayed", mn=pending.nai, id=hex(rrp.identification), code=int(rrp.code),
+                 ms=round((time.monotonic() - pending.started) * 1000, 1))
+
+    # ---- show --------------------------------------------------------------------------
+    def show_visitors(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [{"mn": v.nai, "home_address": v.home_address, "home_agent": v.home_agent,
+                 "lifetime": v.lifetime, "remaining": max(0, int(v.expires - now))}
+                for v in self.visitors.values()]

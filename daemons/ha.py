@@ -1,0 +1,217 @@
+"""The home agent (RFC 5944 §3.8): binding cache, MN-HA authentication, replay protection.
+
+Registrations arrive on UDP 434 (relayed by a foreign agent, or straight from a mobile node
+at home) and, with AAA, inside a Diameter HAR: both go through ``process_request``, which
+takes the raw RRQ bytes and returns the raw RRP bytes. The binding cache is persisted on
+every change and reloaded at start, so a restarted HA carries on with its bindings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from daemons import mip
+from daemons.advertiser import Advertiser
+from daemons.config import HAConfig, MobileNodeEntry
+from daemons.control import ControlServer
+from daemons.log import EventLog
+from daemons.net import UdpEndpoint
+from daemons.routing import HomeLink
+from daemons.state import StateFile
+from daemons.tasks import background
+
+log = EventLog("mipvpn.ha")
+Code = mip.ReplyCode
+
+
+@dataclass
+class Binding:
+    nai: str
+    home_address: str
+    care_of_address: str
+    lifetime: int  # granted, seconds
+    expires: float  # wall-clock time (survives a restart)
+    identification: int
+    relayed_by: str | None  # the FA that relayed the request, if any
+
+    def remaining(self, now: float) -> int:
+        return max(0, int(self.expires - now))
+
+
+class HomeAgent:
+    def __init__(self, config: HAConfig) -> None:
+        self.config = config
+        self.by_hoa: dict[str, MobileNodeEntry] = {str(m.home_address): m for m in config.mobile_nodes}
+        self.by_nai: dict[str, MobileNodeEntry] = {m.nai: m for m in config.mobile_nodes}
+        self.fa_keys = {str(fa.address): fa for fa in config.foreign_agents}
+        self.bindings: dict[str, Binding] = {}
+        self.last_ident: dict[str, int] = {}  # per home address: replay protection
+        self.counters: dict[str, int] = {"received": 0, "malformed": 0, "accepted": 0, "denied": 0}
+        self.state = StateFile(config.state_dir / "bindings.json")
+        self.home_link = HomeLink(config.home_interface)
+        self.udp: UdpEndpoint | None = None
+        self.control = ControlServer(config.control_socket)
+        # On the home link the HA advertises itself (H flag), so a returning MN knows it
+        # is home. No challenge: registrations there go straight to us.
+        self.advertiser = Advertiser(config.home_interface, config.address, mip.AdvFlag.H,
+                                     (config.address,), config.max_lifetime, 1.0, challenge=False)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> None:
+        self.restore()
+        await self.home_link.reconcile(list(self.bindings))
+        # Bound to the home agent address: replies then come from the address the FA and
+        # the MN know us by (and authenticate us by), whatever interface they leave from.
+        self.udp = await UdpEndpoint.open(self.on_datagram, str(self.config.address), mip.MIP_UDP_PORT)
+        self.control.register("bindings", lambda _: self.show_bindings())
+        self.control.register("counters", lambda _: dict(self.counters))
+        await self.control.start()
+        log.info("ha.ready", address=self.config.address, bindings=len(self.bindings))
+        await asyncio.gather(self.advertiser.run(), self.expire_loop())
+
+    async def expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            await self.expire(time.time())
+
+    def restore(self) -> None:
+        saved = self.state.load()
+        now = time.time()
+        for hoa, data in saved.get("bindings", {}).items():
+            binding = Binding(**data)
+            if binding.expires > now:
+                self.bindings[hoa] = binding
+        self.last_ident = {k: int(v) for k, v in saved.get("last_ident", {}).items()}
+        if self.bindings:
+            log.info("ha.restored", bindings=len(self.bindings))
+
+    def persist(self) -> None:
+        self.state.save({"bindings": {k: asdict(b) for k, b in self.bindings.items()},
+                         "last_ident": self.last_ident})
+
+    async def expire(self, now: float) -> None:
+        for hoa, binding in list(self.bindings.items()):
+            if binding.expires <= now:
+                del self.bindings[hoa]
+                self.persist()
+                await self.home_link.release(hoa)
+                log.info("binding.expired", mn=binding.nai, hoa=hoa, coa=binding.care_of_address)
+
+    # ---- registration ------------------------------------------------------------------
+    def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        background(self._serve(data, addr))
+
+    async def _serve(self, data: bytes, addr: tuple[str, int]) -> None:
+        reply = await self.process_request(data, addr[0])
+        if reply is not None and self.udp:
+            self.udp.send(reply, addr)
+
+    async def process_request(self, raw: bytes, source: str) -> bytes | None:
+        """Handle one raw RRQ; the raw RRP to send back, or None to drop silently."""
+        self.counters["received"] += 1
+        try:
+            rrq = mip.decode_message(raw)
+        except mip.UnknownExtensionError as exc:
+            # RFC 5944 §3.8.2.1: an unknown non-skippable extension is a poorly formed
+            # request; we can only answer if the fixed part is readable.
+            return self._poorly_formed(source, exc)
+        except mip.DecodeError as exc:
+            self.counters["malformed"] += 1
+            log.warning("rrq.malformed", src=source, reason=exc)
+            return None
+        if not isinstance(rrq, mip.RegistrationRequest):
+            self.counters["malformed"] += 1
+            log.warning("rrq.unexpected", src=source, type=type(rrq).__name__)
+            return None
+        nai_ext = rrq.find(mip.NAIExtension)
+        nai = nai_ext.nai if nai_ext else None
+        entry = self.by_nai.get(nai) if nai else None
+        entry = entry or self.by_hoa.get(str(rrq.home_address))
+        mn = nai or str(rrq.home_address)
+        log.info("rrq.received", mn=mn, id=hex(rrq.identification), src=source, coa=rrq.care_of_address,
+                 lifetime=rrq.lifetime)
+        now = time.time()
+        code, lifetime = self._check(raw, rrq, entry, source, now)
+        hoa = str(entry.home_address) if entry else str(rrq.home_address)
+        if code == Code.ACCEPTED and entry is not None:
+            self.last_ident[hoa] = rrq.identification
+            await self._apply(rrq, entry, lifetime, source, now)
+        ident = mip.reply_identification(rrq.identification, now, accepted=code != Code.HA_IDENTIFICATION_MISMATCH)
+        rrp = mip.RegistrationReply(code=code, home_address=hoa if entry else rrq.home_address,
+                                    home_agent=self.config.address, identification=ident,
+                                    lifetime=lifetime if code == Code.ACCEPTED else 0)
+        if nai_ext:
+            rrp.extensions.append(mip.NAIExtension(nai_ext.nai))
+        if entry is not None:
+            rrp = mip.sign(rrp, mip.EXT_MN_HA_AUTH, entry.spi, entry.key)
+        wire = rrp.encode()
+        fa = self.fa_keys.get(source)
+        if fa is not None and source != str(rrq.home_address):
+            wire = mip.append_authenticator(wire, mip.EXT_FA_HA_AUTH, fa.spi, fa.key)
+        self.counters["accepted" if code == Code.ACCEPTED else "denied"] += 1
+        log.event("rrp.sent", mn=mn, id=hex(ident), code=f"{int(code)}({Code(code).name})", lifetime=rrp.lifetime,
+                  level=20 if code == Code.ACCEPTED else 30)
+        return wire
+
+    def _check(self, raw: bytes, rrq: mip.RegistrationRequest, entry: MobileNodeEntry | None, source: str,
+               now: float) -> tuple[Code, int]:
+        """The HA's validity checks (RFC 5944 §3.8.2), in the RFC's order."""
+        if entry is None:
+            log.warning("rrq.unknown_mn", hoa=rrq.home_address)
+            return Code.HA_MN_FAILED_AUTHENTICATION, 0
+        if not mip.verify(raw, mip.EXT_MN_HA_AUTH, entry.key, spi=entry.spi):
+            log.warning("rrq.auth_failed", mn=entry.nai, reason="MN-HA authenticator or SPI mismatch")
+            return Code.HA_MN_FAILED_AUTHENTICATION, 0
+        fa = self.fa_keys.get(source)
+        if fa is not None and rrq.find(mip.FAHAAuthExtension) is not None and \
+                not mip.verify(raw, mip.EXT_FA_HA_AUTH, fa.key, spi=fa.spi):
+            log.warning("rrq.fa_auth_failed", mn=entry.nai, fa=source)
+            return Code.HA_FA_FAILED_AUTHENTICATION, 0
+        if not mip.identification_acceptable(self.last_ident.get(str(entry.home_address)), rrq.identification, now,
+                                             self.config.replay_window):
+            log.warning("rrq.replay_or_clock", mn=entry.nai, id=hex(rrq.identification))
+            return Code.HA_IDENTIFICATION_MISMATCH, 0
+        if rrq.home_agent != self.config.address:
+            return Code.HA_UNKNOWN_HA_ADDRESS, 0
+        if not rrq.is_deregistration and rrq.care_of_address in self.config.home_prefix \
+                and rrq.care_of_address != entry.home_address:
+            return Code.HA_POORLY_FORMED_REQUEST, 0
+        return Code.ACCEPTED, min(rrq.lifetime, self.config.max_lifetime)
+
+    async def _apply(self, rrq: mip.RegistrationRequest, entry: MobileNodeEntry, lifetime: int, source: str,
+                     now: float) -> None:
+        hoa = str(entry.home_address)
+        coa = str(rrq.care_of_address)
+        if rrq.is_deregistration or rrq.care_of_address == entry.home_address:
+            old = self.bindings.pop(hoa, None)
+            self.persist()
+            await self.home_link.release(hoa)
+            log.info("binding.removed", mn=entry.nai, hoa=hoa, was=old.care_of_address if old else None,
+                     reason="deregistration")
+            return
+        previous = self.bindings.get(hoa)
+        self.bindings[hoa] = Binding(entry.nai, hoa, coa, lifetime, now + lifetime, rrq.identification,
+                                     source if source != hoa else None)
+        self.persist()
+        await self.home_link.intercept(hoa)
+        log.info("binding.updated" if previous else "binding.created", mn=entry.nai, hoa=hoa, coa=coa,
+                 lifetime=lifetime, previous_coa=previous.care_of_address if previous else None)
+
+    def _poorly_formed(self, source: str, exc: mip.UnknownExtensionError) -> bytes | None:
+        self.counters["malformed"] += 1
+        log.warning("rrq.unknown_extension", src=source, reason=exc)
+        rrq = exc.partial
+        if not isinstance(rrq, mip.RegistrationRequest):
+            return None
+        return mip.RegistrationReply(code=Code.HA_POORLY_FORMED_REQUEST, home_address=rrq.home_address,
+                                     home_agent=self.config.address, identification=rrq.identification).encode()
+
+    # ---- show --------------------------------------------------------------------------
+    def show_bindings(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [{"mn": b.nai, "home_address": b.home_address, "care_of_address": b.care_of_address,
+                 "lifetime": b.lifetime, "remaining": b.remaining(now), "identification": hex(b.identification),
+                 "relayed_by": b.relayed_by} for b in self.bindings.values()]

@@ -1,0 +1,266 @@
+"""The mobile node (RFC 5944 §3.6, RFC 3012, RFC 2794): movement detection, registration
+with back-off, re-registration before expiry, deregistration at home.
+
+Movement is detected from link events (netlink: carrier lost/regained → solicit at once) and
+from advertisements (a new agent, or the current one's advertisement lifetime running out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import AsyncIPRoute
+
+from daemons import mip
+from daemons.config import MNConfig
+from daemons.control import ControlServer
+from daemons.log import EventLog
+from daemons.net import UdpEndpoint, icmp_socket
+from daemons.routing import MobileNodeLink
+
+log = EventLog("mipvpn.mn")
+ALL_ROUTERS = "224.0.0.2"
+
+
+@dataclass
+class Agent:
+    address: str  # the advertisement's source on our link
+    care_of_address: str
+    home: bool  # our own home agent, advertising on our home link
+    challenge: bytes | None
+    registration_lifetime: int
+    heard: float
+    lifetime: int  # advertisement lifetime: gone if not heard again by then
+
+
+class MobileNode:
+    def __init__(self, config: MNConfig) -> None:
+        self.config = config
+        self.link = MobileNodeLink(config.interface, str(config.home_address), config.home_prefix.prefixlen)
+        self.agent: Agent | None = None
+        self.registered_until = 0.0
+        self.registered_at: str | None = None  # the agent we are registered through
+        self.state = "detached"  # detached | registering | registered | home
+        self.last_code: int | None = None
+        self.clock_offset = 0.0  # learned from a 133 reply (RFC 5944 §5.7)
+        self.reply: asyncio.Future[mip.RegistrationReply] | None = None
+        self.outstanding_id: int | None = None
+        self.kick = asyncio.Event()  # something changed: (re)consider registering
+        self.udp: UdpEndpoint | None = None
+        self.icmp: socket.socket | None = None
+        self.control = ControlServer(config.control_socket)
+        self.counters: dict[str, int] = {"requests": 0, "replies": 0, "malformed": 0, "solicitations": 0}
+        self.events: list[dict[str, Any]] = []  # timestamped story, for the benchmarks
+
+    def note(self, event: str, **fields: Any) -> None:
+        self.events.append({"t": time.time(), "event": event, **{k: str(v) for k, v in fields.items()}})
+        del self.events[:-200]
+        log.info(event, mn=self.config.nai, **fields)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> None:
+        self.udp = await UdpEndpoint.open(self.on_datagram, "0.0.0.0", 0, device=self.config.interface)
+        self.icmp = icmp_socket(self.config.interface)
+        asyncio.get_running_loop().add_reader(self.icmp.fileno(), self.on_icmp)
+        self.control.register("registration", lambda _: self.show())
+        self.control.register("events", lambda _: list(self.events))
+        self.control.register("counters", lambda _: dict(self.counters))
+        await self.control.start()
+        log.info("mn.ready", mn=self.config.nai, hoa=self.config.home_address)
+        if await self.link.carrier():
+            self.solicit()
+        await asyncio.gather(self.watch_link(), self.registration_loop())
+
+    async def watch_link(self) -> None:
+        """Netlink link events: carrier loss means we left the agent; carrier back means we
+        are attached somewhere new, so ask for an advertisement straight away."""
+        had_carrier = await self.link.carrier()
+        async with AsyncIPRoute() as ipr:
+            await ipr.bind()
+            while True:
+                async for msg in ipr.get():
+                    if msg.get("event") != "RTM_NEWLINK" or msg.get_attr("IFLA_IFNAME") != self.config.interface:
+                        continue
+                    carrier = msg.get_attr("IFLA_CARRIER") == 1
+                    if carrier == had_carrier:
+                        continue
+                    had_carrier = carrier
+                    if carrier:
+                        self.note("link.up")
+                        self.solicit()
+                    else:
+                        self.note("link.down")
+                        self.agent = None
+                        self.state = "detached"
+                        self.kick.set()
+
+    # ---- agent discovery -----------------------------------------------------------------
+    def solicit(self) -> None:
+        assert self.icmp is not None
+        try:
+            self.icmp.sendto(mip.AgentSolicitation().encode(), (ALL_ROUTERS, 0))
+            self.counters["solicitations"] += 1
+            self.note("solicitation.sent")
+        except OSError as exc:
+            log.debug("solicitation.failed", reason=exc)
+
+    def on_icmp(self) -> None:
+        assert self.icmp is not None
+        try:
+            packet, _ = self.icmp.recvfrom(65535)
+        except BlockingIOError:
+            return
+        if len(packet) < 21 or packet[20] != mip.ICMP_ROUTER_ADVERTISEMENT:
+            return
+        try:
+            src, _dst, _ttl, icmp = mip.strip_ipv4_header(packet)
+            adv = mip.decode_icmp(icmp)
+        except mip.DecodeError as exc:
+            self.counters["malformed"] += 1
+            log.debug("advertisement.malformed", reason=exc)
+            return
+        mobility = adv.mobility if isinstance(adv, mip.AgentAdvertisement) else None
+        if mobility is None:
+            return
+        assert isinstance(adv, mip.AgentAdvertisement)
+        home = bool(mobility.flags & mip.AdvFlag.H) and str(src) == str(self.config.home_agent)
+        coa = str(mobility.care_of_addresses[0]) if mobility.care_of_addresses else str(src)
+        agent = Agent(str(src), coa, home, adv.challenge, mobility.registration_lifetime, time.monotonic(),
+                      adv.lifetime)
+        new = self.agent is None or self.agent.address != agent.address
+        self.agent = agent
+        if new:
+            self.note("agent.found", agent=agent.address, coa=agent.care_of_address, home=agent.home)
+            self.kick.set()
+
+    # ---- registration --------------------------------------------------------------------
+    async def registration_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.kick.wait(), 0.25)
+            self.kick.clear()
+            agent = self.agent
+            now = time.monotonic()
+            if agent is None:
+                continue
+            if now - agent.heard > agent.lifetime:
+                self.note("agent.lost", agent=agent.address)
+                self.agent = None
+                self.state = "detached"
+                self.solicit()
+                continue
+            if agent.home:
+                if self.state != "home":
+                    await self.go_home(agent)
+                continue
+            renew_at = self.registered_until - max(2.0, 0.2 * (self.registered_until - now))
+            if self.state != "registered" or self.registered_at != agent.address or now >= renew_at:
+                await self.register(agent)
+
+    async def register(self, agent: Agent) -> None:
+        self.state = "registering"
+        await self.link.away(agent.address)
+        reply = await self.exchange(agent, self.config.lifetime, str(agent.care_of_address), agent.address)
+        if reply is None:
+            self.state = "detached"
+            return
+        if reply.accepted:
+            self.state = "registered"
+            self.registered_at = agent.address
+            self.registered_until = time.monotonic() + reply.lifetime
+            self.note("registered", agent=agent.address, coa=agent.care_of_address, lifetime=reply.lifetime)
+        else:
+            self.state = "detached"
+            self.registered_until = 0.0
+            await asyncio.sleep(1.0)  # do not hammer an agent that said no
+
+    async def go_home(self, agent: Agent) -> None:
+        """Back on the home link: stop being mobile, then deregister all bindings
+        (RFC 5944 §3.6.1.1: care-of address = home address, lifetime 0, straight to the HA)."""
+        await self.link.home(agent.address)
+        self.note("home", agent=agent.address)
+        reply = await self.exchange(agent, 0, str(self.config.home_address), str(self.config.home_agent))
+        if reply is not None and reply.accepted:
+            self.state = "home"
+            self.registered_at = None
+            self.registered_until = 0.0
+            self.note("deregistered")
+
+    def request(self, agent: Agent, lifetime: int, coa: str) -> bytes:
+        ident = mip.ntp_identification(time.time() + self.clock_offset)
+        rrq = mip.RegistrationRequest(home_address=self.config.home_address, home_agent=self.config.home_agent,
+                                      care_of_address=coa, identification=ident, lifetime=lifetime,
+                                      extensions=[mip.NAIExtension(self.config.nai)])
+        assert self.config.mn_ha is not None
+        rrq = mip.sign(rrq, mip.EXT_MN_HA_AUTH, self.config.mn_ha.spi, self.config.mn_ha.key)
+        if agent.challenge and not agent.home:
+            # RFC 3012: answer the FA's challenge; the MN-AAA authenticator covers it.
+            rrq = rrq.with_extensions(mip.MNFAChallengeExtension(agent.challenge))
+            if self.config.mn_aaa is not None:
+                rrq = mip.sign(rrq, mip.EXT_GEN_AUTH, self.config.mn_aaa.spi, self.config.mn_aaa.key)
+        self.outstanding_id = ident
+        return rrq.encode()
+
+    async def exchange(self, agent: Agent, lifetime: int, coa: str, to: str) -> mip.RegistrationReply | None:
+        """Send an RRQ and wait for its reply, retransmitting with exponential back-off
+        (RFC 5944 §3.6.3); every retransmission is a new request with a new identification
+        (and the latest challenge). A 133 resynchronises our clock and retries at once."""
+        timeout = self.config.retransmit_initial
+        while self.agent is agent or (self.agent and self.agent.address == agent.address):
+            agent = self.agent or agent
+            wire = self.request(agent, lifetime, coa)
+            loop = asyncio.get_running_loop()
+            self.reply = loop.create_future()
+            assert self.udp is not None
+            self.udp.send(wire, (to, mip.MIP_UDP_PORT))
+            self.counters["requests"] += 1
+            self.note("rrq.sent", agent=to, id=hex(self.outstanding_id or 0), lifetime=lifetime)
+            try:
+                reply = await asyncio.wait_for(self.reply, timeout)
+            except TimeoutError:
+                timeout = min(timeout * 2, self.config.retransmit_max)
+                self.note("rrq.retransmit", next_timeout=timeout)
+                continue
+            self.last_code = int(reply.code)
+            self.note("rrp.received", code=int(reply.code), lifetime=reply.lifetime, id=hex(reply.identification))
+            if reply.code == mip.ReplyCode.HA_IDENTIFICATION_MISMATCH:
+                self.clock_offset = mip.clock_offset(reply.identification, time.time())
+                continue
+            return reply
+        return None
+
+    def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            reply = mip.decode_message(data)
+        except mip.DecodeError as exc:
+            self.counters["malformed"] += 1
+            log.warning("rrp.malformed", src=addr[0], reason=exc)
+            return
+        if not isinstance(reply, mip.RegistrationReply) or self.outstanding_id is None \
+                or not mip.reply_matches_request(self.outstanding_id, reply.identification):
+            self.counters["malformed"] += 1
+            return
+        # Replies from the HA carry MN-HA authentication; FA denials (64-127) cannot.
+        assert self.config.mn_ha is not None
+        authentic = mip.verify(data, mip.EXT_MN_HA_AUTH, self.config.mn_ha.key, spi=self.config.mn_ha.spi)
+        if not authentic and not (64 <= int(reply.code) <= 127):
+            self.counters["malformed"] += 1
+            log.warning("rrp.auth_failed", src=addr[0], code=int(reply.code))
+            return
+        self.counters["replies"] += 1
+        if self.reply and not self.reply.done():
+            self.reply.set_result(reply)
+
+    # ---- show --------------------------------------------------------------------------
+    def show(self) -> dict[str, Any]:
+        now = time.monotonic()
+        return {"mn": self.config.nai, "home_address": str(self.config.home_address), "state": self.state,
+                "agent": self.agent.address if self.agent else None,
+                "care_of_address": self.agent.care_of_address if self.agent else None,
+                "remaining": max(0, int(self.registered_until - now)) if self.state == "registered" else 0,
+                "last_code": self.last_code}

@@ -1,0 +1,62 @@
+"""Helpers for lab tests that talk Mobile IP to the daemons from inside a node."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+from tests.conftest import LabEnv
+
+# Runs inside a node's namespace: send one UDP datagram, print the reply (hex) if one comes.
+SENDER = """
+import socket, sys
+dst, port, payload, wait = sys.argv[1], int(sys.argv[2]), bytes.fromhex(sys.argv[3]), float(sys.argv[4])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(wait)
+s.sendto(payload, (dst, port))
+try:
+    print(s.recv(65535).hex())
+except TimeoutError:
+    print("")
+"""
+
+
+def send_udp(env: LabEnv, node: str, dst: str, payload: bytes, port: int = 434, wait: float = 2.0) -> bytes:
+    out = env.exec(node, sys.executable, "-c", SENDER, dst, str(port), payload.hex(), str(wait)).stdout.strip()
+    return bytes.fromhex(out)
+
+
+def show(env: LabEnv, what: str, node: str) -> object:
+    return json.loads(env.cli("show", what, "--node", node, "--json").stdout)
+
+
+def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what} not met within {timeout}s (last: {last!r})")
+
+
+def binding_via(env: LabEnv, coa: str):
+    def check():
+        rows = show(env, "bindings", "ha")
+        return next((b for b in rows if b["care_of_address"] == coa), None)  # type: ignore[union-attr]
+    return check
+
+
+def tshark(pcap, *args: str) -> str:
+    return subprocess.run(["tshark", "-r", str(pcap), *args], capture_output=True, text=True,
+                          check=True).stdout
+
+
+def expert_problems(pcap) -> list[str]:
+    """Malformed packets and expert items at warning level or above, as tshark sees them."""
+    out = tshark(pcap, "-Y", "_ws.malformed || _ws.expert.severity >= 6291456", "-T", "fields",
+                 "-e", "frame.number", "-e", "_ws.expert.message")
+    return [line for line in out.splitlines() if line.strip()]
