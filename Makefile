@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PYTHON ?= python3
 
 DEB_PACKAGES := iproute2 iputils-ping nftables tcpdump tshark \
-	strongswan-charon strongswan-swanctl libcharon-extra-plugins \
+	strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins \
 	python3-venv
 
 .PHONY: all deps venv lab down test lint clean
