@@ -9,6 +9,7 @@ import click
 
 from daemons import control
 from daemons.config import ConfigError
+from daemons.dbcli import db_group
 from daemons.provision import control_socket
 from lab.cli import lab_group
 from lab.lab import DEFAULT_RUN_DIR
@@ -21,6 +22,7 @@ def main() -> None:
 
 
 main.add_command(lab_group)
+main.add_command(db_group)
 
 
 @main.command("daemon")
