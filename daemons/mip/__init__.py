@@ -12,6 +12,15 @@ Typical use::
     wire = sign(rrq, EXT_MN_HA_AUTH, spi=256, key=secret).encode()
     msg = decode_message(wire)                        # DecodeError on garbage
     ok = verify(wire, EXT_MN_HA_AUTH, secret, spi=256)  # on the raw bytes
+
+Binding messages (route optimisation / smooth handoff, RFC 4064 Experimental Message 255,
+Vendor-Id 32473) work the same way::
+
+    bu = BindingUpdate(home_address="198.18.1.10", care_of_address="198.18.2.1",
+                       identification=ntp_identification(time.time()), lifetime=600,
+                       flags=BUFlag.A, extensions=[vendor_extension(VENDOR_TYPE_VPN_INFO,
+                                                                    vpn_info, critical=True)])
+    wire = sign(bu, EXT_BINDING_AUTH, spi=0x1000, key=secret).encode()
 """
 
 from .auth import (
@@ -22,6 +31,14 @@ from .auth import (
     strip_after,
     verify,
 )
+from .binding import (
+    BINDING_MESSAGES,
+    BindingAcknowledge,
+    BindingMessage,
+    BindingRequest,
+    BindingUpdate,
+    BindingWarning,
+)
 from .constants import (
     ADV_CODE_MOBILITY_ONLY,
     ADV_CODE_ROUTES,
@@ -30,7 +47,12 @@ from .constants import (
     ADV_EXT_PADDING,
     ADV_EXT_PREFIX_LENGTHS,
     AUTHENTICATOR_LEN,
+    BINDING_SUBTYPE_ACKNOWLEDGE,
+    BINDING_SUBTYPE_REQUEST,
+    BINDING_SUBTYPE_UPDATE,
+    BINDING_SUBTYPE_WARNING,
     CHAP_SPI,
+    EXT_BINDING_AUTH,
     EXT_CVSE,
     EXT_FA_HA_AUTH,
     EXT_GEN_AUTH,
@@ -45,6 +67,7 @@ from .constants import (
     ICMP_ROUTER_ADVERTISEMENT,
     ICMP_ROUTER_SOLICITATION,
     MIP_UDP_PORT,
+    MSG_EXPERIMENTAL,
     MSG_REGISTRATION_REPLY,
     MSG_REGISTRATION_REQUEST,
     VENDOR_ID,
@@ -52,6 +75,8 @@ from .constants import (
     VENDOR_TYPE_SERVICE_UPDATE,
     VENDOR_TYPE_VPN_INFO,
     AdvFlag,
+    BindingStatus,
+    BUFlag,
     ReplyCode,
     RRQFlag,
 )
@@ -94,13 +119,14 @@ from .identification import (
 )
 from .messages import (
     MESSAGES,
+    SUBTYPED_MESSAGES,
     Message,
     RegistrationReply,
     RegistrationRequest,
     decode_message,
     decode_message_with_offsets,
 )
-from .vendor import find_vendor_data, vendor_extension
+from .vendor import find_vendor_data, previous_fa, previous_fa_extension, vendor_extension
 
 __all__ = [
     "ADVERTISEMENT_EXTENSIONS",
@@ -112,7 +138,13 @@ __all__ = [
     "ADV_EXT_PREFIX_LENGTHS",
     "AUTHENTICATOR_LEN",
     "AUTH_EXTENSION_TYPES",
+    "BINDING_MESSAGES",
+    "BINDING_SUBTYPE_ACKNOWLEDGE",
+    "BINDING_SUBTYPE_REQUEST",
+    "BINDING_SUBTYPE_UPDATE",
+    "BINDING_SUBTYPE_WARNING",
     "CHAP_SPI",
+    "EXT_BINDING_AUTH",
     "EXT_CVSE",
     "EXT_FA_HA_AUTH",
     "EXT_GEN_AUTH",
@@ -129,9 +161,11 @@ __all__ = [
     "ICMP_ROUTER_SOLICITATION",
     "MESSAGES",
     "MIP_UDP_PORT",
+    "MSG_EXPERIMENTAL",
     "MSG_REGISTRATION_REPLY",
     "MSG_REGISTRATION_REQUEST",
     "REGISTRATION_EXTENSIONS",
+    "SUBTYPED_MESSAGES",
     "VENDOR_ID",
     "VENDOR_TYPE_PREVIOUS_FA",
     "VENDOR_TYPE_SERVICE_UPDATE",
@@ -141,6 +175,13 @@ __all__ = [
     "AgentAdvertisement",
     "AgentSolicitation",
     "AuthExtension",
+    "BUFlag",
+    "BindingAcknowledge",
+    "BindingMessage",
+    "BindingRequest",
+    "BindingStatus",
+    "BindingUpdate",
+    "BindingWarning",
     "CVSEExtension",
     "DecodeError",
     "Extension",
@@ -173,6 +214,8 @@ __all__ = [
     "identification_time",
     "internet_checksum",
     "ntp_identification",
+    "previous_fa",
+    "previous_fa_extension",
     "reply_identification",
     "reply_matches_request",
     "sign",

@@ -23,6 +23,11 @@ Algorithms:
 
 Verification always works on the raw bytes as received, never on a re-encoding.
 Keys are :class:`daemons.secret.Secret`; they are revealed only inside the MAC call.
+
+Every helper works on any message :func:`~daemons.mip.messages.decode_message` knows: the
+registration messages and the binding messages of :mod:`daemons.mip.binding` (whose
+authenticator, ``EXT_BINDING_AUTH`` = FA-HA 34, covers the same "everything before the
+authenticator").
 """
 
 from __future__ import annotations
@@ -52,7 +57,7 @@ from .extensions import (
     MNFAChallengeExtension,
     MNHAAuthExtension,
 )
-from .messages import RegistrationReply, RegistrationRequest, decode_message_with_offsets
+from .messages import Message, decode_message_with_offsets
 
 __all__ = [
     "AUTH_EXTENSION_TYPES",
@@ -70,7 +75,8 @@ AUTH_EXTENSION_TYPES: dict[int, type[Extension]] = {
     EXT_GEN_AUTH: GeneralizedAuthExtension,  # subtype 1 = MN-AAA
 }
 
-MsgT = TypeVar("MsgT", RegistrationRequest, RegistrationReply)
+# Any registered message: RRQ, RRP and the binding messages of binding.py.
+MsgT = TypeVar("MsgT", bound=Message)
 
 
 def compute_authenticator(
@@ -104,7 +110,7 @@ def _header(ext_type: int, spi: int) -> bytes:
     return struct.pack("!BBI", ext_type, 4 + AUTHENTICATOR_LEN, spi)
 
 
-def _last_challenge(msg: RegistrationRequest | RegistrationReply, upto: int) -> bytes | None:
+def _last_challenge(msg: Message, upto: int) -> bytes | None:
     found = None
     for ext in msg.extensions[:upto]:
         if isinstance(ext, MNFAChallengeExtension):
@@ -159,7 +165,7 @@ def sign(
 
 def _locate(
     raw: bytes, ext_type: int
-) -> tuple[RegistrationRequest | RegistrationReply, int, int] | None:
+) -> tuple[Message, int, int] | None:
     """(message, index, offset) of the first authentication extension of ``ext_type``."""
     msg, offsets = decode_message_with_offsets(raw)
     want = AUTH_EXTENSION_TYPES.get(ext_type)

@@ -10,6 +10,7 @@ MIP_UDP_PORT = 434
 # --- message types (UDP 434) -------------------------------------------------------------
 MSG_REGISTRATION_REQUEST = 1
 MSG_REGISTRATION_REPLY = 3
+MSG_EXPERIMENTAL = 255  # RFC 4064 section 3: Experimental Message (carries our binding messages)
 
 # --- ICMP (Router Discovery, RFC 1256 / RFC 5944 section 2) -----------------------------
 ICMP_ROUTER_ADVERTISEMENT = 9
@@ -48,6 +49,18 @@ VENDOR_TYPE_VPN_INFO = 1
 VENDOR_TYPE_PREVIOUS_FA = 2
 VENDOR_TYPE_SERVICE_UPDATE = 3
 
+# --- route optimisation / smooth handoff (draft-ietf-mobileip-optim semantics) -------------
+# Carried in the RFC 4064 Experimental Message (type 255) under Vendor-Id 32473, told apart by
+# the subtype octet; the draft's own types 16-19 now belong to RFC 4857 / RFC 4881.
+BINDING_SUBTYPE_UPDATE = 1
+BINDING_SUBTYPE_ACKNOWLEDGE = 2
+BINDING_SUBTYPE_REQUEST = 3
+BINDING_SUBTYPE_WARNING = 4
+# Binding messages are authenticated agent-to-agent (HA -> CN-GW, new FA -> previous FA):
+# the RFC 5944 Foreign-Home Authentication extension framing (SPI + HMAC-MD5), the SPI
+# selecting the binding security association of the two peers.
+EXT_BINDING_AUTH = EXT_FA_HA_AUTH
+
 
 class RRQFlag(IntFlag):
     """Flags octet of a Registration Request (RFC 5944 section 3.3)."""
@@ -60,6 +73,37 @@ class RRQFlag(IntFlag):
     r = 0x04  # reserved, sent as zero
     T = 0x02  # reverse tunnelling requested (RFC 3024)
     x = 0x01  # reserved, sent as zero
+
+
+class BUFlag(IntFlag):
+    """Flags octet of a Binding Update (draft-ietf-mobileip-optim): the four high bits;
+    the four low bits are reserved (sent as zero, rejected when set)."""
+
+    A = 0x80  # acknowledge requested
+    I = 0x40  # noqa: E741  # identification present (set by the codec iff identification is given)
+    M = 0x20  # minimal encapsulation
+    G = 0x10  # GRE encapsulation
+
+
+class BindingStatus(IntEnum):
+    """Status of a Binding Acknowledge: 0 accepted, 128-255 rejected.  128-139 mirror the
+    meaning of the RFC 5944 home-agent reply codes; 160-162 are ours (VPN info / paths)."""
+
+    ACCEPTED = 0
+    REASON_UNSPECIFIED = 128
+    ADMINISTRATIVELY_PROHIBITED = 129
+    INSUFFICIENT_RESOURCES = 130
+    AUTHENTICATION_FAILED = 131  # binding authentication extension missing or wrong
+    IDENTIFICATION_MISMATCH = 133  # replay protection failed
+    POORLY_FORMED_UPDATE = 134
+    ENCAPSULATION_UNAVAILABLE = 139  # M/G requested but not supported
+    VPN_INFO_MISSING = 160  # no VPN-info CVSE (vendor 32473, type 1) where one is required
+    VPN_INFO_UNSUPPORTED = 161  # VPN info not understood (e.g. unknown ESP suite)
+    PATH_SETUP_FAILED = 162  # the IPsec path could not be installed
+
+    @property
+    def accepted(self) -> bool:
+        return self.value == 0
 
 
 class AdvFlag(IntFlag):

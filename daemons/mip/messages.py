@@ -1,7 +1,10 @@
 """Registration Request (type 1) and Registration Reply (type 3), RFC 5944 sections 3.3-3.4.
 
 One message type, one class, registered by its type code in ``MESSAGES``;
-:func:`decode_message` dispatches on the first octet.  Decoding is canonical: if bytes
+:func:`decode_message` dispatches on the first octet.  Messages that share a type code and
+are told apart by the second octet (our binding messages inside the RFC 4064 Experimental
+Message, type 255, see :mod:`daemons.mip.binding`) are registered by ``(type, subtype)`` in
+``SUBTYPED_MESSAGES``.  Decoding is canonical: if bytes
 decode, ``encode()`` of the result returns exactly those bytes.
 """
 
@@ -25,6 +28,7 @@ from .extensions import REGISTRATION_EXTENSIONS, Extension, VendorExtension, dec
 
 __all__ = [
     "MESSAGES",
+    "SUBTYPED_MESSAGES",
     "Message",
     "RegistrationReply",
     "RegistrationRequest",
@@ -113,6 +117,8 @@ class Message:
 
 
 MESSAGES: dict[int, type[Message]] = {}
+# (type, subtype) -> class, for types whose second octet is a subtype (filled by binding.py)
+SUBTYPED_MESSAGES: dict[tuple[int, int], type[Message]] = {}
 M = TypeVar("M", bound=type[Message])
 
 
@@ -242,19 +248,25 @@ class RegistrationReply(Message):
         )
 
 
-def decode_message_with_offsets(
-    data: bytes,
-) -> tuple[RegistrationRequest | RegistrationReply, list[int]]:
+def decode_message_with_offsets(data: bytes) -> tuple[Message, list[int]]:
     """Like :func:`decode_message`, also returning each extension's byte offset."""
     if not data:
         raise DecodeError("empty Mobile IP message")
     cls = MESSAGES.get(data[0])
+    if cls is None and any(t == data[0] for t, _ in SUBTYPED_MESSAGES):
+        if len(data) < 2:
+            raise DecodeError(f"Mobile IP message type {data[0]}: no subtype")
+        cls = SUBTYPED_MESSAGES.get((data[0], data[1]))
+        if cls is None:
+            raise DecodeError(f"Mobile IP message type {data[0]}: unknown subtype {data[1]}")
     if cls is None:
         raise DecodeError(f"unknown Mobile IP message type {data[0]}")
-    return cls.decode_with_offsets(data)  # type: ignore[return-value]
+    return cls.decode_with_offsets(data)
 
 
-def decode_message(data: bytes) -> RegistrationRequest | RegistrationReply:
-    """Decode a UDP-434 payload. Raises only :class:`DecodeError` (or its subclass
-    :class:`UnknownExtensionError` for an unknown extension type 0-127)."""
+def decode_message(data: bytes) -> Message:
+    """Decode a UDP-434 payload: a :class:`RegistrationRequest`, :class:`RegistrationReply`
+    or one of the binding messages of :mod:`daemons.mip.binding` (check with isinstance).
+    Raises only :class:`DecodeError` (or its subclass :class:`UnknownExtensionError` for an
+    unknown extension type 0-127)."""
     return decode_message_with_offsets(data)[0]

@@ -8,6 +8,8 @@ may ignore it.
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address
+
 from .constants import (
     VENDOR_ID,
     VENDOR_TYPE_PREVIOUS_FA,
@@ -22,6 +24,8 @@ __all__ = [
     "VENDOR_TYPE_SERVICE_UPDATE",
     "VENDOR_TYPE_VPN_INFO",
     "find_vendor_data",
+    "previous_fa",
+    "previous_fa_extension",
     "vendor_extension",
 ]
 
@@ -44,3 +48,16 @@ def find_vendor_data(
         ):
             return ext.data
     return None
+
+
+def previous_fa_extension(care_of_address: IPv4Address | str) -> VendorExtension:
+    """NVSE naming the foreign agent the MN was registered through before this one (its
+    care-of address, 4 octets). Normal (skippable): an agent that does not know it may
+    ignore it; ours use it to notify the previous FA (smooth handoff, F2/F6)."""
+    return vendor_extension(VENDOR_TYPE_PREVIOUS_FA, IPv4Address(care_of_address).packed, critical=False)
+
+
+def previous_fa(extensions: list[Extension]) -> IPv4Address | None:
+    """The previous FA's care-of address, if the extensions name one (malformed → None)."""
+    data = find_vendor_data(extensions, VENDOR_TYPE_PREVIOUS_FA)
+    return IPv4Address(data) if data is not None and len(data) == 4 else None
