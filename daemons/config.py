@@ -61,12 +61,45 @@ class PeerAgent:
 
 
 @dataclass(frozen=True)
+class StaticPath:
+    """A VPN path configured at start (claim 16: the CN-GW's static tunnel to the HA)."""
+
+    path_id: int
+    local: ipaddress.IPv4Address
+    remote: ipaddress.IPv4Address
+    local_type: str  # fa | ha | cngw-static | cngw-dynamic
+    remote_type: str
+    local_ts: list[ipaddress.IPv4Network]
+    remote_ts: list[ipaddress.IPv4Network]
+    psk: Secret
+    suite: str = "aes128gcm16"
+    spi_in: int = 0  # manual keys (xfrm backend); 0 = none
+    spi_out: int = 0
+    key_in: Secret | None = None
+    key_out: Secret | None = None
+
+
+@dataclass(frozen=True)
+class DiameterPeer:
+    host: str  # Diameter identity
+    realm: str
+    address: ipaddress.IPv4Address
+    port: int = 3868
+
+
+@dataclass(frozen=True)
 class Common:
     node: str
     role: str
     state_dir: Path
     control_socket: Path
     log_level: str = "INFO"
+    ipsec_backend: str = "none"  # none | strongswan | xfrm
+    run_dir: Path | None = None  # strongswan: where the node's charon keeps its VICI socket
+    diameter_host: str = ""  # our Diameter identity, when we speak Diameter
+    diameter_realm: str = ""
+    aaa: DiameterPeer | None = None  # the AAA server we ask (FA: its AAAF; HA: its AAAH)
+    static_paths: list[StaticPath] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -91,6 +124,9 @@ class FAConfig(Common):
     challenge_window: int = 8  # how many recent advertisement challenges are accepted
     registration_timeout: float = 5.0  # no reply from the HA (or AAA) by then: code 78
     home_agents: list[PeerAgent] = field(default_factory=list)
+    # Neighbouring FAs (by care-of address) we exchange Binding Updates with when an MN moves.
+    peer_agents: list[PeerAgent] = field(default_factory=list)
+    forwarding_lifetime: int = 10  # how long an old FA keeps forwarding for a moved MN (F6)
 
 
 @dataclass(frozen=True)
@@ -141,7 +177,10 @@ def dump(config: Any) -> dict[str, Any]:
     """A config object as YAML-ready data (secrets as hex: only for writing config files)."""
     out: dict[str, Any] = {}
     for f in dataclasses.fields(config):
-        out[f.name] = _dump_value(getattr(config, f.name))
+        value = getattr(config, f.name)
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue  # leave defaults out: the file says only what differs
+        out[f.name] = _dump_value(value)
     return out
 
 

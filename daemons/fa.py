@@ -58,6 +58,8 @@ class ForeignAgent:
                                      config.challenge_window)
         self.used_challenges: deque[bytes] = deque(maxlen=1024)
         self.ha_keys = {str(ha.address): ha for ha in config.home_agents}
+        self.fa_keys = {str(fa.address): fa for fa in config.peer_agents}
+        self.binding_acks: dict[int, asyncio.Future[mip.BindingAcknowledge]] = {}
         self.counters: dict[str, int] = {"received": 0, "malformed": 0, "relayed": 0, "accepted": 0,
                                          "denied": 0}
         self.state = StateFile(config.state_dir / "visitors.json")
@@ -122,8 +124,15 @@ class ForeignAgent:
             return
         if isinstance(msg, mip.RegistrationRequest):
             background(self.on_request(msg, data, addr))
-        else:
+        elif isinstance(msg, mip.RegistrationReply):
             background(self.on_reply(msg, data, addr))
+        elif isinstance(msg, mip.BindingUpdate):
+            background(self.on_binding_update(msg, data, addr))
+        elif isinstance(msg, mip.BindingAcknowledge):
+            self.on_binding_ack(msg, data, addr)
+        else:
+            self.counters["malformed"] += 1
+            log.warning("message.unexpected", src=addr[0], type=type(msg).__name__)
 
     async def on_request(self, rrq: mip.RegistrationRequest, raw: bytes, addr: tuple[str, int]) -> None:
         nai_ext = rrq.find(mip.NAIExtension)
@@ -164,7 +173,6 @@ class ForeignAgent:
                 return Code.FA_UNKNOWN_CHALLENGE
             if rrq.find(mip.GeneralizedAuthExtension) is None and rrq.find(mip.MNFAAuthExtension) is None:
                 return Code.FA_MN_FAILED_AUTHENTICATION  # §3.2: the challenge must be answered
-            self.used_challenges.append(ext.challenge)
         return Code.ACCEPTED
 
     async def forward_request(self, rrq: mip.RegistrationRequest, raw: bytes) -> None:
@@ -220,12 +228,20 @@ class ForeignAgent:
     async def complete(self, pending: Pending, rrp: mip.RegistrationReply, raw: bytes) -> None:
         """The HA has answered: update the visitor list and pass the reply to the MN."""
         hoa = str(rrp.home_address)
+        challenge = pending.rrq.find(mip.MNFAChallengeExtension)
+        if rrp.accepted and challenge is not None:
+            # Spent only once it bought a registration: a retransmission after a lost reply
+            # may still use it, a replay of the accepted request may not.
+            self.used_challenges.append(challenge.challenge)
         if rrp.accepted and rrp.lifetime > 0:
             self.visitors[hoa] = Visitor(pending.nai, hoa, str(pending.rrq.home_agent), pending.mn_port,
                                          rrp.lifetime, time.time() + rrp.lifetime, rrp.identification)
             self.persist()
             self.counters["accepted"] += 1
             log.info("visitor.added", mn=pending.nai, hoa=hoa, lifetime=rrp.lifetime, id=hex(rrp.identification))
+            previous = mip.previous_fa(pending.rrq.extensions)
+            if previous is not None and previous != self.config.care_of_address:
+                background(self.notify_previous_agent(str(previous), pending))
         elif rrp.accepted:
             await self.remove_visitor(hoa, "deregistered")
         else:
@@ -237,6 +253,67 @@ class ForeignAgent:
         self.udp.send(to_mn, (hoa, pending.mn_port))
         log.info("rrp.relayed", mn=pending.nai, id=hex(rrp.identification), code=int(rrp.code),
                  ms=round((time.monotonic() - pending.started) * 1000, 1))
+
+    # ---- the previous FA (smooth handoff, F6) --------------------------------------------
+    async def notify_previous_agent(self, previous: str, pending: Pending) -> None:
+        """Tell the FA the MN left that it is now here: a Binding Update (authenticated with
+        our FA-FA key, acknowledgement requested), retransmitted until acknowledged."""
+        peer = self.fa_keys.get(previous)
+        if peer is None:
+            log.warning("bu.no_security_association", mn=pending.nai, previous_fa=previous)
+            return
+        assert self.udp is not None
+        hoa = str(pending.rrq.home_address)
+        for attempt in range(3):
+            ident = mip.ntp_identification(time.time())
+            bu = mip.BindingUpdate(home_address=hoa, care_of_address=self.config.care_of_address,
+                                   identification=ident, lifetime=self.config.forwarding_lifetime,
+                                   flags=mip.BUFlag.A,
+                                   extensions=[mip.NAIExtension(pending.nai)] if pending.nai else [])
+            bu = mip.sign(bu, mip.EXT_BINDING_AUTH, peer.spi, peer.key)
+            waiter = asyncio.get_running_loop().create_future()
+            self.binding_acks[ident] = waiter
+            self.udp.send(bu.encode(), (previous, mip.MIP_UDP_PORT))
+            log.info("bu.sent", mn=pending.nai, to=previous, id=hex(ident), attempt=attempt + 1)
+            try:
+                ack = await asyncio.wait_for(waiter, 0.5 * 2**attempt)
+            except TimeoutError:
+                continue
+            finally:
+                self.binding_acks.pop(ident, None)
+            log.info("ba.received", mn=pending.nai, src=previous, status=int(ack.status))
+            return
+        log.warning("bu.unacknowledged", mn=pending.nai, to=previous)
+
+    async def on_binding_update(self, bu: mip.BindingUpdate, raw: bytes, addr: tuple[str, int]) -> None:
+        """The MN moved on to the FA that sends this: forget it here (and, with VPN paths,
+        forward to the new FA for a short while: F6)."""
+        peer = self.fa_keys.get(addr[0])
+        nai_ext = bu.find(mip.NAIExtension)
+        nai = nai_ext.nai if nai_ext else None
+        if peer is None or not mip.verify(raw, mip.EXT_BINDING_AUTH, peer.key, spi=peer.spi):
+            log.warning("bu.auth_failed", src=addr[0], mn=nai)
+            status = mip.BindingStatus.AUTHENTICATION_FAILED
+        else:
+            log.info("bu.received", src=addr[0], mn=nai, hoa=bu.home_address, new_coa=bu.care_of_address)
+            await self.remove_visitor(str(bu.home_address), f"moved to {bu.care_of_address}")
+            status = mip.BindingStatus.ACCEPTED
+        ack = mip.BindingAcknowledge(status=status, home_address=bu.home_address,
+                                     identification=bu.identification or 0, lifetime=bu.lifetime)
+        if peer is not None:
+            ack = mip.sign(ack, mip.EXT_BINDING_AUTH, peer.spi, peer.key)
+        assert self.udp is not None
+        self.udp.send(ack.encode(), addr)
+
+    def on_binding_ack(self, ack: mip.BindingAcknowledge, raw: bytes, addr: tuple[str, int]) -> None:
+        peer = self.fa_keys.get(addr[0])
+        waiter = self.binding_acks.get(ack.identification)
+        if peer is None or waiter is None or not mip.verify(raw, mip.EXT_BINDING_AUTH, peer.key, spi=peer.spi):
+            self.counters["malformed"] += 1
+            log.warning("ba.rejected", src=addr[0], id=hex(ack.identification))
+            return
+        if not waiter.done():
+            waiter.set_result(ack)
 
     # ---- show --------------------------------------------------------------------------
     def show_visitors(self) -> list[dict[str, Any]]:

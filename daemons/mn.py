@@ -45,6 +45,7 @@ class MobileNode:
         self.agent: Agent | None = None
         self.registered_until = 0.0
         self.registered_at: str | None = None  # the agent we are registered through
+        self.registered_coa: str | None = None  # ...and its care-of address
         self.state = "detached"  # detached | registering | registered | home
         self.last_code: int | None = None
         self.clock_offset = 0.0  # learned from a 133 reply (RFC 5944 §5.7)
@@ -172,6 +173,7 @@ class MobileNode:
         if reply.accepted:
             self.state = "registered"
             self.registered_at = agent.address
+            self.registered_coa = agent.care_of_address
             self.registered_until = time.monotonic() + reply.lifetime
             self.note("registered", agent=agent.address, coa=agent.care_of_address, lifetime=reply.lifetime)
         else:
@@ -188,14 +190,19 @@ class MobileNode:
         if reply is not None and reply.accepted:
             self.state = "home"
             self.registered_at = None
+            self.registered_coa = None
             self.registered_until = 0.0
             self.note("deregistered")
 
     def request(self, agent: Agent, lifetime: int, coa: str) -> bytes:
         ident = mip.ntp_identification(time.time() + self.clock_offset)
+        extensions: list[mip.Extension] = [mip.NAIExtension(self.config.nai)]
+        if self.registered_coa and self.registered_coa != coa and not agent.home:
+            # Name the FA we were registered through, so the new one can tell it (F2/F6).
+            extensions.append(mip.previous_fa_extension(self.registered_coa))
         rrq = mip.RegistrationRequest(home_address=self.config.home_address, home_agent=self.config.home_agent,
                                       care_of_address=coa, identification=ident, lifetime=lifetime,
-                                      extensions=[mip.NAIExtension(self.config.nai)])
+                                      extensions=extensions)
         assert self.config.mn_ha is not None
         rrq = mip.sign(rrq, mip.EXT_MN_HA_AUTH, self.config.mn_ha.spi, self.config.mn_ha.key)
         if agent.challenge and not agent.home:

@@ -23,6 +23,7 @@ DAEMON_ROLES = ("ha", "fa", "mn")  # start order: agents before the nodes that n
 SPI_MN_HA = 0x1000
 SPI_FA_HA = 0x2000
 SPI_MN_AAA = 0x3000
+SPI_FA_FA = 0x4000
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,9 @@ def build_configs(topo: Topology, run_dir: Path) -> dict[str, cfg.Common]:
         return str(link.address_of(fa)) if link else str(topo.addresses(fa)[0][1].ip)
 
     mn_keys = {u.nai: (_key(), _key()) for u in topo.users}  # MN-HA, MN-AAA
-    fa_ha_keys = {(fa, ha): _key() for fa in topo.nodes if topo.nodes[fa].role == "fa"
-                  for ha in topo.nodes if topo.nodes[ha].role == "ha"}
+    fas = [n for n in topo.nodes if topo.nodes[n].role == "fa"]
+    fa_ha_keys = {(fa, ha): _key() for fa in fas for ha in topo.nodes if topo.nodes[ha].role == "ha"}
+    fa_fa_keys = {frozenset((a, b)): _key() for a in fas for b in fas if a < b}
     for node in topo.nodes.values():
         if node.role == "ha":
             seg = topo.segment_of(node.name)
@@ -82,7 +84,10 @@ def build_configs(topo: Topology, run_dir: Path) -> dict[str, cfg.Common]:
                 **common(node.name), access_address=seg.address,  # type: ignore[arg-type]
                 care_of_address=ipaddress.IPv4Address(coa(node.name)),
                 home_agents=[cfg.PeerAgent(ipaddress.IPv4Address(ha_address(ha)), SPI_FA_HA, key)
-                             for (fa, ha), key in fa_ha_keys.items() if fa == node.name])
+                             for (fa, ha), key in fa_ha_keys.items() if fa == node.name],
+                peer_agents=[cfg.PeerAgent(ipaddress.IPv4Address(coa(other)), SPI_FA_FA,
+                                           fa_fa_keys[frozenset((node.name, other))])
+                             for other in fas if other != node.name])
         elif node.role == "mn":
             user = topo.user_of(node.name)
             if user is None:

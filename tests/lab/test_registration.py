@@ -25,6 +25,7 @@ HOA = "198.18.100.10"
 HA = "198.18.100.1"
 COA = {"fa1": "198.18.0.14", "fa2": "198.18.0.18", "fa3": "198.18.0.26"}
 FA1_ACCESS = "198.18.101.1"
+LUA = Path(__file__).resolve().parents[2] / "docs" / "wireshark" / "mipvpn.lua"
 
 
 def test_mn_registers_through_fa1_and_the_wire_is_rfc_correct(lab_up: LabEnv) -> None:
@@ -71,12 +72,28 @@ def test_mn_registers_through_fa1_and_the_wire_is_rfc_correct(lab_up: LabEnv) ->
 
 def test_moves_register_through_each_new_agent(lab_up: LabEnv) -> None:
     wait_for(binding_via(lab_up, COA["fa1"]), what="binding via fa1")
+    previous = "fa1"
     for fa in ("fa2", "fa3"):
         lab_up.cli("lab", "move", "mn1", fa)
         wait_for(binding_via(lab_up, COA[fa]), what=f"binding via {fa}")
         wait_for(lambda fa=fa: [v["home_address"] for v in show(lab_up, "visitors", fa)] == [HOA],
                  what=f"visitor at {fa}")
-        assert show(lab_up, "registration", "mn1")["state"] == "registered"  # type: ignore[index]
+        wait_for(lambda: show(lab_up, "registration", "mn1")["state"] == "registered",  # type: ignore[index]
+                 what="MN registered")
+        # The MN named its previous FA; the new FA told it, and the old visitor entry went.
+        wait_for(lambda previous=previous: show(lab_up, "visitors", previous) == [],
+                 what=f"visitor gone at {previous}")
+        assert HOA not in lab_up.exec(previous, "ip", "route").stdout
+        previous = fa
+    lab_up.cli("lab", "capture", "stop")
+    # On the wire: Binding Update fa2 -> fa1 and its acknowledgement, authenticated (34),
+    # decoded by tshark with our dissector for the RFC 4064 experimental message.
+    fields = tshark(lab_up.run_dir / "captures" / "core-fa1.pcap", "-X", f"lua_script:{LUA}", "-Y", "mipvpn",
+                    "-T", "fields", "-e", "ip.src", "-e", "mipvpn.msg", "-e", "mipvpn.hoa", "-e", "mipvpn.coa",
+                    "-e", "mipvpn.ext.type").splitlines()
+    rows = [f.split("\t") for f in fields]
+    assert [COA["fa2"], "Binding Update", HOA, COA["fa2"], "131,34"] in rows, rows  # NAI, authentication
+    assert [COA["fa1"], "Binding Acknowledge", HOA, "", "34"] in rows, rows
     # Home again: the MN deregisters, the HA drops the binding.
     lab_up.cli("lab", "move", "mn1", "ha")
     wait_for(lambda: show(lab_up, "bindings", "ha") == [], what="binding removed at home")
