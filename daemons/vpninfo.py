@@ -1,0 +1,172 @@
+"""VPN information: the service profile that travels from the AAAH to every apparatus.
+
+The "MA protocol processing section" of claim 9: it parses the VPN info out of messages
+into ``VpnPath`` objects (and builds it), nothing else; ``daemons.mavpn`` turns paths into
+tunnels. One wire format everywhere: a ``VPN-Info`` grouped Diameter AVP (vendor 32473,
+docs/protocol.md) per path — at top level in AMA/HAR/HAA, and as the payload of a Mobile IP
+CVSE (vendor 32473, type VPN_INFO) in Binding Updates, so there is one codec for both.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from daemons.config import StaticPath
+from daemons.diameter import Avp, DecodeError
+from daemons.diameter.avp import decode_avps
+from daemons.ipsec.path import DirectionKeys, Endpoint, EndpointType, EspSuite, Qos, SecurityService, VpnPath
+from daemons.secret import Secret
+
+ENDPOINT_CODES = {EndpointType.FA: 1, EndpointType.HA: 2, EndpointType.CNGW_STATIC: 3,
+                  EndpointType.CNGW_DYNAMIC: 4}
+ENDPOINT_TYPES = {v: k for k, v in ENDPOINT_CODES.items()}
+AT_REGISTRATION, ON_TRAFFIC = 0, 1
+
+
+class VpnInfoError(ValueError):
+    """A VPN-Info that cannot become a path; the message names the member."""
+
+
+@dataclass(frozen=True)
+class VpnInfo:
+    """One path of one user, as the receiving node will install it."""
+
+    nai: str
+    path_id: int
+    path: VpnPath
+    distribution: int = AT_REGISTRATION
+
+    @staticmethod
+    def path_name(nai: str, path_id: int) -> str:
+        return f"{nai}:{path_id}"
+
+    def mirrored(self) -> VpnInfo:
+        """The same path for the other end (endpoints, selectors and SA directions swap)."""
+        return VpnInfo(self.nai, self.path_id, self.path.mirrored(), self.distribution)
+
+    def with_endpoints(self, local: IPv4Address | None = None, remote: IPv4Address | None = None) -> VpnInfo:
+        """A copy with an endpoint moved (an MN changed FA): claims 17, 18, 20-23."""
+        from dataclasses import replace
+
+        path = self.path
+        if local is not None:
+            path = replace(path, local=Endpoint(local, path.local.type))
+        if remote is not None:
+            path = replace(path, remote=Endpoint(remote, path.remote.type))
+        return VpnInfo(self.nai, self.path_id, path, self.distribution)
+
+    # ---- to and from the VPN-Info AVP ---------------------------------------------------
+    def to_avp(self) -> Avp:
+        p = self.path
+        sec = p.security
+        members = [
+            Avp.new("VPN-Path-Id", self.path_id),
+            Avp.new("VPN-Endpoint-Local", p.local.address),
+            Avp.new("VPN-Endpoint-Remote", p.remote.address),
+            Avp.new("VPN-Endpoint-Local-Type", ENDPOINT_CODES[p.local.type]),
+            Avp.new("VPN-Endpoint-Remote-Type", ENDPOINT_CODES[p.remote.type]),
+            *(Avp.new("VPN-Selector-Local", str(n)) for n in p.local_ts),
+            *(Avp.new("VPN-Selector-Remote", str(n)) for n in p.remote_ts),
+            Avp.new("VPN-ESP-Suite", sec.suite.value),
+            Avp.new("VPN-Lifetime", sec.lifetime),
+            Avp.new("VPN-Distribution", self.distribution),
+        ]
+        if sec.inbound is not None and sec.outbound is not None:
+            members += [Avp.new("VPN-SPI-In", sec.inbound.spi), Avp.new("VPN-SPI-Out", sec.outbound.spi),
+                        Avp.new("VPN-Key-In", _key_bytes(sec.inbound)),
+                        Avp.new("VPN-Key-Out", _key_bytes(sec.outbound))]
+        if sec.psk is not None:
+            members.append(Avp.new("VPN-IKE-PSK", sec.psk))
+        if p.qos is not None:
+            members += [Avp.new("VPN-QoS-Rate", p.qos.rate), Avp.new("VPN-QoS-Ceil", p.qos.effective_ceil),
+                        Avp.new("VPN-QoS-Priority", p.qos.priority)]
+        return Avp.new("VPN-Info", members)
+
+    @classmethod
+    def from_avp(cls, avp: Avp, nai: str) -> VpnInfo:
+        def need(name: str):
+            value = avp.get(name)
+            if value is None:
+                raise VpnInfoError(f"VPN-Info: missing {name}")
+            return value
+
+        try:
+            suite = EspSuite(need("VPN-ESP-Suite"))
+        except ValueError:
+            raise VpnInfoError(f"VPN-Info: unknown VPN-ESP-Suite {avp.get('VPN-ESP-Suite')!r}") from None
+        inbound = outbound = None
+        if avp.find("VPN-Key-In") is not None:
+            inbound = _direction(suite, need("VPN-SPI-In"), need("VPN-Key-In"))
+            outbound = _direction(suite, need("VPN-SPI-Out"), need("VPN-Key-Out"))
+        qos = None
+        if avp.find("VPN-QoS-Rate") is not None:
+            qos = Qos(int(need("VPN-QoS-Rate")), avp.get("VPN-QoS-Ceil"), int(avp.get("VPN-QoS-Priority", default=4)))
+        path_id = int(need("VPN-Path-Id"))
+        try:
+            path = VpnPath(
+                id=cls.path_name(nai, path_id),
+                local=Endpoint(IPv4Address(need("VPN-Endpoint-Local")),
+                               ENDPOINT_TYPES[int(need("VPN-Endpoint-Local-Type"))]),
+                remote=Endpoint(IPv4Address(need("VPN-Endpoint-Remote")),
+                                ENDPOINT_TYPES[int(need("VPN-Endpoint-Remote-Type"))]),
+                local_ts=tuple(IPv4Network(a.value) for a in avp.find_all("VPN-Selector-Local")),
+                remote_ts=tuple(IPv4Network(a.value) for a in avp.find_all("VPN-Selector-Remote")),
+                security=SecurityService(suite, outbound, inbound, avp.get("VPN-IKE-PSK"),
+                                         int(avp.get("VPN-Lifetime", default=3600))),
+                qos=qos)
+        except (KeyError, ValueError) as exc:
+            raise VpnInfoError(f"VPN-Info {path_id}: {exc}") from None
+        return cls(nai, path_id, path, int(avp.get("VPN-Distribution", default=AT_REGISTRATION)))
+
+
+def _key_bytes(keys: DirectionKeys) -> Secret:
+    auth = keys.auth_key.reveal() if keys.auth_key is not None else b""
+    return Secret(keys.enc_key.reveal() + auth)
+
+
+def _direction(suite: EspSuite, spi: int, material: Secret) -> DirectionKeys:
+    """One VPN-Key AVP holds the encryption key (with salt for GCM) followed by the
+    integrity key for non-AEAD suites."""
+    raw = material.reveal()
+    want = suite.enc_key_len + suite.auth_key_len
+    if len(raw) != want:
+        raise VpnInfoError(f"VPN-Key for {suite.value} must be {want} bytes")
+    auth = Secret(raw[suite.enc_key_len:]) if suite.auth_key_len else None
+    return DirectionKeys(int(spi), Secret(raw[: suite.enc_key_len]), auth)
+
+
+def from_message(container, nai: str) -> list[VpnInfo]:
+    """Every VPN-Info at the top level of a Diameter message."""
+    return [VpnInfo.from_avp(avp, nai) for avp in container.find_all("VPN-Info")]
+
+
+def encode_for_mip(infos: list[VpnInfo]) -> bytes:
+    """The payload of a Mobile IP CVSE carrying VPN info: the same VPN-Info AVPs."""
+    return b"".join(info.to_avp().encode() for info in infos)
+
+
+def decode_from_mip(data: bytes, nai: str) -> list[VpnInfo]:
+    try:
+        avps = decode_avps(data)
+    except DecodeError as exc:
+        raise VpnInfoError(f"VPN info in vendor extension: {exc}") from None
+    return [VpnInfo.from_avp(a, nai) for a in avps if a.name == "VPN-Info"]
+
+
+STATIC_OWNER = "static"  # the cache key of configured (non-AAA) paths
+
+
+def from_static(cfg: StaticPath) -> VpnInfo:
+    """A path from the daemon's configuration (e.g. the CN-GW's static tunnel to the HA)."""
+    suite = EspSuite(cfg.suite)
+    inbound = outbound = None
+    if cfg.spi_in and cfg.key_in is not None and cfg.key_out is not None:
+        inbound = _direction(suite, cfg.spi_in, cfg.key_in)
+        outbound = _direction(suite, cfg.spi_out, cfg.key_out)
+    path = VpnPath(id=VpnInfo.path_name(STATIC_OWNER, cfg.path_id),
+                   local=Endpoint(cfg.local, EndpointType(cfg.local_type)),
+                   remote=Endpoint(cfg.remote, EndpointType(cfg.remote_type)),
+                   local_ts=tuple(cfg.local_ts), remote_ts=tuple(cfg.remote_ts),
+                   security=SecurityService(suite, outbound, inbound, cfg.psk))
+    return VpnInfo(STATIC_OWNER, cfg.path_id, path)
