@@ -26,7 +26,7 @@ main.add_command(db_group)
 
 
 @main.command("daemon")
-@click.argument("role", type=click.Choice(["ha", "fa", "mn"]))
+@click.argument("role", type=click.Choice(["ha", "fa", "mn", "cngw", "aaah", "aaaf"]))
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), required=True)
 def daemon(role: str, config_path: Path) -> None:
     """Run one daemon (what the lab's supervisor and systemd units start)."""
@@ -45,6 +45,8 @@ SHOW = {
     "visitors": "visitors",  # FA visitor list
     "registration": "registration",  # MN state
     "counters": "counters",
+    "paths": "paths",  # VPN paths of an FA, HA or CN-GW
+    "sessions": "sessions",  # cached VPN info per user of an AAAH or AAAF
 }
 
 

@@ -143,11 +143,50 @@ class MNConfig(Common):
     retransmit_max: float = 8.0
 
 
-ROLE_CONFIGS: dict[str, type[Common]] = {"ha": HAConfig, "fa": FAConfig, "mn": MNConfig}
+@dataclass(frozen=True)
+class CNGWConfig(Common):
+    address: ipaddress.IPv4Address = NO_ADDRESS  # our tunnel endpoint
+
+
+@dataclass(frozen=True)
+class HomeAgentRef:
+    """A home agent the home AAA server sends HARs to (it dials the HA)."""
+
+    address: ipaddress.IPv4Address  # the Home Agent field of RRQs: picks the HA
+    diameter_host: str  # its Diameter identity (Destination-Host of the HAR)
+    home_prefix: ipaddress.IPv4Network  # its side of the static HA-CN-GW tunnel
+    port: int = 3868
+    diameter_address: ipaddress.IPv4Address | None = None  # where to dial it, if not at ``address``
+
+
+@dataclass(frozen=True)
+class AAAHConfig(Common):
+    address: ipaddress.IPv4Address = NO_ADDRESS  # we listen here for Diameter (AAAFs dial us)
+    port: int = 3868
+    db_url: str = ""  # the VPN database (users, profiles, correspondence table): sqlite:/// or postgresql://
+    master_secret: Secret | None = None  # the domain's master secret: pair PSKs and static path keys
+    home_agents: list[HomeAgentRef] = field(default_factory=list)
+    har_timeout: float = 3.0  # no HAA by then: 4006 DIAMETER_ERROR_HA_NOT_AVAILABLE (below the FA's timeout)
+    static_suite: str = "aes128gcm16"  # ESP suite of the static HA-CN-GW tunnels (as the CN-GWs are provisioned)
+
+
+@dataclass(frozen=True)
+class AAAFConfig(Common):
+    address: ipaddress.IPv4Address = NO_ADDRESS  # we listen here for Diameter (FAs dial us)
+    port: int = 3868
+    home_servers: list[DiameterPeer] = field(default_factory=list)  # the AAAH of each realm; we dial them
+    relay_timeout: float = 4.0  # no AMA from the AAAH by then: 3002 back to the FA
+
+
+ROLE_CONFIGS: dict[str, type[Common]] = {"ha": HAConfig, "fa": FAConfig, "mn": MNConfig, "cngw": CNGWConfig,
+                                      "aaah": AAAHConfig, "aaaf": AAAFConfig}
 REQUIRED: dict[str, tuple[str, ...]] = {
     "ha": ("address", "home_prefix"),
     "fa": ("access_address", "care_of_address"),
     "mn": ("nai", "home_address", "home_prefix", "home_agent", "mn_ha"),
+    "cngw": ("address",),
+    "aaah": ("diameter_host", "diameter_realm", "address", "db_url", "master_secret", "home_agents"),
+    "aaaf": ("diameter_host", "diameter_realm", "address", "home_servers"),
 }
 
 

@@ -27,6 +27,18 @@ def run(role: str, config_path: Path) -> None:
         from daemons.fa import ForeignAgent
 
         main = ForeignAgent(cfg).run()  # type: ignore[arg-type]
+    elif role == "cngw":
+        from daemons.cngw import CorrespondentGateway
+
+        main = CorrespondentGateway(cfg).run()
+    elif role == "aaah":
+        from daemons.aaah import HomeAAAServer
+
+        main = HomeAAAServer(cfg).run()  # type: ignore[arg-type]
+    elif role == "aaaf":
+        from daemons.aaaf import ForeignAAAServer
+
+        main = ForeignAAAServer(cfg).run()  # type: ignore[arg-type]
     else:
         from daemons.mn import MobileNode
 

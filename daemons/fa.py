@@ -13,11 +13,14 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from daemons import mip
+from daemons import mip, vpninfo
 from daemons.advertiser import Advertiser
-from daemons.config import FAConfig
+from daemons.config import DiameterPeer, FAConfig
 from daemons.control import ControlServer
+from daemons.diameter import Avp, Message, ResultCode
+from daemons.diameter.node import DiameterNode, DiameterTimeout, DiameterUnavailable, wait_for_peers
 from daemons.log import EventLog
+from daemons.mavpn import MavpnControl
 from daemons.net import UdpEndpoint
 from daemons.routing import VisitorRoutes
 from daemons.state import StateFile
@@ -25,6 +28,16 @@ from daemons.tasks import background
 
 log = EventLog("mipvpn.fa")
 Code = mip.ReplyCode
+MIP_APPLICATION = 2  # RFC 4004
+# What the MN hears when the AAA says no without a registration reply from the HA.
+AAA_DENIALS = {
+    ResultCode.DIAMETER_AUTHENTICATION_REJECTED: Code.FA_MN_FAILED_AUTHENTICATION,
+    ResultCode.DIAMETER_AUTHORIZATION_REJECTED: Code.FA_ADMINISTRATIVELY_PROHIBITED,
+    ResultCode.DIAMETER_USER_UNKNOWN: Code.FA_MN_FAILED_AUTHENTICATION,
+    ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE: Code.FA_HA_UNREACHABLE,
+    ResultCode.DIAMETER_UNABLE_TO_DELIVER: Code.FA_REASON_UNSPECIFIED,
+    ResultCode.DIAMETER_REALM_NOT_SERVED: Code.FA_ADMINISTRATIVELY_PROHIBITED,
+}
 
 
 @dataclass
@@ -66,14 +79,20 @@ class ForeignAgent:
         self.routes = VisitorRoutes(config.access_interface)
         self.udp: UdpEndpoint | None = None
         self.control = ControlServer(config.control_socket)
+        self.mavpn: MavpnControl | None = None
+        self.diameter: DiameterNode | None = None
 
     # ---- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
         self.restore()
         await self.routes.reconcile(list(self.visitors))
+        self.mavpn = await MavpnControl.start(self.config, access_interface=self.config.access_interface)
         self.udp = await UdpEndpoint.open(self.on_datagram, "0.0.0.0", mip.MIP_UDP_PORT)
+        if self.config.aaa is not None:
+            await self.start_diameter(self.config.aaa)
         self.control.register("visitors", lambda _: self.show_visitors())
         self.control.register("counters", lambda _: {**self.counters, **self.advertiser.counters})
+        self.control.register("paths", lambda _: self.mavpn.show() if self.mavpn else [])
         await self.control.start()
         log.info("fa.ready", coa=self.config.care_of_address, access=self.config.access_address,
                  visitors=len(self.visitors))
@@ -105,6 +124,8 @@ class ForeignAgent:
             return
         self.persist()
         await self.routes.remove(hoa)
+        if self.mavpn is not None and visitor.nai:
+            await self.mavpn.remove_user(visitor.nai)
         log.info("visitor.removed", mn=visitor.nai, hoa=hoa, reason=reason)
 
     # ---- registration --------------------------------------------------------------------
@@ -176,8 +197,13 @@ class ForeignAgent:
         return Code.ACCEPTED
 
     async def forward_request(self, rrq: mip.RegistrationRequest, raw: bytes) -> None:
-        """Relay to the HA: keep everything through the MN-HA authenticator untouched,
-        drop what was only for us (challenge answer), add FA-HA authentication."""
+        """With AAA: ask the local AAA server (AMR), which reaches the HA through the home
+        AAA server. Without: relay to the HA directly, keeping everything through the MN-HA
+        authenticator untouched, dropping what was only for us (the challenge answer), adding
+        FA-HA authentication."""
+        if self.diameter is not None:
+            await self.ask_aaa(rrq, raw)
+            return
         relayed = mip.strip_after(raw, mip.EXT_MN_HA_AUTH)
         ha = self.ha_keys.get(str(rrq.home_agent))
         if ha is not None:
@@ -187,6 +213,92 @@ class ForeignAgent:
         self.counters["relayed"] += 1
         log.info("rrq.relayed", mn=rrq.find(mip.NAIExtension).nai if rrq.find(mip.NAIExtension) else None,
                  id=hex(rrq.identification), ha=rrq.home_agent)
+
+    # ---- AAA (RFC 4004 AMR/AMA through the local AAA server) ------------------------------
+    async def start_diameter(self, aaa: DiameterPeer) -> None:
+        """We dial our AAAF (FA → AAAF → AAAH → HA) and send every realm its way."""
+        self.diameter = DiameterNode(self.config.diameter_host, self.config.diameter_realm,
+                                     host_ip_addresses=(str(self.config.care_of_address),))
+        self.diameter.add_peer(aaa.host, aaa.realm, str(aaa.address), aaa.port)
+        self.diameter.add_default_route(aaa.host)
+        await self.diameter.start()
+        await wait_for_peers(self.diameter, [aaa.host])
+
+    async def ask_aaa(self, rrq: mip.RegistrationRequest, raw: bytes) -> None:
+        assert self.diameter is not None
+        key = (str(rrq.home_address), rrq.identification & 0xFFFFFFFF)
+        pending = self.pending.get(key)
+        if pending is None:
+            return
+        nai = pending.nai
+        if nai is None or "@" not in nai:
+            self._fail(key, Code.FA_MISSING_NAI, "no NAI: the AAA cannot route the request")
+            return
+        challenge = rrq.find(mip.MNFAChallengeExtension)
+        auth = rrq.find(mip.GeneralizedAuthExtension)
+        location = mip.authenticator_location(raw, mip.EXT_GEN_AUTH)
+        avps: list[Any] = [
+            ("Auth-Application-Id", MIP_APPLICATION), ("Destination-Realm", nai.split("@", 1)[1]),
+            ("User-Name", nai), ("MIP-Reg-Request", raw),
+            ("MIP-Mobile-Node-Address", rrq.home_address), ("MIP-Home-Agent-Address", rrq.home_agent),
+            ("MIP-Feature-Vector", 0)]
+        if challenge is not None:
+            avps.append(("MIP-FA-Challenge", challenge.challenge))
+        if auth is not None and location is not None:
+            covered, offset, length = location
+            avps.append(("MIP-MN-AAA-Auth", [Avp.new("MIP-MN-AAA-SPI", auth.spi),
+                                             Avp.new("MIP-Auth-Input-Data-Length", covered),
+                                             Avp.new("MIP-Authenticator-Length", length),
+                                             Avp.new("MIP-Authenticator-Offset", offset)]))
+        amr = Message.request("AMR", avps=[("Session-Id", self.diameter.session_id(nai)), *avps])
+        log.info("amr.sent", mn=nai, sid=amr.session_id, id=hex(rrq.identification))
+        self.counters["relayed"] += 1
+        try:
+            ama = await self.diameter.request(amr, timeout=max(0.5, self.config.registration_timeout - 0.5))
+        except DiameterUnavailable as exc:
+            self._fail(key, Code.FA_REASON_UNSPECIFIED if not isinstance(exc, DiameterTimeout)
+                       else Code.FA_REGISTRATION_TIMEOUT, f"AAA unavailable: {exc}")
+            return
+        await self.on_ama(key, ama)
+
+    async def on_ama(self, key: tuple[str, int], ama: Message) -> None:
+        pending = self.pending.get(key)
+        if pending is None:
+            return  # timed out meanwhile: the MN was answered already
+        result = ama.result_code
+        rrp_raw = ama.get("MIP-Reg-Reply")
+        log.info("ama.received", mn=pending.nai, sid=ama.session_id, result=result,
+                 paths=len(ama.find_all("VPN-Info")))
+        if rrp_raw is None:
+            code = AAA_DENIALS.get(int(result or 0), Code.FA_REASON_UNSPECIFIED)
+            self._fail(key, code, f"AAA answered {result} without a registration reply")
+            return
+        try:
+            rrp = mip.decode_message(rrp_raw)
+            infos = vpninfo.from_message(ama, pending.nai or "") if result == 2001 else []
+        except (mip.DecodeError, vpninfo.VpnInfoError) as exc:
+            self._fail(key, Code.FA_POORLY_FORMED_REPLY, f"unusable AMA: {exc}")
+            return
+        if not isinstance(rrp, mip.RegistrationReply):
+            self._fail(key, Code.FA_POORLY_FORMED_REPLY, "MIP-Reg-Reply is not a registration reply")
+            return
+        self.pending.pop(key, None)
+        if pending.timer:
+            pending.timer.cancel()
+        if rrp.accepted and rrp.lifetime > 0 and self.mavpn is not None and pending.nai:
+            await self.mavpn.apply(pending.nai, infos)  # our paths are up before the MN hears
+        await self.complete(pending, rrp, rrp_raw)
+
+    def _fail(self, key: tuple[str, int], code: Code, reason: str) -> None:
+        pending = self.pending.pop(key, None)
+        if pending is None:
+            return
+        if pending.timer:
+            pending.timer.cancel()
+        log.warning("registration.failed", mn=pending.nai, reason=reason)
+        self.deny(pending.rrq, pending.mn_port, code, pending.nai)
+        if key[0] not in self.visitors:
+            background(self.routes.remove(key[0]))
 
     async def timeout(self, key: tuple[str, int]) -> None:
         pending = self.pending.pop(key, None)

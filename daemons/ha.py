@@ -13,17 +13,23 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from daemons import mip
+from daemons import mip, vpninfo
 from daemons.advertiser import Advertiser
 from daemons.config import HAConfig, MobileNodeEntry
 from daemons.control import ControlServer
+from daemons.diameter import Message, ResultCode
+from daemons.diameter.node import DiameterError, DiameterNode
 from daemons.log import EventLog
+from daemons.mavpn import MavpnControl
 from daemons.net import UdpEndpoint
 from daemons.routing import HomeLink
 from daemons.state import StateFile
 from daemons.tasks import background
+from daemons.vpninfo import VpnInfo
 
 log = EventLog("mipvpn.ha")
+MIP_APPLICATION = 2  # RFC 4004
+HAR_COMMAND = 262
 Code = mip.ReplyCode
 
 
@@ -54,6 +60,8 @@ class HomeAgent:
         self.home_link = HomeLink(config.home_interface)
         self.udp: UdpEndpoint | None = None
         self.control = ControlServer(config.control_socket)
+        self.mavpn: MavpnControl | None = None
+        self.diameter: DiameterNode | None = None
         # On the home link the HA advertises itself (H flag), so a returning MN knows it
         # is home. No challenge: registrations there go straight to us.
         self.advertiser = Advertiser(config.home_interface, config.address, mip.AdvFlag.H,
@@ -63,11 +71,15 @@ class HomeAgent:
     async def run(self) -> None:
         self.restore()
         await self.home_link.reconcile(list(self.bindings))
+        self.mavpn = await MavpnControl.start(self.config)
+        if self.config.diameter_host:
+            await self.start_diameter()
         # Bound to the home agent address: replies then come from the address the FA and
         # the MN know us by (and authenticate us by), whatever interface they leave from.
         self.udp = await UdpEndpoint.open(self.on_datagram, str(self.config.address), mip.MIP_UDP_PORT)
         self.control.register("bindings", lambda _: self.show_bindings())
         self.control.register("counters", lambda _: dict(self.counters))
+        self.control.register("paths", lambda _: self.mavpn.show() if self.mavpn else [])
         await self.control.start()
         log.info("ha.ready", address=self.config.address, bindings=len(self.bindings))
         await asyncio.gather(self.advertiser.run(), self.expire_loop())
@@ -98,7 +110,36 @@ class HomeAgent:
                 del self.bindings[hoa]
                 self.persist()
                 await self.home_link.release(hoa)
+                if self.mavpn is not None:
+                    await self.mavpn.remove_user(binding.nai)
                 log.info("binding.expired", mn=binding.nai, hoa=hoa, coa=binding.care_of_address)
+
+    # ---- Diameter: registrations from the home AAA server (RFC 4004 HAR/HAA) ---------------
+    async def start_diameter(self) -> None:
+        """The AAAH dials us (FA → AAAF → AAAH → HA): we only listen."""
+        self.diameter = DiameterNode(self.config.diameter_host, self.config.diameter_realm,
+                                     host_ip_addresses=(str(self.config.address),),
+                                     listen_address=str(self.config.address))
+        self.diameter.register_handler(MIP_APPLICATION, HAR_COMMAND, self.on_har,
+                                       required=("User-Name", "MIP-Reg-Request"))
+        await self.diameter.start()
+
+    async def on_har(self, har: Message, peer: object) -> Message:
+        """Claim 16: take the RRQ and the VPN info from the HAR, install our paths, answer
+        HAA with the registration reply (the paths are up before the reply leaves)."""
+        nai = har.get("User-Name")
+        try:
+            infos = vpninfo.from_message(har, nai)
+        except vpninfo.VpnInfoError as exc:
+            raise DiameterError(ResultCode.DIAMETER_INVALID_AVP_VALUE, str(exc)) from None
+        log.info("har.received", mn=nai, sid=har.session_id, paths=len(infos))
+        rrp = await self.process_request(har.get("MIP-Reg-Request"), f"aaa:{har.get('Origin-Host')}", infos)
+        if rrp is None:
+            raise DiameterError(ResultCode.DIAMETER_INVALID_AVP_VALUE, "MIP-Reg-Request is not a valid RRQ",
+                                failed_avp=["MIP-Reg-Request"])
+        reply = mip.decode_message(rrp)
+        code = ResultCode.DIAMETER_SUCCESS if reply.accepted else ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE
+        return har.answer(code, avps=[("MIP-Reg-Reply", rrp), ("User-Name", nai)])
 
     # ---- registration ------------------------------------------------------------------
     def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -109,8 +150,9 @@ class HomeAgent:
         if reply is not None and self.udp:
             self.udp.send(reply, addr)
 
-    async def process_request(self, raw: bytes, source: str) -> bytes | None:
-        """Handle one raw RRQ; the raw RRP to send back, or None to drop silently."""
+    async def process_request(self, raw: bytes, source: str, vpn: list[VpnInfo] | None = None) -> bytes | None:
+        """Handle one raw RRQ; the raw RRP to send back, or None to drop silently. ``vpn``:
+        the paths the AAAH distributed with it, installed when the registration is accepted."""
         self.counters["received"] += 1
         try:
             rrq = mip.decode_message(raw)
@@ -139,6 +181,11 @@ class HomeAgent:
         if code == Code.ACCEPTED and entry is not None:
             self.last_ident[hoa] = rrq.identification
             await self._apply(rrq, entry, lifetime, source, now)
+            if self.mavpn is not None:
+                if rrq.is_deregistration or rrq.care_of_address == entry.home_address:
+                    await self.mavpn.remove_user(entry.nai)
+                elif vpn is not None:
+                    await self.mavpn.apply(entry.nai, vpn)
         ident = mip.reply_identification(rrq.identification, now, accepted=code != Code.HA_IDENTIFICATION_MISMATCH)
         rrp = mip.RegistrationReply(code=code, home_address=hoa if entry else rrq.home_address,
                                     home_agent=self.config.address, identification=ident,

@@ -1,8 +1,9 @@
 """Turn a lab topology into daemon configurations and the processes that run them.
 
 This is where protocol knowledge meets the topology, so the lab itself stays ignorant of
-it: the lab asks for ``services(topology, run_dir)`` and runs what it gets. Secrets are
-fresh per lab (CSPRNG) and live only in the per-node configuration files (mode 0600).
+it: the lab asks for ``services(topology, run_dir, backend)`` and runs what it gets. Secrets
+are fresh per lab (CSPRNG) and live only in the per-node configuration files (mode 0600)
+and the AAAH's database.
 """
 
 from __future__ import annotations
@@ -12,18 +13,25 @@ import secrets
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from daemons import config as cfg
+from daemons.ipsec.path import EspSuite
+from daemons.keys import pair_psk, static_esp_key, static_spi
 from daemons.secret import Secret
 from lab.topology import Topology
 
-DAEMON_ROLES = ("ha", "fa", "mn")  # start order: agents before the nodes that need them
+# Start order: what others connect to first. The HA listens before the AAAH dials it, the
+# AAAH before the AAAFs, the AAAFs before the FAs, the agents before the mobile nodes.
+DAEMON_ROLES = ("ha", "cngw", "aaah", "aaaf", "fa", "mn")
+IPSEC_ROLES = ("fa", "ha", "cngw")  # the nodes that terminate VPN paths
 SPI_MN_HA = 0x1000
 SPI_FA_HA = 0x2000
 SPI_MN_AAA = 0x3000
 SPI_FA_FA = 0x4000
+STATIC_SUITE = EspSuite.AES128GCM16
 
 
 @dataclass(frozen=True)
@@ -31,7 +39,7 @@ class Service:
     name: str
     node: str
     argv: list[str]
-    control_socket: Path
+    control_socket: Path  # healthy once this unix socket accepts connections
 
 
 def node_dir(run_dir: Path, node: str) -> Path:
@@ -46,81 +54,180 @@ def _key() -> Secret:
     return Secret(secrets.token_bytes(16))
 
 
-def build_configs(topo: Topology, run_dir: Path) -> dict[str, cfg.Common]:
-    configs: dict[str, cfg.Common] = {}
+class Plan:
+    """Addresses, identities and keys of one lab, derived once from its topology."""
 
-    def common(node: str) -> dict[str, object]:
-        return {"node": node, "role": topo.nodes[node].role, "state_dir": node_dir(run_dir, node) / "state",
-                "control_socket": control_socket(run_dir, node)}
+    def __init__(self, topo: Topology, run_dir: Path, backend: str) -> None:
+        self.topo = topo
+        self.run_dir = run_dir
+        self.backend = backend
+        self.master = Secret(secrets.token_bytes(32))  # the AAA domain's master secret
+        self.mn_keys = {u.nai: (_key(), _key()) for u in topo.users}  # MN-HA, MN-AAA
+        self.fas = self.role("fa")
+        self.fa_ha_keys = {(fa, ha): _key() for fa in self.fas for ha in self.role("ha")}
+        self.fa_fa_keys = {frozenset((a, b)): _key() for a in self.fas for b in self.fas if a < b}
 
-    def ha_address(ha: str) -> str:
-        seg = topo.segment_of(ha)
-        assert seg is not None  # validated: a user's HA owns a home link
-        return str(seg.address)
+    def role(self, role: str) -> list[str]:
+        return [n for n, node in self.topo.nodes.items() if node.role == role]
 
-    def coa(fa: str) -> str:
-        up = topo.nodes[fa].upstream
-        link = topo.link_between(fa, up) if up else None
-        return str(link.address_of(fa)) if link else str(topo.addresses(fa)[0][1].ip)
+    def identity(self, node: str) -> str:
+        """The node's Diameter identity: node.domain."""
+        return f"{node}.{self.topo.nodes[node].domain}"
 
-    mn_keys = {u.nai: (_key(), _key()) for u in topo.users}  # MN-HA, MN-AAA
-    fas = [n for n in topo.nodes if topo.nodes[n].role == "fa"]
-    fa_ha_keys = {(fa, ha): _key() for fa in fas for ha in topo.nodes if topo.nodes[ha].role == "ha"}
-    fa_fa_keys = {frozenset((a, b)): _key() for a in fas for b in fas if a < b}
-    for node in topo.nodes.values():
-        if node.role == "ha":
-            seg = topo.segment_of(node.name)
+    def realm(self, node: str) -> str:
+        return self.topo.nodes[node].domain or ""
+
+    def address(self, node: str) -> ipaddress.IPv4Address:
+        """Where the node is reached: an HA at its home link address (the Home Agent field
+        of registrations), every other node at its upstream link address (an FA's care-of
+        address)."""
+        seg = self.topo.segment_of(node)
+        if self.topo.nodes[node].role == "ha" and seg is not None:
+            return seg.address
+        up = self.topo.nodes[node].upstream
+        link = self.topo.link_between(node, up) if up else None
+        return link.address_of(node) if link else self.topo.addresses(node)[0][1].ip
+
+    def aaa_servers(self) -> set[str]:
+        return {spec["aaa"] for spec in self.topo.domains.values() if spec.get("aaa")}
+
+    def aaa_of(self, node: str) -> str | None:
+        domain = self.topo.nodes[node].domain
+        return self.topo.domains.get(domain or "", {}).get("aaa")
+
+    def common(self, node: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"node": node, "role": self.topo.nodes[node].role,
+                               "state_dir": node_dir(self.run_dir, node) / "state",
+                               "control_socket": control_socket(self.run_dir, node)}
+        if self.topo.nodes[node].role in IPSEC_ROLES:
+            out.update(ipsec_backend=self.backend, run_dir=self.run_dir)
+        if self.topo.nodes[node].role in ("fa", "ha", "aaah", "aaaf") and self.topo.nodes[node].domain:
+            out.update(diameter_host=self.identity(node), diameter_realm=self.realm(node))
+        return out
+
+    def static_path(self, cngw: str, ha: str) -> cfg.StaticPath:
+        """The CN-GW's static tunnel to a home agent (claim 16), keyed from the master secret
+        exactly as the AAAH keys the HA's side of it."""
+        me, peer = self.address(cngw), self.address(ha)
+        home = self.topo.segment_of(ha)
+        assert home is not None
+        spi_out, spi_in = static_spi(me, peer), static_spi(peer, me)
+        return cfg.StaticPath(
+            path_id=1, local=me, remote=peer, local_type="cngw-static", remote_type="ha",
+            local_ts=list(self.topo.prefixes_behind(cngw)), remote_ts=[home.prefix],
+            psk=pair_psk(self.master, me, peer), suite=STATIC_SUITE.value,
+            spi_in=spi_in, spi_out=spi_out,
+            key_in=static_esp_key(self.master, peer, me, spi_in, STATIC_SUITE),
+            key_out=static_esp_key(self.master, me, peer, spi_out, STATIC_SUITE))
+
+    # ---- one configuration per daemon ------------------------------------------------------
+    def ha(self, node: str) -> cfg.HAConfig:
+        seg = self.topo.segment_of(node)
+        assert seg is not None
+        return cfg.HAConfig(
+            **self.common(node), address=seg.address, home_prefix=seg.prefix,
+            mobile_nodes=[cfg.MobileNodeEntry(u.nai, u.home_address, SPI_MN_HA, self.mn_keys[u.nai][0])
+                          for u in self.topo.users if u.home_agent == node],
+            foreign_agents=[cfg.PeerAgent(self.address(fa), SPI_FA_HA, key)
+                            for (fa, ha), key in self.fa_ha_keys.items() if ha == node])
+
+    def fa(self, node: str) -> cfg.FAConfig:
+        seg = self.topo.segment_of(node)
+        assert seg is not None
+        aaa = self.aaa_of(node)
+        return cfg.FAConfig(
+            **self.common(node), access_address=seg.address, care_of_address=self.address(node),
+            home_agents=[cfg.PeerAgent(self.address(ha), SPI_FA_HA, key)
+                         for (fa, ha), key in self.fa_ha_keys.items() if fa == node],
+            peer_agents=[cfg.PeerAgent(self.address(other), SPI_FA_FA, self.fa_fa_keys[frozenset((node, other))])
+                         for other in self.fas if other != node],
+            aaa=cfg.DiameterPeer(self.identity(aaa), self.realm(aaa), self.address(aaa)) if aaa else None)
+
+    def cngw(self, node: str) -> cfg.CNGWConfig:
+        return cfg.CNGWConfig(**self.common(node), address=self.address(node),
+                              static_paths=[self.static_path(node, ha) for ha in self.role("ha")])
+
+    def aaah(self, node: str) -> cfg.AAAHConfig:
+        """The home AAA server, with its VPN database seeded from the topology's users."""
+        from daemons.vpndb import open_database
+
+        db_path = node_dir(self.run_dir, node) / "vpn.db"
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        db = open_database(f"sqlite:///{db_path}", create=True)
+        try:
+            db.seed_from_topology(self.topo, {nai: keys[1] for nai, keys in self.mn_keys.items()},
+                                  mn_aaa_spi=SPI_MN_AAA, suite=STATIC_SUITE)
+        finally:
+            db.close()
+        home_agents = []
+        for ha in self.role("ha"):
+            seg = self.topo.segment_of(ha)
             assert seg is not None
-            configs[node.name] = cfg.HAConfig(
-                **common(node.name), address=seg.address, home_prefix=seg.prefix,  # type: ignore[arg-type]
-                mobile_nodes=[cfg.MobileNodeEntry(u.nai, u.home_address, SPI_MN_HA, mn_keys[u.nai][0])
-                              for u in topo.users if u.home_agent == node.name],
-                foreign_agents=[cfg.PeerAgent(ipaddress.IPv4Address(coa(fa)), SPI_FA_HA, key)
-                                for (fa, ha), key in fa_ha_keys.items() if ha == node.name])
-        elif node.role == "fa":
-            seg = topo.segment_of(node.name)
-            assert seg is not None
-            configs[node.name] = cfg.FAConfig(
-                **common(node.name), access_address=seg.address,  # type: ignore[arg-type]
-                care_of_address=ipaddress.IPv4Address(coa(node.name)),
-                home_agents=[cfg.PeerAgent(ipaddress.IPv4Address(ha_address(ha)), SPI_FA_HA, key)
-                             for (fa, ha), key in fa_ha_keys.items() if fa == node.name],
-                peer_agents=[cfg.PeerAgent(ipaddress.IPv4Address(coa(other)), SPI_FA_FA,
-                                           fa_fa_keys[frozenset((node.name, other))])
-                             for other in fas if other != node.name])
-        elif node.role == "mn":
-            user = topo.user_of(node.name)
-            if user is None:
+            home_agents.append(cfg.HomeAgentRef(seg.address, self.identity(ha), seg.prefix))
+        return cfg.AAAHConfig(**self.common(node), address=self.address(node), db_url=f"sqlite:///{db_path}",
+                              master_secret=self.master, home_agents=home_agents, static_suite=STATIC_SUITE.value)
+
+    def aaaf(self, node: str) -> cfg.AAAFConfig:
+        homes = [aaa for aaa in (spec.get("aaa") for spec in self.topo.domains.values())
+                 if aaa and self.topo.nodes[aaa].role == "aaah"]
+        return cfg.AAAFConfig(**self.common(node), address=self.address(node),
+                              home_servers=[cfg.DiameterPeer(self.identity(h), self.realm(h), self.address(h))
+                                            for h in homes])
+
+    def mn(self, node: str) -> cfg.MNConfig | None:
+        user = self.topo.user_of(node)
+        if user is None:
+            return None
+        home = self.topo.segment_of(user.home_agent)
+        assert home is not None
+        return cfg.MNConfig(
+            **self.common(node), nai=user.nai, home_address=user.home_address,
+            home_prefix=home.prefix, home_agent=home.address,
+            mn_ha=cfg.SecurityAssociation(SPI_MN_HA, self.mn_keys[user.nai][0]),
+            mn_aaa=cfg.SecurityAssociation(SPI_MN_AAA, self.mn_keys[user.nai][1]),
+            lifetime=int(user.extra.get("lifetime", 300)))
+
+    def configs(self) -> dict[str, cfg.Common]:
+        builders = {"ha": self.ha, "fa": self.fa, "cngw": self.cngw, "aaah": self.aaah, "aaaf": self.aaaf,
+                    "mn": self.mn}
+        out: dict[str, cfg.Common] = {}
+        for role in DAEMON_ROLES:
+            build = builders.get(role)
+            if build is None:
                 continue
-            home = topo.segment_of(user.home_agent)
-            assert home is not None
-            configs[node.name] = cfg.MNConfig(
-                **common(node.name), nai=user.nai, home_address=user.home_address,  # type: ignore[arg-type]
-                home_prefix=home.prefix, home_agent=home.address,
-                mn_ha=cfg.SecurityAssociation(SPI_MN_HA, mn_keys[user.nai][0]),
-                mn_aaa=cfg.SecurityAssociation(SPI_MN_AAA, mn_keys[user.nai][1]),
-                lifetime=int(user.extra.get("lifetime", 300)))
-    return configs
+            for node in self.role(role):
+                if role in ("aaah", "aaaf") and node not in self.aaa_servers():
+                    continue  # an AAA node no domain uses: nothing to serve
+                config = build(node)
+                if config is not None:
+                    out[node] = config
+        return out
 
 
-def write_config(path: Path, config: cfg.Common) -> None:
+def write_config(path: Path, config: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
     path.chmod(0o600)
     path.write_text(yaml.safe_dump(cfg.dump(config), sort_keys=False))
 
 
-def services(topo: Topology, run_dir: Path) -> list[Service]:
-    """Write every daemon's configuration; return the processes, in start order."""
-    configs = build_configs(topo, run_dir)
-    out = []
-    for role in DAEMON_ROLES:
-        for node, config in configs.items():
-            if config.role != role:
-                continue
-            path = node_dir(run_dir, node) / f"{role}.yaml"
-            write_config(path, config)
-            out.append(Service(f"daemon:{node}", node,
-                               [sys.executable, "-m", "daemons.cli", "daemon", role, "-c", str(path)],
-                               control_socket(run_dir, node)))
+def services(topo: Topology, run_dir: Path, backend: str = "none") -> list[Service]:
+    """Write every daemon's configuration; return the processes, in start order: one charon
+    per IPsec node first (strongswan backend), then the daemons."""
+    plan = Plan(topo, run_dir, backend)
+    out: list[Service] = []
+    if backend == "strongswan":
+        from daemons.ipsec.strongswan import charon_command, vici_socket_path
+        from daemons.ipsec.strongswan import write_config as write_charon_config
+
+        for node in (n for role in IPSEC_ROLES for n in plan.role(role)):
+            write_charon_config(run_dir, node)
+            out.append(Service(f"charon:{node}", node, charon_command(run_dir, node),
+                               vici_socket_path(run_dir, node)))
+    for node, config in plan.configs().items():
+        path = node_dir(run_dir, node) / f"{config.role}.yaml"
+        write_config(path, config)
+        out.append(Service(f"daemon:{node}", node,
+                           [sys.executable, "-m", "daemons.cli", "daemon", config.role, "-c", str(path)],
+                           control_socket(run_dir, node)))
     return out

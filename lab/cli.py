@@ -10,11 +10,12 @@ from pathlib import Path
 
 import click
 
+from daemons.ipsec.factory import choose_backend
 from daemons.provision import services as daemon_services
 from lab.lab import DEFAULT_NS_PREFIX, DEFAULT_RUN_DIR, Lab, LabError
 from lab.topology import TopologyError, load
 
-BACKENDS = ("auto", "xfrm", "strongswan")
+BACKENDS = ("auto", "xfrm", "strongswan", "none")
 
 
 def require_root() -> None:
@@ -43,7 +44,7 @@ def lab_group(ctx: click.Context, run_dir: Path) -> None:
 @click.option("-t", "--topology", "topology_file", type=click.Path(path_type=Path),
               help="Topology YAML (default: the built-in default topology).")
 @click.option("--backend", type=click.Choice(BACKENDS), default="auto", show_default=True,
-              help="IPsec backend for the agents.")
+              help="IPsec backend for the agents (none: Mobile IP only, no VPN paths).")
 @click.option("--ns-prefix", default=DEFAULT_NS_PREFIX, show_default=True,
               envvar="MIPVPN_NS_PREFIX", help="Prefix of the lab's namespace names.")
 @click.option("--capture/--no-capture", default=False,
@@ -68,6 +69,9 @@ def up(run_dir: Path, topology_file: Path | None, backend: str, ns_prefix: str,
             return
         click.echo(f"cleaning up a lab that did not finish or crashed in {run_dir}")
         existing.down()
+    if backend != "none":
+        backend, reason = choose_backend(backend)
+        click.echo(f"IPsec backend: {reason}")
     the_lab = Lab(run_dir, topo, ns_prefix, backend)
     started = time.monotonic()
     try:

@@ -41,7 +41,7 @@ class Service(Protocol):
     control_socket: Path
 
 
-ServicePlan = Callable[[Topology, Path], Sequence[Service]]
+ServicePlan = Callable[[Topology, Path, str], Sequence[Service]]  # topology, run dir, backend
 HEALTH_TIMEOUT_S = 15.0
 
 
@@ -111,7 +111,7 @@ class Lab:
             if capture:
                 self.capture_start()
             if services is not None:
-                self.start_services(services(self.topology, self.run_dir))
+                self.start_services(services(self.topology, self.run_dir, self.backend))
             self.save_state("up")
         except BaseException:
             self.down()

@@ -1110,3 +1110,14 @@ __all__ = [
     "example_avp",
     "require",
 ]
+
+
+async def wait_for_peers(node: DiameterNode, hosts: list[str], within_s: float = 5.0) -> list[str]:
+    """Give the peers we dial a bounded moment to open before we call ourselves ready, so
+    the first request after start does not find them still connecting. Returns the hosts
+    that did not open in time (the node keeps re-dialling them)."""
+    results = await asyncio.gather(*(node.wait_open(h, within_s) for h in hosts), return_exceptions=True)
+    late = [h for h, r in zip(hosts, results, strict=True) if isinstance(r, BaseException)]
+    for host in late:
+        log.warning("peer.not_open", peer=host, waited_s=within_s)
+    return late

@@ -94,6 +94,8 @@ DEST_TABLE = 221  # destination routes into ipsec0 (HA / CN-GW-like nodes)
 SRC_TABLE = 222  # `default dev ipsec0`, used by per-user source rules (FA-like nodes)
 ACCESS_TABLE = 223  # FA recipe: `HOA dev ACCESS`
 SRC_RULE_PREF = 900
+BYPASS_RULE_PREF = 800  # `to PEER lookup main`: the tunnel never swallows packets to its own peer
+MAIN_TABLE = 254
 DEST_RULE_PREF = 1000
 ACCESS_RULE_PREF = 50
 LOCAL_RULE_PREF = 100
@@ -648,6 +650,11 @@ class StrongswanBackend:
         routes: set[_Route] = set()
         rules: set[_Rule] = set()
         for p in self._paths.values():
+            # When the remote selector covers the peer gateway's own address (a CN-GW
+            # protecting the home prefix that holds the HA's address), IKE and ESP-in-UDP to
+            # the peer must still take the ordinary route, not the tunnel they build.
+            if any(p.remote.address in d for d in p.remote_ts):
+                rules.add(_Rule(BYPASS_RULE_PREF, MAIN_TABLE, None, ipaddress.IPv4Network(f"{p.remote.address}/32")))
             if self.route_mode(p) == "source":
                 routes.add(_Route(SRC_TABLE, ipaddress.IPv4Network("0.0.0.0/0")))
                 for s in p.local_ts:
@@ -670,8 +677,8 @@ class StrongswanBackend:
         rules = {
             rule
             for rule in (_rule_from_msg(m) for m in ipr.get_rules(family=socket.AF_INET))
-            if rule.table in (SRC_TABLE, DEST_TABLE)
-            and rule.pref in (SRC_RULE_PREF, DEST_RULE_PREF)
+            if (rule.table in (SRC_TABLE, DEST_TABLE) and rule.pref in (SRC_RULE_PREF, DEST_RULE_PREF))
+            or (rule.table == MAIN_TABLE and rule.pref == BYPASS_RULE_PREF)
         }
         return routes, rules
 

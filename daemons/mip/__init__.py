@@ -26,6 +26,7 @@ Vendor-Id 32473) work the same way::
 from .auth import (
     AUTH_EXTENSION_TYPES,
     append_authenticator,
+    authenticator_location,
     compute_authenticator,
     sign,
     strip_after,
@@ -204,6 +205,7 @@ __all__ = [
     "UnknownExtensionError",
     "VendorExtension",
     "append_authenticator",
+    "authenticator_location",
     "clock_offset",
     "compute_authenticator",
     "decode_icmp",

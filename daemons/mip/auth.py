@@ -62,6 +62,7 @@ from .messages import Message, decode_message_with_offsets
 __all__ = [
     "AUTH_EXTENSION_TYPES",
     "append_authenticator",
+    "authenticator_location",
     "compute_authenticator",
     "sign",
     "strip_after",
@@ -229,3 +230,16 @@ def strip_after(raw: bytes, ext_type: int) -> bytes:
         if ext.ext_type == ext_type:
             return raw[: off + len(ext.encode())]
     raise ValueError(f"no extension of type {ext_type}")
+
+
+def authenticator_location(raw: bytes, ext_type: int) -> tuple[int, int, int] | None:
+    """Where the first authentication extension of ``ext_type`` sits in the raw message:
+    (length of the data it covers, offset of the authenticator, authenticator length) — the
+    values RFC 4004's MIP-MN-AAA-Auth AVP carries. None if there is no such extension."""
+    found = _locate(bytes(raw), ext_type)
+    if found is None:
+        return None
+    msg, index, off = found
+    ext = msg.extensions[index]
+    covered = off + ext.HEADER_LEN + 4  # through the SPI
+    return covered, covered, len(ext.authenticator)  # type: ignore[attr-defined]

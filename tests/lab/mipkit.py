@@ -23,6 +23,28 @@ except TimeoutError:
 """
 
 
+# Runs inside a node's namespace: print the ICMP part of the next agent advertisement heard.
+LISTENER = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, sys.argv[1].encode())
+s.settimeout(5)
+while True:
+    packet = s.recv(65535)
+    icmp = packet[(packet[0] & 15) * 4:]
+    if icmp[:1] == bytes([9]):
+        print(icmp.hex())
+        break
+"""
+
+
+def heard_advertisement(env: LabEnv, node: str, ifname: str = "eth0"):
+    from daemons import mip
+
+    out = env.exec(node, sys.executable, "-c", LISTENER, ifname).stdout.strip()
+    return mip.decode_icmp(bytes.fromhex(out))
+
+
 def send_udp(env: LabEnv, node: str, dst: str, payload: bytes, port: int = 434, wait: float = 2.0) -> bytes:
     out = env.exec(node, sys.executable, "-c", SENDER, dst, str(port), payload.hex(), str(wait)).stdout.strip()
     return bytes.fromhex(out)

@@ -21,6 +21,24 @@ from tests.lab.mipkit import binding_via, expert_problems, send_udp, show, tshar
 
 pytestmark = pytest.mark.lab
 
+
+@pytest.fixture
+def lab_up(lab_env: LabEnv, tmp_path: Path) -> LabEnv:
+    """Plain Mobile IP (RFC 5944): the default topology without AAA servers and without
+    IPsec, so FAs relay registrations straight to the HA."""
+    lab_env.cli("lab", "up", "-t", str(plain_topology(tmp_path)), "--backend", "none", "--capture")
+    return lab_env
+
+
+def plain_topology(tmp_path: Path, **user_fields: object) -> Path:
+    topo = yaml.safe_load(default_topology_path().read_text())
+    for domain in topo["domains"].values():
+        domain.pop("aaa", None)
+    topo["users"][0].update(user_fields)
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump(topo))
+    return path
+
 HOA = "198.18.100.10"
 HA = "198.18.100.1"
 COA = {"fa1": "198.18.0.14", "fa2": "198.18.0.18", "fa3": "198.18.0.26"}
@@ -156,11 +174,7 @@ def test_unknown_non_skippable_extension_gets_134(lab_up: LabEnv) -> None:
 
 @pytest.fixture
 def short_lifetime_lab(lab_env: LabEnv, tmp_path: Path) -> LabEnv:
-    topo = yaml.safe_load(default_topology_path().read_text())
-    topo["users"][0]["lifetime"] = 4
-    path = tmp_path / "short.yaml"
-    path.write_text(yaml.safe_dump(topo))
-    lab_env.cli("lab", "up", "-t", str(path))
+    lab_env.cli("lab", "up", "-t", str(plain_topology(tmp_path, lifetime=4)), "--backend", "none")
     return lab_env
 
 

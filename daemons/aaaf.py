@@ -1,0 +1,162 @@
+"""The local (foreign) AAA server (AAAF, claims 10-12, 16, 17): the Diameter agent of a
+visited domain.
+
+FAs dial it; it dials the home AAA server of every realm it serves visitors from and relays
+their AMRs there by the NAI's realm (RFC 6733 relay: Route-Record, new hop-by-hop id). It is
+a proxy in that it reads what it relays: from each successful AMA it caches the FA's VPN info
+per user (:class:`daemons.aaah.Session`: NAI, Diameter session, the FA it belongs to, the
+paths) before the AMA goes on, unchanged, to the FA (claim 16). ``show sessions`` lists the
+cache without key material.
+
+The cache is keyed by NAI and remembers the FA, so that an intra-domain move (claim 17, a
+later step) can answer the new FA itself: ``session.with_fa(new_coa)``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from typing import Any
+
+from daemons import mip, vpninfo
+from daemons.aaah import Session, SessionStore
+from daemons.config import AAAFConfig, ConfigError
+from daemons.control import ControlServer
+from daemons.diameter import Message, ResultCode
+from daemons.diameter.node import DiameterNode, wait_for_peers
+from daemons.log import EventLog
+
+log = EventLog("mipvpn.aaaf")
+MIP_APPLICATION = 2  # RFC 4004
+AMR_COMMAND = 260
+
+Observer = Callable[[Message, Message], None]
+
+
+class ProxyNode(DiameterNode):
+    """A Diameter node that lets the application watch the requests it relays and their
+    answers (a proxy agent in RFC 6733 terms, §2.8.2), without changing what it forwards.
+
+    ``observe(app, cmd, on_request=..., on_answer=...)``: ``on_request(request)`` runs before
+    a request is relayed, ``on_answer(forwarded_request, answer)`` before its answer goes
+    back. Observers must not block; their exceptions are logged and ignored.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.request_observers: dict[tuple[int, int], Callable[[Message], None]] = {}
+        self.answer_observers: dict[tuple[int, int], Observer] = {}
+
+    def observe(self, application_id: int, command_code: int, *, on_request: Callable[[Message], None] | None = None,
+                on_answer: Observer | None = None) -> None:
+        if on_request is not None:
+            self.request_observers[(application_id, command_code)] = on_request
+        if on_answer is not None:
+            self.answer_observers[(application_id, command_code)] = on_answer
+
+    def _relay(self, conn: Any, peer: Any, req: Message) -> None:
+        observer = self.request_observers.get((req.application_id, req.command_code))
+        if observer is not None:
+            _call(observer, req)
+        super()._relay(conn, peer, req)
+
+    def _on_answer(self, conn: Any, ans: Message) -> None:
+        pend = conn.pending.get(ans.hop_by_hop)
+        if pend is not None and pend.origin is not None and pend.msg.end_to_end == ans.end_to_end:
+            observer = self.answer_observers.get((ans.application_id, ans.command_code))
+            if observer is not None:
+                _call(observer, pend.msg, ans)
+        super()._on_answer(conn, ans)
+
+
+def _call(fn: Callable[..., None], *args: Any) -> None:
+    try:
+        fn(*args)
+    except Exception as exc:  # an observer's bug must not stop the relay
+        log.error("observer.failed", observer=getattr(fn, "__qualname__", repr(fn)), error=repr(exc))
+
+
+class ForeignAAAServer:
+    def __init__(self, config: AAAFConfig) -> None:
+        if not config.home_servers:
+            raise ConfigError(f"{config.node} (aaaf)", "home_servers", "at least one home AAA server is needed")
+        self.config = config
+        self.store = SessionStore(config.state_dir / "sessions.json")
+        self.counters: dict[str, int] = {"amr_relayed": 0, "ama_success": 0, "ama_failure": 0, "cached": 0}
+        self.control = ControlServer(config.control_socket)
+        self.diameter = ProxyNode(config.diameter_host, config.diameter_realm,
+                                  host_ip_addresses=(str(config.address),), listen_address=str(config.address),
+                                  listen_port=config.port, relay_timeout=config.relay_timeout)
+        for server in config.home_servers:
+            self.diameter.add_peer(server.host, server.realm, str(server.address), server.port)
+            self.diameter.add_route(server.realm, server.host)
+        self.diameter.observe(MIP_APPLICATION, AMR_COMMAND, on_request=self.on_amr, on_answer=self.on_ama)
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        self.store.load()
+        if self.store.sessions:
+            log.info("aaaf.restored", sessions=len(self.store.sessions))
+        await self.diameter.start()
+        self.control.register("sessions", lambda _: self.store.show())
+        self.control.register("counters", lambda _: {**self.counters, **self.diameter.stats()})
+        self.control.register("peers", lambda _: self.diameter.peers_status())
+        await wait_for_peers(self.diameter, [s.host for s in self.config.home_servers])
+        await self.control.start()
+        log.info("aaaf.ready", host=self.config.diameter_host, realm=self.config.diameter_realm,
+                 port=self.diameter.port, realms=",".join(s.realm for s in self.config.home_servers),
+                 sessions=len(self.store.sessions))
+
+    async def stop(self) -> None:
+        await self.control.stop()
+        await self.diameter.stop()
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    # ---- what goes through -------------------------------------------------------------------
+    def on_amr(self, amr: Message) -> None:
+        self.counters["amr_relayed"] += 1
+        log.info("amr.received", mn=amr.get("User-Name"), sid=amr.session_id, fa=amr.get("Origin-Host"),
+                 realm=amr.get("Destination-Realm"))
+
+    def on_ama(self, amr: Message, ama: Message) -> None:
+        """Cache the FA's VPN info of a successful registration before the AMA goes on."""
+        nai = amr.get("User-Name")
+        sid = amr.session_id or ""
+        code = int(ama.result_code or 0)
+        if code != ResultCode.DIAMETER_SUCCESS or not nai:
+            self.counters["ama_failure"] += 1
+            log.info("ama.relayed", mn=nai, sid=sid, result=code, cached=False)
+            return
+        self.counters["ama_success"] += 1
+        try:
+            rrq = mip.decode_message(amr.get("MIP-Reg-Request", default=b""))
+            infos = vpninfo.from_message(ama, nai)
+        except (mip.DecodeError, vpninfo.VpnInfoError) as exc:
+            log.warning("ama.relayed", mn=nai, sid=sid, result=code, cached=False, reason=str(exc))
+            return
+        if not isinstance(rrq, mip.RegistrationRequest):
+            return
+        if rrq.is_deregistration:
+            self.store.drop(nai)
+            log.info("ama.relayed", mn=nai, sid=sid, result=code, cached=False, reason="deregistration")
+            return
+        session = Session(nai, sid, rrq.care_of_address, amr.get("Origin-Host", default=""), rrq.home_agent,
+                          rrq.home_address, tuple(infos), time.time())
+        previous = self.store.put(session)
+        self.counters["cached"] += 1
+        log.info("ama.relayed", mn=nai, sid=sid, result=code, cached=True, fa=session.fa, paths=len(infos),
+                 previous_fa=previous.fa if previous is not None and previous.fa != session.fa else None)
+
+    def sessions_at(self, fa_host: str) -> list[Session]:
+        """The cached sessions that belong to one FA (by its Diameter identity)."""
+        return [s for s in self.store.sessions.values() if s.fa_host.lower() == fa_host.lower()]
+
+
+__all__ = ["ForeignAAAServer", "ProxyNode"]

@@ -1,0 +1,159 @@
+"""The MAVPN control section (claim 9): turns a user's VPN info into installed paths.
+
+It keeps, per user, the VPN info the node was given (its "VPN cache"), installs and removes
+paths through whichever backend the node runs (xfrm or strongswan: the agents never care
+which), and persists the cache so a restarted agent reconciles its paths. The cache file
+holds key material: it lives in the daemon's private state directory (0700, files 0600),
+like the configuration files that hold the Mobile IP keys.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import replace
+from typing import Any
+
+from daemons.config import Common
+from daemons.diameter.avp import decode_avps
+from daemons.ipsec.factory import make_backend
+from daemons.ipsec.path import EndpointType, PathBackend, PathStatus, VpnPath
+from daemons.log import EventLog
+from daemons.state import StateFile
+from daemons.tasks import background
+from daemons.vpninfo import STATIC_OWNER, VpnInfo, from_static
+
+log = EventLog("mipvpn.mavpn")
+
+
+class MavpnControl:
+    def __init__(self, backend: PathBackend, state: StateFile, access_interface: str | None = None,
+                 netns: str | None = None) -> None:
+        self.backend = backend
+        self.state = state
+        self.access_interface = access_interface  # FA: where the MNs are
+        self.netns = netns
+        self.cache: dict[str, dict[int, VpnInfo]] = {}  # nai -> path id -> info
+        self.lock = asyncio.Lock()
+
+    @classmethod
+    async def start(cls, config: Common, access_interface: str | None = None) -> MavpnControl | None:
+        """The node's path control on the backend its configuration names (None: no IPsec),
+        with the configured static paths installed and the cached ones reconciled."""
+        if config.ipsec_backend == "none":
+            return None
+        backend = make_backend(config.ipsec_backend, config.node, config.run_dir or config.state_dir)
+        wait_ready = getattr(backend, "wait_ready", None)
+        if wait_ready is not None:  # strongswan: charon must be up, ipsec0 there
+            await wait_ready()
+        control = cls(backend, StateFile(config.state_dir / "vpn.json"), access_interface)
+        control.restore()
+        static = [from_static(p) for p in config.static_paths]
+        if static:
+            control.cache[STATIC_OWNER] = {i.path_id: i for i in static}
+        # In the background: a path whose peer is not up yet may take seconds to give up,
+        # and the daemon must serve meanwhile (the path comes up when the peer installs it).
+        background(control.reconcile())
+        return control
+
+    # ---- persistence -----------------------------------------------------------------------
+    def restore(self) -> None:
+        for nai, hexes in self.state.load().get("vpn", {}).items():
+            infos = [VpnInfo.from_avp(avp, nai) for h in hexes for avp in decode_avps(bytes.fromhex(h))]
+            self.cache[nai] = {i.path_id: i for i in infos}
+
+    def persist(self) -> None:
+        self.state.save({"vpn": {nai: [i.to_avp().encode().hex() for i in infos.values()]
+                                 for nai, infos in self.cache.items()}})
+
+    def wanted(self) -> list[VpnInfo]:
+        return [info for infos in self.cache.values() for info in infos.values()]
+
+    async def reconcile(self) -> None:
+        """After a (re)start: installed paths become exactly the cached ones."""
+        async with self.lock:
+            for info in self.wanted():
+                await self._prepare(info)
+            await self.backend.reconcile(list(self.backend_paths().values()))
+        log.info("paths.reconciled", paths=len(self.wanted()))
+
+    # ---- per user ----------------------------------------------------------------------------
+    async def apply(self, nai: str, infos: list[VpnInfo]) -> None:
+        """Make this user's paths exactly ``infos``: new ones installed, changed ones updated
+        (e.g. a new far endpoint after a move), the rest removed.
+
+        A network-to-network path (no per-user /32 selector, e.g. the HA's side of the CN-GW's
+        static tunnel) is the same tunnel for every user: it is installed once, under a name
+        of its own, and removed with the last user that needs it.
+        """
+        async with self.lock:
+            before = self.backend_paths()
+            if infos:
+                self.cache[nai] = {i.path_id: i for i in infos}
+            else:
+                self.cache.pop(nai, None)
+            after = self.backend_paths()
+            for path_id, path in before.items():
+                if path_id not in after or after[path_id].pair != path.pair:
+                    await self.backend.remove(path_id)
+                    log.info("path.removed", mn=nai, path=path_id, remote=path.remote.address)
+            for info in infos:
+                await self._prepare(info)
+            for path_id, path in after.items():
+                if before.get(path_id) == path:
+                    continue
+                same_pair = path_id in before and before[path_id].pair == path.pair
+                status = await (self.backend.update(path) if same_pair else self.backend.install(path))
+                log.info("path.installed", mn=nai, path=path_id, local=path.local.address,
+                         remote=path.remote.address, state=status.state.value)
+            self.persist()
+
+    async def remove_user(self, nai: str) -> None:
+        await self.apply(nai, [])
+
+    def backend_paths(self) -> dict[str, VpnPath]:
+        """What should be installed, by backend path id, over every cached user."""
+        out: dict[str, VpnPath] = {}
+        for info in self.wanted():
+            path = info.path
+            if not path.user_addresses():
+                digest = hashlib.sha256(repr((path.local_ts, path.remote_ts)).encode()).hexdigest()[:8]
+                path = replace(path, id=f"net:{path.local.address}-{path.remote.address}:{digest}")
+            out[path.id] = path
+        return out
+
+    def infos(self, nai: str) -> list[VpnInfo]:
+        return list(self.cache.get(nai, {}).values())
+
+    async def _prepare(self, info: VpnInfo) -> None:
+        """An FA's local selector is the MN's home address: with user-space ESP the FA must
+        own that address (see daemons.ipsec.strongswan.prepare_local_selector)."""
+        if info.path.local.type is not EndpointType.FA or self.access_interface is None:
+            return
+        if getattr(self.backend, "name", "") == "strongswan":
+            from daemons.ipsec.strongswan import prepare_local_selector
+
+            for net in info.path.local_ts:
+                await prepare_local_selector(self.netns, str(net.network_address), self.access_interface)
+
+    # ---- show ----------------------------------------------------------------------------------
+    async def show(self) -> list[dict[str, Any]]:
+        statuses: dict[str, PathStatus] = {s.id: s for s in await self.backend.list()}
+        users: dict[str, list[str]] = {}
+        for info in self.wanted():
+            for path_id, path in self.backend_paths().items():
+                if path.pair == info.path.pair and path.local_ts == info.path.local_ts \
+                        and path.remote_ts == info.path.remote_ts:
+                    users.setdefault(path_id, []).append(info.nai)
+        rows = []
+        for path_id, path in self.backend_paths().items():
+            status = statuses.pop(path_id, None)
+            row: dict[str, Any] = {"users": ",".join(sorted(set(users.get(path_id, [])))), "path": path_id,
+                                   "local": str(path.local.address), "remote": str(path.remote.address),
+                                   "remote_type": path.remote.type.value}
+            row.update({k: v for k, v in (status.as_dict() if status else {"state": "missing"}).items()
+                        if k not in ("id", "local", "remote")})
+            rows.append(row)
+        for stray in statuses.values():
+            rows.append({"users": "", "path": stray.id, **stray.as_dict()})
+        return rows

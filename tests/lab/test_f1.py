@@ -1,0 +1,110 @@
+"""Flow F1 (claim 16): registration through FA → AAAF → AAAH → HA distributes the VPN
+information, every apparatus installs real IPsec paths, and MN ⇄ CN traffic is ESP on
+every leg."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from daemons import mip
+from daemons.secret import Secret
+from lab.lab import Lab
+from tests.conftest import LabEnv
+from tests.lab.mipkit import binding_via, expert_problems, heard_advertisement, send_udp, show, tshark, wait_for
+
+pytestmark = pytest.mark.lab
+
+HOA = "198.18.100.10"
+CN = "198.18.2.10"
+FA1 = "198.18.0.14"
+FA1_ACCESS = "198.18.101.1"
+
+
+def paths_up(env: LabEnv, node: str, count: int):
+    def check():
+        rows = show(env, "paths", node)
+        up = [r for r in rows if r.get("state") == "up"]  # type: ignore[union-attr]
+        return rows if len(up) >= count else None
+    return check
+
+
+def test_f1_registration_installs_esp_paths_and_traffic_flows(lab_up: LabEnv) -> None:
+    wait_for(binding_via(lab_up, FA1), timeout=15, what="binding via fa1")
+    # Paths: FA⇄HA at the FA; FA⇄HA and HA⇄CN-GW at the HA; the static tunnel at the CN-GW.
+    wait_for(paths_up(lab_up, "fa1", 1), timeout=15, what="fa1 path up")
+    wait_for(paths_up(lab_up, "ha", 2), timeout=15, what="ha paths up")
+    wait_for(paths_up(lab_up, "cngw", 1), timeout=15, what="cngw path up")
+    lab_up.exec("mn1", "ping", "-c", "3", "-i", "0.2", "-W", "2", CN)
+    lab_up.exec("cn", "ping", "-c", "3", "-i", "0.2", "-W", "2", HOA)
+    sessions = show(lab_up, "sessions", "aaah")
+    assert [s["mn"] for s in sessions] == ["mn1@home.example"]  # type: ignore[index]
+    lab_up.cli("lab", "capture", "stop")
+    captures = lab_up.run_dir / "captures"
+
+    # The user's traffic is ESP (in UDP 4500, user-space ESP) on the FA-core, core-HA and
+    # core-CN-GW legs: the inner addresses never show in clear there.
+    for link in ("core-fa1", "core-ha", "core-cngw"):
+        clear = tshark(captures / f"{link}.pcap", "-Y", f"icmp && ip.addr == {HOA}", "-T", "fields",
+                       "-e", "frame.number")
+        assert clear.split() == [], f"cleartext MN traffic on {link}"
+        esp = tshark(captures / f"{link}.pcap", "-Y", "esp", "-T", "fields", "-e", "esp.spi").split()
+        assert len(esp) >= 6, f"no ESP on {link}"
+    # ...and in clear where it must be: on the access link and the CN's LAN.
+    for link in ("fa1-access", "cngw-cn"):
+        clear = tshark(captures / f"{link}.pcap", "-Y", f"icmp && ip.addr == {HOA}", "-T", "fields",
+                       "-e", "icmp.type").split()
+        assert clear.count("8") >= 6 and clear.count("0") >= 6, link
+
+    # Diameter as tshark sees it: AMR/AMA between FA, AAAF and AAAH; HAR/HAA to the HA.
+    def commands(link: str) -> set[tuple[str, str]]:
+        out = tshark(captures / f"{link}.pcap", "-Y", "diameter", "-T", "fields", "-e", "diameter.cmd.code",
+                     "-e", "diameter.flags.request", "-e", "diameter.applicationId")
+        return {tuple(line.split("\t")[:2]) for line in out.splitlines() if line.split("\t")[2:3] == ["2"]}
+
+    assert {("260", "1"), ("260", "0")} <= commands("core-aaaf1") | commands("core-fa1")
+    assert {("260", "1"), ("260", "0"), ("262", "1"), ("262", "0")} <= commands("core-aaah")
+    assert {("262", "1"), ("262", "0")} <= commands("core-ha")
+    for link in ("core-fa1", "core-aaaf1", "core-aaah", "core-ha"):
+        problems = [p for p in expert_problems(captures / f"{link}.pcap") if "Unknown AVP" not in p
+                    and "Undecoded" not in p]
+        assert problems == [], (link, problems)
+    # The RFC 4004 AVPs are there by name.
+    avps = tshark(captures / "core-aaah.pcap", "-Y", "diameter.cmd.code == 260", "-V")
+    for name in ("MIP-Reg-Request", "MIP-MN-AAA-Auth", "MIP-FA-Challenge", "User-Name", "MIP-Reg-Reply"):
+        assert name in avps, name
+
+
+def test_bad_mn_aaa_secret_is_refused_and_nothing_is_installed(lab_up: LabEnv) -> None:
+    wait_for(binding_via(lab_up, FA1), timeout=15, what="binding via fa1")
+    before = {node: show(lab_up, "paths", node) for node in ("fa1", "ha")}
+    # A request through fa1 as mn1 with a fresh challenge but a wrong MN-AAA secret.
+    adv_challenge = heard_advertisement(lab_up, "mn1").challenge
+    assert adv_challenge
+    rrq = mip.RegistrationRequest(home_address=HOA, home_agent="198.18.100.1", care_of_address=FA1,
+                                  identification=mip.ntp_identification(time.time()), lifetime=60,
+                                  extensions=[mip.NAIExtension("mn1@home.example")])
+    rrq = mip.sign(rrq, mip.EXT_MN_HA_AUTH, 0x1000, Secret(b"x" * 16))
+    rrq = mip.sign(rrq.with_extensions(mip.MNFAChallengeExtension(adv_challenge)), mip.EXT_GEN_AUTH, 0x3000,
+                   Secret(b"wrong secret 123"))
+    reply = mip.decode_message(send_udp(lab_up, "mn1", FA1_ACCESS, rrq.encode(), wait=6))
+    assert isinstance(reply, mip.RegistrationReply)
+    assert reply.code == mip.ReplyCode.FA_MN_FAILED_AUTHENTICATION
+    assert {node: show(lab_up, "paths", node) for node in ("fa1", "ha")} == before
+    assert [b["care_of_address"] for b in show(lab_up, "bindings", "ha")] == [FA1]  # type: ignore[index]
+
+
+def test_aaah_down_gives_the_mn_an_answer_in_bounded_time(lab_up: LabEnv) -> None:
+    wait_for(binding_via(lab_up, FA1), timeout=15, what="binding via fa1")
+    Lab.open(lab_up.run_dir).stop_process("daemon:aaah")
+    started = time.monotonic()
+    lab_up.cli("lab", "move", "mn1", "fa2")
+    # The MN hears a denial from fa2 (not silence), and fa2 holds no visitor or path.
+    wait_for(lambda: show(lab_up, "registration", "mn1")["last_code"] not in (None, 0),  # type: ignore[index]
+             timeout=15, what="MN got a denial")
+    code = show(lab_up, "registration", "mn1")["last_code"]  # type: ignore[index]
+    print(f"denial {code} after {time.monotonic() - started:.1f}s")
+    assert 64 <= code <= 127
+    assert show(lab_up, "visitors", "fa2") == []
+    assert [p for p in show(lab_up, "paths", "fa2")] == []  # type: ignore[union-attr]
