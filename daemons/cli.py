@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from daemons import control
+from daemons.benchcli import bench_group
 from daemons.config import ConfigError
 from daemons.dbcli import db_group
 from daemons.provision import control_socket
@@ -23,6 +24,7 @@ def main() -> None:
 
 main.add_command(lab_group)
 main.add_command(db_group)
+main.add_command(bench_group)
 
 
 @main.command("daemon")

@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = ROOT / ".venv" / "bin"
 RC_MARK = "MIPVPN-KERNEL-TIER-RC="
 UP_MARK = "MIPVPN-KERNEL-TIER-UP"
-MODULES = "esp4 xfrm4_tunnel xfrm_user veth gcm ctr ghash-generic aesni-intel cbc sha256 hmac authenc"
+MODULES = ("esp4 xfrm4_tunnel xfrm_user veth gcm ctr ghash-generic aesni-intel cbc sha256 hmac authenc "
+           "ipip tunnel4 sch_htb cls_u32 tun")
 
 
 def version_key(path: str) -> list[object]:
