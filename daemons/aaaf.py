@@ -30,6 +30,7 @@ from daemons.log import EventLog
 log = EventLog("mipvpn.aaaf")
 MIP_APPLICATION = 2  # RFC 4004
 AMR_COMMAND = 260
+STR_COMMAND = 275
 
 Observer = Callable[[Message, Message], None]
 
@@ -47,6 +48,12 @@ class ProxyNode(DiameterNode):
         super().__init__(*args, **kwargs)
         self.request_observers: dict[tuple[int, int], Callable[[Message], None]] = {}
         self.answer_observers: dict[tuple[int, int], Observer] = {}
+        self.interceptors: dict[tuple[int, int], Callable[[Message], Message | None]] = {}
+
+    def intercept(self, application_id: int, command_code: int, fn: Callable[[Message], Message | None]) -> None:
+        """``fn(request)`` may answer a request that would be relayed, instead of relaying it
+        (claim 17: the AAAF answers an intra-domain move itself)."""
+        self.interceptors[(application_id, command_code)] = fn
 
     def observe(self, application_id: int, command_code: int, *, on_request: Callable[[Message], None] | None = None,
                 on_answer: Observer | None = None) -> None:
@@ -59,6 +66,13 @@ class ProxyNode(DiameterNode):
         observer = self.request_observers.get((req.application_id, req.command_code))
         if observer is not None:
             _call(observer, req)
+        interceptor = self.interceptors.get((req.application_id, req.command_code))
+        answer = _call(interceptor, req) if interceptor is not None else None
+        if answer is not None:
+            answer.hop_by_hop, answer.end_to_end = req.hop_by_hop, req.end_to_end
+            self._fill_answer_origin(answer)
+            self._answer(conn, req, answer)
+            return
         super()._relay(conn, peer, req)
 
     def _on_answer(self, conn: Any, ans: Message) -> None:
@@ -70,11 +84,12 @@ class ProxyNode(DiameterNode):
         super()._on_answer(conn, ans)
 
 
-def _call(fn: Callable[..., None], *args: Any) -> None:
+def _call(fn: Callable[..., Any], *args: Any) -> Any:
     try:
-        fn(*args)
+        return fn(*args)
     except Exception as exc:  # an observer's bug must not stop the relay
         log.error("observer.failed", observer=getattr(fn, "__qualname__", repr(fn)), error=repr(exc))
+        return None
 
 
 class ForeignAAAServer:
@@ -83,7 +98,8 @@ class ForeignAAAServer:
             raise ConfigError(f"{config.node} (aaaf)", "home_servers", "at least one home AAA server is needed")
         self.config = config
         self.store = SessionStore(config.state_dir / "sessions.json")
-        self.counters: dict[str, int] = {"amr_relayed": 0, "ama_success": 0, "ama_failure": 0, "cached": 0}
+        self.counters: dict[str, int] = {"amr_relayed": 0, "ama_success": 0, "ama_failure": 0, "cached": 0,
+                                         "answered_locally": 0}
         self.control = ControlServer(config.control_socket)
         self.diameter = ProxyNode(config.diameter_host, config.diameter_realm,
                                   host_ip_addresses=(str(config.address),), listen_address=str(config.address),
@@ -92,6 +108,8 @@ class ForeignAAAServer:
             self.diameter.add_peer(server.host, server.realm, str(server.address), server.port)
             self.diameter.add_route(server.realm, server.host)
         self.diameter.observe(MIP_APPLICATION, AMR_COMMAND, on_request=self.on_amr, on_answer=self.on_ama)
+        self.diameter.intercept(MIP_APPLICATION, AMR_COMMAND, self.answer_intra_domain_move)
+        self.diameter.intercept(MIP_APPLICATION, STR_COMMAND, self.end_session)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -153,6 +171,47 @@ class ForeignAAAServer:
         self.counters["cached"] += 1
         log.info("ama.relayed", mn=nai, sid=sid, result=code, cached=True, fa=session.fa, paths=len(infos),
                  previous_fa=previous.fa if previous is not None and previous.fa != session.fa else None)
+
+    def answer_intra_domain_move(self, amr: Message) -> Message | None:
+        """Claim 17 (flow F2): the MN moved between two FAs of our domain. Its RRQ names the
+        previous FA, whose session we cached: rewrite the cached VPN info to the new FA and
+        answer the new FA ourselves (no AMR reaches the home AAA server); the new FA then
+        sends the RRQ straight to the HA, which rewrites its side."""
+        nai = amr.get("User-Name")
+        session = self.store.sessions.get(nai) if nai else None
+        if session is None:
+            return None
+        try:
+            rrq = mip.decode_message(amr.get("MIP-Reg-Request", default=b""))
+        except mip.DecodeError:
+            return None
+        if not isinstance(rrq, mip.RegistrationRequest) or rrq.is_deregistration:
+            return None
+        previous = mip.previous_fa(rrq.extensions)
+        if previous is None or previous != session.fa or rrq.care_of_address == session.fa \
+                or rrq.home_agent != session.home_agent or not session.for_fa():
+            return None
+        moved = session.with_fa(rrq.care_of_address, amr.session_id, amr.get("Origin-Host", default=""))
+        self.store.put(moved)
+        self.counters["answered_locally"] += 1
+        log.info("amr.answered_locally", mn=nai, sid=amr.session_id, previous_fa=session.fa,
+                 fa=moved.fa, paths=len(moved.for_fa()))
+        return amr.answer(ResultCode.DIAMETER_SUCCESS,
+                          avps=[("User-Name", nai), ("MIP-Home-Agent-Address", rrq.home_agent),
+                                ("MIP-Mobile-Node-Address", rrq.home_address),
+                                *(info.to_avp() for info in moved.for_fa())])
+
+    def end_session(self, str_: Message) -> Message:
+        """An FA's STR: the user left it. Drop our cached session if it is that one (after an
+        intra-domain move the cache already belongs to the new FA's session: keep it). The
+        home AAA server is not bothered: its session follows the user's latest registration."""
+        nai = str_.get("User-Name")
+        session = self.store.sessions.get(nai) if nai else None
+        dropped = session is not None and session.session_id == str_.session_id
+        if dropped:
+            self.store.drop(nai)
+        log.info("session.terminated", mn=nai, sid=str_.session_id, dropped=dropped)
+        return str_.answer(ResultCode.DIAMETER_SUCCESS)
 
     def sessions_at(self, fa_host: str) -> list[Session]:
         """The cached sessions that belong to one FA (by its Diameter identity)."""

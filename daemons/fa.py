@@ -18,6 +18,7 @@ from daemons.advertiser import Advertiser
 from daemons.config import DiameterPeer, FAConfig
 from daemons.control import ControlServer
 from daemons.diameter import Avp, Message, ResultCode
+from daemons.diameter.constants import TerminationCause
 from daemons.diameter.node import DiameterNode, DiameterTimeout, DiameterUnavailable, wait_for_peers
 from daemons.log import EventLog
 from daemons.mavpn import MavpnControl
@@ -49,15 +50,19 @@ class Visitor:
     lifetime: int
     expires: float
     identification: int
+    session_id: str | None = None  # the Diameter session at our AAAF, if AAA authorised it
 
 
 @dataclass
 class Pending:
     rrq: mip.RegistrationRequest
+    raw: bytes  # as the MN sent it: authenticators cover these bytes
     nai: str | None
     mn_port: int
     started: float
     timer: asyncio.TimerHandle | None = None
+    vpn: list[vpninfo.VpnInfo] | None = None  # paths the local AAA gave us, installed on the HA's yes
+    session_id: str | None = None  # the Diameter session of this registration
 
 
 class ForeignAgent:
@@ -127,6 +132,24 @@ class ForeignAgent:
         if self.mavpn is not None and visitor.nai:
             await self.mavpn.remove_user(visitor.nai)
         log.info("visitor.removed", mn=visitor.nai, hoa=hoa, reason=reason)
+        if self.diameter is not None and visitor.session_id and visitor.nai:
+            moved = reason.startswith("moved")
+            background(self.end_session(visitor, TerminationCause.DIAMETER_USER_MOVED if moved
+                                        else TerminationCause.DIAMETER_LOGOUT))
+
+    async def end_session(self, visitor: Visitor, cause: TerminationCause) -> None:
+        """Tell our AAAF the session is over (STR, RFC 6733 §8.4), so that no stale VPN
+        info stays cached for a user who is gone from here."""
+        assert self.diameter is not None and visitor.nai
+        str_ = Message.request("STR", application_id=MIP_APPLICATION, avps=[
+            ("Session-Id", visitor.session_id), ("Destination-Realm", visitor.nai.split("@", 1)[-1]),
+            ("Auth-Application-Id", MIP_APPLICATION), ("User-Name", visitor.nai),
+            ("Termination-Cause", cause)])
+        try:
+            sta = await self.diameter.request(str_, timeout=3.0)
+            log.info("session.ended", mn=visitor.nai, sid=visitor.session_id, result=sta.result_code)
+        except DiameterUnavailable as exc:
+            log.warning("session.end_failed", mn=visitor.nai, sid=visitor.session_id, reason=exc)
 
     # ---- registration --------------------------------------------------------------------
     def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -165,7 +188,7 @@ class ForeignAgent:
             self.deny(rrq, addr[1], code, nai)
             return
         key = (str(rrq.home_address), rrq.identification & 0xFFFFFFFF)
-        pending = Pending(rrq, nai, addr[1], time.monotonic())
+        pending = Pending(rrq, raw, nai, addr[1], time.monotonic())
         pending.timer = asyncio.get_running_loop().call_later(
             self.config.registration_timeout, lambda: background(self.timeout(key)))
         old = self.pending.pop(key, None)
@@ -204,6 +227,9 @@ class ForeignAgent:
         if self.diameter is not None:
             await self.ask_aaa(rrq, raw)
             return
+        self.relay_to_ha(rrq, raw)
+
+    def relay_to_ha(self, rrq: mip.RegistrationRequest, raw: bytes) -> None:
         relayed = mip.strip_after(raw, mip.EXT_MN_HA_AUTH)
         ha = self.ha_keys.get(str(rrq.home_agent))
         if ha is not None:
@@ -251,6 +277,7 @@ class ForeignAgent:
                                              Avp.new("MIP-Authenticator-Length", length),
                                              Avp.new("MIP-Authenticator-Offset", offset)]))
         amr = Message.request("AMR", avps=[("Session-Id", self.diameter.session_id(nai)), *avps])
+        pending.session_id = amr.session_id
         log.info("amr.sent", mn=nai, sid=amr.session_id, id=hex(rrq.identification))
         self.counters["relayed"] += 1
         try:
@@ -269,6 +296,17 @@ class ForeignAgent:
         rrp_raw = ama.get("MIP-Reg-Reply")
         log.info("ama.received", mn=pending.nai, sid=ama.session_id, result=result,
                  paths=len(ama.find_all("VPN-Info")))
+        if rrp_raw is None and result == ResultCode.DIAMETER_SUCCESS and ama.find("VPN-Info") is not None:
+            # Claim 17 (F2): our local AAA server answered an intra-domain move itself with
+            # the rewritten VPN info; the RRQ goes straight to the HA, our paths follow its yes.
+            try:
+                pending.vpn = vpninfo.from_message(ama, pending.nai or "")
+            except vpninfo.VpnInfoError as exc:
+                self._fail(key, Code.FA_POORLY_FORMED_REPLY, f"unusable AMA: {exc}")
+                return
+            log.info("rrq.direct_to_ha", mn=pending.nai, reason="answered by the local AAA (intra-domain move)")
+            self.relay_to_ha(pending.rrq, pending.raw)
+            return
         if rrp_raw is None:
             code = AAA_DENIALS.get(int(result or 0), Code.FA_REASON_UNSPECIFIED)
             self._fail(key, code, f"AAA answered {result} without a registration reply")
@@ -340,6 +378,8 @@ class ForeignAgent:
     async def complete(self, pending: Pending, rrp: mip.RegistrationReply, raw: bytes) -> None:
         """The HA has answered: update the visitor list and pass the reply to the MN."""
         hoa = str(rrp.home_address)
+        if pending.vpn is not None and rrp.accepted and rrp.lifetime > 0 and self.mavpn is not None and pending.nai:
+            await self.mavpn.apply(pending.nai, pending.vpn)  # F2: the paths the local AAA gave us
         challenge = pending.rrq.find(mip.MNFAChallengeExtension)
         if rrp.accepted and challenge is not None:
             # Spent only once it bought a registration: a retransmission after a lost reply
@@ -347,7 +387,8 @@ class ForeignAgent:
             self.used_challenges.append(challenge.challenge)
         if rrp.accepted and rrp.lifetime > 0:
             self.visitors[hoa] = Visitor(pending.nai, hoa, str(pending.rrq.home_agent), pending.mn_port,
-                                         rrp.lifetime, time.time() + rrp.lifetime, rrp.identification)
+                                         rrp.lifetime, time.time() + rrp.lifetime, rrp.identification,
+                                         pending.session_id)
             self.persist()
             self.counters["accepted"] += 1
             log.info("visitor.added", mn=pending.nai, hoa=hoa, lifetime=rrp.lifetime, id=hex(rrp.identification))

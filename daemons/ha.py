@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import asdict, dataclass
+from ipaddress import IPv4Address
 from typing import Any
 
 from daemons import mip, vpninfo
@@ -19,6 +20,7 @@ from daemons.config import HAConfig, MobileNodeEntry
 from daemons.control import ControlServer
 from daemons.diameter import Message, ResultCode
 from daemons.diameter.node import DiameterError, DiameterNode
+from daemons.ipsec.path import EndpointType
 from daemons.log import EventLog
 from daemons.mavpn import MavpnControl
 from daemons.net import UdpEndpoint
@@ -186,6 +188,8 @@ class HomeAgent:
                     await self.mavpn.remove_user(entry.nai)
                 elif vpn is not None:
                     await self.mavpn.apply(entry.nai, vpn)
+                else:
+                    await self.follow_move(entry.nai, rrq.care_of_address)
         ident = mip.reply_identification(rrq.identification, now, accepted=code != Code.HA_IDENTIFICATION_MISMATCH)
         rrp = mip.RegistrationReply(code=code, home_address=hoa if entry else rrq.home_address,
                                     home_agent=self.config.address, identification=ident,
@@ -246,6 +250,18 @@ class HomeAgent:
         await self.home_link.intercept(hoa)
         log.info("binding.updated" if previous else "binding.created", mn=entry.nai, hoa=hoa, coa=coa,
                  lifetime=lifetime, previous_coa=previous.care_of_address if previous else None)
+
+    async def follow_move(self, nai: str, coa: IPv4Address) -> None:
+        """Claim 17 (F2): a registration straight from a new FA of the same domain carries
+        no VPN info; rewrite the FA end of our cached paths to the new FA: the path to the
+        old FA goes, the one to the new FA is installed."""
+        assert self.mavpn is not None
+        infos = self.mavpn.infos(nai)
+        moved = [i.with_endpoints(remote=coa) if i.path.remote.type is EndpointType.FA
+                 and i.path.remote.address != coa else i for i in infos]
+        if moved != infos:
+            log.info("paths.follow_move", mn=nai, coa=coa)
+            await self.mavpn.apply(nai, moved)
 
     def _poorly_formed(self, source: str, exc: mip.UnknownExtensionError) -> bytes | None:
         self.counters["malformed"] += 1

@@ -99,12 +99,13 @@ def test_aaah_down_gives_the_mn_an_answer_in_bounded_time(lab_up: LabEnv) -> Non
     wait_for(binding_via(lab_up, FA1), timeout=15, what="binding via fa1")
     Lab.open(lab_up.run_dir).stop_process("daemon:aaah")
     started = time.monotonic()
-    lab_up.cli("lab", "move", "mn1", "fa2")
-    # The MN hears a denial from fa2 (not silence), and fa2 holds no visitor or path.
+    # Into the other domain (an intra-domain move would be answered by the local AAAF alone).
+    lab_up.cli("lab", "move", "mn1", "fa3")
+    # The MN hears a denial from fa3 (not silence), and fa3 holds no visitor or path.
     wait_for(lambda: show(lab_up, "registration", "mn1")["last_code"] not in (None, 0),  # type: ignore[index]
              timeout=15, what="MN got a denial")
     code = show(lab_up, "registration", "mn1")["last_code"]  # type: ignore[index]
     print(f"denial {code} after {time.monotonic() - started:.1f}s")
     assert 64 <= code <= 127
-    assert show(lab_up, "visitors", "fa2") == []
-    assert [p for p in show(lab_up, "paths", "fa2")] == []  # type: ignore[union-attr]
+    assert show(lab_up, "visitors", "fa3") == []
+    assert show(lab_up, "paths", "fa3") == []
