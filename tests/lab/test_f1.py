@@ -4,6 +4,9 @@ every leg."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 
 import pytest
@@ -109,3 +112,26 @@ def test_aaah_down_gives_the_mn_an_answer_in_bounded_time(lab_up: LabEnv) -> Non
     assert 64 <= code <= 127
     assert show(lab_up, "visitors", "fa3") == []
     assert show(lab_up, "paths", "fa3") == []
+
+
+def test_agent_restart_reconciles_its_paths(lab_up: LabEnv) -> None:
+    wait_for(binding_via(lab_up, FA1), timeout=15, what="binding via fa1")
+    wait_for(paths_up(lab_up, "ha", 2), timeout=15, what="ha paths up")
+    before = sorted(p["path"] for p in show(lab_up, "paths", "ha"))  # type: ignore[index,union-attr]
+    for node in ("ha", "fa1"):
+        status = json.loads(lab_up.cli("lab", "status", "--json").stdout)
+        old = next(p for n in status["nodes"] for p in n["processes"] if p["name"] == f"daemon:{node}")
+        os.kill(old["pid"], signal.SIGKILL)
+
+        def restarted(node=node, old=old):
+            status = json.loads(lab_up.cli("lab", "status", "--json").stdout)
+            proc = next(p for n in status["nodes"] for p in n["processes"] if p["name"] == f"daemon:{node}")
+            return proc["pid"] != old["pid"] and proc.get("healthy")
+
+        wait_for(restarted, what=f"{node} restarted")
+    # The same paths, once each, up again; and the VPN still carries traffic.
+    rows = wait_for(paths_up(lab_up, "ha", 2), timeout=15, what="ha paths up after restart")
+    assert sorted(p["path"] for p in rows) == before  # type: ignore[index,union-attr]
+    wait_for(paths_up(lab_up, "fa1", 1), timeout=15, what="fa1 path up after restart")
+    assert len(show(lab_up, "paths", "fa1")) == 1  # type: ignore[arg-type]
+    lab_up.exec("cn", "ping", "-c", "2", "-W", "2", HOA)
