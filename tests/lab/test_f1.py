@@ -135,3 +135,16 @@ def test_agent_restart_reconciles_its_paths(lab_up: LabEnv) -> None:
     wait_for(paths_up(lab_up, "fa1", 1), timeout=15, what="fa1 path up after restart")
     assert len(show(lab_up, "paths", "fa1")) == 1  # type: ignore[arg-type]
     lab_up.exec("cn", "ping", "-c", "2", "-W", "2", HOA)
+
+
+def test_aaaf_down_gives_the_mn_an_answer_in_bounded_time(lab_up: LabEnv) -> None:
+    wait_for(binding_via(lab_up, FA1), timeout=15, what="binding via fa1")
+    Lab.open(lab_up.run_dir).stop_process("daemon:aaaf1")
+    lab_up.cli("lab", "move", "mn1", "fa2")
+    wait_for(lambda: show(lab_up, "registration", "mn1")["last_code"] not in (None, 0),  # type: ignore[index]
+             timeout=15, what="MN got a denial")
+    assert 64 <= show(lab_up, "registration", "mn1")["last_code"] <= 127  # type: ignore[index,operator]
+    assert show(lab_up, "visitors", "fa2") == []
+    assert show(lab_up, "paths", "fa2") == []
+    # The HA still has the old binding: nothing was torn down on the way.
+    assert [b["care_of_address"] for b in show(lab_up, "bindings", "ha")] == [FA1]  # type: ignore[index]
