@@ -23,7 +23,7 @@ from daemons.diameter.node import DiameterNode, DiameterTimeout, DiameterUnavail
 from daemons.log import EventLog
 from daemons.mavpn import MavpnControl
 from daemons.net import UdpEndpoint
-from daemons.routing import VisitorRoutes
+from daemons.routing import AccessGuard, VisitorRoutes
 from daemons.state import StateFile
 from daemons.tasks import background
 
@@ -92,6 +92,8 @@ class ForeignAgent:
         self.restore()
         await self.routes.reconcile(list(self.visitors))
         self.mavpn = await MavpnControl.start(self.config, access_interface=self.config.access_interface)
+        if self.config.ipsec_backend == "strongswan":
+            await AccessGuard(self.config.access_interface).install()
         self.udp = await UdpEndpoint.open(self.on_datagram, "0.0.0.0", mip.MIP_UDP_PORT)
         if self.config.aaa is not None:
             await self.start_diameter(self.config.aaa)

@@ -98,3 +98,24 @@ class MobileNodeLink:
         out = await ip("-j", "link", "show", "dev", self.interface)
         flags = json.loads(out)[0].get("flags", [])
         return "LOWER_UP" in flags
+
+
+class AccessGuard:
+    """VPN-only access at an FA (strongswan backend): nothing that arrives on the access
+    segment is forwarded in clear. Each visitor's traffic is steered into the tunnel by a
+    per-user rule (pref 900, daemons/ipsec/strongswan.py); whatever no rule claims — a
+    visitor whose path is not up yet, during a handover — hits this blackhole instead of
+    leaving toward the core unencrypted. Traffic to the FA itself is local and unaffected.
+    """
+
+    TABLE = "224"
+    PREF = "990"
+
+    def __init__(self, interface: str) -> None:
+        self.interface = interface
+
+    async def install(self) -> None:
+        await ip("route", "replace", "blackhole", "default", "table", self.TABLE)
+        out = await ip("-j", "rule", "show", "pref", self.PREF)
+        if not json.loads(out or "[]"):
+            await ip("rule", "add", "iif", self.interface, "lookup", self.TABLE, "pref", self.PREF)

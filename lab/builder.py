@@ -83,6 +83,10 @@ class LabNetwork:
                 # the other): strict reverse-path filtering would drop them.
                 "net.ipv4.conf.all.rp_filter": "0",
                 "net.ipv4.conf.default.rp_filter": "0",
+                # VPN gateways forward in and out of the same tunnel device; an ICMP redirect
+                # there is meaningless, and would leave the gateway in clear.
+                "net.ipv4.conf.all.send_redirects": "0",
+                "net.ipv4.conf.default.send_redirects": "0",
                 # The lab is IPv4 only; IPv6 autoconfiguration chatter would only clutter
                 # every capture.
                 "net.ipv6.conf.all.disable_ipv6": "1",

@@ -661,9 +661,13 @@ class StrongswanBackend:
                     for d in p.remote_ts:
                         rules.add(_Rule(SRC_RULE_PREF, SRC_TABLE, s, d if d.prefixlen else None))
             else:
+                # Only the protected traffic (from the local selectors to the remote ones):
+                # the gateway's own traffic to the same destinations keeps its normal route.
                 for d in p.remote_ts:
                     routes.add(_Route(DEST_TABLE, d))
-                rules.add(_Rule(DEST_RULE_PREF, DEST_TABLE))
+                    for s in p.local_ts:
+                        rules.add(_Rule(DEST_RULE_PREF, DEST_TABLE, s if s.prefixlen else None,
+                                        d if d.prefixlen else None))
         return routes, rules
 
     def _scan_routing(self, ipr: Any) -> tuple[set[_Route], set[_Rule]]:
