@@ -7,7 +7,7 @@ PYTHON ?= python3
 
 DEB_PACKAGES := iproute2 iputils-ping nftables tcpdump tshark \
 	strongswan-charon strongswan-swanctl libcharon-extra-plugins libstrongswan-standard-plugins \
-	python3-venv postgresql \
+	python3-venv postgresql freediameterd \
 	qemu-system-x86 busybox-static linux-image-amd64
 # qemu + a stock Debian kernel: the kernel test tier (xfrm ESP, ipip) boots it with
 # virtme-ng, because the build machines' own kernel has no ESP.

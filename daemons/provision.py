@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from daemons import config as cfg
+from daemons import fdrelay
 from daemons.ipsec.path import EspSuite
 from daemons.keys import pair_psk, static_esp_key, static_spi
 from daemons.secret import Secret
@@ -39,7 +40,8 @@ class Service:
     name: str
     node: str
     argv: list[str]
-    control_socket: Path  # healthy once this unix socket accepts connections
+    control_socket: Path | None  # healthy once this unix socket accepts connections, or
+    listen_port: int | None = None  # without one: once the process listens on this TCP port
 
 
 def node_dir(run_dir: Path, node: str) -> Path:
@@ -171,8 +173,37 @@ class Plan:
         homes = [aaa for aaa in (spec.get("aaa") for spec in self.topo.domains.values())
                  if aaa and self.topo.nodes[aaa].role == "aaah"]
         return cfg.AAAFConfig(**self.common(node), address=self.address(node),
-                              home_servers=[cfg.DiameterPeer(self.identity(h), self.realm(h), self.address(h))
-                                            for h in homes])
+                              home_servers=[self.home_server(h) for h in homes])
+
+    def home_server(self, aaah: str) -> cfg.DiameterPeer:
+        """How an AAAF reaches a home AAA server: directly, or through its domain's relay."""
+        relay = self.relay_of(aaah)
+        if relay is not None:
+            return cfg.DiameterPeer(fdrelay.identity(relay), self.realm(aaah), self.address(relay), fdrelay.RELAY_PORT)
+        return cfg.DiameterPeer(self.identity(aaah), self.realm(aaah), self.address(aaah))
+
+    # ---- the optional Diameter relay (topology ``domains: {REALM: {aaa: AAAH, relay: NODE}}``) ----
+    def relay_of(self, aaah: str) -> str | None:
+        """The node whose freeDiameterd relays between the AAAFs and ``aaah``, if any."""
+        return next((spec["relay"] for spec in self.topo.domains.values()
+                     if spec.get("aaa") == aaah and spec.get("relay")), None)
+
+    def relay_services(self) -> list[Service]:
+        """One freeDiameterd per relay node, peered with the AAAHs it relays to and every AAAF
+        (all of them dial it for those realms); config and throwaway TLS credentials in the node's
+        directory (see ``daemons.fdrelay``)."""
+        out = []
+        relays: dict[str, list[str]] = {}
+        for spec in self.topo.domains.values():
+            if spec.get("relay") and spec.get("aaa") in self.aaa_servers():
+                relays.setdefault(spec["relay"], []).append(spec["aaa"])
+        aaafs = [n for n in self.role("aaaf") if n in self.aaa_servers()]
+        for node, homes in relays.items():
+            peers = [fdrelay.RelayPeer(self.identity(n), self.address(n)) for n in [*homes, *aaafs]]
+            conf = fdrelay.write_config(node_dir(self.run_dir, node) / "freediameter", node, self.address(node),
+                                        peers)
+            out.append(Service(f"relay:{node}", node, fdrelay.command(conf), None, fdrelay.RELAY_PORT))
+        return out
 
     def mn(self, node: str) -> cfg.MNConfig | None:
         user = self.topo.user_of(node)
@@ -224,10 +255,14 @@ def services(topo: Topology, run_dir: Path, backend: str = "none") -> list[Servi
             write_charon_config(run_dir, node)
             out.append(Service(f"charon:{node}", node, charon_command(run_dir, node),
                                vici_socket_path(run_dir, node)))
+    relays = plan.relay_services()  # started after the AAAHs they dial, before the AAAFs that dial them
     for node, config in plan.configs().items():
+        if config.role == "aaaf":
+            out += relays
+            relays = []
         path = node_dir(run_dir, node) / f"{config.role}.yaml"
         write_config(path, config)
         out.append(Service(f"daemon:{node}", node,
                            [sys.executable, "-m", "daemons.cli", "daemon", config.role, "-c", str(path)],
                            control_socket(run_dir, node)))
-    return out
+    return out + relays

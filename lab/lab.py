@@ -33,12 +33,14 @@ class LabError(RuntimeError):
 
 
 class Service(Protocol):
-    """A long-lived process to run in a node; healthy once its control socket answers."""
+    """A long-lived process to run in a node; healthy once its control socket answers, or, for
+    a process without one (``control_socket`` None), once it listens on TCP ``listen_port``."""
 
     name: str
     node: str
     argv: list[str]
-    control_socket: Path
+    control_socket: Path | None
+    listen_port: int | None
 
 
 ServicePlan = Callable[[Topology, Path, str], Sequence[Service]]  # topology, run dir, backend
@@ -53,6 +55,28 @@ def socket_answers(path: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def tcp_listening(pid: int, port: int) -> bool:
+    """Whether a TCP socket listens on ``port`` in the network namespace of process ``pid``
+    (``/proc/PID/net/tcp`` is that namespace's table: no need to enter it)."""
+    try:
+        rows = Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]
+    except OSError:
+        return False
+    for row in rows:
+        fields = row.split()  # sl local_address rem_address st ...; st 0A = LISTEN
+        if len(fields) > 3 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+            return True
+    return False
+
+
+def healthy(check: str, pid: int | None) -> bool:
+    """A service's health check as recorded in ``lab.json``: ``tcp:PORT`` (the process listens
+    on that port) or the path of its unix control socket."""
+    if check.startswith("tcp:"):
+        return pid is not None and tcp_listening(pid, int(check[4:]))
+    return socket_answers(check)
 
 
 @dataclass
@@ -121,10 +145,11 @@ class Lab:
         """Start each service in order and wait until it is healthy before the next, so
         agents are listening before the mobile nodes that need them start."""
         for service in plan:
-            self.start_process(service.name, service.node, service.argv)
-            self.health[service.name] = str(service.control_socket)
+            pid = self.start_process(service.name, service.node, service.argv)
+            check = f"tcp:{service.listen_port}" if service.control_socket is None else str(service.control_socket)
+            self.health[service.name] = check
             deadline = time.monotonic() + HEALTH_TIMEOUT_S
-            while not socket_answers(str(service.control_socket)):
+            while not healthy(check, pid):
                 if time.monotonic() > deadline:
                     log = self.run_dir / "logs" / f"{service.name.replace(':', '-')}.log"
                     tail = log.read_text().strip().splitlines()[-5:] if log.exists() else []
@@ -264,7 +289,7 @@ class Lab:
         procs = self.processes()
         for proc in procs:
             if proc["name"] in self.health:
-                proc["healthy"] = proc["running"] and socket_answers(self.health[proc["name"]])
+                proc["healthy"] = proc["running"] and healthy(self.health[proc["name"]], proc.get("pid"))
         nodes = []
         for node in topo.nodes.values():
             ns = self.ns(node.name)

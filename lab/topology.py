@@ -8,7 +8,8 @@ File format (see ``lab/topologies/default.yaml``)::
 
     name: default
     domains:                      # realm -> its AAA server node (optional)
-      home.example: {aaa: aaah}
+      home.example: {aaa: aaah}   # optional relay: NODE (router or host): AAAFs reach this
+                                  # realm's AAAH through a Diameter relay run in NODE
     nodes:
       core: {role: router}
       ha:   {role: ha, domain: home.example, upstream: core}
@@ -40,6 +41,8 @@ ROLES = ("router", "host", "mn", "fa", "ha", "aaaf", "aaah", "cngw")
 FORWARDING_ROLES = frozenset({"router", "fa", "ha", "cngw"})
 # Roles that own an access segment an MN can attach to.
 ACCESS_ROLES = frozenset({"fa", "ha"})
+# Roles whose nodes may run a domain's Diameter relay (they run no Diameter daemon of their own).
+RELAY_ROLES = frozenset({"router", "host"})
 LAB_ADDRESS_SPACE = ipaddress.ip_network("198.18.0.0/15")
 # Node names become interface names (max 15 characters) and namespace suffixes.
 NODE_NAME = re.compile(r"^[a-z][a-z0-9]{0,10}$")
@@ -305,11 +308,19 @@ class _Parser:
         domains: dict[str, dict[str, Any]] = {}
         for dname, spec in domains_raw.items():
             spec = self.mapping(spec or {}, f"domains.{dname}")
-            self.only_keys(spec, {"aaa"}, f"domains.{dname}")
+            self.only_keys(spec, {"aaa", "relay"}, f"domains.{dname}")
             if "aaa" in spec:
                 aaa = self.node_ref(spec["aaa"], f"domains.{dname}.aaa", nodes)
                 if nodes[aaa].role not in ("aaaf", "aaah"):
                     raise self.fail(f"domains.{dname}.aaa", f"node {aaa!r} is not an AAA server")
+            if "relay" in spec:
+                relay = self.node_ref(spec["relay"], f"domains.{dname}.relay", nodes)
+                if nodes[relay].role not in RELAY_ROLES:
+                    raise self.fail(f"domains.{dname}.relay", f"node {relay!r} (role {nodes[relay].role}) cannot "
+                                    f"run a relay: only {' and '.join(sorted(RELAY_ROLES))} nodes can")
+                if "aaa" not in spec or nodes[spec["aaa"]].role != "aaah":
+                    raise self.fail(f"domains.{dname}.relay", "a relay needs the domain's home AAA server "
+                                    "(aaa: an aaah node)")
             domains[str(dname)] = dict(spec)
 
         used_prefixes: list[tuple[ipaddress.IPv4Network, str]] = []
