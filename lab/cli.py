@@ -177,3 +177,34 @@ def capture_stop(run_dir: Path) -> None:
     files = open_lab(run_dir).capture_stop()
     for f in files:
         click.echo(str(f))
+
+
+@lab_group.command("demo")
+@click.option("--mn", default="mn1", show_default=True, help="The mobile node that moves.")
+@click.option("--peer", default="cn", show_default=True, help="The correspondent node probing it.")
+@click.option("--moves", default="fa2,fa3,fa1", show_default=True,
+              help="Comma-separated agents the MN moves to, in order.")
+@click.option("--dwell", type=click.FloatRange(0.2, 60), default=3.0, show_default=True,
+              help="Seconds before the first move, between moves and after the last.")
+@click.option("--rate", type=click.FloatRange(1, 5000), default=200.0, show_default=True,
+              help="Probe datagrams per second, each direction.")
+@click.option("--capture/--no-capture", default=True, show_default=True,
+              help="Start captures if none are running (and stop those at the end).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_obj
+def demo(run_dir: Path, mn: str, peer: str, moves: str, dwell: float, rate: float, capture: bool,
+         as_json: bool) -> None:
+    """UDP probe PEER <-> MN while MN moves; per-move interruption summary and a timeline PNG."""
+    from lab.demo import format_summary, run_demo
+
+    require_root()
+    the_lab = open_lab(run_dir)
+    if not the_lab.is_up():
+        raise click.ClickException(f"the lab in {run_dir} is not up")
+    targets = [m.strip() for m in moves.split(",") if m.strip()]
+    try:
+        result = run_demo(the_lab, mn, peer, targets, dwell, rate, capture,
+                          echo=(lambda s: click.echo(s, err=True)) if as_json else click.echo)
+    except LabError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(json.dumps(result.as_dict(), indent=2) if as_json else format_summary(result))
