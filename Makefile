@@ -29,9 +29,11 @@ $(BIN)/mipvpn: pyproject.toml | .deps.stamp
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $@
 
+# Bring the lab up (or keep the one that is up), show it, and run the handover demo.
 lab: venv
 	$(BIN)/mipvpn lab up
 	$(BIN)/mipvpn lab status
+	$(BIN)/mipvpn lab demo
 
 down: venv
 	$(BIN)/mipvpn lab down
