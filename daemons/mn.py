@@ -22,6 +22,7 @@ from daemons.control import ControlServer
 from daemons.log import EventLog
 from daemons.net import UdpEndpoint, icmp_socket
 from daemons.routing import MobileNodeLink
+from daemons.tasks import background
 
 log = EventLog("mipvpn.mn")
 ALL_ROUTERS = "224.0.0.2"
@@ -93,7 +94,7 @@ class MobileNode:
                     had_carrier = carrier
                     if carrier:
                         self.note("link.up")
-                        self.solicit()
+                        background(self.solicit_until_heard())
                     else:
                         self.note("link.down")
                         self.agent = None
@@ -109,6 +110,19 @@ class MobileNode:
             self.note("solicitation.sent")
         except OSError as exc:
             log.debug("solicitation.failed", reason=exc)
+
+    async def solicit_until_heard(self, tries: int = 3) -> None:
+        """Solicit at once on a new link, and again (0.1 s, 0.2 s, 0.4 s later) until an
+        advertisement arrives: the first one can go out before the new segment forwards
+        (RFC 1256 allows up to three solicitations; we space them tighter than its 3 s
+        because a handover is waiting on the answer)."""
+        delay = 0.1
+        for _ in range(tries + 1):
+            self.solicit()
+            await asyncio.sleep(delay)
+            if self.agent is not None:
+                return
+            delay *= 2
 
     def on_icmp(self) -> None:
         assert self.icmp is not None
