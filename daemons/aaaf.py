@@ -188,8 +188,12 @@ class ForeignAAAServer:
         if not isinstance(rrq, mip.RegistrationRequest) or rrq.is_deregistration:
             return None
         previous = mip.previous_fa(rrq.extensions)
-        if previous is None or previous != session.fa or rrq.care_of_address == session.fa \
-                or rrq.home_agent != session.home_agent or not session.for_fa():
+        if previous is None or previous == rrq.care_of_address or rrq.home_agent != session.home_agent \
+                or not session.for_fa():
+            return None
+        # The move we cached is from the named previous FA, or it is this very move again (the
+        # MN retransmitted before the first answer reached it): answer both the same way.
+        if session.fa not in (previous, rrq.care_of_address):
             return None
         moved = session.with_fa(rrq.care_of_address, amr.session_id, amr.get("Origin-Host", default=""))
         self.store.put(moved)

@@ -139,7 +139,7 @@ class MNConfig(Common):
     lifetime: int = 300
     mn_ha: SecurityAssociation | None = None
     mn_aaa: SecurityAssociation | None = None
-    retransmit_initial: float = 0.5  # RFC 5944 §3.6.3: back-off doubles up to the maximum
+    retransmit_initial: float = 1.0  # RFC 5944 §3.6.3: back-off doubles up to the maximum
     retransmit_max: float = 8.0
 
 

@@ -451,6 +451,13 @@ class ForeignAgent:
             status = mip.BindingStatus.AUTHENTICATION_FAILED
         else:
             log.info("bu.received", src=addr[0], mn=nai, hoa=bu.home_address, new_coa=bu.care_of_address)
+            # A registration of that MN still in flight here (a late retransmission) is void:
+            # the MN is gone; its answer must not bring the visitor back.
+            for key in [k for k in self.pending if k[0] == str(bu.home_address)]:
+                stale = self.pending.pop(key)
+                if stale.timer:
+                    stale.timer.cancel()
+                log.info("rrq.abandoned", mn=stale.nai, id=hex(stale.rrq.identification), reason="MN moved on")
             await self.remove_visitor(str(bu.home_address), f"moved to {bu.care_of_address}")
             status = mip.BindingStatus.ACCEPTED
         ack = mip.BindingAcknowledge(status=status, home_address=bu.home_address,

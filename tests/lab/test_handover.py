@@ -66,10 +66,15 @@ def test_moves_f2_f3_and_back_leave_nothing_stale(lab_up: LabEnv) -> None:
 
     # Nothing stale: only fa1 has the visitor and a path; the HA's FA path points at fa1;
     # only aaaf1 caches a session, at fa1.
-    def settled() -> bool:
-        return (all(show(lab_up, "visitors", fa) == [] and show(lab_up, "paths", fa) == [] for fa in ("fa2", "fa3"))
-                and show(lab_up, "sessions", "aaaf2") == [])
-    wait_for(settled, timeout=10, what="old FAs and aaaf2 cleaned up")
+    def leftovers() -> dict:
+        found = {f"{what}@{fa}": show(lab_up, what, fa) for fa in ("fa2", "fa3") for what in ("visitors", "paths")}
+        found["sessions@aaaf2"] = show(lab_up, "sessions", "aaaf2")
+        return {k: v for k, v in found.items() if v}
+
+    deadline = time.monotonic() + 10
+    while (left := leftovers()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert left == {}, "stale state after the moves"
     assert [v["home_address"] for v in show(lab_up, "visitors", "fa1")] == [HOA]  # type: ignore[index]
     ha_paths = show(lab_up, "paths", "ha")
     fa_paths = [p for p in ha_paths if p["remote_type"] == "fa"]  # type: ignore[index,union-attr]
