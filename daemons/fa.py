@@ -185,11 +185,17 @@ class ForeignAgent:
         nai = nai_ext.nai if nai_ext else None
         log.info("rrq.received", mn=nai or rrq.home_address, id=hex(rrq.identification), ha=rrq.home_agent,
                  lifetime=rrq.lifetime)
+        # Any reply, a denial of ours included, must reach the MN on the access link: its
+        # home address is on no prefix of ours, so without this route it would go to the core.
+        hoa = str(rrq.home_address)
+        await self.routes.add(hoa)
         code = self.check_request(rrq)
         if code != Code.ACCEPTED:
             self.deny(rrq, addr[1], code, nai)
+            if hoa not in self.visitors and not any(k[0] == hoa for k in self.pending):
+                await self.routes.remove(hoa)
             return
-        key = (str(rrq.home_address), rrq.identification & 0xFFFFFFFF)
+        key = (hoa, rrq.identification & 0xFFFFFFFF)
         pending = Pending(rrq, raw, nai, addr[1], time.monotonic())
         pending.timer = asyncio.get_running_loop().call_later(
             self.config.registration_timeout, lambda: background(self.timeout(key)))
@@ -197,8 +203,6 @@ class ForeignAgent:
         if old and old.timer:
             old.timer.cancel()
         self.pending[key] = pending
-        # The reply must be able to reach the MN on the access link, whatever the outcome.
-        await self.routes.add(str(rrq.home_address))
         await self.forward_request(rrq, raw)
 
     def check_request(self, rrq: mip.RegistrationRequest) -> Code:

@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -208,3 +209,28 @@ def test_ha_killed_and_restarted_keeps_its_bindings(lab_up: LabEnv) -> None:
     proc = wait_for(restarted, what="HA restarted by the supervisor")
     assert proc["restarts"] == 1
     assert [b["care_of_address"] for b in show(lab_up, "bindings", "ha")] == [COA["fa1"]]  # type: ignore[index]
+
+
+def test_fa_denial_reaches_the_mn(lab_up: LabEnv) -> None:
+    """An FA's own refusal (here: a challenge it never advertised, RFC 3012 code 104) goes back
+    to the MN on the access link, not toward the core."""
+    wait_for(binding_via(lab_up, COA["fa1"]), what="binding via fa1")
+    rrq = mip.RegistrationRequest(home_address="198.18.100.77", home_agent=HA, care_of_address=COA["fa1"],
+                                  identification=mip.ntp_identification(time.time()), lifetime=60,
+                                  extensions=[mip.NAIExtension("nobody@home.example")])
+    rrq = mip.sign(rrq, mip.EXT_MN_HA_AUTH, 0x1000, Secret(b"k" * 16))
+    rrq = mip.sign(rrq.with_extensions(mip.MNFAChallengeExtension(b"never advertised")), mip.EXT_GEN_AUTH,
+                   0x3000, Secret(b"s" * 16))
+    sender = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind(("198.18.100.77", 0))
+s.settimeout(3)
+s.sendto(bytes.fromhex(sys.argv[1]), ("198.18.101.1", 434))
+print(s.recv(65535).hex())
+"""
+    lab_up.exec("mn1", "ip", "addr", "add", "198.18.100.77/32", "dev", "eth0")
+    out = lab_up.exec("mn1", sys.executable, "-c", sender, rrq.encode().hex()).stdout.strip()
+    reply = mip.decode_message(bytes.fromhex(out))
+    assert reply.code == mip.ReplyCode.FA_UNKNOWN_CHALLENGE  # type: ignore[union-attr]
+    assert "198.18.100.77" not in lab_up.exec("fa1", "ip", "route").stdout
