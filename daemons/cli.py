@@ -10,6 +10,7 @@ import click
 from daemons import control
 from daemons.benchcli import bench_group
 from daemons.benchho import handover
+from daemons.benchreg import register
 from daemons.config import ConfigError
 from daemons.dbcli import db_group
 from daemons.provision import control_socket
@@ -26,6 +27,7 @@ def main() -> None:
 main.add_command(lab_group)
 main.add_command(db_group)
 bench_group.add_command(handover)
+bench_group.add_command(register)
 main.add_command(bench_group)
 
 

@@ -3,7 +3,9 @@
 This is where protocol knowledge meets the topology, so the lab itself stays ignorant of
 it: the lab asks for ``services(topology, run_dir, backend)`` and runs what it gets. Secrets
 are fresh per lab (CSPRNG) and live only in the per-node configuration files (mode 0600)
-and the AAAH's database.
+and the AAAH's database, plus, for synthetic users only (topology users without an ``mn``
+node), ``RUN_DIR/bench-users.yaml`` (mode 0600): a lab/benchmark artifact, read by the load
+generator that registers on their behalf (``mipvpn bench register``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,27 @@ class Service:
     argv: list[str]
     control_socket: Path | None  # healthy once this unix socket accepts connections, or
     listen_port: int | None = None  # without one: once the process listens on this TCP port
+
+
+SYNTHETIC_USERS_FILE = "bench-users.yaml"
+
+
+@dataclass(frozen=True)
+class SyntheticUser:
+    """What a load generator needs to register as a user that has no MN daemon: the same
+    identity and security associations an MN's configuration would hold."""
+
+    nai: str
+    home_address: ipaddress.IPv4Address
+    home_agent: ipaddress.IPv4Address  # the Home Agent field of its RRQs
+    mn_ha: cfg.SecurityAssociation
+    mn_aaa: cfg.SecurityAssociation
+    lifetime: int = 300
+
+
+@dataclass(frozen=True)
+class SyntheticUsers:
+    users: list[SyntheticUser]
 
 
 def node_dir(run_dir: Path, node: str) -> Path:
@@ -218,6 +241,20 @@ class Plan:
             mn_aaa=cfg.SecurityAssociation(SPI_MN_AAA, self.mn_keys[user.nai][1]),
             lifetime=int(user.extra.get("lifetime", 300)))
 
+    def synthetic_users(self) -> list[SyntheticUser]:
+        """The users without an ``mn`` node, with their keys (see ``write_synthetic_users``)."""
+        out = []
+        for user in self.topo.users:
+            if user.mn is not None:
+                continue
+            home = self.topo.segment_of(user.home_agent)
+            assert home is not None
+            out.append(SyntheticUser(user.nai, user.home_address, home.address,
+                                     cfg.SecurityAssociation(SPI_MN_HA, self.mn_keys[user.nai][0]),
+                                     cfg.SecurityAssociation(SPI_MN_AAA, self.mn_keys[user.nai][1]),
+                                     int(user.extra.get("lifetime", 300))))
+        return out
+
     def configs(self) -> dict[str, cfg.Common]:
         builders = {"ha": self.ha, "fa": self.fa, "cngw": self.cngw, "aaah": self.aaah, "aaaf": self.aaaf,
                     "mn": self.mn}
@@ -242,6 +279,27 @@ def write_config(path: Path, config: Any) -> None:
     path.write_text(yaml.safe_dump(cfg.dump(config), sort_keys=False))
 
 
+def write_synthetic_users(run_dir: Path, users: list[SyntheticUser]) -> Path | None:
+    """Lab/benchmark artifact: the keys of the synthetic users (no MN daemon holds them
+    anywhere else), mode 0600, in the lab's run directory; removed with it by `lab down`.
+    Nothing is written when the topology has no synthetic user."""
+    if not users:
+        return None
+    path = run_dir / SYNTHETIC_USERS_FILE
+    write_config(path, SyntheticUsers(users))
+    return path
+
+
+def read_synthetic_users(run_dir: Path) -> list[SyntheticUser]:
+    """The synthetic users of the lab in ``run_dir`` (ConfigError naming the field if the file is bad)."""
+    path = run_dir / SYNTHETIC_USERS_FILE
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise cfg.ConfigError(str(path), "file", f"cannot read: {exc.strerror}") from None
+    return cfg.build(SyntheticUsers, data, path.name, "").users
+
+
 def services(topo: Topology, run_dir: Path, backend: str = "none") -> list[Service]:
     """Write every daemon's configuration; return the processes, in start order: one charon
     per IPsec node first (strongswan backend), then the daemons."""
@@ -255,6 +313,7 @@ def services(topo: Topology, run_dir: Path, backend: str = "none") -> list[Servi
             write_charon_config(run_dir, node)
             out.append(Service(f"charon:{node}", node, charon_command(run_dir, node),
                                vici_socket_path(run_dir, node)))
+    write_synthetic_users(run_dir, plan.synthetic_users())
     relays = plan.relay_services()  # started after the AAAHs they dial, before the AAAFs that dial them
     for node, config in plan.configs().items():
         if config.role == "aaaf":

@@ -20,6 +20,11 @@ File format (see ``lab/topologies/default.yaml``)::
       - {owner: ha, prefix: 198.18.100.0/24, address: 198.18.100.1}
     users:
       - {nai: mn1@home.example, mn: mn1, home_address: 198.18.100.10, home_agent: ha}
+      - {nai: bench1@home.example, home_address: 198.18.100.11, home_agent: ha}   # synthetic
+
+A user without ``mn`` is *synthetic*: it exists in the home network (VPN database, home agent)
+but no mobile node daemon runs for it; a load generator registers on its behalf
+(``mipvpn bench register``).
 
 Routing intent: every node but the root names its ``upstream`` neighbour; it gets a default
 route there, and every node on the way up learns the prefixes behind it.
@@ -101,7 +106,7 @@ class Segment:
 @dataclass(frozen=True)
 class User:
     nai: str
-    mn: str
+    mn: str | None  # None: a synthetic user, registered by a load generator, not by an MN daemon
     home_address: ipaddress.IPv4Address
     home_agent: str
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
@@ -420,7 +425,7 @@ class _Parser:
         for i, spec in enumerate(self.sequence(top.get("users"), "users")):
             where = f"users[{i}]"
             spec = self.mapping(spec, where)
-            for key in ("nai", "mn", "home_address", "home_agent"):
+            for key in ("nai", "home_address", "home_agent"):
                 if key not in spec:
                     raise self.fail(f"{where}.{key}", f"missing {key}")
             nai = str(spec["nai"])
@@ -429,9 +434,11 @@ class _Parser:
             if nai in nais:
                 raise self.fail(f"{where}.nai", f"duplicate NAI {nai!r}")
             nais.add(nai)
-            mn = self.node_ref(spec["mn"], f"{where}.mn", nodes)
-            if nodes[mn].role != "mn":
-                raise self.fail(f"{where}.mn", f"node {mn!r} is not a mobile node")
+            mn = None
+            if spec.get("mn") is not None:
+                mn = self.node_ref(spec["mn"], f"{where}.mn", nodes)
+                if nodes[mn].role != "mn":
+                    raise self.fail(f"{where}.mn", f"node {mn!r} is not a mobile node")
             ha = self.node_ref(spec["home_agent"], f"{where}.home_agent", nodes)
             if nodes[ha].role != "ha":
                 raise self.fail(f"{where}.home_agent", f"node {ha!r} is not a home agent")
