@@ -162,7 +162,7 @@ class ForeignAgent:
             self.counters["malformed"] += 1
             log.warning("message.unknown_extension", src=addr[0], reason=exc)
             if isinstance(exc.partial, mip.RegistrationRequest):
-                self.deny(exc.partial, addr[1], Code.FA_POORLY_FORMED_REQUEST, None)
+                background(self.refuse(exc.partial, addr[1], Code.FA_POORLY_FORMED_REQUEST, None))
             return
         except mip.DecodeError as exc:
             self.counters["malformed"] += 1
@@ -185,16 +185,14 @@ class ForeignAgent:
         nai = nai_ext.nai if nai_ext else None
         log.info("rrq.received", mn=nai or rrq.home_address, id=hex(rrq.identification), ha=rrq.home_agent,
                  lifetime=rrq.lifetime)
-        # Any reply, a denial of ours included, must reach the MN on the access link: its
-        # home address is on no prefix of ours, so without this route it would go to the core.
-        hoa = str(rrq.home_address)
-        await self.routes.add(hoa)
         code = self.check_request(rrq)
         if code != Code.ACCEPTED:
-            self.deny(rrq, addr[1], code, nai)
-            if hoa not in self.visitors and not any(k[0] == hoa for k in self.pending):
-                await self.routes.remove(hoa)
+            await self.refuse(rrq, addr[1], code, nai)
             return
+        # The reply must reach the MN on the access link whatever the outcome: its home
+        # address is on no prefix of ours, so without this route it would go to the core.
+        hoa = str(rrq.home_address)
+        await self.routes.add(hoa)
         key = (hoa, rrq.identification & 0xFFFFFFFF)
         pending = Pending(rrq, raw, nai, addr[1], time.monotonic())
         pending.timer = asyncio.get_running_loop().call_later(
@@ -352,6 +350,15 @@ class ForeignAgent:
         self.deny(pending.rrq, pending.mn_port, Code.FA_REGISTRATION_TIMEOUT, pending.nai)
         if key[0] not in self.visitors:
             await self.routes.remove(key[0])
+
+    async def refuse(self, rrq: mip.RegistrationRequest, port: int, code: Code, nai: str | None) -> None:
+        """Our own denial of a request we did not relay: route it to the MN on the access
+        link for the moment it takes (unless the MN is a visitor or has a request pending)."""
+        hoa = str(rrq.home_address)
+        await self.routes.add(hoa)
+        self.deny(rrq, port, code, nai)
+        if hoa not in self.visitors and not any(k[0] == hoa for k in self.pending):
+            await self.routes.remove(hoa)
 
     def deny(self, rrq: mip.RegistrationRequest, port: int, code: Code, nai: str | None) -> None:
         """An FA-generated denial (64-127) straight back to the MN."""
