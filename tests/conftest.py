@@ -10,6 +10,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests check behaviour, not speed: no per-example deadline (a loaded CI machine
+# would otherwise fail them for being slow).
+settings.register_profile("mipvpn", deadline=None, print_blob=True)
+settings.load_profile("mipvpn")
 
 ROOT = Path(__file__).resolve().parent.parent
 MIPVPN = [sys.executable, "-m", "daemons.cli"]
