@@ -193,10 +193,11 @@ def test_install_ping_capture_list_remove(chain: Chain) -> None:
     finally:
         cap.terminate()
         cap.wait(10)
-    # one tshark run (slow in the VM), decrypting with the keys the test installed
+    # one tshark run, decrypting with the keys the test installed; tshark starts slowly under
+    # TCG emulation (over a minute when the host is busy), hence the generous bound
     out = run("tshark", "-r", str(pcap), "-o", "esp.enable_encryption_decode:TRUE", *esp_sa_uat(path),
               "-Y", "icmp", "-T", "fields", "-E", "occurrence=a", "-E", "aggregator=,",
-              "-e", "esp.spi", "-e", "ip.src", "-e", "ip.dst", "-e", "icmp.type").stdout
+              "-e", "esp.spi", "-e", "ip.src", "-e", "ip.dst", "-e", "icmp.type", timeout=400).stdout
     rows = [line.split("\t") for line in out.splitlines() if line.strip()]
     # ESP frames with the inner ICMP decrypted: outer + inner IP header each
     def esp(r: list[str], spi: int, outer: tuple[str, str], inner: tuple[str, str], icmp_type: str) -> bool:
