@@ -51,13 +51,13 @@ from daemons.control import ControlServer
 from daemons.diameter import Message, ResultCode
 from daemons.diameter.avp import decode_avps
 from daemons.diameter.node import DiameterError, DiameterNode, DiameterUnavailable, wait_for_peers
-from daemons.ipsec.path import DirectionKeys, Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
+from daemons.ipsec.path import Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
 from daemons.keys import new_esp_key, pair_psk, static_esp_key, static_spi
 from daemons.log import EventLog
 from daemons.secret import Secret
 from daemons.state import StateFile
 from daemons.vpndb import CngwMode, User, VpnDatabase, VpnDbError, VpnProfile, open_database
-from daemons.vpninfo import VpnInfo
+from daemons.vpninfo import VpnInfo, direction_keys
 
 log = EventLog("mipvpn.aaah")
 MIP_APPLICATION = 2  # RFC 4004
@@ -235,12 +235,6 @@ class SpiAllocator:
 
     def release(self, gateway: IPv4Address | str, spi: int) -> None:
         self.used.get(str(gateway), set()).discard(spi)
-
-
-def _direction(suite: EspSuite, spi: int, material: Secret) -> DirectionKeys:
-    raw = material.reveal()
-    auth = Secret(raw[suite.enc_key_len:]) if suite.auth_key_len else None
-    return DirectionKeys(spi, Secret(raw[: suite.enc_key_len]), auth)
 
 
 # ---- the server ----------------------------------------------------------------------------------
@@ -527,8 +521,8 @@ class HomeAAAServer:
             local=Endpoint(coa, EndpointType.FA), remote=Endpoint(ha.address, EndpointType.HA),
             local_ts=(IPv4Network(f"{home_address}/32"),),
             remote_ts=(ANY,),
-            security=SecurityService(suite, outbound=_direction(suite, spi_at_ha, new_esp_key(suite)),
-                                     inbound=_direction(suite, spi_at_fa, new_esp_key(suite)),
+            security=SecurityService(suite, outbound=direction_keys(suite, spi_at_ha, new_esp_key(suite)),
+                                     inbound=direction_keys(suite, spi_at_fa, new_esp_key(suite)),
                                      psk=pair_psk(self.master, coa, ha.address), lifetime=first.lifetime),
             qos=first.qos)
         infos = [VpnInfo(nai, FA_PATH_ID, path1)]
@@ -554,9 +548,9 @@ class HomeAAAServer:
                 local_ts=(ha.home_prefix,), remote_ts=remote_ts,
                 security=SecurityService(
                     gsuite,
-                    outbound=_direction(gsuite, out_spi,
+                    outbound=direction_keys(gsuite, out_spi,
                                         static_esp_key(self.master, ha.address, gw.address, out_spi, gsuite)),
-                    inbound=_direction(gsuite, in_spi,
+                    inbound=direction_keys(gsuite, in_spi,
                                        static_esp_key(self.master, gw.address, ha.address, in_spi, gsuite)),
                     psk=pair_psk(self.master, ha.address, gw.address)))))
         log.info("vpn.built", mn=nai, paths=" ".join(_path_text(i) for i in infos), suite=suite.value)

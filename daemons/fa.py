@@ -327,8 +327,7 @@ class ForeignAgent:
         self.pending.pop(key, None)
         if pending.timer:
             pending.timer.cancel()
-        if rrp.accepted and rrp.lifetime > 0 and self.mavpn is not None and pending.nai:
-            await self.mavpn.apply(pending.nai, infos)  # our paths are up before the MN hears
+        pending.vpn = infos
         await self.complete(pending, rrp, rrp_raw)
 
     def _fail(self, key: tuple[str, int], code: Code, reason: str) -> None:
@@ -392,7 +391,7 @@ class ForeignAgent:
         """The HA has answered: update the visitor list and pass the reply to the MN."""
         hoa = str(rrp.home_address)
         if pending.vpn is not None and rrp.accepted and rrp.lifetime > 0 and self.mavpn is not None and pending.nai:
-            await self.mavpn.apply(pending.nai, pending.vpn)  # F2: the paths the local AAA gave us
+            await self.mavpn.apply(pending.nai, pending.vpn)  # our paths are up before the MN hears
         challenge = pending.rrq.find(mip.MNFAChallengeExtension)
         if rrp.accepted and challenge is not None:
             # Spent only once it bought a registration: a retransmission after a lost reply

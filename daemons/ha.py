@@ -107,14 +107,16 @@ class HomeAgent:
                          "last_ident": self.last_ident})
 
     async def expire(self, now: float) -> None:
-        for hoa, binding in list(self.bindings.items()):
-            if binding.expires <= now:
-                del self.bindings[hoa]
-                self.persist()
-                await self.home_link.release(hoa)
-                if self.mavpn is not None:
-                    await self.mavpn.remove_user(binding.nai)
-                log.info("binding.expired", mn=binding.nai, hoa=hoa, coa=binding.care_of_address)
+        expired = [b for b in self.bindings.values() if b.expires <= now]
+        for binding in expired:
+            del self.bindings[binding.home_address]
+        if expired:
+            self.persist()
+        for binding in expired:
+            await self.home_link.release(binding.home_address)
+            if self.mavpn is not None:
+                await self.mavpn.remove_user(binding.nai)
+            log.info("binding.expired", mn=binding.nai, hoa=binding.home_address, coa=binding.care_of_address)
 
     # ---- Diameter: registrations from the home AAA server (RFC 4004 HAR/HAA) ---------------
     async def start_diameter(self) -> None:

@@ -113,14 +113,18 @@ class MavpnControl:
 
     def backend_paths(self) -> dict[str, VpnPath]:
         """What should be installed, by backend path id, over every cached user."""
-        out: dict[str, VpnPath] = {}
-        for info in self.wanted():
-            path = info.path
-            if not path.user_addresses():
-                digest = hashlib.sha256(repr((path.local_ts, path.remote_ts)).encode()).hexdigest()[:8]
-                path = replace(path, id=f"net:{path.local.address}-{path.remote.address}:{digest}")
-            out[path.id] = path
-        return out
+        paths = (self.backend_path(info) for info in self.wanted())
+        return {path.id: path for path in paths}
+
+    @staticmethod
+    def backend_path(info: VpnInfo) -> VpnPath:
+        """A user's path as the backend installs it: a network-to-network path (no per-user
+        /32 selector) gets a name of its own, shared by every user that needs it."""
+        path = info.path
+        if path.user_addresses():
+            return path
+        digest = hashlib.sha256(repr((path.local_ts, path.remote_ts)).encode()).hexdigest()[:8]
+        return replace(path, id=f"net:{path.local.address}-{path.remote.address}:{digest}")
 
     def infos(self, nai: str) -> list[VpnInfo]:
         return list(self.cache.get(nai, {}).values())
@@ -139,16 +143,13 @@ class MavpnControl:
     # ---- show ----------------------------------------------------------------------------------
     async def show(self) -> list[dict[str, Any]]:
         statuses: dict[str, PathStatus] = {s.id: s for s in await self.backend.list()}
-        users: dict[str, list[str]] = {}
+        users: dict[str, set[str]] = {}
         for info in self.wanted():
-            for path_id, path in self.backend_paths().items():
-                if path.pair == info.path.pair and path.local_ts == info.path.local_ts \
-                        and path.remote_ts == info.path.remote_ts:
-                    users.setdefault(path_id, []).append(info.nai)
+            users.setdefault(self.backend_path(info).id, set()).add(info.nai)
         rows = []
         for path_id, path in self.backend_paths().items():
             status = statuses.pop(path_id, None)
-            row: dict[str, Any] = {"users": ",".join(sorted(set(users.get(path_id, [])))), "path": path_id,
+            row: dict[str, Any] = {"users": ",".join(sorted(users.get(path_id, ()))), "path": path_id,
                                    "local": str(path.local.address), "remote": str(path.remote.address),
                                    "remote_type": path.remote.type.value}
             row.update({k: v for k, v in (status.as_dict() if status else {"state": "missing"}).items()

@@ -97,8 +97,8 @@ class VpnInfo:
             raise VpnInfoError(f"VPN-Info: unknown VPN-ESP-Suite {avp.get('VPN-ESP-Suite')!r}") from None
         inbound = outbound = None
         if avp.find("VPN-Key-In") is not None:
-            inbound = _direction(suite, need("VPN-SPI-In"), need("VPN-Key-In"))
-            outbound = _direction(suite, need("VPN-SPI-Out"), need("VPN-Key-Out"))
+            inbound = direction_keys(suite, need("VPN-SPI-In"), need("VPN-Key-In"))
+            outbound = direction_keys(suite, need("VPN-SPI-Out"), need("VPN-Key-Out"))
         qos = None
         if avp.find("VPN-QoS-Rate") is not None:
             qos = Qos(int(need("VPN-QoS-Rate")), avp.get("VPN-QoS-Ceil"), int(avp.get("VPN-QoS-Priority", default=4)))
@@ -125,7 +125,7 @@ def _key_bytes(keys: DirectionKeys) -> Secret:
     return Secret(keys.enc_key.reveal() + auth)
 
 
-def _direction(suite: EspSuite, spi: int, material: Secret) -> DirectionKeys:
+def direction_keys(suite: EspSuite, spi: int, material: Secret) -> DirectionKeys:
     """One VPN-Key AVP holds the encryption key (with salt for GCM) followed by the
     integrity key for non-AEAD suites."""
     raw = material.reveal()
@@ -162,8 +162,8 @@ def from_static(cfg: StaticPath) -> VpnInfo:
     suite = EspSuite(cfg.suite)
     inbound = outbound = None
     if cfg.spi_in and cfg.key_in is not None and cfg.key_out is not None:
-        inbound = _direction(suite, cfg.spi_in, cfg.key_in)
-        outbound = _direction(suite, cfg.spi_out, cfg.key_out)
+        inbound = direction_keys(suite, cfg.spi_in, cfg.key_in)
+        outbound = direction_keys(suite, cfg.spi_out, cfg.key_out)
     path = VpnPath(id=VpnInfo.path_name(STATIC_OWNER, cfg.path_id),
                    local=Endpoint(cfg.local, EndpointType(cfg.local_type)),
                    remote=Endpoint(cfg.remote, EndpointType(cfg.remote_type)),
