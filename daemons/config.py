@@ -200,7 +200,12 @@ def load(path: Path) -> Common:
     except OSError as exc:
         raise ConfigError(str(path), "file", f"cannot read: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(source, "file", f"not valid YAML: {exc}") from None
+        # Only the problem and the line: PyYAML's message quotes the offending text, which in
+        # a daemon's configuration may be a key.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(source, "file", f"not valid YAML{where}: {getattr(exc, 'problem', None) or 'syntax error'}") \
+            from None
     if not isinstance(data, dict):
         raise ConfigError(source, "file", "must be a mapping")
     role = data.get("role")

@@ -9,6 +9,7 @@ makes the tier count.
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Callable, Iterator
 
@@ -44,10 +45,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.skip(reason=reason))
 
 
+def redact(text: str) -> str:
+    """Key material out of test output: long hex strings (``ip xfrm`` keys, tshark's esp_sa
+    table) become <redacted>."""
+    return re.sub(r"0x[0-9a-fA-F]{16,}", "0x<redacted>", text)
+
+
 def run(*cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(redact(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"))
     return proc
 
 

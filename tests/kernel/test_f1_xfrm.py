@@ -100,7 +100,7 @@ def test_f1_paths_carry_traffic_with_kernel_esp() -> None:
         for ns in (fa, ha, cngw):
             text = run("ip", "-s", "-n", ns, "xfrm", "state").stdout
             packets = [int(n) for n in re.findall(r"(\d+)\(packets\)", text)]
-            assert len(packets) == 2 * len(installs[ns]) and all(packets), text
+            assert len(packets) == 2 * len(installs[ns]) and all(packets), (ns, packets)
     finally:
         for backend in backends:
             asyncio.run(backend.close())

@@ -25,7 +25,7 @@ from daemons.ipsec.xfrm_netlink import (
     probe_kernel_esp,
 )
 from daemons.secret import Secret
-from tests.kernel.conftest import run
+from tests.kernel.conftest import redact, run
 
 A_OUTER, B_OUTER = "198.18.0.1", "198.18.0.2"
 A_INNER, B_INNER = "198.18.10.1", "198.18.20.1"
@@ -93,10 +93,10 @@ def ip_states(ns: str) -> list[dict[str, object]]:
         if not block:
             continue
         head = re.match(r"src (\S+) dst (\S+)\s+proto esp spi (0x[0-9a-f]+)\S* reqid (\d+)\S* mode (\w+)", block)
-        assert head, block
+        assert head, redact(block)
         algo = re.search(r"\n\s*(aead|enc) (\S+)", block)
         life = re.search(r"lifetime current:\s*\n\s*(\d+)\(bytes\), (\d+)\(packets\)", block)
-        assert algo and life, block
+        assert algo and life, redact(block)
         states.append({"src": head[1], "dst": head[2], "spi": int(head[3], 16), "reqid": int(head[4]),
                        "mode": head[5], "algo": algo[2], "packets": int(life[2])})
     return sorted(states, key=lambda s: s["spi"])  # type: ignore[arg-type,return-value]
