@@ -380,10 +380,14 @@ class ForeignAgent:
             return
         if pending.timer:
             pending.timer.cancel()
-        ha = self.ha_keys.get(addr[0])
-        if ha is not None and not mip.verify(raw, mip.EXT_FA_HA_AUTH, ha.key, spi=ha.spi):
-            log.warning("rrp.ha_auth_failed", mn=pending.nai, ha=addr[0])
-            self.deny(pending.rrq, pending.mn_port, Code.FA_HA_FAILED_AUTHENTICATION, pending.nai)
+        # The security association is the one with the HA we relayed to, whatever address
+        # the reply claims to come from.
+        home_agent = str(pending.rrq.home_agent)
+        ha = self.ha_keys.get(home_agent)
+        if addr[0] != home_agent or (ha is not None and not mip.verify(raw, mip.EXT_FA_HA_AUTH, ha.key, spi=ha.spi)):
+            log.warning("rrp.ha_auth_failed", mn=pending.nai, ha=home_agent, src=addr[0])
+            self.pending[key] = pending
+            self._fail(key, Code.FA_HA_FAILED_AUTHENTICATION, "reply not authenticated by the home agent")
             return
         await self.complete(pending, rrp, raw)
 

@@ -219,8 +219,8 @@ class HomeAgent:
             log.warning("rrq.auth_failed", mn=entry.nai, reason="MN-HA authenticator or SPI mismatch")
             return Code.HA_MN_FAILED_AUTHENTICATION, 0
         fa = self.fa_keys.get(source)
-        if fa is not None and rrq.find(mip.FAHAAuthExtension) is not None and \
-                not mip.verify(raw, mip.EXT_FA_HA_AUTH, fa.key, spi=fa.spi):
+        # RFC 5944 §3.5.4: with an FA-HA security association the extension must be there.
+        if fa is not None and not mip.verify(raw, mip.EXT_FA_HA_AUTH, fa.key, spi=fa.spi):
             log.warning("rrq.fa_auth_failed", mn=entry.nai, fa=source)
             return Code.HA_FA_FAILED_AUTHENTICATION, 0
         if not mip.identification_acceptable(self.last_ident.get(str(entry.home_address)), rrq.identification, now,

@@ -95,15 +95,16 @@ class VpnInfo:
             suite = EspSuite(need("VPN-ESP-Suite"))
         except ValueError:
             raise VpnInfoError(f"VPN-Info: unknown VPN-ESP-Suite {avp.get('VPN-ESP-Suite')!r}") from None
-        inbound = outbound = None
-        if avp.find("VPN-Key-In") is not None:
-            inbound = direction_keys(suite, need("VPN-SPI-In"), need("VPN-Key-In"))
-            outbound = direction_keys(suite, need("VPN-SPI-Out"), need("VPN-Key-Out"))
-        qos = None
-        if avp.find("VPN-QoS-Rate") is not None:
-            qos = Qos(int(need("VPN-QoS-Rate")), avp.get("VPN-QoS-Ceil"), int(avp.get("VPN-QoS-Priority", default=4)))
         path_id = int(need("VPN-Path-Id"))
         try:
+            inbound = outbound = None
+            if avp.find("VPN-Key-In") is not None:
+                inbound = direction_keys(suite, need("VPN-SPI-In"), need("VPN-Key-In"))
+                outbound = direction_keys(suite, need("VPN-SPI-Out"), need("VPN-Key-Out"))
+            qos = None
+            if avp.find("VPN-QoS-Rate") is not None:
+                qos = Qos(int(need("VPN-QoS-Rate")), avp.get("VPN-QoS-Ceil"),
+                          int(avp.get("VPN-QoS-Priority", default=4)))
             path = VpnPath(
                 id=cls.path_name(nai, path_id),
                 local=Endpoint(IPv4Address(need("VPN-Endpoint-Local")),
@@ -115,7 +116,9 @@ class VpnInfo:
                 security=SecurityService(suite, outbound, inbound, avp.get("VPN-IKE-PSK"),
                                          int(avp.get("VPN-Lifetime", default=3600))),
                 qos=qos)
-        except (KeyError, ValueError) as exc:
+        except VpnInfoError:
+            raise
+        except (KeyError, ValueError) as exc:  # every malformed member ends up as VpnInfoError
             raise VpnInfoError(f"VPN-Info {path_id}: {exc}") from None
         return cls(nai, path_id, path, int(avp.get("VPN-Distribution", default=AT_REGISTRATION)))
 

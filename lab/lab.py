@@ -128,6 +128,12 @@ class Lab:
 
     # ---- up --------------------------------------------------------------------------
     def up(self, capture: bool = False, services: ServicePlan | None = None) -> None:
+        # Checked before anything is recorded: rolling back would delete them, and they may
+        # be another lab's (same prefix, other run directory).
+        taken = [ns for ns in self.network.namespaces() if namespace_exists(ns)]
+        if taken:
+            raise LabError(f"namespace {taken[0]} already exists: another lab uses the prefix {self.prefix!r} "
+                           "(`mipvpn lab down` with its run directory, or choose another --ns-prefix)")
         self.save_state("building")
         try:
             self.network.build()

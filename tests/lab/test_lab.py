@@ -165,3 +165,13 @@ def test_half_built_lab_is_cleaned_by_down_and_up(lab_env: LabEnv) -> None:
     out = lab_env.cli("lab", "up").stdout
     assert "cleaning up" in out
     assert status(lab_env)["supervisor"] is True
+
+
+def test_up_beside_another_lab_with_the_same_prefix_touches_nothing(lab_up: LabEnv, tmp_path: Path) -> None:
+    other = LabEnv(tmp_path / "other-run", lab_up.prefix)
+    proc = other.cli("lab", "up", check=False)
+    assert proc.returncode != 0 and "already exists" in proc.stderr, proc.stderr
+    assert not other.run_dir.exists()
+    # The first lab is untouched.
+    assert all(n["up"] for n in status(lab_up)["nodes"])
+    assert status(lab_up)["supervisor"] is True

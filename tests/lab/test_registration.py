@@ -236,3 +236,15 @@ print(s.recv(65535).hex())
     reply = mip.decode_message(bytes.fromhex(out))
     assert reply.code == mip.ReplyCode.FA_UNKNOWN_CHALLENGE  # type: ignore[union-attr]
     assert "198.18.100.77" not in lab_up.exec("fa1", "ip", "route").stdout
+
+
+def test_relayed_request_without_fa_ha_authentication_gets_132(lab_up: LabEnv) -> None:
+    """RFC 5944 §3.5.4: from an FA the HA shares a key with, FA-HA authentication is required."""
+    wait_for(binding_via(lab_up, COA["fa1"]), what="binding via fa1")
+    lab_up.cli("lab", "capture", "stop")
+    relayed = [bytes(p[UDP].payload) for p in rdpcap(str(lab_up.run_dir / "captures" / "core-ha.pcap"))
+               if UDP in p and p[UDP].dport == 434]
+    stripped = mip.strip_after(relayed[0], mip.EXT_MN_HA_AUTH)  # the MN's part, still genuine
+    reply = mip.decode_message(send_udp(lab_up, "fa1", HA, stripped))
+    assert reply.code == mip.ReplyCode.HA_FA_FAILED_AUTHENTICATION  # type: ignore[union-attr]
+    assert [b["care_of_address"] for b in show(lab_up, "bindings", "ha")] == [COA["fa1"]]  # type: ignore[index]
