@@ -164,7 +164,12 @@ def test_half_built_lab_is_cleaned_by_down_and_up(lab_env: LabEnv) -> None:
     subprocess.run(["ip", "netns", "add", lab_env.ns("ha")], check=True)
     out = lab_env.cli("lab", "up").stdout
     assert "cleaning up" in out
-    assert status(lab_env)["supervisor"] is True
+    info = status(lab_env)
+    assert info["supervisor"] is True
+    assert {n["name"] for n in info["nodes"]} == set(TOPOLOGY.nodes) and all(n["up"] for n in info["nodes"])
+    # Rebuilt, not the stale empty namespaces: core has its links again.
+    core = next(n for n in info["nodes"] if n["name"] == "core")
+    assert core["addresses"]["ha"] == ["198.18.0.1/30"]
 
 
 def test_up_beside_another_lab_with_the_same_prefix_touches_nothing(lab_up: LabEnv, tmp_path: Path) -> None:

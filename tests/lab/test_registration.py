@@ -69,7 +69,8 @@ def test_mn_registers_through_fa1_and_the_wire_is_rfc_correct(lab_up: LabEnv) ->
     adv = tshark(access, "-Y", "icmp.type == 9", "-T", "fields", "-e", "icmp.mip.type", "-e", "icmp.mip.coa",
                  "-e", "ip.ttl").splitlines()
     assert adv, "no agent advertisement on fa1's access link"
-    assert "16" in adv[0] and COA["fa1"] in adv[0]
+    types, coa_adv, ttl = adv[0].split("\t")
+    assert {"16", "24"} <= set(types.split(",")) and coa_adv == COA["fa1"] and ttl == "1", adv[0]
     # The MN's RRQ: NAI, MN-HA authentication (32), the challenge answered (132) with MN-AAA (36).
     rrq = tshark(access, "-Y", "mip.type == 1", "-T", "fields", "-e", "mip.nai", "-e", "mip.ext.type",
                  "-e", "mip.homeaddr", "-e", "mip.coa").splitlines()
