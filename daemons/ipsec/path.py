@@ -8,6 +8,15 @@ Backends (:class:`PathBackend`) turn paths into IPsec state: the xfrm backend wr
 policies straight into the kernel (keys and SPIs from the AAAH), the strongswan backend lets
 charon negotiate the CHILD_SAs with an AAAH-distributed IKE pre-shared secret.
 
+**When a path comes up** (``VpnPath.on_traffic``, claim 5): by default a backend brings the
+SAs up at ``install`` (at registration).  A path with ``on_traffic`` set is installed as a
+*trap*: its policies (and whatever the backend needs to recognise the path's first packet) are
+in place, but no outbound SA exists until the first packet that matches the path's selectors
+arrives at this node; then the backend sets the SAs up itself (xfrm: on the kernel's
+XFRM_MSG_ACQUIRE it installs the SAs it holds, keys from the AAAH; strongswan: charon
+negotiates the CHILD_SA).  Until then the path reports :attr:`PathState.TRAPPED`; the first
+packet itself is dropped (IPsec acquire semantics), later ones are carried.
+
 Secrets are :class:`daemons.secret.Secret`; nothing here prints them, and
 :class:`PathStatus` (what ``list`` and ``show paths`` report) never holds key material.
 """
@@ -188,6 +197,8 @@ class VpnPath:
     remote_ts: tuple[IPv4Network, ...]
     security: SecurityService
     qos: Qos | None = None
+    #: claim 5: set the SAs up at the first packet that matches the path, not at install
+    on_traffic: bool = False
 
     def __post_init__(self) -> None:
         if not _PATH_ID_RE.match(self.id):
@@ -222,6 +233,7 @@ class PathState(enum.Enum):
     UP = "up"  # SAs installed in both directions
     CONNECTING = "connecting"  # negotiation in progress
     WAITING = "waiting"  # installed, waiting for the peer (responder side, or peer not ready)
+    TRAPPED = "trapped"  # on-traffic path: policies installed, no SA until the first packet
     DOWN = "down"  # configured but no SA
     STRAY = "stray"  # found in the backend but not installed by us
 

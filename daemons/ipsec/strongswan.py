@@ -34,6 +34,20 @@ Design
   ``lookup 221``).  Routes/rules are derived from the installed set (reference counted), so two
   paths with the same selectors (make-before-break) don't step on each other.
   FA-like nodes must own the MN's home address: call :func:`prepare_local_selector` first.
+* **On-traffic paths** (``VpnPath.on_traffic``, claim 5): the child is loaded with
+  ``start_action = trap`` (charon installs the trap policy at ``load-conn``, nothing is
+  initiated) and a fixed ``reqid`` of our own (``TRAP_REQID_BASE`` band, one per path and pair);
+  the routes into ``ipsec0`` are installed as for any path, so the first packet reaches
+  libipsec.  kernel-libipsec (strongSwan 5.9.8) raises **no acquire** for a trap policy —
+  measured in namespaces: the packet is dropped with ``[ESP] could not find an outbound IPsec
+  SA for reqid {N}, dropping packet`` and charon's trap manager never hears of it.  So the
+  backend supplies the acquire itself: a watcher thread subscribed to charon's VICI ``log``
+  event stream turns that message for one of its trap reqids into a VICI ``initiate`` of that
+  child (at most once per second and path, and only while the child has no INSTALLED SA).
+  The triggering packet is lost, as with a kernel acquire; later packets are carried.  Both
+  ends may trap: whichever end sees the first packet negotiates, the other responds from its
+  loaded child config.  Until then the path reports ``TRAPPED``; the trap stays after the
+  CHILD_SA goes (rekey failure, DPD, peer restart), so the next packet brings it up again.
 * QoS (optional per path): an HTB class + u32 filter on ``ipsec0`` (where the cleartext with
   the user's address is visible), see :mod:`daemons.ipsec.qos`.
 
@@ -60,7 +74,9 @@ import contextlib
 import ipaddress
 import logging
 import os
+import re
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -105,6 +121,14 @@ PSK_PREFIX = "mipvpn-psk-"
 # children never changes its IKE config (which would orphan the established IKE_SA).
 IKE_PROPOSALS = ["aes128gcm16-prfsha256-ecp256", "aes256gcm16-prfsha384-ecp384"]
 INITIATE_TIMEOUT_MS = 5000
+# reqids of trapped children (on-traffic paths): our own band, far above charon's own
+# allocation (which counts from 1)
+TRAP_REQID_BASE = 0x6D740000
+TRAP_REQID_SPAN = 0x00010000
+# what libipsec logs (group ESP, level 1) when a packet hits a policy whose SA does not exist:
+# the acquire that kernel-libipsec never raises
+_NO_SA_RE = re.compile(r"could not find an outbound IPsec SA for reqid \{(\d+)\}")
+ACQUIRE_MIN_INTERVAL = 1.0  # seconds between two initiates of the same trapped path
 TERMINATE_TIMEOUT_MS = 3000
 
 
@@ -373,6 +397,16 @@ class StrongswanBackend:
         self.qos = HtbQos(netns, tun_ifname)
         #: duration of the last VICI initiate (the IKE/CHILD_SA negotiation alone), for benches
         self.last_initiate_ms: float | None = None
+        # on-traffic paths: (connection, path id) -> reqid of the trapped child, and back
+        self._trap_reqids: dict[tuple[str, str], int] = {}
+        self._next_trap_reqid = TRAP_REQID_BASE
+        self._trap_lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+        self._watch_stop = threading.Event()
+        self._watch_sock: socket.socket | None = None
+        self._acquire_last: dict[int, float] = {}
+        #: number of acquires the watcher turned into an initiate (for tests and show)
+        self.acquires = 0
 
     # ---- plumbing -----------------------------------------------------------------------
 
@@ -417,6 +451,7 @@ class StrongswanBackend:
 
     async def close(self) -> None:
         """Release the VICI session and netlink socket (charon keeps running)."""
+        self._stop_watcher()
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._vici_pool, self._close_session)
 
@@ -496,13 +531,16 @@ class StrongswanBackend:
                 "local_ts": [str(n) for n in p.local_ts],
                 "remote_ts": [str(n) for n in p.remote_ts],
                 "esp_proposals": [p.security.suite.esp_proposal()],
-                "start_action": "none",
+                # on-traffic: charon installs the trap policy when the connection is loaded
+                "start_action": "trap" if p.on_traffic else "none",
                 "close_action": "none",
                 "dpd_action": "clear",
                 "life_time": f"{life}s",
                 "rekey_time": f"{max(1, life * 9 // 10)}s",
                 "rand_time": f"{max(0, life // 20)}s",
             }
+            if p.on_traffic:
+                children[p.id]["reqid"] = str(self._trap_reqid(name, p.id))
         local, remote = str(first.local.address), str(first.remote.address)
         return {
             name: {
@@ -539,8 +577,120 @@ class StrongswanBackend:
         }
         return lambda s: s.load_shared(msg)
 
+    # ---- on-traffic paths: trap reqids and the acquire watcher ---------------------------
+
+    def _trap_reqid(self, conn: str, path_id: str) -> int:
+        """The fixed reqid of a trapped child (stable while the path stays on this pair)."""
+        with self._trap_lock:
+            reqid = self._trap_reqids.get((conn, path_id))
+            if reqid is None:
+                used = set(self._trap_reqids.values())
+                for _ in range(TRAP_REQID_SPAN):
+                    reqid = self._next_trap_reqid
+                    self._next_trap_reqid = TRAP_REQID_BASE + (reqid + 1 - TRAP_REQID_BASE) % TRAP_REQID_SPAN
+                    if reqid not in used:
+                        break
+                else:
+                    raise PathError(f"{self.node}: no free trap reqid")
+                self._trap_reqids[(conn, path_id)] = reqid
+            return reqid
+
+    def _prune_traps(self, conn: str) -> None:
+        keep = {p.id for p in self._pair_paths(conn) if p.on_traffic}
+        with self._trap_lock:
+            for key in [k for k in self._trap_reqids if k[0] == conn and k[1] not in keep]:
+                self._acquire_last.pop(self._trap_reqids.pop(key), None)
+
+    def _trapped_by_reqid(self, reqid: int) -> tuple[str, str] | None:
+        with self._trap_lock:
+            return next((key for key, r in self._trap_reqids.items() if r == reqid), None)
+
+    def _ensure_watcher(self) -> None:
+        """Start the acquire watcher (once) when the first on-traffic path is configured."""
+        if self._watcher is not None and self._watcher.is_alive():
+            return
+        self._watch_stop.clear()
+        self._watcher = threading.Thread(target=self._watch, name=f"acquire-{self.node}", daemon=True)
+        self._watcher.start()
+
+    def _stop_watcher(self) -> None:
+        self._watch_stop.set()
+        sock = self._watch_sock
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+        if self._watcher is not None:
+            self._watcher.join(timeout=3)
+            self._watcher = None
+
+    def _watch(self) -> None:
+        """Thread: follow charon's VICI log stream; a libipsec "no outbound SA for reqid N"
+        for one of our trap reqids is the first packet of an on-traffic path (the acquire
+        kernel-libipsec does not raise): initiate that child.  Reconnects after a charon
+        restart; ends when the backend closes."""
+        session: vici.Session | None = None  # for the initiates (the listener's is busy)
+        while not self._watch_stop.is_set():
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(str(self.socket_path))
+                self._watch_sock = sock
+                for _kind, event in vici.Session(sock).listen(["log"], timeout=0.5):
+                    if self._watch_stop.is_set():
+                        break
+                    if not event or _s(event.get("group", "")) != "ESP":
+                        continue
+                    m = _NO_SA_RE.search(_s(event.get("msg", "")))
+                    if m:
+                        session = self._acquire(int(m.group(1)), session)
+            except (OSError, SessionException, CommandException, ValueError) as e:
+                if not self._watch_stop.is_set():
+                    log.debug("%s: acquire watcher: %s; reconnecting", self.node, e)
+                    session = None
+                    self._watch_stop.wait(0.5)
+            finally:
+                self._watch_sock = None
+                with contextlib.suppress(OSError):
+                    sock.close()
+
+    def _acquire(self, reqid: int, session: vici.Session | None) -> vici.Session | None:
+        """In the watcher thread: bring up the trapped child with ``reqid`` unless it is up or
+        was tried less than ``ACQUIRE_MIN_INTERVAL`` ago.  Returns the (lazily made) session."""
+        key = self._trapped_by_reqid(reqid)
+        if key is None:
+            return session
+        now = time.monotonic()
+        if now - self._acquire_last.get(reqid, -1e9) < ACQUIRE_MIN_INTERVAL:
+            return session
+        self._acquire_last[reqid] = now
+        conn, child = key
+        if session is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(str(self.socket_path))
+            session = vici.Session(sock)
+        sas = []
+        for entry in session.list_sas({"ike": conn}):
+            for ike_name, sa in entry.items():
+                sas.append({**sa, "name": _s(ike_name)})
+        if any(_s(c.get("state")) in ("INSTALLED", "INSTALLING", "CREATED")
+               for _sa, c in self._children(sas, conn, child)):
+            return session
+        log.info("%s: first packet for trapped path %s (reqid %d): initiating", self.node, child, reqid)
+        msg = {"ike": conn, "child": child, "timeout": str(self.initiate_timeout_ms),
+               "init-limits": "no", "loglevel": "-1"}
+        try:
+            for _ in session.initiate(msg):
+                pass
+            self.acquires += 1
+        except CommandException as e:
+            log.info("%s: on-traffic initiate of %s failed (%s); the next packet retries", self.node, child, e)
+        self._acquire_last[reqid] = time.monotonic()
+        return session
+
     async def _load_pair(self, name: str) -> None:
         paths = self._pair_paths(name)
+        self._prune_traps(name)
+        if any(p.on_traffic for p in paths):
+            self._ensure_watcher()
         try:
             if paths:
                 msg = self._conn_message(name, paths)
@@ -659,7 +809,8 @@ class StrongswanBackend:
                 routes.add(_Route(SRC_TABLE, ipaddress.IPv4Network("0.0.0.0/0")))
                 for s in p.local_ts:
                     for d in p.remote_ts:
-                        rules.add(_Rule(SRC_RULE_PREF, SRC_TABLE, s, d if d.prefixlen else None))
+                        rules.add(_Rule(SRC_RULE_PREF, SRC_TABLE, s if s.prefixlen else None,
+                                        d if d.prefixlen else None))
             else:
                 # Only the protected traffic (from the local selectors to the remote ones):
                 # the gateway's own traffic to the same destinations keeps its normal route.
@@ -723,7 +874,7 @@ class StrongswanBackend:
             if best is None or _s(c.get("state")) == "INSTALLED":
                 best, ike = c, sa
         if best is None:
-            state = PathState.WAITING if path else PathState.DOWN
+            state = PathState.DOWN if path is None else PathState.TRAPPED if path.on_traffic else PathState.WAITING
             return PathStatus(
                 path_id,
                 state,
@@ -731,6 +882,7 @@ class StrongswanBackend:
                 remote=path.remote.address if path else None,
                 local_ts=path.local_ts if path else (),
                 remote_ts=path.remote_ts if path else (),
+                detail={"start": "on-traffic"} if path is not None and path.on_traffic else {},
             )
         cstate = _s(best.get("state"))
         state = {"INSTALLED": PathState.UP, "CREATED": PathState.CONNECTING,
@@ -758,7 +910,8 @@ class StrongswanBackend:
             remote_ts=nets("remote-ts"),
             detail={"ike": ike["name"], "ike_state": _s(ike.get("state")),
                     "child_state": cstate, "encap": _s(best.get("encap", "no")),
-                    "protocol": _s(best.get("protocol", ""))},
+                    "protocol": _s(best.get("protocol", "")),
+                    **({"start": "on-traffic"} if path is not None and path.on_traffic else {})},
         )
 
     async def status(self, path_id: str) -> PathStatus:
@@ -790,10 +943,12 @@ class StrongswanBackend:
         # a path new to this object cannot have a CHILD_SA yet (the peer can only negotiate
         # what we have configured); a known one is checked so a repeat install is a no-op
         sas = await self._list_sas(name) if known else []
-        if not any(
+        if not path.on_traffic and not any(
             _s(c.get("state")) == "INSTALLED" for _sa, c in self._children(sas, name, path.id)
         ):
             await self._initiate(path)
+            sas = await self._list_sas(name)
+        elif path.on_traffic:
             sas = await self._list_sas(name)
         return self._status(path.id, sas)
 
@@ -836,7 +991,8 @@ class StrongswanBackend:
             await self.qos.remove(new.id)
             if new.qos is not None:
                 await self.qos.apply(new.id, new.qos, new.local_ts, new.remote_ts)
-            await self._initiate(new)
+            if not new.on_traffic:
+                await self._initiate(new)
             await self._terminate_children(old_conn, old.id)
             await self._terminate_empty_ike(old_conn)
             return await self.status(new.id)
@@ -921,7 +1077,7 @@ class StrongswanBackend:
             # bring up what is wanted but not established (the peer may not be ready)
             sas = await self._list_sas()
             for p in wanted:
-                if not any(
+                if not p.on_traffic and not any(
                     _s(c.get("state")) == "INSTALLED"
                     for _sa, c in self._children(sas, conn_name(p), p.id)
                 ):

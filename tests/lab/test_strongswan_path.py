@@ -186,6 +186,7 @@ def make_path(
     suite: EspSuite = EspSuite.AES128GCM16,
     qos: Qos | None = None,
     psk: Secret | None = None,
+    on_traffic: bool = False,
 ) -> VpnPath:
     return VpnPath(
         id=path_id,
@@ -195,6 +196,7 @@ def make_path(
         remote_ts=(ipaddress.IPv4Network("198.18.20.0/24"),),
         security=SecurityService(suite=suite, psk=psk or PAIR_PSK, lifetime=3600),
         qos=qos,
+        on_traffic=on_traffic,
     )
 
 
@@ -492,4 +494,91 @@ def test_charon_restart_reconcile_restores_path(chain: Chain) -> None:
         run(c.a.flush())
         run(c.b.flush())
     assert sas(c, "a") == [] and sas(c, "b") == []
+    assert routing_leftovers(c, "a") == [] and routing_leftovers(c, "b") == []
+
+
+def trap_policies(c: Chain, node: str) -> list[str]:
+    """Names of the children charon has installed as trap policies."""
+    import socket as s
+
+    import vici
+
+    sock = s.socket(s.AF_UNIX)
+    sock.connect(str(vici_socket_path(c.run_dir, node)))
+    try:
+        return [v["child"].decode() for entry in vici.Session(sock).list_policies({"trap": "yes"})
+                for v in entry.values()]
+    finally:
+        sock.close()
+
+
+def wait_up(c: Chain, backend: StrongswanBackend, path_id: str, within: float = 15) -> PathState:
+    """Poll a path's state until UP or ``within`` seconds passed (a bound, not a timing)."""
+    deadline = time.monotonic() + within
+    while True:
+        st = run(backend.status(path_id)).state
+        if st is PathState.UP or time.monotonic() > deadline:
+            return st
+        time.sleep(0.1)
+
+
+def test_on_traffic_trap_first_packet_brings_path_up(chain: Chain) -> None:
+    """Claim 5 with user-space ESP: an on-traffic path is a trap (no CHILD_SA, no IKE_SA)
+    until the first packet; that packet makes the backend negotiate the CHILD_SA and the
+    following ones are carried as ESP-in-UDP.  Then the other direction triggers too."""
+    c = chain
+    assert c.a is not None and c.b is not None
+    path = make_path(on_traffic=True)
+    pcap = c.run_dir / "core-a-trap.pcap"
+    cap = subprocess.Popen(
+        ["ip", "netns", "exec", c.ns["core"], "tcpdump", "-q", "-U", "--immediate-mode", "-n",
+         "-i", "to-a", "-w", str(pcap)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    c.procs.append(cap)
+    try:
+        time.sleep(0.5)
+        st_b = run(c.b.install(path.mirrored()))
+        st_a = run(c.a.install(path))
+        assert (st_a.state, st_b.state) == (PathState.TRAPPED, PathState.TRAPPED), f"{st_a}\n{st_b}"
+        assert st_a.detail.get("start") == "on-traffic"
+        # installed as a trap at both ends, nothing negotiated, nothing on the wire
+        assert trap_policies(c, "a") == [path.id] and trap_policies(c, "b") == [path.id]
+        time.sleep(1.0)
+        assert sas(c, "a") == [] and sas(c, "b") == []
+        assert c.a.acquires == 0 and c.b.acquires == 0
+        # the first packet (from the MN side) brings the path up; the packet itself is lost
+        c.ping(1)
+        assert wait_up(c, c.a, path.id) is PathState.UP, charon_logs(c)
+        assert c.a.acquires >= 1  # our acquire (libipsec's drop message) did it, not a retry
+        assert child_names(c, "a") == [path.id] and child_names(c, "b") == [path.id]
+        assert c.ping(3), f"ping after the trap fired failed\n{c.last_ping}"
+        assert c.ping(2, src_ns="h2", dst=HOA), "ping CN -> MN failed"
+        [st] = run(c.a.list())
+        assert st.state is PathState.UP and st.packets_out >= 5 and st.packets_in >= 5
+        # the CHILD_SA goes (e.g. DPD cleared it): the trap stays, the next packet from the
+        # *correspondent's* side brings it up again through the other end's trap
+        run(c.a._terminate_children(f"mipvpn-{GW_A}-{GW_B}", path.id))
+        deadline = time.monotonic() + 5
+        while child_names(c, "b") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert child_names(c, "a") == [] and child_names(c, "b") == []
+        assert run(c.a.status(path.id)).state is PathState.TRAPPED
+        assert trap_policies(c, "a") == [path.id] and trap_policies(c, "b") == [path.id]
+        before_b = c.b.acquires
+        c.ping(1, src_ns="h2", dst=HOA)
+        assert wait_up(c, c.b, path.id) is PathState.UP, charon_logs(c)
+        assert c.b.acquires > before_b
+        assert c.ping(2, src_ns="h2", dst=HOA)
+        assert c.ping(2)
+        time.sleep(0.3)
+    finally:
+        _kill(cap)
+        run(c.a.flush())
+        run(c.b.flush())
+    # on the link between the gateways: the carried traffic is ESP-in-UDP, never cleartext
+    assert tshark_count(pcap, "esp && udp.port == 4500") >= 10
+    assert tshark_count(pcap, f"ip.addr == {HOA} || ip.addr == {CN} || icmp") == 0
+    assert sas(c, "a") == [] and sas(c, "b") == []
+    assert trap_policies(c, "a") == [] and trap_policies(c, "b") == []
     assert routing_leftovers(c, "a") == [] and routing_leftovers(c, "b") == []
