@@ -29,6 +29,7 @@ this module contains them.
 from __future__ import annotations
 
 import asyncio
+import base64
 import enum
 import hashlib
 import hmac
@@ -291,6 +292,31 @@ def _token_record(token: str) -> str:
     salt = secrets.token_bytes(16)
     digest = _hash_token(token, salt)
     return f"scrypt${_SCRYPT_N}${_SCRYPT_R}${_SCRYPT_P}${salt.hex()}${digest.hex()}"
+
+
+TOKEN_PREFIX = "mvt_"
+
+
+def _new_token(nai: str) -> str:
+    """``mvt_`` + the owner's NAI (base64url, unpadded) + ``.`` + 256 random bits (base64url).
+    The NAI part only says which user's hash to check; the random part is the secret."""
+    owner = base64.urlsafe_b64encode(nai.encode()).decode().rstrip("=")
+    return f"{TOKEN_PREFIX}{owner}.{secrets.token_urlsafe(32)}"
+
+
+def token_owner(token: str) -> str | None:
+    """The NAI a token claims to belong to (unverified: check it with ``verify_token``);
+    ``None`` if the token is not of that form."""
+    if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX) or len(token) > 1024:
+        return None
+    owner, dot, rest = token[len(TOKEN_PREFIX):].partition(".")
+    if not dot or not owner or not rest:
+        return None
+    try:
+        nai = base64.urlsafe_b64decode(owner + "=" * (-len(owner) % 4)).decode()
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return nai if "@" in nai and nai.isprintable() else None
 
 
 def _token_matches(token: str, record: str | None) -> bool:
@@ -838,7 +864,7 @@ class VpnDatabase(ABC):
     def issue_token(self, nai: str) -> str:
         """A fresh API token for ``nai``, returned once and stored only as a salted scrypt hash;
         it replaces any earlier token."""
-        token = "mvt_" + secrets.token_urlsafe(32)
+        token = _new_token(nai)
         record = _token_record(token)
 
         def run(cur: _Cursor) -> str:
@@ -861,6 +887,12 @@ class VpnDatabase(ABC):
     def has_token(self, nai: str) -> bool:
         with self._tx() as cur:
             return cur.one("SELECT 1 FROM user_tokens WHERE nai = ?", (nai,)) is not None
+
+    def authenticate_token(self, token: str) -> str | None:
+        """The NAI whose current token ``token`` is (user enabled), or ``None``. The token names
+        its owner (:func:`token_owner`), so one hash is checked, not every user's."""
+        owner = token_owner(token)
+        return owner if owner is not None and self.verify_token(owner, token) else None
 
     def verify_token(self, nai: str, token: str) -> bool:
         """True if ``token`` is the current token of the enabled user ``nai``."""
@@ -978,8 +1010,21 @@ class AsyncVpnDatabase:
     async def verify_token(self, nai: str, token: str) -> bool:
         return await asyncio.to_thread(self.db.verify_token, nai, token)
 
+    async def authenticate_token(self, token: str) -> str | None:
+        return await asyncio.to_thread(self.db.authenticate_token, token)
+
+    async def profile(self, nai: str, profile_id: int) -> VpnProfile | None:
+        return await asyncio.to_thread(self.db.profile, nai, profile_id)
+
+    async def add_profile(self, nai: str, destination: Any, gateway: str | None = None, /,
+                          **fields: Any) -> VpnProfile:
+        return await asyncio.to_thread(self.db.add_profile, nai, destination, gateway, **fields)
+
     async def update_profile(self, nai: str, profile_id: int, /, **changes: Any) -> VpnProfile:
         return await asyncio.to_thread(self.db.update_profile, nai, profile_id, **changes)
+
+    async def remove_profile(self, nai: str, profile_id: int) -> None:
+        await asyncio.to_thread(self.db.remove_profile, nai, profile_id)
 
     async def close(self) -> None:
         await asyncio.to_thread(self.db.close)
