@@ -14,6 +14,8 @@ File format (see ``lab/topologies/default.yaml``)::
       core: {role: router}
       ha:   {role: ha, domain: home.example, upstream: core}
       mn1:  {role: mn, domain: home.example, attach: fa1}
+      cngw2: {role: cngw, domain: corp.example, upstream: core, mode: dynamic,
+              settings: {binding_request_threshold: 10}}
     links:                        # point-to-point: exactly two ends with addresses
       - {prefix: 198.18.0.0/30, ends: {core: 198.18.0.1, ha: 198.18.0.2}}
     segments:                     # access segments: a bridge owned by an agent node
@@ -25,6 +27,11 @@ File format (see ``lab/topologies/default.yaml``)::
 A user without ``mn`` is *synthetic*: it exists in the home network (VPN database, home agent)
 but no mobile node daemon runs for it; a load generator registers on its behalf
 (``mipvpn bench register``).
+
+A CN-GW's ``mode`` is ``static`` (the default: a standing tunnel to the home agents) or
+``dynamic`` (paths to the foreign agents on Binding Updates: route optimisation). A node's
+``settings`` mapping is handed, unread, to the configuration of the daemon it runs (field
+names of that role's configuration); the lab does not interpret it.
 
 Routing intent: every node but the root names its ``upstream`` neighbour; it gets a default
 route there, and every node on the way up learns the prefixes behind it.
@@ -46,6 +53,8 @@ ROLES = ("router", "host", "mn", "fa", "ha", "aaaf", "aaah", "cngw")
 FORWARDING_ROLES = frozenset({"router", "fa", "ha", "cngw"})
 # Roles that own an access segment an MN can attach to.
 ACCESS_ROLES = frozenset({"fa", "ha"})
+# Node modes, per role (the first is the default).
+MODES = {"cngw": ("static", "dynamic")}
 # Roles whose nodes may run a domain's Diameter relay (they run no Diameter daemon of their own).
 RELAY_ROLES = frozenset({"router", "host"})
 LAB_ADDRESS_SPACE = ipaddress.ip_network("198.18.0.0/15")
@@ -71,6 +80,8 @@ class Node:
     domain: str | None = None
     upstream: str | None = None
     attach: str | None = None  # mobile nodes: the agent whose segment they start on
+    mode: str | None = None  # CN-GWs: static | dynamic (None: static)
+    settings: dict[str, Any] = field(default_factory=dict, compare=False)  # for the node's daemon, opaque here
 
 
 @dataclass(frozen=True)
@@ -182,6 +193,11 @@ class Topology:
         if seg:
             out.append((ACCESS_IFNAME, ipaddress.ip_interface(f"{seg.address}/{seg.prefix.prefixlen}")))
         return out
+
+    def mode(self, node: str) -> str | None:
+        """A node's mode (``MODES``), its role's default if the file names none."""
+        modes = MODES.get(self.nodes[node].role)
+        return self.nodes[node].mode or (modes[0] if modes else None)
 
     def mobile_nodes(self) -> list[Node]:
         return [n for n in self.nodes.values() if n.role == "mn"]
@@ -299,7 +315,7 @@ class _Parser:
                 raise self.fail(where, "invalid node name: lowercase letters and digits, starting "
                                 "with a letter, at most 11 characters, not a reserved interface name")
             spec = self.mapping(spec, where)
-            self.only_keys(spec, {"role", "domain", "upstream", "attach"}, where)
+            self.only_keys(spec, {"role", "domain", "upstream", "attach", "mode", "settings"}, where)
             role = spec.get("role")
             if role is None:
                 raise self.fail(f"{where}.role", "missing role")
@@ -308,7 +324,14 @@ class _Parser:
             domain = spec.get("domain")
             if domain is not None and domain not in domains_raw:
                 raise self.fail(f"{where}.domain", f"unknown domain {domain!r}")
-            nodes[nname] = Node(nname, role, domain, spec.get("upstream"), spec.get("attach"))
+            mode = spec.get("mode")
+            if mode is not None and mode not in MODES.get(role, ()):
+                allowed = MODES.get(role)
+                raise self.fail(f"{where}.mode", f"unknown mode {mode!r} (one of: {', '.join(allowed)})" if allowed
+                                else f"a {role} node has no mode")
+            settings = self.mapping(spec.get("settings") or {}, f"{where}.settings")
+            nodes[nname] = Node(nname, role, domain, spec.get("upstream"), spec.get("attach"), mode,
+                                dict(settings))
 
         domains: dict[str, dict[str, Any]] = {}
         for dname, spec in domains_raw.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import ipaddress
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +17,11 @@ DEFAULT = yaml.safe_load(Path("lab/topologies/default.yaml").read_text())
 
 def test_default_topology_is_the_design_one() -> None:
     topo = load()
-    assert set(topo.nodes) == {"core", "ha", "aaah", "aaaf1", "fa1", "fa2", "aaaf2", "fa3", "cngw", "cn", "mn1"}
+    assert set(topo.nodes) == {"core", "ha", "aaah", "aaaf1", "fa1", "fa2", "aaaf2", "fa3", "cngw", "cn", "cngw2",
+                               "cn2", "mn1"}
+    # Two correspondent networks: cngw HA-anchored (static), cngw2 route-optimised (dynamic).
+    assert (topo.mode("cngw"), topo.mode("cngw2"), topo.mode("ha")) == ("static", "dynamic", None)
+    assert topo.prefixes_behind("cngw2") == [ipaddress.IPv4Network("198.18.3.0/24")]
     assert topo.nodes["mn1"].attach == "fa1"
     assert topo.user_of("mn1").nai == "mn1@home.example"  # type: ignore[union-attr]
     # Core knows every stub prefix; cn is reached through cngw.
@@ -68,6 +73,12 @@ CASES = [
     ("home address off the home link", lambda d: d["users"][0].update({"home_address": "198.18.101.10"}),
      "users[0].home_address", "not inside 198.18.100.0/24"),
     ("missing nodes", lambda d: d.pop("nodes"), "nodes", "missing"),
+    ("unknown CN-GW mode", lambda d: d["nodes"]["cngw2"].update({"mode": "sometimes"}), "nodes.cngw2.mode",
+     "unknown mode 'sometimes' (one of: static, dynamic)"),
+    ("mode on a host", lambda d: d["nodes"]["cn"].update({"mode": "dynamic"}), "nodes.cn.mode",
+     "a host node has no mode"),
+    ("settings not a mapping", lambda d: d["nodes"]["cngw2"].update({"settings": [1]}), "nodes.cngw2.settings",
+     "must be a mapping"),
     ("link with three ends", lambda d: d["links"][0]["ends"].update({"aaah": "198.18.0.3"}), "links[0].ends",
      "exactly two ends"),
 ]

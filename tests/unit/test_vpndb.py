@@ -470,20 +470,25 @@ def test_seed_from_default_topology(db: VpnDatabase) -> None:
         "fa2": ("198.18.0.18", GatewayType.FA, "visit-a.example"),
         "fa3": ("198.18.0.26", GatewayType.FA, "visit-b.example"),
         "cngw": ("198.18.0.30", GatewayType.CNGW_STATIC, "corp.example"),
+        # seed_from_topology gives every CN-GW ``cngw_type``; provisioning then makes cngw2 dynamic
+        "cngw2": ("198.18.0.34", GatewayType.CNGW_STATIC, "corp.example"),
     }
-    assert [(r.gateway, str(r.prefix)) for r in db.routes()] == [("cngw", "198.18.2.0/24")]
+    assert [(r.gateway, str(r.prefix)) for r in db.routes()] == [("cngw", "198.18.2.0/24"), ("cngw2", "198.18.3.0/24")]
     assert db.gateway_for("198.18.2.10").name == "cngw"  # type: ignore[union-attr]
+    assert db.gateway_for("198.18.3.10").name == "cngw2"  # type: ignore[union-attr]
     realms = {r.name: (r.home_aaa, r.local_aaa) for r in db.realms()}
     assert realms["home.example"] == ("aaah", None) and realms["visit-a.example"] == (None, "aaaf1")
 
-    (profile,) = db.profiles_for(nai)
+    profile, profile2 = db.profiles_for(nai)
     assert (str(profile.destination), profile.gateway, profile.gateway_type, profile.suite, profile.qos) == (
         "198.18.2.0/24", "cngw", CngwMode.STATIC, EspSuite.AES128GCM16, None)
+    assert (str(profile2.destination), profile2.gateway) == ("198.18.3.0/24", "cngw2")
 
     # New secrets on the next lab run replace the old ones; the profile stays.
     db.seed_from_topology(topo, {nai: SECRET2}, cngw_type="cngw-dynamic")
     assert db.mn_aaa_secret(nai, 0x3000) == SECRET2
-    assert [(p.id, p.gateway_type) for p in db.profiles_for(nai)] == [(profile.id, CngwMode.DYNAMIC)]
+    assert [(p.id, p.gateway_type) for p in db.profiles_for(nai)] == [(profile.id, CngwMode.DYNAMIC),
+                                                                      (profile2.id, CngwMode.DYNAMIC)]
     with pytest.raises(ValidationError, match=r"^secrets_by_nai: no MN-AAA secret for mn1@home.example"):
         db.seed_from_topology(topo, {})
 
