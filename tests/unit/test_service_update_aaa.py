@@ -1,0 +1,159 @@
+"""F7 over the real AAA chain on loopback (claim 24): the user changes a profile through the
+AAAH's profile API; an intra-domain move without a service update is still answered from the
+AAAF's cache (the old VPN info), one with the service-update NVSE goes through to the AAAH,
+which rebuilds the VPN info from the changed profile. The AAAH, AAAF, VPN database and API are
+the real objects; FA and HA are bare Diameter nodes (tests.unit.test_aaa)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from daemons import mip, vpninfo
+from daemons.aaah import HomeAAAServer
+from daemons.config import ProfileApiConfig
+from daemons.diameter import ResultCode
+from daemons.ipsec.path import EndpointType, Qos
+from daemons.mip.vendor import service_update, service_update_extension
+from daemons.profileapi import ProfileApi
+from daemons.secret import Secret
+from tests.unit.test_aaa import (
+    COA,
+    HA_ADDR,
+    HOA,
+    LO,
+    MN_AAA,
+    MN_HA,
+    NAI,
+    SPI_MN_AAA,
+    SPI_MN_HA,
+    aaah_config,
+    free_port,
+    run,
+    world,
+)
+
+COA2 = IPv4Address("198.18.2.2")
+OTHER = "mn3@home.example"
+
+
+def rrq(coa: IPv4Address, *, previous: IPv4Address | None = None, update: int | None = None) -> bytes:
+    extensions: list[mip.Extension] = [mip.NAIExtension(NAI)]
+    if previous is not None:
+        extensions.append(mip.previous_fa_extension(previous))
+    if update is not None:
+        extensions.append(service_update_extension(update))
+    req = mip.RegistrationRequest(home_address=HOA, home_agent=HA_ADDR, care_of_address=coa,
+                                  identification=mip.ntp_identification(time.time()), lifetime=300,
+                                  extensions=extensions)
+    req = mip.sign(req, mip.EXT_MN_HA_AUTH, SPI_MN_HA, MN_HA)
+    req = req.with_extensions(mip.MNFAChallengeExtension(bytes(range(16))))
+    return mip.sign(req, mip.EXT_GEN_AUTH, SPI_MN_AAA, MN_AAA).encode()
+
+
+async def patch(base: str, nai: str, pid: int, token: str, body: dict[str, Any]) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as s, s.patch(f"{base}/v1/users/{nai}/profiles/{pid}", json=body,
+                                                     headers={"Authorization": f"Bearer {token}"}) as r:
+        return r.status, await r.json()
+
+
+def path_to_ha(infos: list[vpninfo.VpnInfo]) -> vpninfo.VpnInfo:
+    (info,) = [i for i in infos if i.path.remote.type is EndpointType.HA]
+    return info
+
+
+def test_service_update_bypasses_the_aaaf_cache_and_uses_the_changed_profile(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with world(tmp_path) as w:
+            db = w.aaah.db
+            assert db is not None
+            db.add_user(OTHER, "198.18.1.12", HA_ADDR, SPI_MN_AAA, Secret(b"o" * 16))
+            token, other = db.issue_token(NAI), db.issue_token(OTHER)
+            api = ProfileApi(db, LO, 0)
+            await api.start()
+            try:
+                base = f"http://{LO}:{api.port}"
+                _, ama = await w.register(rrq(COA))
+                assert ama.result_code == ResultCode.DIAMETER_SUCCESS
+                assert path_to_ha(vpninfo.from_message(ama, NAI)).path.qos == Qos(1_000_000, 2_000_000, 2)
+                static = next(p for p in db.profiles_for(NAI) if p.gateway == "cngw")
+
+                # Another user's token cannot touch it; the user's own can.
+                status, answer = await patch(base, NAI, static.id, other, {"qos_rate": 1})
+                assert (status, answer["error"]) == (403, "forbidden")
+                status, answer = await patch(base, NAI, static.id, token,
+                                             {"qos_rate": 5_000_000, "qos_ceil": 8_000_000, "qos_priority": 1})
+                assert status == 200, answer
+
+                # A move inside the domain without a service update: the AAAF answers from its cache.
+                amrs = len(w.amrs_at_aaah)
+                _, ama = await w.register(rrq(COA2, previous=COA))
+                assert ama.result_code == ResultCode.DIAMETER_SUCCESS and ama.get("MIP-Reg-Reply") is None
+                assert len(w.amrs_at_aaah) == amrs
+                assert path_to_ha(vpninfo.from_message(ama, NAI)).path.qos == Qos(1_000_000, 2_000_000, 2)
+
+                # The same move back with a service update: relayed to the AAAH, RRQ unchanged,
+                # VPN info rebuilt from the changed profile, a fresh HAR to the HA.
+                hars = len(w.ha.hars)
+                raw = rrq(COA, previous=COA2, update=7)
+                _, ama = await w.register(raw)
+                assert ama.result_code == ResultCode.DIAMETER_SUCCESS
+                assert mip.decode_message(ama.get("MIP-Reg-Reply")).accepted
+                assert len(w.amrs_at_aaah) == amrs + 1
+                seen = w.amrs_at_aaah[-1]
+                assert seen.get("MIP-Reg-Request") == raw
+                assert service_update(mip.decode_message(raw).extensions).sequence == 7
+                assert len(w.ha.hars) == hars + 1
+                infos = vpninfo.from_message(ama, NAI)
+                assert path_to_ha(infos).path.qos == Qos(5_000_000, 8_000_000, 1)
+                assert path_to_ha(infos).path.local.address == COA
+                # ...and the AAAF caches the new info for the next intra-domain move.
+                cached = w.aaaf.store.get(NAI)
+                assert cached is not None and cached.fa == COA
+                assert path_to_ha(cached.for_fa()).path.qos == Qos(5_000_000, 8_000_000, 1)
+                counters = w.aaah.counters
+                assert counters.get("service_updates") == 1
+            finally:
+                await api.stop()
+
+    run(main())
+
+
+def test_aaah_serves_the_profile_api_when_configured(tmp_path: Path) -> None:
+    """The AAAH daemon starts the API from its configuration and stops it with itself."""
+
+    async def main() -> None:
+        async with world(tmp_path) as w:
+            db = w.aaah.db
+            assert db is not None
+            token = db.issue_token(NAI)
+            config = dataclasses.replace(aaah_config(tmp_path / "second", w.aaah.config.db_url, free_port()),
+                                         profile_api=ProfileApiConfig(IPv4Address(LO), free_port()))
+            aaah = HomeAAAServer(config)
+            await aaah.start()
+            try:
+                assert aaah.profile_api is not None
+                base = f"http://{LO}:{config.profile_api.port}"  # type: ignore[union-attr]
+                async with aiohttp.ClientSession() as s:
+                    async with s.get(f"{base}/v1/users/{NAI}/profiles",
+                                     headers={"Authorization": f"Bearer {token}"}) as r:
+                        assert r.status == 200
+                        assert {p["gateway"] for p in (await r.json())["profiles"]} >= {"cngw"}
+                    async with s.get(f"{base}/v1/users/{NAI}/profiles") as r:
+                        assert r.status == 401
+            finally:
+                await aaah.stop()
+            async with aiohttp.ClientSession() as s:
+                try:
+                    async with s.get(f"{base}/v1/gateways", timeout=aiohttp.ClientTimeout(total=5)) as r:
+                        raise AssertionError(f"still serving after stop: {r.status}")
+                except aiohttp.ClientConnectionError:
+                    pass
+
+    run(asyncio.wait_for(main(), 60))
