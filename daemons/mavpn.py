@@ -5,6 +5,12 @@ paths through whichever backend the node runs (xfrm or strongswan: the agents ne
 which), and persists the cache so a restarted agent reconciles its paths. The cache file
 holds key material: it lives in the daemon's private state directory (0700, files 0600),
 like the configuration files that hold the Mobile IP keys.
+
+Distribution (claim 5): a VpnInfo with ``VPN-Distribution = ON_TRAFFIC`` becomes a backend path
+with ``on_traffic`` set — installed as a trap, its SAs set up by the backend at the first
+packet (``show paths`` says ``trapped`` until then).  A network-to-network path shared by
+several users (the HA's side of a static CN-GW tunnel) is on-traffic only while *every* user
+that needs it asks for that: one user whose profile says at-registration brings it up.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ from daemons.ipsec.path import EndpointType, PathBackend, PathStatus, VpnPath
 from daemons.log import EventLog
 from daemons.state import StateFile
 from daemons.tasks import background
-from daemons.vpninfo import STATIC_OWNER, VpnInfo, from_static
+from daemons.vpninfo import ON_TRAFFIC, STATIC_OWNER, VpnInfo, from_static
 
 log = EventLog("mipvpn.mavpn")
 
@@ -112,15 +118,22 @@ class MavpnControl:
         await self.apply(nai, [])
 
     def backend_paths(self) -> dict[str, VpnPath]:
-        """What should be installed, by backend path id, over every cached user."""
-        paths = (self.backend_path(info) for info in self.wanted())
-        return {path.id: path for path in paths}
+        """What should be installed, by backend path id, over every cached user (a shared
+        path waits for traffic only if every user of it says so)."""
+        out: dict[str, VpnPath] = {}
+        for info in self.wanted():
+            path = self.backend_path(info)
+            have = out.get(path.id)
+            out[path.id] = path if have is None or not path.on_traffic else have
+        return out
 
     @staticmethod
     def backend_path(info: VpnInfo) -> VpnPath:
         """A user's path as the backend installs it: a network-to-network path (no per-user
         /32 selector) gets a name of its own, shared by every user that needs it."""
         path = info.path
+        if (info.distribution == ON_TRAFFIC) != path.on_traffic:
+            path = replace(path, on_traffic=info.distribution == ON_TRAFFIC)
         if path.user_addresses():
             return path
         digest = hashlib.sha256(repr((path.local_ts, path.remote_ts)).encode()).hexdigest()[:8]
