@@ -973,13 +973,21 @@ class StrongswanBackend:
     async def _update_locked(self, old: VpnPath, new: VpnPath) -> PathStatus:
         from dataclasses import replace
 
-        if replace(old, qos=new.qos) == new:  # only QoS changed
+        if replace(old, qos=new.qos, on_traffic=new.on_traffic) == new:  # only QoS / start changed
             self._paths[new.id] = new
+            if new.on_traffic != old.on_traffic:
+                # charon swaps the child config: the trap goes or comes, an established
+                # CHILD_SA stays; a path no longer on-traffic is brought up now
+                await self._load_pair(conn_name(new))
             if new.qos is None:
                 await self.qos.remove(new.id)
             else:
                 await self.qos.apply(new.id, new.qos, new.local_ts, new.remote_ts)
-            return await self.status(new.id)
+            status = await self.status(new.id)
+            if not new.on_traffic and status.state is not PathState.UP:
+                await self._initiate(new)
+                status = await self.status(new.id)
+            return status
         old_conn, new_conn = conn_name(old), conn_name(new)
         if old_conn != new_conn:
             # make-before-break: the new pair's CHILD_SA first, then drop the old one
