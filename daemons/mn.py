@@ -20,6 +20,7 @@ from daemons import mip
 from daemons.config import MNConfig
 from daemons.control import ControlServer
 from daemons.log import EventLog
+from daemons.mip.vendor import service_update_extension
 from daemons.net import UdpEndpoint, icmp_socket
 from daemons.routing import MobileNodeLink
 from daemons.tasks import background
@@ -56,7 +57,13 @@ class MobileNode:
         self.udp: UdpEndpoint | None = None
         self.icmp: socket.socket | None = None
         self.control = ControlServer(config.control_socket)
-        self.counters: dict[str, int] = {"requests": 0, "replies": 0, "malformed": 0, "solicitations": 0}
+        self.counters: dict[str, int] = {"requests": 0, "replies": 0, "malformed": 0, "solicitations": 0,
+                                         "service_updates": 0}
+        # F7: a service update asked for over the control socket: (sequence, its outcome). Every
+        # RRQ carries the service-update NVSE until a reply to one that carried it arrives.
+        self.service_update: tuple[int, asyncio.Future[int]] | None = None
+        self.service_update_seq = 0
+        self.service_update_sent: int | None = None  # the sequence the last RRQ carried
         self.events: list[dict[str, Any]] = []  # timestamped story, for the benchmarks
 
     def note(self, event: str, **fields: Any) -> None:
@@ -72,6 +79,7 @@ class MobileNode:
         self.control.register("registration", lambda _: self.show())
         self.control.register("events", lambda _: list(self.events))
         self.control.register("counters", lambda _: dict(self.counters))
+        self.control.register("service-update", self.request_service_update)
         await self.control.start()
         log.info("mn.ready", mn=self.config.nai, hoa=self.config.home_address)
         if await self.link.carrier():
@@ -174,13 +182,15 @@ class MobileNode:
                     await self.go_home(agent)
                 continue
             renew_at = self.registered_until - max(2.0, 0.2 * (self.registered_until - now))
-            if self.state != "registered" or self.registered_at != agent.address or now >= renew_at:
+            if self.state != "registered" or self.registered_at != agent.address or now >= renew_at \
+                    or self.service_update is not None:
                 await self.register(agent)
 
     async def register(self, agent: Agent) -> None:
         self.state = "registering"
         await self.link.away(agent.address)
         reply = await self.exchange(agent, self.config.lifetime, str(agent.care_of_address), agent.address)
+        self.service_update_answered(reply)
         if reply is None:
             self.state = "detached"
             return
@@ -214,6 +224,11 @@ class MobileNode:
         if self.registered_coa and self.registered_coa != coa and not agent.home:
             # Name the FA we were registered through, so the new one can tell it (F2/F6).
             extensions.append(mip.previous_fa_extension(self.registered_coa))
+        self.service_update_sent = None
+        if self.service_update is not None and not agent.home and lifetime > 0:
+            # F7: ask the home AAA server to rebuild our VPN info from the changed profile.
+            self.service_update_sent = self.service_update[0]
+            extensions.append(service_update_extension(self.service_update_sent))
         rrq = mip.RegistrationRequest(home_address=self.config.home_address, home_agent=self.config.home_agent,
                                       care_of_address=coa, identification=ident, lifetime=lifetime,
                                       extensions=extensions)
@@ -276,6 +291,38 @@ class MobileNode:
         self.counters["replies"] += 1
         if self.reply and not self.reply.done():
             self.reply.set_result(reply)
+
+    # ---- service update (F7, claim 24) ---------------------------------------------------
+    async def request_service_update(self, _request: dict[str, Any]) -> dict[str, Any]:
+        """Control command ``service-update``: re-register at once with the service-update
+        NVSE (the user changed a VPN profile) and answer with the registration's reply code."""
+        agent = self.agent
+        if agent is None or agent.home or self.state not in ("registered", "registering"):
+            raise RuntimeError(f"not registered through a foreign agent (state {self.state}): "
+                               "a service update rides on a registration")
+        if self.service_update is None:
+            self.service_update_seq = (self.service_update_seq + 1) & 0xFFFF
+            self.service_update = (self.service_update_seq, asyncio.get_running_loop().create_future())
+            self.note("service_update.requested", seq=self.service_update_seq)
+        seq, outcome = self.service_update
+        self.kick.set()
+        code = await asyncio.wait_for(asyncio.shield(outcome), 4 * self.config.retransmit_max)
+        return {"mn": self.config.nai, "sequence": seq, "code": code,
+                "accepted": code in (mip.ReplyCode.ACCEPTED, mip.ReplyCode.ACCEPTED_NO_SIMULTANEOUS_BINDINGS),
+                "agent": self.registered_at, "care_of_address": self.registered_coa}
+
+    def service_update_answered(self, reply: mip.RegistrationReply | None) -> None:
+        """A registration ended: if its request carried the pending service update, that is
+        the update's outcome (reply code; -1: no reply, the agent is gone)."""
+        pending, sent = self.service_update, self.service_update_sent
+        if pending is None or sent != pending[0]:
+            return
+        self.service_update = None
+        code = -1 if reply is None else int(reply.code)
+        self.counters["service_updates"] += 1
+        self.note("service_update.answered", seq=sent, code=code)
+        if not pending[1].done():
+            pending[1].set_result(code)
 
     # ---- show --------------------------------------------------------------------------
     def show(self) -> dict[str, Any]:
