@@ -45,6 +45,17 @@ Design
   ``src``/``dst`` and the outbound SPI (``at 20``: the kernel adds no IP options to the outer
   header).  The SPI is per path, so this is per user.  Only the egress (upstream) direction is
   shaped, as with the strongswan backend.
+* **On-traffic paths** (``VpnPath.on_traffic``, claim 5).  Installed without the outbound
+  SA: the inbound SA and all policies go in at once (the template names the path's reqid), the
+  outbound SA is *held* by the backend.  The first packet that matches the ``out`` policy finds
+  no SA, so the kernel queues an XFRM_MSG_ACQUIRE (and, with the default
+  ``xfrm_larval_drop``, drops the packet); a monitor thread on the ACQUIRE multicast group
+  matches the acquire's template reqid to the path and installs the held SA (the keys came
+  from the AAAH at registration, so no negotiation: one netlink round trip), which also
+  replaces the kernel's larval state.  The inbound SA must not wait: the peer's first packet
+  may arrive before this end sends anything (the peer's own trap fired), and a missing
+  inbound SA just drops ESP without telling anyone.  Until the acquire the path reports
+  ``TRAPPED``; an outbound SA the kernel already holds (after a restart) is kept.
 * Errors: kernel errors become :class:`XfrmPathError` (a :class:`PathError`) whose message is
   the kernel's (``XfrmError`` text incl. extended ack), the ``XfrmError`` is ``.cause``.
 
@@ -61,6 +72,7 @@ import errno
 import ipaddress
 import logging
 import socket
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
@@ -75,10 +87,12 @@ from daemons.ipsec.qos import HtbQos, QosClass, QosError, _tc
 from daemons.ipsec.xfrm_netlink import (
     IPPROTO_ESP,
     SA,
+    XFRMNLGRP_ACQUIRE,
     Policy,
     Selector,
     Tmpl,
     XfrmError,
+    XfrmMonitor,
     XfrmSocket,
 )
 
@@ -234,11 +248,19 @@ class XfrmBackend:
         self._qos: dict[str, EspQos] = {}  # by interface
         self._qos_if: dict[str, str] = {}  # path id -> interface
         self._lock = asyncio.Lock()
+        # on-traffic paths: path id -> outbound SA held back until the kernel's ACQUIRE
+        self._held: dict[str, SA] = {}
+        self._held_lock = threading.Lock()
+        self._watcher: threading.Thread | None = None
+        self._watch_stop = threading.Event()
+        #: number of acquires turned into an installed outbound SA (for tests and show)
+        self.acquires = 0
 
     def __repr__(self) -> str:
         return f"XfrmBackend(node={self.node!r}, netns={self.netns!r}, paths={len(self._paths)})"
 
     async def close(self) -> None:
+        await asyncio.to_thread(self._stop_watcher)
         if self._own_socket:
             await asyncio.to_thread(self._xs.close)
 
@@ -268,19 +290,21 @@ class XfrmBackend:
 
     # ---- kernel writes (run on the socket's worker thread) -------------------------------
 
-    def _apply_sync(self, want: PathEntries, old: PathEntries | None) -> dict[tuple[str, int, int], SA]:
+    def _apply_sync(self, want: PathEntries, old: PathEntries | None,
+                    hold_out: bool = False) -> dict[tuple[str, int, int], SA]:
         """Make the kernel hold ``want``; remove what of ``old`` ``want`` does not need.
 
         Returns the path's SAs as the kernel now holds them (with counters where they already
         existed), so ``install`` needs no extra round trips for its status.
-        On failure, entries this call added are deleted again (nothing else is touched)."""
+        On failure, entries this call added are deleted again (nothing else is touched).
+        ``hold_out``: leave the outbound SA out (an on-traffic path before its first packet)."""
         xs = self._xs
         now: dict[tuple[str, int, int], SA] = {}
         added_sas: list[SA] = []
         added_pols: list[Policy] = []
         try:
             replace_later: list[SA] = []
-            for sa in want.sas:
+            for sa in (want.sa_in,) if hold_out else want.sas:
                 now[_sa_key(sa)] = sa
                 try:
                     xs.add_sa(sa)
@@ -328,7 +352,65 @@ class XfrmBackend:
             xs.add_sa(sa)
         if old is not None:
             self._delete_sync(old, keep=want)
+        if hold_out:  # an outbound SA left from before (other keys, or the path was up) goes
+            with contextlib.suppress(XfrmError):
+                xs.delete_sa(want.sa_out.dst, want.sa_out.spi, proto=want.sa_out.proto)
         return now
+
+    # ---- on-traffic paths: the ACQUIRE monitor ------------------------------------------
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is not None and self._watcher.is_alive():
+            return
+        self._watch_stop.clear()
+        monitor = XfrmMonitor(self.netns, (XFRMNLGRP_ACQUIRE,))  # subscribed before we return
+        self._watcher = threading.Thread(target=self._watch, args=(monitor,), name=f"acquire-{self.node}",
+                                         daemon=True)
+        self._watcher.start()
+
+    def _stop_watcher(self) -> None:
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=3)
+            self._watcher = None
+
+    def _watch(self, monitor: XfrmMonitor) -> None:
+        """Thread: ACQUIREs for one of our held paths install its outbound SA."""
+        try:
+            while not self._watch_stop.is_set():
+                try:
+                    events = monitor.read(timeout=0.5)
+                except OSError as exc:
+                    log.warning("%s: acquire monitor: %s", self.node, exc)
+                    self._watch_stop.wait(0.5)
+                    continue
+                for event in events:
+                    if event.kind == "acquire" and event.policy is not None:
+                        for tmpl in event.policy.tmpls:
+                            if ours(tmpl.reqid):
+                                self._acquire(tmpl.reqid)
+        finally:
+            monitor.close()
+
+    def _acquire(self, reqid: int) -> None:
+        path_id = self._by_reqid.get(reqid)
+        if path_id is None:
+            return
+        with self._held_lock:
+            sa = self._held.get(path_id)
+            if sa is None or sa.reqid != reqid:
+                return
+            try:
+                self._xs.add_sa(sa)  # replaces the kernel's larval (acquire) state
+            except XfrmError as exc:
+                if exc.errno != errno.EEXIST:
+                    log.warning("%s: first packet for %s, but its SA could not be installed: %s",
+                                self.node, path_id, exc)
+                    return
+            del self._held[path_id]
+            self.acquires += 1
+        log.info("%s: first packet for on-traffic path %s: outbound SA spi 0x%08x installed",
+                 self.node, path_id, sa.spi)
 
     def _delete_sync(self, old: PathEntries, keep: PathEntries | None = None) -> None:
         xs = self._xs
@@ -423,13 +505,23 @@ class XfrmBackend:
         reqid = old.reqid if old is not None else await self._alloc_reqid()
         want = path_entries(path, reqid)
         unchanged = old == want and self._paths.get(path.id) == path
+        # on-traffic: hold the outbound SA back unless this very SA is already up (acquired)
+        hold = path.on_traffic and not (old is not None and path.id not in self._held
+                                        and _sa_same(old.sa_out, want.sa_out))
+        if hold:
+            self._ensure_watcher()
         self._by_reqid[reqid] = path.id
-        try:
-            sas = await self._x(self._apply_sync, want, old)  # rolls back what it added on failure
-        except BaseException:
-            if old is None:
-                self._by_reqid.pop(reqid, None)
-            raise
+        with self._held_lock:
+            try:
+                sas = await self._x(self._apply_sync, want, old, hold)  # rolls back what it added on failure
+            except BaseException:
+                if old is None:
+                    self._by_reqid.pop(reqid, None)
+                raise
+            if hold:
+                self._held[path.id] = want.sa_out
+            else:
+                self._held.pop(path.id, None)
         self._paths[path.id] = path
         self._entries[path.id] = want
         if not unchanged or (path.qos is not None and path.id not in self._qos_if):
@@ -442,6 +534,8 @@ class XfrmBackend:
             if entries is None:
                 log.debug("%s: remove %s: not installed by this backend", self.node, path_id)
                 return
+            with self._held_lock:
+                self._held.pop(path_id, None)
             await self._x(self._delete_sync, entries)
             await self._qos_remove(path_id)
             self._entries.pop(path_id)
@@ -456,6 +550,8 @@ class XfrmBackend:
                     await qos.remove(key)
             self._qos_if.clear()
             self._paths.clear()
+            with self._held_lock:
+                self._held.clear()
             self._entries.clear()
             self._by_reqid.clear()
             self._kernel_reqids = set()
@@ -491,8 +587,17 @@ class XfrmBackend:
                 log.info("%s: reconcile removed %d stray xfrm entries", self.node, removed)
             self._paths = {p.id: p for p in wanted}
             self._entries = {}
+            with self._held_lock:
+                self._held.clear()
+            if any(p.on_traffic for p in wanted):
+                self._ensure_watcher()
             for p in wanted:
-                await self._x(self._apply_sync, entries[p.id], None)
+                # an on-traffic path whose outbound SA the kernel holds already stays up
+                hold = p.on_traffic and _sa_key(entries[p.id].sa_out) not in existing
+                with self._held_lock:
+                    await self._x(self._apply_sync, entries[p.id], None, hold)
+                    if hold:
+                        self._held[p.id] = entries[p.id].sa_out
                 self._entries[p.id] = entries[p.id]
             # QoS: start from a clean slate on every interface we shaped or will shape
             for qos in self._qos.values():
@@ -511,6 +616,8 @@ class XfrmBackend:
         inn = sas.get(_sa_key(e.sa_in))
         n_pol = sum(1 for p in e.policies if _pol_key(p) in pols)
         state = PathState.UP if out is not None and inn is not None and n_pol == len(e.policies) else PathState.DOWN
+        if path_id in self._held and out is None:
+            state = PathState.TRAPPED if inn is not None and n_pol == len(e.policies) else PathState.DOWN
         return PathStatus(
             path_id, state, local=path.local.address, remote=path.remote.address,
             spi_in=e.sa_in.spi, spi_out=e.sa_out.spi,
@@ -519,6 +626,7 @@ class XfrmBackend:
             local_ts=path.local_ts, remote_ts=path.remote_ts,
             detail={"reqid": f"0x{e.reqid:08x}", "policies": f"{n_pol}/{len(e.policies)}",
                     "suite": path.security.suite.value, "mode": "tunnel",
+                    **({"start": "on-traffic"} if path.on_traffic else {}),
                     **({"qos_dev": self._qos_if[path_id]} if path_id in self._qos_if else {})},
         )
 

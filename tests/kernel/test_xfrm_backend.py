@@ -307,3 +307,56 @@ def test_ipip_tunnel_carries_ping(chain: Chain) -> None:
     finally:
         for ns in (chain.a, chain.b):
             subprocess.run(["ip", "-n", ns, "link", "del", "mip0"], check=False)
+
+
+def test_on_traffic_path_waits_for_acquire(chain: Chain) -> None:
+    """Claim 5 with kernel xfrm: an on-traffic path has its policies and inbound SA but no
+    outbound SA; the first packet makes the kernel send XFRM_MSG_ACQUIRE and the backend
+    installs the held SA (keys from the AAAH, no negotiation).  At both ends."""
+    path = replace(make_path("mn1@home.example:trap", spi=0x3000), on_traffic=True)
+
+    def ours_states(ns: str) -> list[tuple[str, str, int]]:
+        return [s[:3] for s in states(ns) if s[2] != 0]  # not the kernel's larval (acquire) state
+
+    async def wait_up(backend: XfrmBackend) -> PathState:
+        for _ in range(200):  # a bound, not a timing (the VM is slow)
+            state = (await backend.status(path.id)).state
+            if state is PathState.UP:
+                break
+            await asyncio.sleep(0.1)
+        return state
+
+    async def go() -> None:
+        ba, bb = XfrmBackend("a", chain.a, xfrm=chain.xa), XfrmBackend("b", chain.b, xfrm=chain.xb)
+        try:
+            st_b = await bb.install(path.mirrored())
+            st_a = await ba.install(path)
+            assert (st_a.state, st_b.state) == (PathState.TRAPPED, PathState.TRAPPED)
+            assert st_a.detail["start"] == "on-traffic"
+            # the policies and the inbound SA only: nothing to send with yet
+            assert ours_states(chain.a) == [(B_WAN, A_WAN, 0x3001)]
+            assert ours_states(chain.b) == [(A_WAN, B_WAN, 0x3000)]
+            assert len(policies(chain.a)) == 3 and len(policies(chain.b)) == 3
+            assert (ba.acquires, bb.acquires) == (0, 0)
+            # the first request is dropped at a (acquire), the first reply at b (acquire)
+            await asyncio.to_thread(chain.ping, CN, 4)
+            assert await wait_up(ba) is PathState.UP
+            assert await wait_up(bb) is PathState.UP
+            assert ba.acquires == 1 and bb.acquires == 1
+            assert ours_states(chain.a) == [(A_WAN, B_WAN, 0x3000), (B_WAN, A_WAN, 0x3001)]
+            ping = await asyncio.to_thread(chain.ping, CN, 3)
+            assert ping.returncode == 0 and " 0% packet loss" in ping.stdout, ping.stdout + ping.stderr
+            st = await ba.status(path.id)
+            assert st.packets_out >= 3 and st.packets_in >= 3
+            # installing the same path again keeps it up (no new trap)
+            assert (await ba.install(path)).state is PathState.UP
+        finally:
+            await ba.flush()
+            await bb.flush()
+            await ba.close()
+            await bb.close()
+        for ns in (chain.a, chain.b):
+            assert chain.xfrm(ns, "xfrm policy") == ""
+            assert [s for s in states(ns) if s[2] != 0] == []
+
+    arun(go())
