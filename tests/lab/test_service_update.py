@@ -1,0 +1,167 @@
+"""Flow F7 (claim 24): the user changes their own VPN profile through the AAAH's HTTP API
+(`mipvpn profile`, token per user; another user's token gets 403), then tells the MN
+(`mipvpn mn service-update`): the MN's RRQ carries the service-update NVSE (vendor 32473,
+type 3), goes FA -> AAAF -> AAAH inside the AMR, the AAAH rebuilds the VPN info from the
+changed profile and the FA's installed paths change accordingly.
+
+Two changes, both asserted at the FA and on the wire:
+1. a static-gateway profile gets QoS: the FA's FA⇄HA path gets an HTB class with that rate;
+2. route optimisation (F4): the user removes the dynamic-gateway profile (cn2 behind cngw2),
+   the FA⇄cngw2 path goes; the user adds it back, FA⇄cngw2 comes back and mn1 reaches cn2
+   over it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT, LabEnv
+from tests.lab.mipkit import binding_via, show, tshark, wait_for
+
+pytestmark = pytest.mark.lab
+
+NAI, OTHER = "mn1@home.example", "mn9@home.example"
+HOA = "198.18.100.10"
+FA1 = "198.18.0.14"
+AAAF1, AAAH = "198.18.0.10", "198.18.0.6"
+CNGW2, CN2, CN2_NET = "198.18.0.34", "198.18.3.10", "198.18.3.0/24"
+API = f"http://{AAAH}:8080"
+# The service-update NVSE as it sits in the RRQ: type 134, length 12, reserved, vendor 32473, type 3,
+# then version 1, reserved 0 and the 16-bit sequence.
+NVSE_HEAD = "860c" + "0000" + "00007ed9" + "0003" + "0100"
+
+
+def profile(env: LabEnv, token: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    """`mipvpn profile ...` as a user would run it, from the core router's namespace (the
+    request crosses the core-aaah link), token from the environment."""
+    proc = subprocess.run(["ip", "netns", "exec", env.ns("core"), "env", f"MIPVPN_TOKEN={token}",
+                           sys.executable, "-m", "daemons.cli", "profile", "--api", API, *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert token not in proc.stdout + proc.stderr
+    if check and proc.returncode != 0:
+        raise AssertionError(f"mipvpn profile {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n"
+                             f"{proc.stderr}")
+    return proc
+
+
+def service_update(env: LabEnv) -> dict:
+    out = json.loads(env.cli("mn", "service-update", "--node", "mn1", "--json").stdout)
+    assert out["accepted"] and out["code"] == 0 and out["care_of_address"] == FA1, out
+    return out
+
+
+def fa_paths(env: LabEnv) -> list[dict]:
+    return show(env, "paths", "fa1")  # type: ignore[return-value]
+
+
+def dynamic_paths(env: LabEnv) -> list[dict]:
+    return [p for p in fa_paths(env) if p["remote_type"] == "cngw-dynamic"]
+
+
+def htb_rates(env: LabEnv, node: str) -> str:
+    """Every tc class in the node's namespace, as text."""
+    links = env.exec(node, "ip", "-o", "link", "show").stdout
+    names = [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()]
+    return "\n".join(env.exec(node, "tc", "class", "show", "dev", name, check=False).stdout for name in names)
+
+
+def amr_rrqs(pcap: Path, *fields: str) -> list[list[str]]:
+    """Per AMR request: the MIP-Reg-Request as hex, then ``fields``."""
+    out = tshark(pcap, "-Y", "diameter.cmd.code == 260 && diameter.flags.request == 1", "-T", "fields",
+                 "-e", "diameter.MIP-Reg-Request", *(a for f in fields for a in ("-e", f)))
+    rows = [line.split("\t") for line in out.splitlines() if line.strip()]
+    return [[row[0].replace(":", ""), *row[1:]] for row in rows]
+
+
+def test_profile_change_plus_service_update_takes_effect(lab_up: LabEnv) -> None:
+    env = lab_up
+    wait_for(binding_via(env, FA1), timeout=20, what="binding via fa1")
+    wait_for(lambda: [p for p in fa_paths(env) if p["remote_type"] == "ha" and p.get("state") == "up"],
+             timeout=20, what="fa1's path to the HA up")
+    url = f"sqlite:///{env.run_dir / 'nodes' / 'aaah' / 'vpn.db'}"
+    token = env.cli("db", "token", "issue", NAI, "--url", url).stdout.strip()
+    # A second user of the home domain (no MN running), with a token of their own.
+    secret = env.run_dir / "mn9.secret"
+    secret.write_text(os.urandom(16).hex())
+    env.cli("db", "user", "add", OTHER, "--home-address", "198.18.100.19", "--home-agent", "198.18.100.1",
+            "--mn-aaa-secret-file", str(secret), "--url", url)
+    other = env.cli("db", "token", "issue", OTHER, "--url", url).stdout.strip()
+
+    profiles = {p["destination"]: p for p in json.loads(profile(env, token, "list", "--json").stdout)}
+    static, dynamic = profiles["198.18.2.0/24"], profiles[CN2_NET]
+    assert (static["gateway"], static["gateway_type"]) == ("cngw", "static")
+    assert (dynamic["gateway"], dynamic["gateway_type"]) == ("cngw2", "dynamic")
+
+    # Another user's token cannot read or change mn1's profiles; nothing changed.
+    for args in (("list",), ("set", str(static["id"]), "--qos-rate", "1M"), ("delete", str(dynamic["id"]))):
+        refused = profile(env, other, "--user", NAI, *args, check=False)
+        assert refused.returncode == 1 and "403 forbidden" in refused.stderr, refused
+    assert {p["destination"]: p for p in json.loads(profile(env, token, "list", "--json").stdout)} == profiles
+    # Validation errors name the field.
+    bad = profile(env, token, "set", str(static["id"]), "--gateway", "nowhere", check=False)
+    assert bad.returncode == 1 and "400 invalid: gateway:" in bad.stderr
+
+    # 1. QoS on the static-gateway profile: nothing happens until the service update...
+    assert "rate 5Mbit" not in htb_rates(env, "fa1")
+    profile(env, token, "set", str(static["id"]), "--qos-rate", "5M", "--qos-ceil", "8M", "--qos-priority", "1")
+    assert "rate 5Mbit" not in htb_rates(env, "fa1")
+    first = service_update(env)
+    # ...then the FA's path to the HA carries the user's new QoS.
+    wait_for(lambda: "rate 5Mbit ceil 8Mbit" in htb_rates(env, "fa1"), timeout=15, what="HTB class at fa1")
+
+    # 2. Route optimisation follows the profile: with F4, the dynamic-gateway profile gives
+    # FA⇄cngw2; removing it and updating removes the path, adding it back restores it.
+    wait_for(lambda: dynamic_paths(env), timeout=20, what="fa1's route-optimised path to cngw2")
+    profile(env, token, "delete", str(dynamic["id"]))
+    second = service_update(env)
+    wait_for(lambda: not dynamic_paths(env), timeout=15, what="FA⇄cngw2 gone after the update")
+    assert [p["remote_type"] for p in fa_paths(env)] == ["ha"]
+    added = json.loads(profile(env, token, "add", CN2_NET, "--json").stdout)
+    assert (added["gateway"], added["gateway_type"]) == ("cngw2", "dynamic")  # from the correspondence table
+    third = service_update(env)
+    (ro,) = wait_for(lambda: [p for p in dynamic_paths(env) if p.get("state") == "up"], timeout=20,
+                     what="FA⇄cngw2 back and up")
+    assert ro["remote"] == CNGW2
+    env.exec("mn1", "ping", "-c", "3", "-i", "0.2", "-W", "2", CN2)
+    assert [s["mn"] for s in show(env, "sessions", "aaah")] == [NAI]  # type: ignore[index]
+    counters = show(env, "counters", "aaah")
+    assert counters["service_updates"] == 3, counters  # type: ignore[index]
+
+    env.cli("lab", "capture", "stop")
+    captures = env.run_dir / "captures"
+    sequences = [f"{u['sequence']:04x}" for u in (first, second, third)]
+    assert len(set(sequences)) == 3
+
+    # On the access link: mn1's RRQs carry the NVSE, as tshark's own mip dissector reads it.
+    nvses = tshark(captures / "fa1-access.pcap", "-Y", "mip.type == 1 && mip.ext.nvse.vendor_type == 3",
+                   "-T", "fields", "-e", "mip.ext.nvse.vendor_id", "-e", "mip.ext.nvse.vendor_value")
+    seen = {line.split("\t")[1].replace(":", "")[-4:] for line in nvses.splitlines()
+            if line.startswith("32473\t")}
+    assert set(sequences) <= seen, nvses
+
+    # FA -> AAAF (core-fa1), AAAF -> AAAH (core-aaaf1 out, core-aaah in): the AMR carries the RRQ
+    # with the NVSE each way; at the AAAH it arrives from the AAAF and is answered 2001.
+    for seq in sequences:
+        marker = NVSE_HEAD + seq
+        assert any(marker in r[0] for r in amr_rrqs(captures / "core-fa1.pcap")), ("fa1", seq)
+        hops = amr_rrqs(captures / "core-aaaf1.pcap", "ip.src", "ip.dst")
+        assert any(marker in r[0] and r[1:] == [FA1, AAAF1] for r in hops), ("fa1 -> aaaf1", seq)
+        assert any(marker in r[0] and r[1:] == [AAAF1, AAAH] for r in hops), ("aaaf1 -> aaah", seq)
+        at_aaah = [r for r in amr_rrqs(captures / "core-aaah.pcap", "ip.src", "diameter.endtoendid")
+                   if marker in r[0]]
+        assert at_aaah and all(r[1] == AAAF1 for r in at_aaah), ("aaah", seq)
+        answers = tshark(captures / "core-aaah.pcap", "-Y",
+                         f"diameter.cmd.code == 260 && diameter.flags.request == 0 && "
+                         f"diameter.endtoendid == {at_aaah[-1][2]}",
+                         "-T", "fields", "-e", "ip.src", "-e", "diameter.Result-Code").split()
+        assert answers[:2] == [AAAH, "2001"], ("AMA", seq, answers)
+        # ...and the AAAH asked the HA with the same RRQ (HAR) before answering.
+        hars = tshark(captures / "core-ha.pcap", "-Y", "diameter.cmd.code == 262 && diameter.flags.request == 1",
+                      "-T", "fields", "-e", "diameter.MIP-Reg-Request").replace(":", "")
+        assert marker in hars, ("HAR", seq)
