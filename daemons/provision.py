@@ -34,7 +34,9 @@ SPI_MN_HA = 0x1000
 SPI_FA_HA = 0x2000
 SPI_MN_AAA = 0x3000
 SPI_FA_FA = 0x4000
+SPI_HA_CNGW = 0x5000  # binding security association HA <-> dynamic CN-GW (Binding Update/Ack/Request)
 STATIC_SUITE = EspSuite.AES128GCM16
+PROFILE_API_PORT = 8080  # the AAAH's user self-service profile API (claim 24), at its lab address
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,10 @@ class Plan:
         self.fas = self.role("fa")
         self.fa_ha_keys = {(fa, ha): _key() for fa in self.fas for ha in self.role("ha")}
         self.fa_fa_keys = {frozenset((a, b)): _key() for a in self.fas for b in self.fas if a < b}
+        # Route optimisation: each HA shares a binding key with each dynamic CN-GW (configuration,
+        # like the FA-HA keys: docs/protocol.md "Binding messages between the HA and a dynamic CN-GW").
+        self.dynamic_cngws = [n for n in self.role("cngw") if topo.mode(n) == "dynamic"]
+        self.ha_cngw_keys = {(ha, gw): _key() for ha in self.role("ha") for gw in self.dynamic_cngws}
 
     def role(self, role: str) -> list[str]:
         return [n for n, node in self.topo.nodes.items() if node.role == role]
@@ -154,7 +160,9 @@ class Plan:
             mobile_nodes=[cfg.MobileNodeEntry(u.nai, u.home_address, SPI_MN_HA, self.mn_keys[u.nai][0])
                           for u in self.topo.users if u.home_agent == node],
             foreign_agents=[cfg.PeerAgent(self.address(fa), SPI_FA_HA, key)
-                            for (fa, ha), key in self.fa_ha_keys.items() if ha == node])
+                            for (fa, ha), key in self.fa_ha_keys.items() if ha == node],
+            correspondent_gateways=[cfg.PeerAgent(self.address(gw), SPI_HA_CNGW, key)
+                                    for (ha, gw), key in self.ha_cngw_keys.items() if ha == node])
 
     def fa(self, node: str) -> cfg.FAConfig:
         seg = self.topo.segment_of(node)
@@ -169,12 +177,18 @@ class Plan:
             aaa=cfg.DiameterPeer(self.identity(aaa), self.realm(aaa), self.address(aaa)) if aaa else None)
 
     def cngw(self, node: str) -> cfg.CNGWConfig:
+        """A static CN-GW gets its standing tunnel to every HA; a dynamic one the binding
+        security association with every HA instead (its paths come in Binding Updates)."""
+        if node in self.dynamic_cngws:
+            return cfg.CNGWConfig(**self.common(node), address=self.address(node),
+                                  home_agents=[cfg.PeerAgent(self.address(ha), SPI_HA_CNGW, key)
+                                               for (ha, gw), key in self.ha_cngw_keys.items() if gw == node])
         return cfg.CNGWConfig(**self.common(node), address=self.address(node),
                               static_paths=[self.static_path(node, ha) for ha in self.role("ha")])
 
     def aaah(self, node: str) -> cfg.AAAHConfig:
         """The home AAA server, with its VPN database seeded from the topology's users."""
-        from daemons.vpndb import open_database
+        from daemons.vpndb import GatewayType, open_database
 
         db_path = node_dir(self.run_dir, node) / "vpn.db"
         db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -182,6 +196,9 @@ class Plan:
         try:
             db.seed_from_topology(self.topo, {nai: keys[1] for nai, keys in self.mn_keys.items()},
                                   mn_aaa_spi=SPI_MN_AAA, suite=STATIC_SUITE)
+            for gw in self.dynamic_cngws:  # its profiles follow the gateway's type: route-optimised
+                db.add_gateway(gw, self.address(gw), GatewayType.CNGW_DYNAMIC, self.topo.nodes[gw].domain,
+                               replace=True)
         finally:
             db.close()
         home_agents = []
@@ -190,7 +207,8 @@ class Plan:
             assert seg is not None
             home_agents.append(cfg.HomeAgentRef(seg.address, self.identity(ha), seg.prefix))
         return cfg.AAAHConfig(**self.common(node), address=self.address(node), db_url=f"sqlite:///{db_path}",
-                              master_secret=self.master, home_agents=home_agents, static_suite=STATIC_SUITE.value)
+                              master_secret=self.master, home_agents=home_agents, static_suite=STATIC_SUITE.value,
+                              profile_api=cfg.ProfileApiConfig(self.address(node), PROFILE_API_PORT))
 
     def aaaf(self, node: str) -> cfg.AAAFConfig:
         homes = [aaa for aaa in (spec.get("aaa") for spec in self.topo.domains.values())
@@ -255,6 +273,15 @@ class Plan:
                                      int(user.extra.get("lifetime", 300))))
         return out
 
+    def with_settings(self, node: str, config: cfg.Common) -> cfg.Common:
+        """The node's topology ``settings`` applied to its daemon configuration (checked like a
+        configuration file: an unknown field or a wrong type is an error naming it)."""
+        settings = self.topo.nodes[node].settings
+        if not settings:
+            return config
+        return cfg.build(type(config), {**cfg.dump(config), **settings}, f"{self.topo.source}: nodes.{node}.settings",
+                         "")
+
     def configs(self) -> dict[str, cfg.Common]:
         builders = {"ha": self.ha, "fa": self.fa, "cngw": self.cngw, "aaah": self.aaah, "aaaf": self.aaaf,
                     "mn": self.mn}
@@ -268,7 +295,7 @@ class Plan:
                     continue  # an AAA node no domain uses: nothing to serve
                 config = build(node)
                 if config is not None:
-                    out[node] = config
+                    out[node] = self.with_settings(node, config)
         return out
 
 
