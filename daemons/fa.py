@@ -11,6 +11,7 @@ import asyncio
 import time
 from collections import deque
 from dataclasses import asdict, dataclass
+from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from daemons import mip, vpninfo
@@ -20,10 +21,12 @@ from daemons.control import ControlServer
 from daemons.diameter import Avp, Message, ResultCode
 from daemons.diameter.constants import TerminationCause
 from daemons.diameter.node import DiameterNode, DiameterTimeout, DiameterUnavailable, wait_for_peers
+from daemons.ipsec.path import EndpointType, PathError
 from daemons.log import EventLog
 from daemons.mavpn import MavpnControl
 from daemons.net import UdpEndpoint
 from daemons.routing import AccessGuard, VisitorRoutes
+from daemons.secret import Secret
 from daemons.state import StateFile
 from daemons.tasks import background
 
@@ -63,12 +66,14 @@ class Pending:
     timer: asyncio.TimerHandle | None = None
     vpn: list[vpninfo.VpnInfo] | None = None  # paths the local AAA gave us, installed on the HA's yes
     session_id: str | None = None  # the Diameter session of this registration
+    handoff: asyncio.Task[vpninfo.VpnInfo | None] | None = None  # F6 with the previous FA, if any
 
 
 class ForeignAgent:
     def __init__(self, config: FAConfig) -> None:
         self.config = config
         self.visitors: dict[str, Visitor] = {}
+        self.forwards: dict[str, float] = {}  # nai -> when its F6 forwarding path goes (wall clock)
         self.pending: dict[tuple[str, int], Pending] = {}  # (home address, low 32 bits of id)
         self.advertiser = Advertiser(config.access_interface, config.access_address,
                                      mip.AdvFlag.R | mip.AdvFlag.F, (config.care_of_address,),
@@ -107,15 +112,17 @@ class ForeignAgent:
 
     def restore(self) -> None:
         now = time.time()
-        for hoa, data in self.state.load().get("visitors", {}).items():
+        state = self.state.load()
+        for hoa, data in state.get("visitors", {}).items():
             visitor = Visitor(**data)
             if visitor.expires > now:
                 self.visitors[hoa] = visitor
+        self.forwards = dict(state.get("forwards", {}))  # the expiry sweep removes the overdue
         if self.visitors:
             log.info("fa.restored", visitors=len(self.visitors))
 
     def persist(self) -> None:
-        self.state.save({"visitors": {k: asdict(v) for k, v in self.visitors.items()}})
+        self.state.save({"visitors": {k: asdict(v) for k, v in self.visitors.items()}, "forwards": self.forwards})
 
     async def expire_loop(self) -> None:
         while True:
@@ -124,14 +131,26 @@ class ForeignAgent:
             for hoa, visitor in list(self.visitors.items()):
                 if visitor.expires <= now:
                     await self.remove_visitor(hoa, "lifetime expired")
+            for nai, expires in list(self.forwards.items()):
+                if expires <= now:
+                    await self.end_forwarding(nai, "lifetime expired")
 
-    async def remove_visitor(self, hoa: str, reason: str) -> None:
+    async def end_forwarding(self, nai: str, reason: str) -> None:
+        """The F6 forwarding path of ``nai`` goes; the user's other paths stay."""
+        if self.forwards.pop(nai, None) is None:
+            return
+        self.persist()
+        if self.mavpn is not None:
+            await self.mavpn.apply(nai, [i for i in self.mavpn.infos(nai) if i.path_id != vpninfo.FORWARD_PATH_ID])
+        log.info("forwarding.ended", mn=nai, reason=reason)
+
+    async def remove_visitor(self, hoa: str, reason: str, keep_paths: bool = False) -> None:
         visitor = self.visitors.pop(hoa, None)
         if visitor is None:
             return
         self.persist()
         await self.routes.remove(hoa)
-        if self.mavpn is not None and visitor.nai:
+        if self.mavpn is not None and visitor.nai and not keep_paths:
             await self.mavpn.remove_user(visitor.nai)
         log.info("visitor.removed", mn=visitor.nai, hoa=hoa, reason=reason)
         if self.diameter is not None and visitor.session_id and visitor.nai:
@@ -309,6 +328,7 @@ class ForeignAgent:
                 self._fail(key, Code.FA_POORLY_FORMED_REPLY, f"unusable AMA: {exc}")
                 return
             log.info("rrq.direct_to_ha", mn=pending.nai, reason="answered by the local AAA (intra-domain move)")
+            self.start_handoff(pending)  # F6 runs while the HA is asked
             self.relay_to_ha(pending.rrq, pending.raw)
             return
         if rrp_raw is None:
@@ -394,8 +414,18 @@ class ForeignAgent:
     async def complete(self, pending: Pending, rrp: mip.RegistrationReply, raw: bytes) -> None:
         """The HA has answered: update the visitor list and pass the reply to the MN."""
         hoa = str(rrp.home_address)
+        forward: vpninfo.VpnInfo | None = None
         if pending.vpn is not None and rrp.accepted and rrp.lifetime > 0 and self.mavpn is not None and pending.nai:
-            await self.mavpn.apply(pending.nai, pending.vpn)  # our paths are up before the MN hears
+            self.start_handoff(pending)
+            if pending.handoff is not None:
+                forward = await pending.handoff
+            # Our paths are up before the MN hears. The forwarding path (if any) came up
+            # first: user-space ESP picks the newest of two outbound policies with equal
+            # selectors, and the MN's uplink must take the path to the HA, not the one to
+            # the old FA.
+            await self.mavpn.apply(pending.nai, [*([forward] if forward else []), *pending.vpn])
+        elif pending.handoff is not None:
+            pending.handoff.cancel()
         challenge = pending.rrq.find(mip.MNFAChallengeExtension)
         if rrp.accepted and challenge is not None:
             # Spent only once it bought a registration: a retransmission after a lost reply
@@ -408,9 +438,11 @@ class ForeignAgent:
             self.persist()
             self.counters["accepted"] += 1
             log.info("visitor.added", mn=pending.nai, hoa=hoa, lifetime=rrp.lifetime, id=hex(rrp.identification))
-            previous = mip.previous_fa(pending.rrq.extensions)
-            if previous is not None and previous != self.config.care_of_address:
-                background(self.notify_previous_agent(str(previous), pending))
+            if forward is None and pending.nai:
+                await self.end_forwarding(pending.nai, "registered here")  # back at an FA it had left
+            previous = self.previous_agent(pending)
+            if previous is not None and pending.handoff is None:  # no VPN paths: only tell it
+                background(self.notify_previous_agent(previous, pending))
         elif rrp.accepted:
             await self.remove_visitor(hoa, "deregistered")
         else:
@@ -424,35 +456,83 @@ class ForeignAgent:
                  ms=round((time.monotonic() - pending.started) * 1000, 1))
 
     # ---- the previous FA (smooth handoff, F6) --------------------------------------------
-    async def notify_previous_agent(self, previous: str, pending: Pending) -> None:
-        """Tell the FA the MN left that it is now here: a Binding Update (authenticated with
-        our FA-FA key, acknowledgement requested), retransmitted until acknowledged."""
-        peer = self.fa_keys.get(previous)
-        if peer is None:
+    def previous_agent(self, pending: Pending) -> str | None:
+        """The FA the MN names as its previous one, if that is another FA we share a key with."""
+        previous = mip.previous_fa(pending.rrq.extensions)
+        if previous is None or previous == self.config.care_of_address:
+            return None
+        if str(previous) not in self.fa_keys:
             log.warning("bu.no_security_association", mn=pending.nai, previous_fa=previous)
-            return
+            return None
+        return str(previous)
+
+    def start_handoff(self, pending: Pending) -> None:
+        """F6 (claims 22, 23), once we hold the MN's VPN info and it names a previous FA."""
+        previous = self.previous_agent(pending)
+        ha_path = next((i for i in pending.vpn or [] if i.path.remote.type is EndpointType.HA), None)
+        if pending.handoff is None and previous is not None and ha_path is not None and self.mavpn is not None:
+            pending.handoff = asyncio.create_task(self.smooth_handoff(previous, pending, ha_path))
+
+    async def smooth_handoff(self, previous: str, pending: Pending, ha_path: vpninfo.VpnInfo) -> vpninfo.VpnInfo | None:
+        """Give the previous FA a copy of our VPN info, rewritten to run old FA -> us, in a
+        Binding Update; it swaps its path to the HA for that one and acknowledges. Returns
+        our end of the forwarding path once both ends hold it, None if the old FA did not
+        take it (the registration goes on without)."""
+        assert self.mavpn is not None and pending.nai
+        lifetime = self.config.forwarding_lifetime
+        copy = vpninfo.forward_copy(ha_path, IPv4Address(previous), lifetime, self.fa_keys[previous].key)
+        ours = copy.mirrored()
+        # Both ends install at once; whichever comes second brings the CHILD_SA up. A short
+        # wait: the MN's registration reply waits for this.
+        install = self.mavpn.apply(pending.nai, [ours, *[i for i in self.mavpn.infos(pending.nai)
+                                                         if i.path_id != vpninfo.FORWARD_PATH_ID]])
+        _, ack = await asyncio.gather(install, self.notify_previous_agent(previous, pending, copy, first_wait=0.2,
+                                                                          attempts=2))
+        if ack is None or ack.status != mip.BindingStatus.ACCEPTED:
+            await self.mavpn.apply(pending.nai, [i for i in self.mavpn.infos(pending.nai)
+                                                 if i.path_id != vpninfo.FORWARD_PATH_ID])
+            log.warning("forwarding.failed", mn=pending.nai, previous_fa=previous,
+                        status=int(ack.status) if ack else None)
+            return None
+        self.forwards[pending.nai] = time.time() + lifetime
+        self.persist()
+        log.info("forwarding.up", mn=pending.nai, previous_fa=previous, lifetime=lifetime)
+        return ours
+
+    async def notify_previous_agent(self, previous: str, pending: Pending, forward: vpninfo.VpnInfo | None = None,
+                                    first_wait: float = 0.5, attempts: int = 3) -> mip.BindingAcknowledge | None:
+        """Tell the FA the MN left that it is now here: a Binding Update (authenticated with
+        our FA-FA key, acknowledgement requested, with the VPN info copy for F6),
+        retransmitted until acknowledged."""
+        peer = self.fa_keys[previous]
         assert self.udp is not None
         hoa = str(pending.rrq.home_address)
-        for attempt in range(3):
+        extensions: list[mip.Extension] = [mip.NAIExtension(pending.nai)] if pending.nai else []
+        if forward is not None:  # no key material: the old FA derives it from our FA-FA key
+            extensions.append(mip.vendor_extension(mip.VENDOR_TYPE_VPN_INFO,
+                                                   vpninfo.encode_for_mip([forward], with_secrets=False),
+                                                   critical=True))
+        for attempt in range(attempts):
             ident = mip.ntp_identification(time.time())
             bu = mip.BindingUpdate(home_address=hoa, care_of_address=self.config.care_of_address,
                                    identification=ident, lifetime=self.config.forwarding_lifetime,
-                                   flags=mip.BUFlag.A,
-                                   extensions=[mip.NAIExtension(pending.nai)] if pending.nai else [])
+                                   flags=mip.BUFlag.A, extensions=list(extensions))
             bu = mip.sign(bu, mip.EXT_BINDING_AUTH, peer.spi, peer.key)
             waiter = asyncio.get_running_loop().create_future()
             self.binding_acks[ident] = waiter
             self.udp.send(bu.encode(), (previous, mip.MIP_UDP_PORT))
-            log.info("bu.sent", mn=pending.nai, to=previous, id=hex(ident), attempt=attempt + 1)
+            log.info("bu.sent", mn=pending.nai, to=previous, id=hex(ident), attempt=attempt + 1,
+                     vpn_info=forward is not None)
             try:
-                ack = await asyncio.wait_for(waiter, 0.5 * 2**attempt)
+                ack = await asyncio.wait_for(waiter, first_wait * 2**attempt)
             except TimeoutError:
                 continue
             finally:
                 self.binding_acks.pop(ident, None)
             log.info("ba.received", mn=pending.nai, src=previous, status=int(ack.status))
-            return
+            return ack
         log.warning("bu.unacknowledged", mn=pending.nai, to=previous)
+        return None
 
     async def on_binding_update(self, bu: mip.BindingUpdate, raw: bytes, addr: tuple[str, int]) -> None:
         """The MN moved on to the FA that sends this: forget it here (and, with VPN paths,
@@ -472,14 +552,45 @@ class ForeignAgent:
                 if stale.timer:
                     stale.timer.cancel()
                 log.info("rrq.abandoned", mn=stale.nai, id=hex(stale.rrq.identification), reason="MN moved on")
-            await self.remove_visitor(str(bu.home_address), f"moved to {bu.care_of_address}")
-            status = mip.BindingStatus.ACCEPTED
+            status = await self.forward_for(bu, nai, peer.key, addr[0])
+            await self.remove_visitor(str(bu.home_address), f"moved to {bu.care_of_address}",
+                                      keep_paths=status is mip.BindingStatus.ACCEPTED and nai in self.forwards)
         ack = mip.BindingAcknowledge(status=status, home_address=bu.home_address,
                                      identification=bu.identification or 0, lifetime=bu.lifetime)
         if peer is not None:
             ack = mip.sign(ack, mip.EXT_BINDING_AUTH, peer.spi, peer.key)
         assert self.udp is not None
         self.udp.send(ack.encode(), addr)
+
+    async def forward_for(self, bu: mip.BindingUpdate, nai: str | None, fa_fa_key: Secret,
+                          new_fa: str) -> mip.BindingStatus:
+        """The old FA's part of F6 (claims 22, 23): cache the VPN info copy, replace our path
+        to the HA by the one to the new FA (one apply: the old one goes, the new one comes),
+        and let it expire after the Binding Update's lifetime. A BU without VPN info only
+        moves the MN away."""
+        data = mip.find_vendor_data(bu.extensions, mip.VENDOR_TYPE_VPN_INFO)
+        if data is None or self.mavpn is None:
+            return mip.BindingStatus.ACCEPTED
+        try:
+            infos = vpninfo.decode_from_mip(data, nai or "", vpninfo.forward_security(fa_fa_key))
+        except vpninfo.VpnInfoError as exc:
+            log.warning("bu.vpn_info_unusable", src=new_fa, mn=nai, reason=exc)
+            return mip.BindingStatus.VPN_INFO_UNSUPPORTED
+        home = IPv4Network(f"{bu.home_address}/32")
+        if (nai is None or len(infos) != 1 or infos[0].path.local.address != self.config.care_of_address
+                or str(infos[0].path.remote.address) != new_fa or infos[0].path.remote_ts != (home,)):
+            log.warning("bu.vpn_info_unusable", src=new_fa, mn=nai,
+                        reason="not a forwarding path from us to the sender for the MN's home address")
+            return mip.BindingStatus.VPN_INFO_UNSUPPORTED
+        try:
+            await self.mavpn.apply(nai, infos)
+        except PathError as exc:
+            log.warning("forwarding.failed", mn=nai, new_fa=new_fa, reason=exc)
+            return mip.BindingStatus.PATH_SETUP_FAILED
+        self.forwards[nai] = time.time() + min(bu.lifetime, self.config.forwarding_lifetime)
+        self.persist()
+        log.info("forwarding.up", mn=nai, new_fa=new_fa, lifetime=bu.lifetime)
+        return mip.BindingStatus.ACCEPTED
 
     def on_binding_ack(self, ack: mip.BindingAcknowledge, raw: bytes, addr: tuple[str, int]) -> None:
         peer = self.fa_keys.get(addr[0])

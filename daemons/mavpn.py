@@ -94,6 +94,7 @@ class MavpnControl:
         """
         async with self.lock:
             before = self.backend_paths()
+            owned = self._owned_home_addresses()
             if infos:
                 self.cache[nai] = {i.path_id: i for i in infos}
             else:
@@ -103,6 +104,7 @@ class MavpnControl:
                 if path_id not in after or after[path_id].pair != path.pair:
                     await self.backend.remove(path_id)
                     log.info("path.removed", mn=nai, path=path_id, remote=path.remote.address)
+            await self._release(owned - self._owned_home_addresses())
             for info in infos:
                 await self._prepare(info)
             for path_id, path in after.items():
@@ -151,7 +153,23 @@ class MavpnControl:
             from daemons.ipsec.strongswan import prepare_local_selector
 
             for net in info.path.local_ts:
-                await prepare_local_selector(self.netns, str(net.network_address), self.access_interface)
+                if net.prefixlen == 32:  # a home address (not an F6 forwarding path's "any")
+                    await prepare_local_selector(self.netns, str(net.network_address), self.access_interface)
+
+    def _owned_home_addresses(self) -> set[str]:
+        """The home addresses _prepare made this node own for the cached paths."""
+        if self.access_interface is None or getattr(self.backend, "name", "") != "strongswan":
+            return set()
+        return {str(net.network_address) for info in self.wanted() if info.path.local.type is EndpointType.FA
+                for net in info.path.local_ts if net.prefixlen == 32}
+
+    async def _release(self, addresses: set[str]) -> None:
+        """A home address no path needs any more is given back: left on ``lo`` (with its
+        access rule) it would swallow what still arrives for the MN after it left."""
+        from daemons.ipsec.strongswan import release_local_selector
+
+        for address in addresses:
+            await release_local_selector(self.netns, address)
 
     # ---- show ----------------------------------------------------------------------------------
     async def show(self) -> list[dict[str, Any]]:

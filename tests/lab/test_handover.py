@@ -71,7 +71,9 @@ def test_moves_f2_f3_and_back_leave_nothing_stale(lab_up: LabEnv) -> None:
         found["sessions@aaaf2"] = show(lab_up, "sessions", "aaaf2")
         return {k: v for k, v in found.items() if v}
 
-    deadline = time.monotonic() + 10
+    # An old FA keeps its smooth-handoff forwarding path for the Binding Update's lifetime
+    # (forwarding_lifetime, 10 s) after the last move.
+    deadline = time.monotonic() + 25
     while (left := leftovers()) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert left == {}, "stale state after the moves"

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import secrets
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
 from daemons.diameter import Avp
 from daemons.ipsec.path import DirectionKeys, Endpoint, EndpointType, EspSuite, Qos, SecurityService, VpnPath
 from daemons.secret import Secret
-from daemons.vpninfo import VpnInfo, VpnInfoError
+from daemons.vpninfo import (
+    VpnInfo,
+    VpnInfoError,
+    decode_from_mip,
+    encode_for_mip,
+    forward_copy,
+    forward_security,
+)
 
 NAI = "mn1@home.example"
 
@@ -37,3 +45,27 @@ def test_malformed_member_is_a_vpn_info_error(member: str, value: object) -> Non
     avp.value = [a if a.name != member else Avp.new(member, value) for a in avp.value]
     with pytest.raises(VpnInfoError):
         VpnInfo.from_avp(avp, NAI)
+
+
+def test_forward_copy_crosses_the_wire_without_secrets_and_both_fas_agree() -> None:
+    """F6: the new FA's copy (old FA -> new FA, any -> home address) carries SPIs but no
+    key material; the old FA derives the same keys and PSK from the FA-FA key."""
+    fa_fa_key = Secret(secrets.token_bytes(16))
+    ha_path = info()
+    copy = forward_copy(ha_path, IPv4Address("198.18.0.18"), 10, fa_fa_key)
+    assert (copy.path.local.address, copy.path.remote.address) == (IPv4Address("198.18.0.18"),
+                                                                   IPv4Address("198.18.0.14"))
+    assert copy.path.local_ts == (IPv4Network("0.0.0.0/0"),)
+    assert copy.path.remote_ts == (IPv4Network("198.18.100.10/32"),)
+    assert copy.path.security.lifetime == 10 and copy.path.qos == ha_path.path.qos
+    wire = encode_for_mip([copy], with_secrets=False)
+    sec = copy.path.security
+    for secret in (sec.psk, sec.inbound.enc_key, sec.outbound.enc_key):
+        assert secret.reveal() not in wire
+    assert sec.outbound.spi.to_bytes(4, "big") in wire
+    (received,) = decode_from_mip(wire, NAI, forward_security(fa_fa_key))
+    assert received == copy
+    with pytest.raises(VpnInfoError):  # without the FA-FA key there is nothing to install
+        decode_from_mip(wire, NAI)
+    other = decode_from_mip(wire, NAI, forward_security(Secret(secrets.token_bytes(16))))[0]
+    assert other.path.security.psk != sec.psk
