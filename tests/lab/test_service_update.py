@@ -6,9 +6,10 @@ changed profile and the FA's installed paths change accordingly.
 
 Two changes, both asserted at the FA and on the wire:
 1. a static-gateway profile gets QoS: the FA's FA⇄HA path gets an HTB class with that rate;
-2. route optimisation (F4): the user removes the dynamic-gateway profile (cn2 behind cngw2),
-   the FA⇄cngw2 path goes; the user adds it back, FA⇄cngw2 comes back and mn1 reaches cn2
-   over it.
+2. route optimisation (F4): the user removes the dynamic-gateway profile (cn2 behind cngw2):
+   the FA⇄cngw2 path goes and mn1's traffic to cn2 is anchored at the HA; the user adds the
+   profile back: FA⇄cngw2 comes back and mn1 ⇄ cn2 goes FA⇄cngw2 directly (ESP), never over
+   the HA's link.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ API = f"http://{AAAH}:8080"
 # The service-update NVSE as it sits in the RRQ: type 134, length 12, reserved, vendor 32473, type 3,
 # then version 1, reserved 0 and the 16-bit sequence.
 NVSE_HEAD = "860c" + "0000" + "00007ed9" + "0003" + "0100"
+# Ping payload sizes that tell the two phases of mn1 -> cn2 apart in the captures (IP length = +28).
+HA_ANCHORED, ROUTE_OPTIMISED = 333, 444
 
 
 def profile(env: LabEnv, token: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -118,17 +121,20 @@ def test_profile_change_plus_service_update_takes_effect(lab_up: LabEnv) -> None
     # 2. Route optimisation follows the profile: with F4, the dynamic-gateway profile gives
     # FA⇄cngw2; removing it and updating removes the path, adding it back restores it.
     wait_for(lambda: dynamic_paths(env), timeout=20, what="fa1's route-optimised path to cngw2")
+    env.exec("mn1", "ping", "-c", "2", "-i", "0.2", "-W", "2", "-s", str(ROUTE_OPTIMISED), CN2)
     profile(env, token, "delete", str(dynamic["id"]))
     second = service_update(env)
     wait_for(lambda: not dynamic_paths(env), timeout=15, what="FA⇄cngw2 gone after the update")
     assert [p["remote_type"] for p in fa_paths(env)] == ["ha"]
+    # Without the profile, mn1's traffic to cn2 is anchored at the HA (FA⇄HA carries it all).
+    env.exec("mn1", "ping", "-c", "3", "-i", "0.2", "-W", "2", "-s", str(HA_ANCHORED), CN2)
     added = json.loads(profile(env, token, "add", CN2_NET, "--json").stdout)
     assert (added["gateway"], added["gateway_type"]) == ("cngw2", "dynamic")  # from the correspondence table
     third = service_update(env)
     (ro,) = wait_for(lambda: [p for p in dynamic_paths(env) if p.get("state") == "up"], timeout=20,
                      what="FA⇄cngw2 back and up")
     assert ro["remote"] == CNGW2
-    env.exec("mn1", "ping", "-c", "3", "-i", "0.2", "-W", "2", CN2)
+    env.exec("mn1", "ping", "-c", "3", "-i", "0.2", "-W", "2", "-s", str(ROUTE_OPTIMISED), CN2)
     assert [s["mn"] for s in show(env, "sessions", "aaah")] == [NAI]  # type: ignore[index]
     counters = show(env, "counters", "aaah")
     assert counters["service_updates"] == 3, counters  # type: ignore[index]
@@ -165,3 +171,17 @@ def test_profile_change_plus_service_update_takes_effect(lab_up: LabEnv) -> None
         hars = tshark(captures / "core-ha.pcap", "-Y", "diameter.cmd.code == 262 && diameter.flags.request == 1",
                       "-T", "fields", "-e", "diameter.MIP-Reg-Request").replace(":", "")
         assert marker in hars, ("HAR", seq)
+
+    # The data path followed the profile: mn1 -> cn2 crossed the HA's link (in clear from the HA
+    # on) only while the profile was gone; route-optimised, it never did and was ESP on the core.
+    def count(link: str, display_filter: str) -> int:
+        return len(tshark(captures / f"{link}.pcap", "-Y", display_filter, "-T", "fields",
+                          "-e", "frame.number").split())
+
+    to_cn2 = f"icmp && ip.src == {HOA} && ip.dst == {CN2}"
+    assert count("core-ha", f"{to_cn2} && ip.len == {HA_ANCHORED + 28}") >= 3
+    assert count("core-ha", f"ip.len == {ROUTE_OPTIMISED + 28}") == 0
+    assert count("cngw2-cn2", f"{to_cn2} && ip.len == {ROUTE_OPTIMISED + 28}") >= 5
+    for link in ("core-fa1", "core-cngw2"):
+        assert count(link, f"{to_cn2} && ip.len == {ROUTE_OPTIMISED + 28}") == 0, f"cleartext on {link}"
+    assert count("core-cngw2", f"esp && ip.src == {FA1} && ip.len > {ROUTE_OPTIMISED + 28}") >= 5
