@@ -21,7 +21,9 @@ on another user's profiles: 403 (also when that user does not exist: nothing is 
 Errors are ``{"error": KIND, "field": FIELD, "message": TEXT}`` with ``field`` naming the
 offending field where there is one: 400 ``invalid`` (type, range, unknown gateway, bad prefix,
 unknown suite...), 404 ``not_found``, 409 ``conflict`` (e.g. a second profile for the same
-destination), 401 ``unauthorized``, 403 ``forbidden``.
+destination), 401 ``unauthorized``, 403 ``forbidden``, 429 ``too_many_failures`` (more than
+:data:`MAX_FAILURES` failed authentications from one address within :data:`FAILURE_WINDOW`
+seconds: guessing tokens).
 
 Tokens never appear in logs, answers or error messages; the log has one line per request
 (method, route, user, caller, status).
@@ -30,6 +32,7 @@ Tokens never appear in logs, answers or error messages; the log has one line per
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -49,6 +52,9 @@ from daemons.vpndb import (
 log = EventLog("mipvpn.profileapi")
 MAX_BODY = 64 * 1024
 REALM = 'Bearer realm="mipvpn"'
+# Guessing tokens: after this many failed authentications from one address within the window,
+# that address gets 429 until the window has passed (scrypt already makes each guess cost).
+MAX_FAILURES, FAILURE_WINDOW = 20, 60.0
 
 # The fields a user may set, with the JSON types they take (None: may be null).
 STRING_FIELDS = {"destination": False, "gateway": True, "gateway_type": True, "suite": False,
@@ -72,7 +78,8 @@ class ApiError(Exception):
         body: dict[str, Any] = {"error": self.kind, "message": self.message}
         if self.field is not None:
             body["field"] = self.field
-        headers = {"WWW-Authenticate": REALM} if self.status == 401 else None
+        headers = {"WWW-Authenticate": REALM} if self.status == 401 else \
+            {"Retry-After": str(int(FAILURE_WINDOW))} if self.status == 429 else None
         return web.json_response(body, status=self.status, headers=headers)
 
 
@@ -134,7 +141,9 @@ class ProfileApi:
         self.on_change = on_change
         self.runner: web.AppRunner | None = None
         self.counters: dict[str, int] = {"requests": 0, "unauthorized": 0, "forbidden": 0, "invalid": 0,
-                                         "changes": 0}
+                                         "throttled": 0, "changes": 0}
+        self.failures: dict[str, list[float]] = {}  # remote address -> times of failed authentications
+        self.clock: Callable[[], float] = time.monotonic
         self.app = web.Application(client_max_size=MAX_BODY, middlewares=[self._middleware])
         prefix = "/v1/users/{nai}/profiles"
         self.app.router.add_get(prefix, self.list_profiles)
@@ -175,6 +184,7 @@ class ProfileApi:
             if request.match_info.http_exception is not None:
                 raise request.match_info.http_exception
             if request.path.startswith("/v1/"):
+                self._check_throttle(request.remote or "-")
                 caller = await self._authenticate(request)
                 nai = request.match_info.get("nai")
                 if nai is not None and nai != caller:
@@ -182,13 +192,32 @@ class ProfileApi:
             response = await handler(request)
         except ApiError as exc:
             response = exc.response()
-            self.counters[{401: "unauthorized", 403: "forbidden"}.get(exc.status, "invalid")] += 1
+            self.counters[{401: "unauthorized", 403: "forbidden", 429: "throttled"}.get(exc.status, "invalid")] += 1
+            if exc.status == 401:
+                self._failed(request.remote or "-")
         except web.HTTPException as exc:  # 404 no such route, 405, 413 body too large ...
             kind = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "error")
             response = web.json_response({"error": kind, "message": exc.reason}, status=exc.status)
         log.info("api.request", method=request.method, route=_route(request), mn=request.match_info.get("nai"),
                  caller=caller, remote=request.remote, status=response.status)
         return response
+
+    def _failed(self, remote: str) -> None:
+        now = self.clock()
+        self.failures.setdefault(remote, []).append(now)
+        if len(self.failures) > 4096:  # many addresses: forget those quiet for a window
+            self.failures = {k: v for k, v in self.failures.items() if now - v[-1] < FAILURE_WINDOW}
+
+    def _check_throttle(self, remote: str) -> None:
+        now = self.clock()
+        recent = [t for t in self.failures.get(remote, []) if now - t < FAILURE_WINDOW]
+        if recent:
+            self.failures[remote] = recent
+        else:
+            self.failures.pop(remote, None)
+        if len(recent) >= MAX_FAILURES:
+            raise ApiError(429, "too_many_failures",
+                           f"{len(recent)} failed authentications from {remote}: try again later")
 
     async def _authenticate(self, request: web.Request) -> str:
         token = bearer_token(request)

@@ -14,7 +14,8 @@ What it holds (design.md, "VPN information"):
   (static/dynamic), the ESP suite and lifetime, the QoS (HTB rate/ceil/priority) and when the
   AAAH distributes the path (at registration, claim 4, or on traffic, claim 5);
 * one **API token** per user for self-service changes (claim 24), stored only as a salted
-  scrypt hash.
+  scrypt hash; a token reads ``mvt_<base64url(NAI)>.<256 random bits>``, so the profile API
+  (``daemons.profileapi``) knows whose hash to check.
 
 Storage: SQLite (the embedded default: a file path or ``sqlite:///path``) or PostgreSQL
 (``postgresql://...``, psycopg 3) behind one :class:`VpnDatabase` interface; the SQL is

@@ -286,3 +286,27 @@ def test_tokens_never_in_logs_or_answers(db: VpnDatabase, caplog: pytest.LogCapt
     assert not [p for p in secret_parts if p in text]
     assert "event=api.request" in lines and "event=profile.changed" in lines
     assert f"caller={NAI2}" in lines and "status=403" in lines  # the refused caller is named, not their token
+
+
+def test_guessing_tokens_is_throttled_per_address(db: VpnDatabase) -> None:
+    from daemons.profileapi import FAILURE_WINDOW, MAX_FAILURES
+
+    token = db.issue_token(NAI)
+    now = [1000.0]
+
+    async def body(call: Call, api: ProfileApi) -> None:
+        api.clock = lambda: now[0]
+        for _ in range(MAX_FAILURES):
+            assert (await call("GET", profiles_path(), token="mvt_guess"))[0] == 401
+        status, answer, headers = await call("GET", profiles_path(), token=token)  # even the right one
+        assert status == 429 and answer["error"] == "too_many_failures" and "Retry-After" in headers
+        assert api.counters["throttled"] == 1
+        now[0] += FAILURE_WINDOW + 1
+        assert (await call("GET", profiles_path(), token=token))[0] == 200
+        # A 403 (valid token, wrong user) is not a failed authentication.
+        bob = db.issue_token(NAI2)
+        for _ in range(MAX_FAILURES + 1):
+            assert (await call("GET", profiles_path(), token=bob))[0] == 403
+        assert (await call("GET", profiles_path(), token=token))[0] == 200
+
+    serve(db, body)
