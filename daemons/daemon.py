@@ -17,8 +17,9 @@ def run(role: str, config_path: Path) -> None:
         raise configuration.ConfigError(config_path.name, "role",
                                         f"is {cfg.role!r}, but the daemon was started as {role!r}")
     log.setup(cfg.node, cfg.log_level)
+    os.umask(0o077)  # state files, their directory and sockets are ours alone
     cfg.state_dir.mkdir(parents=True, exist_ok=True)
-    os.umask(0o077)  # state files and sockets are ours alone
+    cfg.state_dir.chmod(0o700)  # also when an earlier run made it with another umask
     if role == "ha":
         from daemons.ha import HomeAgent
 

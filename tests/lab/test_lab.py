@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -180,3 +181,17 @@ def test_up_beside_another_lab_with_the_same_prefix_touches_nothing(lab_up: LabE
     # The first lab is untouched.
     assert all(n["up"] for n in status(lab_up)["nodes"])
     assert status(lab_up)["supervisor"] is True
+
+
+def test_daemon_state_is_private(lab_up: LabEnv) -> None:
+    """State directories (keys in vpn.json, visitors, bindings) are 0700, their files 0600."""
+    visitors = lab_up.run_dir / "nodes" / "fa1" / "state" / "visitors.json"
+    deadline = time.monotonic() + 15
+    while not visitors.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    states = sorted((lab_up.run_dir / "nodes").glob("*/state"))
+    assert states, "no daemon state directories"
+    for state in states:
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700, state
+        for f in state.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) & 0o077 == 0, f
