@@ -21,6 +21,7 @@ from dataclasses import replace
 from typing import Any
 
 from daemons.config import Common
+from daemons.diameter import DecodeError
 from daemons.diameter.avp import decode_avps
 from daemons.ipsec.factory import make_backend
 from daemons.ipsec.path import EndpointType, PathBackend, PathStatus, VpnPath
@@ -64,8 +65,15 @@ class MavpnControl:
 
     # ---- persistence -----------------------------------------------------------------------
     def restore(self) -> None:
+        """The cached VPN info from the state file; a user whose entry cannot be read is
+        dropped (logged) rather than keeping the agent from starting: the next registration
+        brings it again."""
         for nai, hexes in self.state.load().get("vpn", {}).items():
-            infos = [VpnInfo.from_avp(avp, nai) for h in hexes for avp in decode_avps(bytes.fromhex(h))]
+            try:
+                infos = [VpnInfo.from_avp(avp, nai) for h in hexes for avp in decode_avps(bytes.fromhex(h))]
+            except (ValueError, TypeError, DecodeError) as exc:  # VpnInfoError is a ValueError
+                log.warning("vpn.restore_failed", mn=nai, reason=exc)
+                continue
             self.cache[nai] = {i.path_id: i for i in infos}
 
     def persist(self) -> None:
