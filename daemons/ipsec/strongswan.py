@@ -109,10 +109,10 @@ CHARON_TABLE = 220  # charon's own routing table (rule deleted after start)
 DEST_TABLE = 221  # destination routes into ipsec0 (HA / CN-GW-like nodes)
 SRC_TABLE = 222  # `default dev ipsec0`, used by per-user source rules (FA-like nodes)
 ACCESS_TABLE = 223  # FA recipe: `HOA dev ACCESS`
-SRC_RULE_PREF = 900
+SRC_RULE_PREF = 900  # .. 964: + (64 - src_len - dst_len), see _rule_pref
 BYPASS_RULE_PREF = 800  # `to PEER lookup main`: the tunnel never swallows packets to its own peer
 MAIN_TABLE = 254
-DEST_RULE_PREF = 1000
+DEST_RULE_PREF = 1000  # .. 1064
 ACCESS_RULE_PREF = 50
 LOCAL_RULE_PREF = 100
 CONN_PREFIX = "mipvpn-"
@@ -242,6 +242,15 @@ class _Rule:
     table: int
     src: ipaddress.IPv4Network | None = None
     dst: ipaddress.IPv4Network | None = None
+
+
+def _rule_pref(base: int, src: ipaddress.IPv4Network, dst: ipaddress.IPv4Network) -> int:
+    """More specific selectors get a smaller pref (looked up first), and two rules that differ
+    in specificity never share a pref: the kernel's duplicate check on RTM_NEWRULE (EXCL)
+    compares only the selectors the *new* rule sets, so ``to H lookup T`` next to an existing
+    ``from S to H lookup T`` at the same pref fails with EEXIST (seen: an FA-HA anchor with
+    local 0/0 next to a correspondent path with local S, at a destination-mode node)."""
+    return base + 64 - src.prefixlen - dst.prefixlen
 
 
 def _rule_kwargs(rule: _Rule) -> dict[str, Any]:
@@ -403,6 +412,7 @@ class StrongswanBackend:
         self._trap_lock = threading.Lock()
         self._watcher: threading.Thread | None = None
         self._watch_stop = threading.Event()
+        self._watch_ready = threading.Event()  # subscribed to charon's log (reset on disconnect)
         self._watch_sock: socket.socket | None = None
         self._acquire_last: dict[int, float] = {}
         #: number of acquires the watcher turned into an initiate (for tests and show)
@@ -532,14 +542,14 @@ class StrongswanBackend:
                 "remote_ts": [str(n) for n in p.remote_ts],
                 "esp_proposals": [p.security.suite.esp_proposal()],
                 # on-traffic: charon installs the trap policy when the connection is loaded
-                "start_action": "trap" if p.on_traffic else "none",
+                "start_action": "trap" if self._trapped(p) else "none",
                 "close_action": "none",
                 "dpd_action": "clear",
                 "life_time": f"{life}s",
                 "rekey_time": f"{max(1, life * 9 // 10)}s",
                 "rand_time": f"{max(0, life // 20)}s",
             }
-            if p.on_traffic:
+            if self._trapped(p):
                 children[p.id]["reqid"] = str(self._trap_reqid(name, p.id))
         local, remote = str(first.local.address), str(first.remote.address)
         return {
@@ -579,6 +589,51 @@ class StrongswanBackend:
 
     # ---- on-traffic paths: trap reqids and the acquire watcher ---------------------------
 
+    def _shadowing(self, path: VpnPath) -> VpnPath | None:
+        """Another path of this node, brought up at install, whose selectors overlap ``path``'s.
+
+        kernel-libipsec puts every trap policy in a lower priority class than any established
+        SA's policy (whatever the selector sizes; a fixed child ``priority`` is not honoured —
+        both measured), so the first packets of such a path would go into the other path's SA
+        and never hit the trap: e.g. at an FA the MN's home-address ⇄ any path to the HA covers
+        the home-address ⇄ correspondent path to a dynamic CN-GW."""
+        for q in self._paths.values():
+            if q.id == path.id or q.on_traffic:
+                continue
+            if any(lt.overlaps(ql) for lt in path.local_ts for ql in q.local_ts) and \
+                    any(rt.overlaps(qr) for rt in path.remote_ts for qr in q.remote_ts):
+                return q
+        return None
+
+    def _start_detail(self, path: VpnPath | None) -> dict[str, str]:
+        if path is None or not path.on_traffic:
+            return {}
+        shadow = self._shadowing(path)
+        return {"start": "on-traffic", **({"shadowed_by": shadow.id} if shadow is not None else {})}
+
+    def _trapped(self, path: VpnPath) -> bool:
+        """Is ``path`` installed as a trap?  On-traffic and not shadowed (see
+        :meth:`_shadowing`; a shadowed on-traffic path is brought up at install instead)."""
+        return path.on_traffic and self._shadowing(path) is None
+
+    async def _untrap_shadowed(self) -> None:
+        """On-traffic paths that a later path now shadows: no longer trapped, bring them up."""
+        for p in list(self._paths.values()):
+            if not p.on_traffic or self._trapped(p):
+                continue
+            name = conn_name(p)
+            with self._trap_lock:
+                loaded_as_trap = (name, p.id) in self._trap_reqids
+            if loaded_as_trap:  # charon drops the trap with the child config's start_action
+                await self._load_pair(name)
+            if any(_s(c.get("state")) in ("INSTALLED", "INSTALLING", "CREATED")
+                   for _sa, c in self._children(await self._list_sas(name), name, p.id)):
+                continue
+            shadow = self._shadowing(p)
+            log.info("%s: on-traffic path %s overlaps path %s (kernel-libipsec would send its first "
+                     "packets into that one): brought up now", self.node, p.id, shadow.id if shadow else "?")
+            await self._initiate(p)
+
     def _trap_reqid(self, conn: str, path_id: str) -> int:
         """The fixed reqid of a trapped child (stable while the path stays on this pair)."""
         with self._trap_lock:
@@ -596,7 +651,7 @@ class StrongswanBackend:
             return reqid
 
     def _prune_traps(self, conn: str) -> None:
-        keep = {p.id for p in self._pair_paths(conn) if p.on_traffic}
+        keep = {p.id for p in self._pair_paths(conn) if self._trapped(p)}
         with self._trap_lock:
             for key in [k for k in self._trap_reqids if k[0] == conn and k[1] not in keep]:
                 self._acquire_last.pop(self._trap_reqids.pop(key), None)
@@ -635,6 +690,7 @@ class StrongswanBackend:
                 sock.connect(str(self.socket_path))
                 self._watch_sock = sock
                 for _kind, event in vici.Session(sock).listen(["log"], timeout=0.5):
+                    self._watch_ready.set()  # registered: nothing logged from now on is missed
                     if self._watch_stop.is_set():
                         break
                     if not event or _s(event.get("group", "")) != "ESP":
@@ -643,11 +699,13 @@ class StrongswanBackend:
                     if m:
                         session = self._acquire(int(m.group(1)), session)
             except (OSError, SessionException, CommandException, ValueError) as e:
+                self._watch_ready.clear()
                 if not self._watch_stop.is_set():
                     log.debug("%s: acquire watcher: %s; reconnecting", self.node, e)
                     session = None
-                    self._watch_stop.wait(0.5)
+                    self._watch_stop.wait(0.1)
             finally:
+                self._watch_ready.clear()
                 self._watch_sock = None
                 with contextlib.suppress(OSError):
                     sock.close()
@@ -689,8 +747,11 @@ class StrongswanBackend:
     async def _load_pair(self, name: str) -> None:
         paths = self._pair_paths(name)
         self._prune_traps(name)
-        if any(p.on_traffic for p in paths):
+        if any(self._trapped(p) for p in paths):
             self._ensure_watcher()
+            # a trap must not fire before the watcher listens (e.g. right after a charon restart)
+            if not await asyncio.to_thread(self._watch_ready.wait, 5.0):
+                log.warning("%s: acquire watcher not subscribed to charon's log yet", self.node)
         try:
             if paths:
                 msg = self._conn_message(name, paths)
@@ -809,7 +870,7 @@ class StrongswanBackend:
                 routes.add(_Route(SRC_TABLE, ipaddress.IPv4Network("0.0.0.0/0")))
                 for s in p.local_ts:
                     for d in p.remote_ts:
-                        rules.add(_Rule(SRC_RULE_PREF, SRC_TABLE, s if s.prefixlen else None,
+                        rules.add(_Rule(_rule_pref(SRC_RULE_PREF, s, d), SRC_TABLE, s if s.prefixlen else None,
                                         d if d.prefixlen else None))
             else:
                 # Only the protected traffic (from the local selectors to the remote ones):
@@ -817,7 +878,7 @@ class StrongswanBackend:
                 for d in p.remote_ts:
                     routes.add(_Route(DEST_TABLE, d))
                     for s in p.local_ts:
-                        rules.add(_Rule(DEST_RULE_PREF, DEST_TABLE, s if s.prefixlen else None,
+                        rules.add(_Rule(_rule_pref(DEST_RULE_PREF, s, d), DEST_TABLE, s if s.prefixlen else None,
                                         d if d.prefixlen else None))
         return routes, rules
 
@@ -832,7 +893,8 @@ class StrongswanBackend:
         rules = {
             rule
             for rule in (_rule_from_msg(m) for m in ipr.get_rules(family=socket.AF_INET))
-            if (rule.table in (SRC_TABLE, DEST_TABLE) and rule.pref in (SRC_RULE_PREF, DEST_RULE_PREF))
+            if (rule.table == SRC_TABLE and SRC_RULE_PREF <= rule.pref <= SRC_RULE_PREF + 64)
+            or (rule.table == DEST_TABLE and DEST_RULE_PREF <= rule.pref <= DEST_RULE_PREF + 64)
             or (rule.table == MAIN_TABLE and rule.pref == BYPASS_RULE_PREF)
         }
         return routes, rules
@@ -874,7 +936,7 @@ class StrongswanBackend:
             if best is None or _s(c.get("state")) == "INSTALLED":
                 best, ike = c, sa
         if best is None:
-            state = PathState.DOWN if path is None else PathState.TRAPPED if path.on_traffic else PathState.WAITING
+            state = PathState.DOWN if path is None else PathState.TRAPPED if self._trapped(path) else PathState.WAITING
             return PathStatus(
                 path_id,
                 state,
@@ -882,7 +944,7 @@ class StrongswanBackend:
                 remote=path.remote.address if path else None,
                 local_ts=path.local_ts if path else (),
                 remote_ts=path.remote_ts if path else (),
-                detail={"start": "on-traffic"} if path is not None and path.on_traffic else {},
+                detail=self._start_detail(path),
             )
         cstate = _s(best.get("state"))
         state = {"INSTALLED": PathState.UP, "CREATED": PathState.CONNECTING,
@@ -911,7 +973,7 @@ class StrongswanBackend:
             detail={"ike": ike["name"], "ike_state": _s(ike.get("state")),
                     "child_state": cstate, "encap": _s(best.get("encap", "no")),
                     "protocol": _s(best.get("protocol", "")),
-                    **({"start": "on-traffic"} if path is not None and path.on_traffic else {})},
+                    **self._start_detail(path)},
         )
 
     async def status(self, path_id: str) -> PathStatus:
@@ -943,13 +1005,14 @@ class StrongswanBackend:
         # a path new to this object cannot have a CHILD_SA yet (the peer can only negotiate
         # what we have configured); a known one is checked so a repeat install is a no-op
         sas = await self._list_sas(name) if known else []
-        if not path.on_traffic and not any(
+        if not self._trapped(path) and not any(
             _s(c.get("state")) == "INSTALLED" for _sa, c in self._children(sas, name, path.id)
         ):
             await self._initiate(path)
             sas = await self._list_sas(name)
-        elif path.on_traffic:
+        elif self._trapped(path):
             sas = await self._list_sas(name)
+        await self._untrap_shadowed()
         return self._status(path.id, sas)
 
     async def _forget(self, path: VpnPath) -> None:
@@ -984,7 +1047,7 @@ class StrongswanBackend:
             else:
                 await self.qos.apply(new.id, new.qos, new.local_ts, new.remote_ts)
             status = await self.status(new.id)
-            if not new.on_traffic and status.state is not PathState.UP:
+            if not self._trapped(new) and status.state is not PathState.UP:
                 await self._initiate(new)
                 status = await self.status(new.id)
             return status
@@ -999,7 +1062,7 @@ class StrongswanBackend:
             await self.qos.remove(new.id)
             if new.qos is not None:
                 await self.qos.apply(new.id, new.qos, new.local_ts, new.remote_ts)
-            if not new.on_traffic:
+            if not self._trapped(new):
                 await self._initiate(new)
             await self._terminate_children(old_conn, old.id)
             await self._terminate_empty_ike(old_conn)
@@ -1085,7 +1148,7 @@ class StrongswanBackend:
             # bring up what is wanted but not established (the peer may not be ready)
             sas = await self._list_sas()
             for p in wanted:
-                if not p.on_traffic and not any(
+                if not self._trapped(p) and not any(
                     _s(c.get("state")) == "INSTALLED"
                     for _sa, c in self._children(sas, conn_name(p), p.id)
                 ):

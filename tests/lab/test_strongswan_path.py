@@ -76,6 +76,7 @@ class Chain:
     ns: dict[str, str]
     run_dir: Path
     procs: list[subprocess.Popen] = field(default_factory=list)
+    charons: dict[str, subprocess.Popen] = field(default_factory=dict)  # the running one per node
     a: StrongswanBackend | None = None
     b: StrongswanBackend | None = None
     last_ping: str = ""
@@ -142,6 +143,7 @@ def _start_charon(chain: Chain, node: str) -> subprocess.Popen:
     proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     out.close()
     chain.procs.append(proc)
+    chain.charons[node] = proc
     return proc
 
 
@@ -472,7 +474,7 @@ def test_charon_restart_reconcile_restores_path(chain: Chain) -> None:
     try:
         run(install_both(c, path))
         assert c.ping(2)
-        _kill(c.procs[0])  # charon of node a
+        _kill(c.charons["a"])
         _start_charon(c, "a")
 
         async def restart() -> None:
@@ -581,4 +583,77 @@ def test_on_traffic_trap_first_packet_brings_path_up(chain: Chain) -> None:
     assert tshark_count(pcap, f"ip.addr == {HOA} || ip.addr == {CN} || icmp") == 0
     assert sas(c, "a") == [] and sas(c, "b") == []
     assert trap_policies(c, "a") == [] and trap_policies(c, "b") == []
+    assert routing_leftovers(c, "a") == [] and routing_leftovers(c, "b") == []
+
+
+def test_on_traffic_path_under_a_covering_sa_is_brought_up_at_install(chain: Chain) -> None:
+    """kernel-libipsec ranks every trap below any established SA: an on-traffic path whose
+    selectors overlap an up path's (an FA's home address ⇄ any anchor to the HA vs. home
+    address ⇄ correspondent to a dynamic CN-GW) would never see its first packet — it would
+    go into the anchor's SA.  Measured here first (the trap stayed untouched, the ping went
+    through the anchor); the backend therefore brings such a path up at install, whichever
+    of the two comes first, and says why."""
+    c = chain
+    assert c.a is not None and c.b is not None
+    anchor = replace(make_path("mn1@home.example:1"), remote_ts=(ipaddress.IPv4Network("0.0.0.0/0"),))
+    ro = replace(make_path("mn1@home.example:3", on_traffic=True),
+                 remote=Endpoint(ipaddress.IPv4Address(GW_B2), EndpointType.CNGW_DYNAMIC))
+    try:
+        # the on-traffic path first: nothing covers it yet, so it is a trap ...
+        st_b = run(c.b.install(ro.mirrored()))
+        st = run(c.a.install(ro))
+        assert (st.state, st_b.state) == (PathState.TRAPPED, PathState.TRAPPED)
+        # ... until the anchor comes: then it is brought up, not left to a trap that can't fire
+        run(install_both(c, anchor))
+        st = run(c.a.status(ro.id))
+        assert st.state is PathState.UP, f"{st}\n{charon_logs(c)}"
+        assert st.detail["shadowed_by"] == anchor.id and trap_policies(c, "a") == []
+        assert c.ping(3)
+        st = run(c.a.status(ro.id))
+        assert st.packets_out >= 3, st  # the correspondent's traffic takes the specific path
+        run(c.a.flush())
+        run(c.b.flush())
+        # the other order: anchor first, the on-traffic path is up right at install
+        run(install_both(c, anchor))
+        run(c.b.install(ro.mirrored()))
+        st = run(c.a.install(ro))
+        assert st.state is PathState.UP and st.detail["shadowed_by"] == anchor.id, f"{st}\n{charon_logs(c)}"
+        assert sorted(child_names(c, "a")) == sorted([anchor.id, ro.id])
+    finally:
+        run(c.a.flush())
+        run(c.b.flush())
+    assert sas(c, "a") == [] and sas(c, "b") == []
+    assert routing_leftovers(c, "a") == [] and routing_leftovers(c, "b") == []
+
+
+def test_on_traffic_path_after_charon_restart(chain: Chain) -> None:
+    """A charon restart with a trapped path: reconcile loads the trap again and the acquire
+    watcher (which lost its VICI connection) follows the new charon: the first packet still
+    brings the path up."""
+    c = chain
+    assert c.a is not None and c.b is not None
+    path = make_path(on_traffic=True)
+    try:
+        run(c.b.install(path.mirrored()))
+        assert run(c.a.install(path)).state is PathState.TRAPPED
+        _kill(c.charons["a"])
+        _start_charon(c, "a")
+
+        async def restart() -> None:
+            assert c.a is not None
+            await c.a.wait_ready()  # the same backend object: its watcher reconnects
+            [st] = await c.a.reconcile([path])
+            assert st.state is PathState.TRAPPED, f"{st}\n{charon_logs(c)}"
+
+        run(restart())
+        assert trap_policies(c, "a") == [path.id] and sas(c, "a") == []
+        before = c.a.acquires
+        c.ping(1)
+        assert wait_up(c, c.a, path.id) is PathState.UP, charon_logs(c)
+        assert c.a.acquires > before
+        assert c.ping(3)
+    finally:
+        run(c.a.flush())
+        run(c.b.flush())
+    assert sas(c, "a") == [] and sas(c, "b") == []
     assert routing_leftovers(c, "a") == [] and routing_leftovers(c, "b") == []
