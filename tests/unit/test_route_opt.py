@@ -243,3 +243,37 @@ def test_binding_request_is_answered_only_while_bound(tmp_path: Path, bound: boo
             assert gw.table.bindings == {} and gw.counters["expired"] == 1
 
     asyncio.run(asyncio.wait_for(main(), 10))
+
+
+# ---- provisioning the default lab ------------------------------------------------------------------
+
+
+def test_provisioning_makes_cngw2_dynamic_and_applies_topology_settings(tmp_path: Path) -> None:
+    from daemons.config import ConfigError
+    from daemons.provision import SPI_HA_CNGW, Plan
+    from daemons.vpndb import CngwMode, open_database
+    from lab.topology import load
+
+    topo = load()
+    configs = Plan(topo, tmp_path, "strongswan").configs()
+    ha, cngw, cngw2 = configs["ha"], configs["cngw"], configs["cngw2"]
+    assert isinstance(cngw2, CNGWConfig) and isinstance(ha, HAConfig) and isinstance(cngw, CNGWConfig)
+    # cngw keeps its static tunnel; cngw2 has none, but a binding key shared with the HA.
+    assert len(cngw.static_paths) == 1 and cngw.home_agents == []
+    assert cngw2.static_paths == [] and cngw2.address == GW
+    (ha_side,) = ha.correspondent_gateways
+    (gw_side,) = cngw2.home_agents
+    assert (ha_side.address, gw_side.address, ha_side.spi, gw_side.spi) == (GW, HA, SPI_HA_CNGW, SPI_HA_CNGW)
+    assert ha_side.key == gw_side.key
+    with open_database(f"sqlite:///{tmp_path / 'nodes' / 'aaah' / 'vpn.db'}") as db:
+        modes = {p.gateway: p.gateway_type for p in db.profiles_for(NAI)}
+    assert modes == {"cngw": CngwMode.STATIC, "cngw2": CngwMode.DYNAMIC}
+
+    # A node's topology settings reach its daemon's configuration, checked like a config file.
+    node = topo.nodes["cngw2"]
+    nodes = {**topo.nodes, "cngw2": type(node)(**{**node.__dict__, "settings": {"binding_request_threshold": 6}})}
+    tuned = type(topo)(**{**topo.__dict__, "nodes": nodes})
+    assert Plan(tuned, tmp_path / "t", "none").configs()["cngw2"].binding_request_threshold == 6  # type: ignore[attr-defined]
+    nodes["cngw2"] = type(node)(**{**node.__dict__, "settings": {"binding_request_treshold": 6}})
+    with pytest.raises(ConfigError, match=r"nodes.cngw2.settings: binding_request_treshold: unknown field"):
+        Plan(type(topo)(**{**topo.__dict__, "nodes": nodes}), tmp_path / "u", "none").configs()
