@@ -657,3 +657,32 @@ def test_on_traffic_path_after_charon_restart(chain: Chain) -> None:
         run(c.b.flush())
     assert sas(c, "a") == [] and sas(c, "b") == []
     assert routing_leftovers(c, "a") == [] and routing_leftovers(c, "b") == []
+
+
+def test_on_traffic_switch_keeps_an_established_child_sa(chain: Chain) -> None:
+    """The HA's shared tunnel flips between trapped and at-registration as users with other
+    profiles come and go: a trapped path switched to at-registration comes up at once; switched
+    back while up it keeps its CHILD_SA (same SPIs) and its trap is loaded again."""
+    c = chain
+    assert c.a is not None and c.b is not None
+    trapped = make_path(on_traffic=True)
+    now = replace(trapped, on_traffic=False)
+    try:
+        run(c.b.install(trapped.mirrored()))
+        assert run(c.a.install(trapped)).state is PathState.TRAPPED
+        acquires = c.a.acquires
+        st = run(c.a.update(now))  # a user whose profile says at-registration joins
+        assert st.state is PathState.UP, f"{st}\n{charon_logs(c)}"
+        assert trap_policies(c, "a") == [] and c.a.acquires == acquires  # initiated, no packet
+        spis = (st.spi_in, st.spi_out)
+        st = run(c.a.update(trapped))  # ... and leaves again: the tunnel stays up
+        assert st.state is PathState.UP and (st.spi_in, st.spi_out) == spis, st
+        assert trap_policies(c, "a") == [trapped.id]
+        assert child_names(c, "a") == [trapped.id]
+        assert c.ping(2)
+    finally:
+        run(c.a.flush())
+        run(c.b.flush())
+    assert sas(c, "a") == [] and sas(c, "b") == []
+    assert trap_policies(c, "a") == [] and trap_policies(c, "b") == []
+    assert routing_leftovers(c, "a") == [] and routing_leftovers(c, "b") == []
