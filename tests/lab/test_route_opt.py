@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import copy
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from daemons import mip
 from tests.conftest import LabEnv
 from tests.lab.mipkit import binding_via, show, tshark, wait_for
 
@@ -133,6 +136,62 @@ def test_f4_f5_route_optimised_path_carries_traffic_and_follows_moves(lab_up: La
     # The F2 reply went to fa2 after the update naming fa2 was acknowledged.
     (f2,) = [m for m in answers if m["mip"] == "3"]
     assert f2["dst"] == COA["fa2"]
+
+
+# Runs inside a node's namespace: send one datagram from SRC (any port) to DST:434, print the reply.
+REPLAYER = """
+import socket, sys
+src, dst, payload = sys.argv[1], sys.argv[2], bytes.fromhex(sys.argv[3])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((src, 0))
+s.settimeout(3)
+s.sendto(payload, (dst, 434))
+try:
+    print(s.recv(65535).hex())
+except TimeoutError:
+    print("")
+"""
+
+
+def send_from(env: LabEnv, node: str, src: str, payload: bytes) -> bytes:
+    return bytes.fromhex(env.exec(node, sys.executable, "-c", REPLAYER, src, CNGW2, payload.hex()).stdout.strip())
+
+
+def test_replayed_forged_and_unauthenticated_binding_updates_change_nothing(lab_up: LabEnv) -> None:
+    wait_for(cngw2_paths_to(lab_up, COA["fa1"]), timeout=15, what="cngw2 path to fa1 up")
+    lab_up.cli("lab", "move", "mn1", "fa2")
+    wait_for(cngw2_paths_to(lab_up, COA["fa2"]), timeout=15, what="cngw2 path to fa2 up")
+    before = show(lab_up, "bindings", "cngw2")
+    # The genuine Binding Update for fa1, as it crossed the HA's link (tcpdump writes per packet).
+    rows = tshark(lab_up.run_dir / "captures" / "core-ha.pcap", "-X", f"lua_script:{LUA}", "-Y",
+                  f"mipvpn.subtype == 1 && mipvpn.coa == {COA['fa1']}", "-T", "fields", "-e", "udp.payload").split()
+    old = bytes.fromhex(rows[0].replace(":", ""))
+    assert isinstance(mip.decode_message(old), mip.BindingUpdate)
+
+    def status(reply: bytes) -> int:
+        ack = mip.decode_message(reply)
+        assert isinstance(ack, mip.BindingAcknowledge)
+        return int(ack.status)
+
+    # Replayed from the HA's own address: an identification older than the last one accepted.
+    assert status(send_from(lab_up, "ha", HA, old)) == mip.BindingStatus.IDENTIFICATION_MISMATCH
+    # Tampered (care-of address rewritten to fa3): the authenticator no longer matches.
+    bu = mip.decode_message(old)
+    forged = mip.BindingUpdate(home_address=bu.home_address, care_of_address=COA["fa3"],  # type: ignore[union-attr]
+                               identification=mip.ntp_identification(time.time()), lifetime=300,
+                               flags=bu.flags, extensions=bu.extensions)  # type: ignore[union-attr]
+    assert status(send_from(lab_up, "ha", HA, forged.encode())) == mip.BindingStatus.AUTHENTICATION_FAILED
+    # From an address that shares no binding key with cngw2, without authentication at all.
+    bare = mip.BindingUpdate(home_address=HOA, care_of_address=COA["fa3"],
+                             identification=mip.ntp_identification(time.time()), lifetime=300, flags=mip.BUFlag.A)
+    assert status(send_from(lab_up, "core", "198.18.0.33", bare.encode())) == \
+        mip.BindingStatus.AUTHENTICATION_FAILED
+    # Nothing moved: the binding and the one path are still fa2's.
+    after = show(lab_up, "bindings", "cngw2")
+    assert [(b["care_of_address"], b["lifetime"]) for b in after] == \
+        [(b["care_of_address"], b["lifetime"]) for b in before] == [(COA["fa2"], 300)]  # type: ignore[index]
+    assert cngw2_paths_to(lab_up, COA["fa2"])()
+    assert show(lab_up, "counters", "cngw2")["bu_rejected"] == 3  # type: ignore[index]
 
 
 def short_lifetime_topology(path: Path, lifetime: int, threshold: int) -> Path:
