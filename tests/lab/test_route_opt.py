@@ -15,6 +15,7 @@ inside ESP: 1300 octets to cn2 (route-optimised), 1000 to cn (through the HA).
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 import time
@@ -23,7 +24,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemons import mip
+from daemons import config, mip
+from daemons.diameter.avp import decode_avps
+from daemons.vpninfo import VpnInfo
 from tests.conftest import LabEnv
 from tests.lab.mipkit import binding_via, show, tshark, wait_for
 
@@ -137,6 +140,15 @@ def test_f4_f5_route_optimised_path_carries_traffic_and_follows_moves(lab_up: La
     (f2,) = [m for m in answers if m["mip"] == "3"]
     assert f2["dst"] == COA["fa2"]
 
+    # Secrets stay secret: neither the HA-CN-GW binding key nor the keys and PSK of cngw2's path
+    # (from the Binding Update) show in any daemon's log or in `show`; named by index if they do.
+    secrets = [k.hex() for k in route_opt_secrets(lab_up.run_dir)]
+    assert len(secrets) == 4
+    shown = "".join(lab_up.cli("show", what, "--node", node, "--json").stdout
+                    for node, what in (("cngw2", "paths"), ("cngw2", "bindings"), ("ha", "bindings")))
+    logs = "".join(p.read_text(errors="replace") for p in (lab_up.run_dir / "logs").glob("daemon-*.log"))
+    assert [i for i, h in enumerate(secrets) if h in shown or h in logs] == []
+
 
 # Runs inside a node's namespace: send one datagram from SRC (any port) to DST:434, print the reply.
 REPLAYER = """
@@ -192,6 +204,20 @@ def test_replayed_forged_and_unauthenticated_binding_updates_change_nothing(lab_
         [(b["care_of_address"], b["lifetime"]) for b in before] == [(COA["fa2"], 300)]  # type: ignore[index]
     assert cngw2_paths_to(lab_up, COA["fa2"])()
     assert show(lab_up, "counters", "cngw2")["bu_rejected"] == 3  # type: ignore[index]
+
+
+def route_opt_secrets(run_dir: Path) -> list[bytes]:
+    """The HA-cngw2 binding key (HA configuration) and the ESP keys and PSK of cngw2's path
+    (its MAVPN cache: VPN-Info AVPs as hex)."""
+    ha = config.load(run_dir / "nodes" / "ha" / "ha.yaml")
+    out = [gw.key.reveal() for gw in ha.correspondent_gateways]  # type: ignore[attr-defined]
+    cache = json.loads((run_dir / "nodes" / "cngw2" / "state" / "vpn.json").read_text())["vpn"]
+    for nai, hexes in cache.items():
+        for info in (VpnInfo.from_avp(a, nai) for h in hexes for a in decode_avps(bytes.fromhex(h))):
+            sec = info.path.security
+            out += [k.enc_key.reveal() for k in (sec.inbound, sec.outbound) if k is not None]
+            out += [sec.psk.reveal()] if sec.psk is not None else []
+    return out
 
 
 def short_lifetime_topology(path: Path, lifetime: int, threshold: int) -> Path:
