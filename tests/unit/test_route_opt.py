@@ -277,3 +277,19 @@ def test_provisioning_makes_cngw2_dynamic_and_applies_topology_settings(tmp_path
     nodes["cngw2"] = type(node)(**{**node.__dict__, "settings": {"binding_request_treshold": 6}})
     with pytest.raises(ConfigError, match=r"nodes.cngw2.settings: binding_request_treshold: unknown field"):
         Plan(type(topo)(**{**topo.__dict__, "nodes": nodes}), tmp_path / "u", "none").configs()
+
+
+def test_cngw_answers_an_unknown_critical_extension_with_134(tmp_path: Path) -> None:
+    async def main() -> None:
+        _, gw, _, to_ha = pair(tmp_path)
+        bu = mip.BindingUpdate(home_address=HOA, care_of_address=FA1,
+                               identification=mip.ntp_identification(time.time()), lifetime=20, flags=mip.BUFlag.A)
+        raw = bu.encode() + bytes([100, 2, 0, 0])  # type 100: unknown and not skippable (RFC 5944 §1.9)
+        gw.on_datagram(raw, (str(HA), mip.MIP_UDP_PORT))
+        (ack,) = decoded(to_ha)
+        assert isinstance(ack, mip.BindingAcknowledge) and ack.status == mip.BindingStatus.POORLY_FORMED_UPDATE
+        assert ack.identification == bu.identification and gw.table.bindings == {}
+        gw.on_datagram(b"\xff\x01garbage", (str(HA), mip.MIP_UDP_PORT))  # undecodable: dropped, counted
+        assert len(to_ha.sent) == 1 and gw.counters["malformed"] == 2
+
+    asyncio.run(asyncio.wait_for(main(), 10))
