@@ -370,6 +370,7 @@ class HomeAgent:
         if lifetime:
             extensions.append(mip.vendor_extension(mip.VENDOR_TYPE_VPN_INFO, vpninfo.encode_for_mip(infos),
                                                    critical=True))
+        lifetime = min(lifetime, 0xFFFF)  # a 16-bit field; a registration may be granted longer
         bu = mip.BindingUpdate(home_address=hoa, care_of_address=coa, identification=ident, lifetime=lifetime,
                                flags=mip.BUFlag.A, extensions=extensions)
         wire = mip.sign(bu, mip.EXT_BINDING_AUTH, peer.spi, peer.key).encode()
