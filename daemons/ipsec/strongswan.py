@@ -48,6 +48,16 @@ Design
   ends may trap: whichever end sees the first packet negotiates, the other responds from its
   loaded child config.  Until then the path reports ``TRAPPED``; the trap stays after the
   CHILD_SA goes (rekey failure, DPD, peer restart), so the next packet brings it up again.
+* **Shadowed traps.**  libipsec ranks every trap policy below every established SA's policy,
+  whatever the selector sizes (a child's fixed ``priority`` is not honoured) — measured: at an
+  FA whose home-address ⇄ any path to the HA is up, a trapped home-address ⇄ correspondent
+  path never saw a packet, the ping went through the HA path.  Such an on-traffic path (one
+  overlapping a path brought up at install) is trapped by us instead: an nftables table
+  ``mipvpn-trap`` logs (NFLOG group ``NFLOG_GROUP``, rate-limited) and drops its packets on
+  their way into ``ipsec0`` while it has no CHILD_SA; a listener thread on that NFLOG group
+  initiates the child and removes the rule.  ``_sync_traps`` re-decides after every change
+  (a path becomes shadowed or free again as others come and go).  Unlike charon's trap it is
+  not re-armed when the CHILD_SA goes later (only at the next change of the path set).
 * QoS (optional per path): an HTB class + u32 filter on ``ipsec0`` (where the cleartext with
   the user's address is visible), see :mod:`daemons.ipsec.qos`.
 
@@ -129,6 +139,12 @@ TRAP_REQID_SPAN = 0x00010000
 # the acquire that kernel-libipsec never raises
 _NO_SA_RE = re.compile(r"could not find an outbound IPsec SA for reqid \{(\d+)\}")
 ACQUIRE_MIN_INTERVAL = 1.0  # seconds between two initiates of the same trapped path
+# our own trap for on-traffic paths that an established SA shadows (see _shadowing): an
+# nftables table that logs (NFLOG) and drops their packets on the way into ipsec0
+NFT_TABLE = "mipvpn-trap"
+NFLOG_GROUP = 2701
+NFLOG_PREFIX = "mipvpn-trap "
+NETLINK_NETFILTER = 12
 TERMINATE_TIMEOUT_MS = 3000
 
 
@@ -414,9 +430,17 @@ class StrongswanBackend:
         self._watch_stop = threading.Event()
         self._watch_ready = threading.Event()  # subscribed to charon's log (reset on disconnect)
         self._watch_sock: socket.socket | None = None
-        self._acquire_last: dict[int, float] = {}
+        self._acquire_last: dict[str, float] = {}  # child name -> last initiate attempt
         #: number of acquires the watcher turned into an initiate (for tests and show)
         self.acquires = 0
+        # shadowed on-traffic paths waiting for their first packet in our nftables trap:
+        # path id -> token (the NFLOG prefix names it)
+        self._armed: dict[str, int] = {}
+        self._next_token = 1
+        self._nft_lock = threading.Lock()
+        self._nft_present = False
+        self._nflog: threading.Thread | None = None
+        self._nflog_ready = threading.Event()
 
     # ---- plumbing -----------------------------------------------------------------------
 
@@ -609,30 +633,137 @@ class StrongswanBackend:
         if path is None or not path.on_traffic:
             return {}
         shadow = self._shadowing(path)
-        return {"start": "on-traffic", **({"shadowed_by": shadow.id} if shadow is not None else {})}
+        return {"start": "on-traffic", **({"shadowed_by": shadow.id} if shadow is not None else {}),
+                **({"trap": "nftables"} if path.id in self._armed else {})}
 
     def _trapped(self, path: VpnPath) -> bool:
         """Is ``path`` installed as a trap?  On-traffic and not shadowed (see
         :meth:`_shadowing`; a shadowed on-traffic path is brought up at install instead)."""
         return path.on_traffic and self._shadowing(path) is None
 
-    async def _untrap_shadowed(self) -> None:
-        """On-traffic paths that a later path now shadows: no longer trapped, bring them up."""
+    async def _sync_traps(self, force: bool = False) -> None:
+        """After any change of the path set: every on-traffic path is trapped the way that
+        works for it now.  Not shadowed: charon's trap (its child config says so; reload a pair
+        whose config does not match).  Shadowed: our nftables trap, armed while the path has no
+        CHILD_SA, so its first packets are logged (the acquire) and dropped instead of going
+        into the shadowing path's SA.  ``force``: rewrite the nftables trap even if nothing
+        changed (after a restart: a table left by the previous process goes)."""
+        armed: dict[str, int] = {}
         for p in list(self._paths.values()):
-            if not p.on_traffic or self._trapped(p):
+            if not p.on_traffic:
                 continue
             name = conn_name(p)
             with self._trap_lock:
                 loaded_as_trap = (name, p.id) in self._trap_reqids
-            if loaded_as_trap:  # charon drops the trap with the child config's start_action
+            if loaded_as_trap != self._trapped(p):
                 await self._load_pair(name)
+            if self._trapped(p):
+                continue
             if any(_s(c.get("state")) in ("INSTALLED", "INSTALLING", "CREATED")
                    for _sa, c in self._children(await self._list_sas(name), name, p.id)):
                 continue
-            shadow = self._shadowing(p)
-            log.info("%s: on-traffic path %s overlaps path %s (kernel-libipsec would send its first "
-                     "packets into that one): brought up now", self.node, p.id, shadow.id if shadow else "?")
-            await self._initiate(p)
+            armed[p.id] = self._armed.get(p.id) or self._new_token()
+        if force:
+            self._nft_present = True
+        if armed != self._armed or force:
+            for path_id in armed.keys() - self._armed.keys():
+                log.info("%s: on-traffic path %s overlaps path %s (libipsec would send its first packets "
+                         "into that one): trapped in nftables", self.node, path_id,
+                         getattr(self._shadowing(self._paths[path_id]), "id", "?"))
+            if armed:
+                self._ensure_nflog()
+                if not await asyncio.to_thread(self._nflog_ready.wait, 5.0):
+                    log.warning("%s: NFLOG listener not ready", self.node)
+            await asyncio.to_thread(self._set_armed, armed)
+
+    def _new_token(self) -> int:
+        token = self._next_token
+        self._next_token += 1
+        return token
+
+    def _set_armed(self, armed: dict[str, int]) -> None:
+        """Write the nftables trap for ``armed`` (any thread)."""
+        with self._nft_lock:
+            self._armed = dict(armed)
+            lines = [f"table ip {NFT_TABLE}", f"delete table ip {NFT_TABLE}"]
+            if armed:
+                lines += [f"table ip {NFT_TABLE} {{", "  chain post {",
+                          "    type filter hook postrouting priority 0; policy accept;"]
+                for path_id, token in sorted(armed.items(), key=lambda kv: kv[1]):
+                    path = self._paths.get(path_id)
+                    if path is None:
+                        continue
+                    for src in path.local_ts:
+                        for dst in path.remote_ts:
+                            match = f'oifname "{self.tun_ifname}"'
+                            match += f" ip saddr {src}" if src.prefixlen else ""
+                            match += f" ip daddr {dst}" if dst.prefixlen else ""
+                            lines.append(f'    {match} limit rate 10/second log prefix "{NFLOG_PREFIX}{token} " '
+                                         f"group {NFLOG_GROUP}")
+                            lines.append(f"    {match} drop")
+                lines += ["  }", "}"]
+            if not armed and not self._nft_present:
+                return
+            cmd = ["nft", "-f", "-"]
+            if self.netns:
+                cmd = ["ip", "netns", "exec", self.netns, *cmd]
+            import subprocess
+
+            proc = subprocess.run(cmd, input="\n".join(lines) + "\n", text=True, capture_output=True, timeout=10)
+            if proc.returncode != 0:
+                raise PathError(f"{self.node}: nft (on-traffic trap): {proc.stderr.strip()}")
+            self._nft_present = bool(armed)
+
+    def _ensure_nflog(self) -> None:
+        if self._nflog is not None and self._nflog.is_alive():
+            return
+        self._watch_stop.clear()
+        self._nflog_ready.clear()
+        self._nflog = threading.Thread(target=self._nflog_loop, name=f"nflog-{self.node}", daemon=True)
+        self._nflog.start()
+
+    def _nflog_loop(self) -> None:
+        """Thread: NFLOG messages from our nftables trap -> initiate the path they name."""
+        import select
+        import struct
+
+        from pyroute2 import netns as pr2_netns
+
+        sock = pr2_netns.create_socket(self.netns, socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) \
+            if self.netns else socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        session: vici.Session | None = None
+        try:
+            sock.bind((0, 0))
+            for attr, payload in ((1, struct.pack("B", 1)),  # NFULA_CFG_CMD: bind the group
+                                  (2, struct.pack(">IBx", 0, 1)),  # NFULA_CFG_MODE: metadata only
+                                  (4, struct.pack(">I", 0)),  # NFULA_CFG_TIMEOUT: no batching (default 1 s)
+                                  (5, struct.pack(">I", 1))):  # NFULA_CFG_QTHRESH: one message per packet
+                nla = struct.pack("HH", 4 + len(payload), attr) + payload
+                nla += b"\0" * (-len(nla) % 4)
+                body = struct.pack("BBH", socket.AF_UNSPEC, 0, socket.htons(NFLOG_GROUP)) + nla
+                sock.send(struct.pack("IHHII", 16 + len(body), (4 << 8) | 1, 0x1 | 0x4, 1, 0) + body)
+                ack = sock.recv(4096)
+                if len(ack) >= 20 and struct.unpack_from("i", ack, 16)[0] != 0:
+                    raise OSError(-struct.unpack_from("i", ack, 16)[0], "NFLOG bind refused")
+            self._nflog_ready.set()
+            while not self._watch_stop.is_set():
+                ready, _, _ = select.select([sock], [], [], 0.5)
+                if not ready:
+                    continue
+                data = sock.recv(65535)
+                for token in _nflog_tokens(data):
+                    path_id = next((pid for pid, t in self._armed.items() if t == token), None)
+                    path = self._paths.get(path_id) if path_id else None
+                    if path is None:
+                        continue
+                    session, up = self._initiate_trapped(conn_name(path), path.id, session)
+                    if up:
+                        self._set_armed({pid: t for pid, t in self._armed.items() if pid != path.id})
+        except (OSError, SessionException, CommandException, PathError) as e:
+            log.warning("%s: NFLOG trap listener stopped: %s", self.node, e)
+        finally:
+            self._nflog_ready.clear()
+            sock.close()
 
     def _trap_reqid(self, conn: str, path_id: str) -> int:
         """The fixed reqid of a trapped child (stable while the path stays on this pair)."""
@@ -654,7 +785,7 @@ class StrongswanBackend:
         keep = {p.id for p in self._pair_paths(conn) if self._trapped(p)}
         with self._trap_lock:
             for key in [k for k in self._trap_reqids if k[0] == conn and k[1] not in keep]:
-                self._acquire_last.pop(self._trap_reqids.pop(key), None)
+                self._trap_reqids.pop(key)
 
     def _trapped_by_reqid(self, reqid: int) -> tuple[str, str] | None:
         with self._trap_lock:
@@ -674,9 +805,10 @@ class StrongswanBackend:
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
-        if self._watcher is not None:
-            self._watcher.join(timeout=3)
-            self._watcher = None
+        for thread in (self._watcher, self._nflog):
+            if thread is not None:
+                thread.join(timeout=3)
+        self._watcher = self._nflog = None
 
     def _watch(self) -> None:
         """Thread: follow charon's VICI log stream; a libipsec "no outbound SA for reqid N"
@@ -711,16 +843,21 @@ class StrongswanBackend:
                     sock.close()
 
     def _acquire(self, reqid: int, session: vici.Session | None) -> vici.Session | None:
-        """In the watcher thread: bring up the trapped child with ``reqid`` unless it is up or
-        was tried less than ``ACQUIRE_MIN_INTERVAL`` ago.  Returns the (lazily made) session."""
+        """In the watcher thread: a packet hit the charon trap with ``reqid``."""
         key = self._trapped_by_reqid(reqid)
         if key is None:
             return session
+        return self._initiate_trapped(*key, session)[0]
+
+    def _initiate_trapped(self, conn: str, child: str,
+                          session: vici.Session | None) -> tuple[vici.Session | None, bool]:
+        """In a watcher thread: bring up a trapped child unless it is up or was tried less
+        than ``ACQUIRE_MIN_INTERVAL`` ago.  Returns the (lazily made) session and whether the
+        child is up now."""
         now = time.monotonic()
-        if now - self._acquire_last.get(reqid, -1e9) < ACQUIRE_MIN_INTERVAL:
-            return session
-        self._acquire_last[reqid] = now
-        conn, child = key
+        if now - self._acquire_last.get(child, -1e9) < ACQUIRE_MIN_INTERVAL:
+            return session, False
+        self._acquire_last[child] = now
         if session is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.connect(str(self.socket_path))
@@ -731,18 +868,20 @@ class StrongswanBackend:
                 sas.append({**sa, "name": _s(ike_name)})
         if any(_s(c.get("state")) in ("INSTALLED", "INSTALLING", "CREATED")
                for _sa, c in self._children(sas, conn, child)):
-            return session
-        log.info("%s: first packet for trapped path %s (reqid %d): initiating", self.node, child, reqid)
+            return session, True
+        log.info("%s: first packet for trapped path %s: initiating", self.node, child)
         msg = {"ike": conn, "child": child, "timeout": str(self.initiate_timeout_ms),
                "init-limits": "no", "loglevel": "-1"}
+        up = False
         try:
             for _ in session.initiate(msg):
                 pass
             self.acquires += 1
+            up = True
         except CommandException as e:
             log.info("%s: on-traffic initiate of %s failed (%s); the next packet retries", self.node, child, e)
-        self._acquire_last[reqid] = time.monotonic()
-        return session
+        self._acquire_last[child] = time.monotonic()
+        return session, up
 
     async def _load_pair(self, name: str) -> None:
         paths = self._pair_paths(name)
@@ -936,7 +1075,8 @@ class StrongswanBackend:
             if best is None or _s(c.get("state")) == "INSTALLED":
                 best, ike = c, sa
         if best is None:
-            state = PathState.DOWN if path is None else PathState.TRAPPED if self._trapped(path) else PathState.WAITING
+            trapped = path is not None and (self._trapped(path) or path.id in self._armed)
+            state = PathState.DOWN if path is None else PathState.TRAPPED if trapped else PathState.WAITING
             return PathStatus(
                 path_id,
                 state,
@@ -1005,15 +1145,12 @@ class StrongswanBackend:
         # a path new to this object cannot have a CHILD_SA yet (the peer can only negotiate
         # what we have configured); a known one is checked so a repeat install is a no-op
         sas = await self._list_sas(name) if known else []
-        if not self._trapped(path) and not any(
+        if not path.on_traffic and not any(
             _s(c.get("state")) == "INSTALLED" for _sa, c in self._children(sas, name, path.id)
         ):
             await self._initiate(path)
-            sas = await self._list_sas(name)
-        elif self._trapped(path):
-            sas = await self._list_sas(name)
-        await self._untrap_shadowed()
-        return self._status(path.id, sas)
+        await self._sync_traps()
+        return self._status(path.id, await self._list_sas(name))
 
     async def _forget(self, path: VpnPath) -> None:
         """Remove a path's config, routing, QoS and PSK (SAs are terminated by the caller)."""
@@ -1046,11 +1183,10 @@ class StrongswanBackend:
                 await self.qos.remove(new.id)
             else:
                 await self.qos.apply(new.id, new.qos, new.local_ts, new.remote_ts)
-            status = await self.status(new.id)
-            if not self._trapped(new) and status.state is not PathState.UP:
+            if not new.on_traffic and (await self.status(new.id)).state is not PathState.UP:
                 await self._initiate(new)
-                status = await self.status(new.id)
-            return status
+            await self._sync_traps()
+            return await self.status(new.id)
         old_conn, new_conn = conn_name(old), conn_name(new)
         if old_conn != new_conn:
             # make-before-break: the new pair's CHILD_SA first, then drop the old one
@@ -1062,10 +1198,11 @@ class StrongswanBackend:
             await self.qos.remove(new.id)
             if new.qos is not None:
                 await self.qos.apply(new.id, new.qos, new.local_ts, new.remote_ts)
-            if not self._trapped(new):
+            if not new.on_traffic:
                 await self._initiate(new)
             await self._terminate_children(old_conn, old.id)
             await self._terminate_empty_ike(old_conn)
+            await self._sync_traps()
             return await self.status(new.id)
         # same pair, other selectors/suite: break-before-make (same CHILD_SA name)
         await self._terminate_children(old_conn, old.id)
@@ -1088,6 +1225,7 @@ class StrongswanBackend:
         await self._terminate_children(name, path_id)
         await self._forget(path)
         await self._terminate_empty_ike(name)
+        await self._sync_traps()
 
     async def list(self) -> builtins.list[PathStatus]:
         sas = await self._list_sas()
@@ -1148,10 +1286,37 @@ class StrongswanBackend:
             # bring up what is wanted but not established (the peer may not be ready)
             sas = await self._list_sas()
             for p in wanted:
-                if not self._trapped(p) and not any(
+                if not p.on_traffic and not any(
                     _s(c.get("state")) == "INSTALLED"
                     for _sa, c in self._children(sas, conn_name(p), p.id)
                 ):
                     await self._initiate(p)
+            await self._sync_traps(force=True)
             sas = await self._list_sas()
             return [self._status(p.id, sas) for p in wanted]
+
+
+def _nflog_tokens(data: bytes) -> list[int]:
+    """The trap tokens named by the NFLOG packet messages in one netlink read."""
+    import struct
+
+    tokens = []
+    off = 0
+    while off + 16 <= len(data):
+        length, mtype = struct.unpack_from("IH", data, off)
+        if length < 16:
+            break
+        if mtype == (4 << 8) | 0:  # NFNL_SUBSYS_ULOG, NFULNL_MSG_PACKET
+            attr = off + 16 + 4  # nlmsghdr, nfgenmsg
+            while attr + 4 <= off + length:
+                alen, atype = struct.unpack_from("HH", data, attr)
+                if alen < 4:
+                    break
+                if atype & 0x7FFF == 10:  # NFULA_PREFIX
+                    prefix = data[attr + 4:attr + alen].split(b"\0", 1)[0].decode(errors="replace")
+                    if prefix.startswith(NFLOG_PREFIX):
+                        with contextlib.suppress(ValueError):
+                            tokens.append(int(prefix[len(NFLOG_PREFIX):].strip()))
+                attr += (alen + 3) & ~3
+        off += (length + 3) & ~3
+    return tokens

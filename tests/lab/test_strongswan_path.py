@@ -586,43 +586,52 @@ def test_on_traffic_trap_first_packet_brings_path_up(chain: Chain) -> None:
     assert routing_leftovers(c, "a") == [] and routing_leftovers(c, "b") == []
 
 
-def test_on_traffic_path_under_a_covering_sa_is_brought_up_at_install(chain: Chain) -> None:
-    """kernel-libipsec ranks every trap below any established SA: an on-traffic path whose
-    selectors overlap an up path's (an FA's home address ⇄ any anchor to the HA vs. home
-    address ⇄ correspondent to a dynamic CN-GW) would never see its first packet — it would
-    go into the anchor's SA.  Measured here first (the trap stayed untouched, the ping went
-    through the anchor); the backend therefore brings such a path up at install, whichever
-    of the two comes first, and says why."""
+def nft_trap(c: Chain, node: str) -> str:
+    return nsx(c.ns[node], "nft", "list", "table", "ip", "mipvpn-trap", check=False).stdout
+
+
+def test_on_traffic_path_under_a_covering_sa_is_trapped_in_nftables(chain: Chain) -> None:
+    """kernel-libipsec ranks every trap below any established SA (and ignores a child's fixed
+    priority): an on-traffic path whose selectors overlap an up path's (an FA's home address ⇄
+    any anchor to the HA vs. home address ⇄ correspondent to a dynamic CN-GW) never sees its
+    first packet at charon's trap — measured: the ping went through the anchor and the trap
+    stayed.  The backend traps such a path in nftables instead (NFLOG + drop on the way into
+    ipsec0): the first packet is the acquire, the path comes up, and the correspondent's
+    traffic never takes the anchor.  Whichever of the two paths is installed first."""
     c = chain
     assert c.a is not None and c.b is not None
     anchor = replace(make_path("mn1@home.example:1"), remote_ts=(ipaddress.IPv4Network("0.0.0.0/0"),))
     ro = replace(make_path("mn1@home.example:3", on_traffic=True),
                  remote=Endpoint(ipaddress.IPv4Address(GW_B2), EndpointType.CNGW_DYNAMIC))
     try:
-        # the on-traffic path first: nothing covers it yet, so it is a trap ...
-        st_b = run(c.b.install(ro.mirrored()))
-        st = run(c.a.install(ro))
-        assert (st.state, st_b.state) == (PathState.TRAPPED, PathState.TRAPPED)
-        # ... until the anchor comes: then it is brought up, not left to a trap that can't fire
-        run(install_both(c, anchor))
-        st = run(c.a.status(ro.id))
-        assert st.state is PathState.UP, f"{st}\n{charon_logs(c)}"
-        assert st.detail["shadowed_by"] == anchor.id and trap_policies(c, "a") == []
-        assert c.ping(3)
-        st = run(c.a.status(ro.id))
-        assert st.packets_out >= 3, st  # the correspondent's traffic takes the specific path
-        run(c.a.flush())
-        run(c.b.flush())
-        # the other order: anchor first, the on-traffic path is up right at install
-        run(install_both(c, anchor))
-        run(c.b.install(ro.mirrored()))
-        st = run(c.a.install(ro))
-        assert st.state is PathState.UP and st.detail["shadowed_by"] == anchor.id, f"{st}\n{charon_logs(c)}"
-        assert sorted(child_names(c, "a")) == sorted([anchor.id, ro.id])
+        for order in ("trap first", "anchor first"):
+            if order == "trap first":
+                run(c.b.install(ro.mirrored()))
+                assert run(c.a.install(ro)).state is PathState.TRAPPED
+                assert trap_policies(c, "a") == [ro.id] and nft_trap(c, "a") == ""  # charon's trap
+                run(install_both(c, anchor))
+            else:
+                run(install_both(c, anchor))
+                run(c.b.install(ro.mirrored()))
+                run(c.a.install(ro))
+            st = run(c.a.status(ro.id))
+            assert st.state is PathState.TRAPPED, f"{order}: {st}\n{charon_logs(c)}"
+            assert st.detail["shadowed_by"] == anchor.id and st.detail["trap"] == "nftables"
+            assert trap_policies(c, "a") == [] and "drop" in nft_trap(c, "a")
+            assert child_names(c, "a") == [anchor.id]
+            anchor_out = run(c.a.status(anchor.id)).packets_out
+            c.ping(1)  # the first packet: logged and dropped, the path comes up
+            assert wait_up(c, c.a, ro.id) is PathState.UP, f"{order}\n{charon_logs(c)}"
+            assert c.ping(3), c.last_ping
+            assert run(c.a.status(ro.id)).packets_out >= 3
+            assert run(c.a.status(anchor.id)).packets_out == anchor_out  # nothing went the anchor's way
+            assert nft_trap(c, "a") == ""  # the trap is gone with its path up
+            run(c.a.flush())
+            run(c.b.flush())
     finally:
         run(c.a.flush())
         run(c.b.flush())
-    assert sas(c, "a") == [] and sas(c, "b") == []
+    assert sas(c, "a") == [] and sas(c, "b") == [] and nft_trap(c, "a") == ""
     assert routing_leftovers(c, "a") == [] and routing_leftovers(c, "b") == []
 
 
