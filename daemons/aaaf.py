@@ -26,6 +26,7 @@ from daemons.control import ControlServer
 from daemons.diameter import Message, ResultCode
 from daemons.diameter.node import DiameterNode, wait_for_peers
 from daemons.log import EventLog
+from daemons.mip.vendor import requests_service_update
 
 log = EventLog("mipvpn.aaaf")
 MIP_APPLICATION = 2  # RFC 4004
@@ -186,6 +187,11 @@ class ForeignAAAServer:
         except mip.DecodeError:
             return None
         if not isinstance(rrq, mip.RegistrationRequest) or rrq.is_deregistration:
+            return None
+        if requests_service_update(rrq.extensions):
+            # F7: the user changed their profile; only the home AAA server can rebuild the VPN
+            # info from it, so our cached copy must not answer (relayed like any other AMR).
+            log.info("amr.not_answered_locally", mn=nai, sid=amr.session_id, reason="service update")
             return None
         previous = mip.previous_fa(rrq.extensions)
         if previous is None or previous == rrq.care_of_address or rrq.home_agent != session.home_agent \

@@ -15,7 +15,9 @@ The paths of one registration (static CN-GW, claim 16):
   ESP keys from the CSPRNG, SPIs unique per receiving gateway (>= 0x10000), the pair's PSK;
 * path 2.., HA⇄CN-GW per static gateway: the standing network-to-network tunnel (home prefix ⇄
   what the gateway accommodates, ``static_suite``), with the static keys both ends derive from the master secret
-  (``daemons.keys.static_spi/static_esp_key``), so the HA's half matches the CN-GW's.
+  (``daemons.keys.static_spi/static_esp_key``), so the HA's half matches the CN-GW's;
+* then, per dynamic CN-GW (route optimisation, claim 19), FA⇄CN-GW: home address ⇄ what the
+  gateway accommodates, fresh keys; the HA passes the CN-GW's copy on in a Binding Update.
 
 A :class:`Session` is one user's cached registration (NAI, Diameter session, FA, paths); its
 paths are kept as the AAAH describes them (FA-side paths in the FA's view, the rest in the
@@ -54,9 +56,10 @@ from daemons.diameter.node import DiameterError, DiameterNode, DiameterUnavailab
 from daemons.ipsec.path import Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
 from daemons.keys import new_esp_key, pair_psk, static_esp_key, static_spi
 from daemons.log import EventLog
+from daemons.mip.vendor import requests_service_update, service_update
 from daemons.secret import Secret
 from daemons.state import StateFile
-from daemons.vpndb import CngwMode, User, VpnDatabase, VpnDbError, VpnProfile, open_database
+from daemons.vpndb import CngwMode, Distribution, User, VpnDatabase, VpnDbError, VpnProfile, open_database
 from daemons.vpninfo import VpnInfo, direction_keys
 
 log = EventLog("mipvpn.aaah")
@@ -90,10 +93,13 @@ class Session:
         return [i for i in self.paths if i.path.local.type is EndpointType.FA]
 
     def for_ha(self) -> list[VpnInfo]:
-        """The paths the HA installs (its own view): the FA's mirrored, plus its own."""
+        """What the HAR carries: the paths the HA installs (its own view: the FA's mirrored,
+        plus its own) and, for route optimisation (F4), each FA⇄dynamic CN-GW path in the
+        CN-GW's view (Local = the CN-GW), which the HA passes on in a Binding Update."""
         out = []
         for info in self.paths:
-            if info.path.local.type is EndpointType.FA and info.path.remote.type is EndpointType.HA:
+            if info.path.local.type is EndpointType.FA and info.path.remote.type in (EndpointType.HA,
+                                                                                      EndpointType.CNGW_DYNAMIC):
                 out.append(info.mirrored())
             elif info.path.local.type is EndpointType.HA:
                 out.append(info)
@@ -147,6 +153,13 @@ class Session:
 def _path_text(info: VpnInfo) -> str:
     p = info.path
     return f"{info.path_id}:{p.local.address}({p.local.type.value})<->{p.remote.address}({p.remote.type.value})"
+
+
+def _distribution(profiles: list[VpnProfile]) -> int:
+    """Claim 5: the path toward a correspondent's gateway is set up on traffic only if every
+    profile of the user through that gateway says ``on_traffic`` (one path per gateway)."""
+    on_traffic = bool(profiles) and all(p.distribution is Distribution.ON_TRAFFIC for p in profiles)
+    return vpninfo.ON_TRAFFIC if on_traffic else vpninfo.AT_REGISTRATION
 
 
 class SessionStore:
@@ -271,6 +284,7 @@ class HomeAAAServer:
         self.counters: dict[str, int] = {"amr": 0, "auth_failed": 0, "unknown_user": 0, "har": 0, "accepted": 0,
                                          "refused": 0, "ha_unavailable": 0}
         self.control = ControlServer(config.control_socket)
+        self.profile_api: Any = None  # daemons.profileapi.ProfileApi when configured (claim 24)
         self.diameter = DiameterNode(config.diameter_host, config.diameter_realm,
                                      host_ip_addresses=(str(config.address),), listen_address=str(config.address),
                                      listen_port=config.port)
@@ -294,12 +308,34 @@ class HomeAAAServer:
         self.control.register("peers", lambda _: self.diameter.peers_status())
         await wait_for_peers(self.diameter, [h.diameter_host for h in self.home_agents.values()])
         await self.control.start()
+        await self.start_profile_api()
         log.info("aaah.ready", host=self.config.diameter_host, realm=self.config.diameter_realm,
                  port=self.diameter.port, home_agents=len(self.home_agents), sessions=len(self.store.sessions))
 
     async def stop(self) -> None:
+        if self.profile_api is not None:
+            await self.profile_api.stop()
         await self.control.stop()
         await self.diameter.stop()
+
+    async def start_profile_api(self) -> None:
+        """Claim 24 (F7): users change their own profiles over HTTP (daemons.profileapi); the
+        change takes effect with their next registration (AMR), e.g. a service-update RRQ."""
+        if self.config.profile_api is None:
+            return
+        from daemons.profileapi import ProfileApi
+
+        assert self.db is not None
+        api = ProfileApi(self.db, str(self.config.profile_api.address), self.config.profile_api.port,
+                         node=self.config.node)
+        try:
+            await api.start()
+        except OSError as exc:
+            raise ConfigError(f"{self.config.node} (aaah)", "profile_api",
+                              f"cannot listen on {self.config.profile_api.address}:{self.config.profile_api.port}: "
+                              f"{exc.strerror or exc}") from None
+        self.profile_api = api
+        self.control.register("profile_api", lambda _: {"port": api.port, **api.counters})
 
     async def run(self) -> None:
         await self.start()
@@ -353,6 +389,12 @@ class HomeAAAServer:
         route = [str(a.value) for a in amr.find_all("Route-Record")]
         log.info("amr.received", mn=nai, sid=sid, fa=amr.get("Origin-Host"), coa=rrq.care_of_address,
                  ha=rrq.home_agent, id=hex(rrq.identification), via=",".join(route) or None)
+        if requests_service_update(rrq.extensions):
+            # F7: the user changed a profile; register() reads the profiles afresh on every AMR
+            # (nothing cached), so the VPN info below is rebuilt from the changed ones.
+            update = service_update(rrq.extensions)
+            self.counters["service_updates"] = self.counters.get("service_updates", 0) + 1
+            log.info("service_update.received", mn=nai, sid=sid, seq=update.sequence if update else "malformed")
         lock = self.locks.setdefault(nai, asyncio.Lock())
         async with lock:
             try:
@@ -498,17 +540,12 @@ class HomeAAAServer:
     async def build_paths(self, nai: str, home_address: IPv4Address, coa: IPv4Address, ha: HomeAgentRef,
                           profiles: list[VpnProfile]) -> list[VpnInfo]:
         assert self.db is not None
-        static: list[VpnProfile] = []
-        for p in profiles:
-            if p.gateway_type is CngwMode.STATIC:
-                static.append(p)
-            else:
-                log.info("profile.skipped", mn=nai, profile=p.id, destination=p.destination, gateway=p.gateway,
-                         reason="dynamic gateway (route optimisation) not supported yet")
-        if not static:
-            log.info("vpn.none", mn=nai, reason="no static-gateway profile")
+        static = [p for p in profiles if p.gateway_type is CngwMode.STATIC]
+        dynamic = [p for p in profiles if p.gateway_type is CngwMode.DYNAMIC]
+        if not profiles:
+            log.info("vpn.none", mn=nai, reason="no VPN profile")
             return []
-        first = static[0]
+        first = (static or dynamic)[0]
         suite = first.suite
         # Path 1, FA⇄HA, in the FA's view: fresh keys, SPIs unique at the receiving gateway.
         # It carries everything the MN sends and receives (home address ⇄ any): the HA is the
@@ -552,8 +589,43 @@ class HomeAAAServer:
                                         static_esp_key(self.master, ha.address, gw.address, out_spi, gsuite)),
                     inbound=direction_keys(gsuite, in_spi,
                                        static_esp_key(self.master, gw.address, ha.address, in_spi, gsuite)),
-                    psk=pair_psk(self.master, ha.address, gw.address)))))
+                    psk=pair_psk(self.master, ha.address, gw.address))), _distribution(gw_profiles)))
+        infos += await self.route_optimised_paths(nai, home_address, coa, dynamic, path_id + 1)
         log.info("vpn.built", mn=nai, paths=" ".join(_path_text(i) for i in infos), suite=suite.value)
+        return infos
+
+    async def route_optimised_paths(self, nai: str, home_address: IPv4Address, coa: IPv4Address,
+                                    profiles: list[VpnProfile], first_id: int) -> list[VpnInfo]:
+        """Claim 19 (F4): per dynamic CN-GW one FA⇄CN-GW path, in the FA's view: the MN's home
+        address ⇄ what the gateway accommodates (correspondence table), fresh keys, SPIs
+        unique at each receiving gateway, the pair's PSK. The HA gets the CN-GW's mirrored
+        copy in the HAR (``Session.for_ha``) and hands it to the CN-GW in a Binding Update."""
+        assert self.db is not None
+        by_gateway: dict[str, list[VpnProfile]] = {}
+        for p in profiles:
+            by_gateway.setdefault(p.gateway, []).append(p)
+        infos: list[VpnInfo] = []
+        path_id = first_id
+        for name, gw_profiles in by_gateway.items():
+            gw = await self.db.aio.gateway(name)
+            if gw is None:
+                log.warning("profile.skipped", mn=nai, gateway=name, reason="gateway not in the database")
+                continue
+            routes = await self.db.aio.run(self.db.routes, name)
+            remote_ts = tuple(dict.fromkeys(r.prefix for r in routes)) or \
+                tuple(dict.fromkeys(p.destination for p in gw_profiles))
+            profile = gw_profiles[0]
+            suite = profile.suite
+            spi_at_gw, spi_at_fa = self.spis.allocate(gw.address), self.spis.allocate(coa)
+            infos.append(VpnInfo(nai, path_id, VpnPath(
+                id=VpnInfo.path_name(nai, path_id),
+                local=Endpoint(coa, EndpointType.FA), remote=Endpoint(gw.address, EndpointType.CNGW_DYNAMIC),
+                local_ts=(IPv4Network(f"{home_address}/32"),), remote_ts=remote_ts,
+                security=SecurityService(suite, outbound=direction_keys(suite, spi_at_gw, new_esp_key(suite)),
+                                         inbound=direction_keys(suite, spi_at_fa, new_esp_key(suite)),
+                                         psk=pair_psk(self.master, coa, gw.address), lifetime=profile.lifetime),
+                qos=profile.qos), _distribution(gw_profiles)))
+            path_id += 1
         return infos
 
 

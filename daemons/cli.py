@@ -13,6 +13,7 @@ from daemons.benchho import handover
 from daemons.benchreg import register
 from daemons.config import ConfigError
 from daemons.dbcli import db_group
+from daemons.profilecli import mn_group, profile_group
 from daemons.provision import control_socket
 from lab.cli import lab_group
 from lab.lab import DEFAULT_RUN_DIR
@@ -26,6 +27,8 @@ def main() -> None:
 
 main.add_command(lab_group)
 main.add_command(db_group)
+main.add_command(profile_group)
+main.add_command(mn_group)
 bench_group.add_command(handover)
 bench_group.add_command(register)
 main.add_command(bench_group)

@@ -111,6 +111,9 @@ class HAConfig(Common):
     replay_window: float = 7.0  # seconds, RFC 5944 §5.7 timestamps
     mobile_nodes: list[MobileNodeEntry] = field(default_factory=list)
     foreign_agents: list[PeerAgent] = field(default_factory=list)
+    # Dynamic CN-GWs (by tunnel address) and our binding security association with each (F4, F5, F8).
+    correspondent_gateways: list[PeerAgent] = field(default_factory=list)
+    binding_ack_timeout: float = 0.4  # first wait for a CN-GW's Binding Acknowledge; doubles, 3 tries
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,7 @@ class FAConfig(Common):
     # Neighbouring FAs (by care-of address) we exchange Binding Updates with when an MN moves.
     peer_agents: list[PeerAgent] = field(default_factory=list)
     forwarding_lifetime: int = 10  # how long an old FA keeps forwarding for a moved MN (F6)
+    smooth_handoff: bool = True  # give the previous FA a forwarding path to us (F6); off: only tell it
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,11 @@ class MNConfig(Common):
 @dataclass(frozen=True)
 class CNGWConfig(Common):
     address: ipaddress.IPv4Address = NO_ADDRESS  # our tunnel endpoint
+    # Dynamic mode (F4, F5, F8): the home agents that may send us Binding Updates, with our
+    # binding security association with each (none: static only).
+    home_agents: list[PeerAgent] = field(default_factory=list)
+    binding_request_threshold: float = 10.0  # remaining binding lifetime (s) below which we ask the HA (BR)
+    binding_request_interval: float = 1.0  # while below it, one Binding Request per interval at most
 
 
 @dataclass(frozen=True)
@@ -168,6 +177,15 @@ class AAAHConfig(Common):
     home_agents: list[HomeAgentRef] = field(default_factory=list)
     har_timeout: float = 3.0  # no HAA by then: 4006 DIAMETER_ERROR_HA_NOT_AVAILABLE (below the FA's timeout)
     static_suite: str = "aes128gcm16"  # ESP suite of the static HA-CN-GW tunnels (as the CN-GWs are provisioned)
+    profile_api: ProfileApiConfig | None = None  # users' HTTP API to their own profiles (claim 24); None: off
+
+
+@dataclass(frozen=True)
+class ProfileApiConfig:
+    """Where the AAAH serves the user self-service profile API (claim 24, F7; daemons.profileapi)."""
+
+    address: ipaddress.IPv4Address
+    port: int = 8080
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ NAI, DISABLED_NAI = "mn1@home.example", "mn2@home.example"
 HOA, HA_ADDR, COA = IPv4Address("198.18.1.10"), IPv4Address("198.18.1.1"), IPv4Address("198.18.2.1")
 HOME_PREFIX = IPv4Network("198.18.1.0/24")
 CNGW_ADDR, CORP = IPv4Address("198.18.9.1"), IPv4Network("198.18.100.0/24")
-DYN_CORP = IPv4Network("198.18.101.0/24")
+CNGW2_ADDR, DYN_CORP = IPv4Address("198.18.9.2"), IPv4Network("198.18.101.0/24")
 MASTER = Secret(bytes(range(32)))
 MN_AAA = Secret(b"mn-aaa-secret-of-mn1!")
 MN_HA = Secret(b"mn-ha-key-of-mn1")
@@ -64,7 +64,7 @@ def seed(path: Path) -> str:
         db.add_route("cngw2", DYN_CORP)
         db.add_user(NAI, HOA, HA_ADDR, SPI_MN_AAA, MN_AAA)
         db.add_profile(NAI, CORP, "cngw", qos_rate=1_000_000, qos_ceil=2_000_000, qos_priority=2)
-        db.add_profile(NAI, DYN_CORP, "cngw2")  # dynamic: route optimisation, skipped for now
+        db.add_profile(NAI, DYN_CORP, "cngw2", suite="aes256gcm16", lifetime=900)  # dynamic: route optimisation
         db.add_user(DISABLED_NAI, "198.18.1.11", HA_ADDR, SPI_MN_AAA, MN_AAA, enabled=False)
     return url
 
@@ -214,8 +214,10 @@ def test_registration_distributes_vpn_info(tmp_path: Path, event_log: Any) -> No
             assert ama.get("User-Name") == NAI and ama.get("MIP-Home-Agent-Address") == HA_ADDR
             assert ama.get("MIP-Mobile-Node-Address") == HOA and ama.session_id == amr.session_id
 
-            # The FA's VPN info: path 1 only, in the FA's view.
-            (fa_info,) = vpninfo.from_message(ama, NAI)
+            # The FA's VPN info, in the FA's view: path 1 to the HA, path 3 to the dynamic CN-GW.
+            fa_infos = {i.path_id: i for i in vpninfo.from_message(ama, NAI)}
+            assert sorted(fa_infos) == [1, 3]
+            fa_info = fa_infos[1]
             p = fa_info.path
             assert fa_info.path_id == 1
             assert (p.local.address, p.local.type) == (COA, EndpointType.FA)
@@ -230,6 +232,16 @@ def test_registration_distributes_vpn_info(tmp_path: Path, event_log: Any) -> No
             assert key_bytes(sec.inbound) != key_bytes(sec.outbound)
             assert sec.psk == pair_psk(MASTER, COA, HA_ADDR)
             assert p.qos == Qos(1_000_000, 2_000_000, 2)
+            # F4 (claim 19): FA⇄CN-GW2 directly, home address ⇄ the gateway's prefixes, its own keys.
+            ro = fa_infos[3].path
+            assert (ro.local.address, ro.local.type) == (COA, EndpointType.FA)
+            assert (ro.remote.address, ro.remote.type) == (CNGW2_ADDR, EndpointType.CNGW_DYNAMIC)
+            assert ro.local_ts == (IPv4Network(f"{HOA}/32"),) and ro.remote_ts == (DYN_CORP,)
+            rsec = ro.security
+            assert rsec.suite is EspSuite.AES256GCM16 and rsec.lifetime == 900
+            assert rsec.psk == pair_psk(MASTER, COA, CNGW2_ADDR)
+            assert rsec.inbound.spi >= FIRST_DYNAMIC_SPI and rsec.outbound.spi >= FIRST_DYNAMIC_SPI
+            assert len({key_bytes(k) for k in (rsec.inbound, rsec.outbound, sec.inbound, sec.outbound)}) == 4
 
             # The AMR reached the AAAH through the AAAF (Route-Record), unchanged.
             (seen,) = w.amrs_at_aaah
@@ -242,7 +254,14 @@ def test_registration_distributes_vpn_info(tmp_path: Path, event_log: Any) -> No
             assert har.get("Destination-Realm") == HOME and har.get("MIP-Reg-Request") == raw
             assert har.get("MIP-Home-Agent-Address") == HA_ADDR and har.get("MIP-Mobile-Node-Address") == HOA
             ha_infos = {i.path_id: i for i in vpninfo.from_message(har, NAI)}
-            assert sorted(ha_infos) == [1, 2]
+            assert sorted(ha_infos) == [1, 2, 3]
+            # Path 3 in the CN-GW's view: the HA hands it to the CN-GW in a Binding Update.
+            h3 = ha_infos[3].path
+            assert (h3.local.address, h3.local.type, h3.remote.address, h3.remote.type) == \
+                (CNGW2_ADDR, EndpointType.CNGW_DYNAMIC, COA, EndpointType.FA)
+            assert h3.local_ts == ro.remote_ts and h3.remote_ts == ro.local_ts
+            assert (h3.security.inbound.spi, h3.security.outbound.spi) == (rsec.outbound.spi, rsec.inbound.spi)
+            assert key_bytes(h3.security.inbound) == key_bytes(rsec.outbound)
             h1 = ha_infos[1].path
             assert (h1.local.address, h1.local.type, h1.remote.address) == (HA_ADDR, EndpointType.HA, COA)
             assert h1.local_ts == p.remote_ts and h1.remote_ts == p.local_ts
@@ -265,16 +284,18 @@ def test_registration_distributes_vpn_info(tmp_path: Path, event_log: Any) -> No
 
             # Both AAA servers cache the session; `show sessions` names it without key material.
             secrets_hex = [key_bytes(sec.inbound).hex(), key_bytes(sec.outbound).hex(), sec.psk.reveal().hex(),
+                           key_bytes(rsec.inbound).hex(), key_bytes(rsec.outbound).hex(), rsec.psk.reveal().hex(),
                            key_bytes(h2.security.outbound).hex(), key_bytes(h2.security.inbound).hex(),
                            MASTER.reveal().hex(), MN_AAA.reveal().hex()]
             (row,) = await asyncio.to_thread(w.show, "aaaf")
             assert (row["mn"], row["session"], row["fa"], row["fa_host"]) == (NAI, amr.session_id, str(COA), FA_HOST)
-            assert row["paths"] == f"1:{COA}(fa)<->{HA_ADDR}(ha)"
+            assert row["paths"] == f"1:{COA}(fa)<->{HA_ADDR}(ha) 3:{COA}(fa)<->{CNGW2_ADDR}(cngw-dynamic)"
             (hrow,) = await asyncio.to_thread(w.show, "aaah")
             assert hrow["mn"] == NAI and hrow["fa"] == str(COA)
-            assert hrow["paths"] == f"1:{COA}(fa)<->{HA_ADDR}(ha) 2:{HA_ADDR}(ha)<->{CNGW_ADDR}(cngw-static)"
+            assert hrow["paths"] == f"1:{COA}(fa)<->{HA_ADDR}(ha) 2:{HA_ADDR}(ha)<->{CNGW_ADDR}(cngw-static) " \
+                f"3:{COA}(fa)<->{CNGW2_ADDR}(cngw-dynamic)"
             cached = w.aaaf.store.get(NAI)
-            assert cached is not None and cached.for_fa() == [fa_info]
+            assert cached is not None and cached.for_fa() == [fa_info, fa_infos[3]]
             counters = await asyncio.to_thread(w.show, "aaah", "counters")
             assert counters["accepted"] == counters["har"] == counters["amr"] == 1 and "relayed" not in counters
             # Report which secret leaked by its index, never by its value.
@@ -297,7 +318,7 @@ def test_sessions_survive_a_restart_and_spis_stay_unique(tmp_path: Path) -> None
     async def main() -> None:
         async with world(tmp_path) as w:
             _, ama = await w.register(rrq_bytes())
-            (first,) = vpninfo.from_message(ama, NAI)
+            first, ro = vpninfo.from_message(ama, NAI)
             await w.aaah.stop()
             await w.aaaf.stop()
             aaah = HomeAAAServer(w.aaah.config)
@@ -307,16 +328,23 @@ def test_sessions_survive_a_restart_and_spis_stay_unique(tmp_path: Path) -> None
             assert aaah.store.get(NAI) == w.aaah.store.get(NAI)
             assert aaaf.store.get(NAI) == w.aaaf.store.get(NAI)
             # A new registration elsewhere gets SPIs the restored session does not hold.
-            taken = {first.path.security.inbound.spi, first.path.security.outbound.spi}
-            assert aaah.spis.allocate(COA) not in taken and aaah.spis.allocate(HA_ADDR) not in taken
+            at_fa = {first.path.security.inbound.spi, ro.path.security.inbound.spi}  # SPIs are per receiver
+            assert aaah.spis.allocate(COA) not in at_fa
+            assert aaah.spis.allocate(HA_ADDR) != first.path.security.outbound.spi
+            assert aaah.spis.allocate(CNGW2_ADDR) != ro.path.security.outbound.spi
             # An FA change is one step on the cached session (claims 7, 17, 18).
             moved = aaaf.store.get(NAI).with_fa("198.18.3.1", "fa2;1;1", "fa2.visit-a.example")
-            (info,) = moved.for_fa()
+            info, ro_moved = moved.for_fa()
             assert info.path.local.address == IPv4Address("198.18.3.1") and info.path.security == \
                 first.path.security
+            # The FA⇄CN-GW path moves with the FA end too (F5), the CN-GW end stays.
+            assert (ro_moved.path.local.address, ro_moved.path.remote.address) == (IPv4Address("198.18.3.1"),
+                                                                                 CNGW2_ADDR)
             ha_view = {i.path_id: i for i in aaah.store.get(NAI).with_fa("198.18.3.1").for_ha()}
             assert ha_view[1].path.remote.address == IPv4Address("198.18.3.1")
             assert ha_view[2].path.remote.address == CNGW_ADDR
+            assert (ha_view[3].path.local.address, ha_view[3].path.remote.address) == \
+                (CNGW2_ADDR, IPv4Address("198.18.3.1"))
 
     run(main())
 
@@ -328,8 +356,9 @@ def test_reregistration_renews_keys_and_replaces_the_session(tmp_path: Path) -> 
             await asyncio.sleep(0.01)
             amr2, ama2 = await w.register(rrq_bytes())
             assert ama2.result_code == ResultCode.DIAMETER_SUCCESS
-            (a,), (b,) = vpninfo.from_message(ama1, NAI), vpninfo.from_message(ama2, NAI)
+            (a, ra), (b, rb) = vpninfo.from_message(ama1, NAI), vpninfo.from_message(ama2, NAI)
             assert key_bytes(a.path.security.inbound) != key_bytes(b.path.security.inbound)
+            assert key_bytes(ra.path.security.inbound) != key_bytes(rb.path.security.inbound)
             assert len(w.aaah.store.sessions) == 1 and w.aaah.store.get(NAI).session_id == amr2.session_id
             assert w.aaaf.store.get(NAI).session_id == amr2.session_id
 
