@@ -1,6 +1,7 @@
 """`mipvpn bench handover`: how long a move interrupts MN <-> CN traffic, and where the time goes.
 
-    mipvpn bench handover [--moves N] [--rate 1000] [--dwell 2] [--backend auto] [--json]
+    mipvpn bench handover [--moves N] [--rate 1000] [--dwell 2] [--backend auto]
+                          [--smooth-handoff both|on|off] [--json]
     # without the main CLI wiring: .venv/bin/python -m daemons.benchho [--moves N] ...
 
 Brings up its own default lab (a run directory under /tmp and the namespace prefix
@@ -12,11 +13,14 @@ direction, the interruption (last packet before the move -> first packet after i
 packets lost, and the signalling breakdown from the daemons' event records: the MN's own
 ``events`` list (control socket) and every daemon's log lines, as milliseconds after the
 move started (the moment before the MN's port is taken down). Then the median and worst per
-move type. It prints numbers; it never fails on a timing.
+move type. With ``--smooth-handoff both`` (the default) the whole move plan runs twice, first
+with F6 (the old FA forwards to the new one for a while) and then without, switched on every
+FA through its control socket. It prints numbers; it never fails on a timing.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import platform
@@ -29,6 +33,7 @@ from typing import Any
 
 import click
 
+from daemons import control
 from lab.demo import (
     EventCollector,
     Move,
@@ -68,9 +73,14 @@ STEPS: list[tuple[str, str, str]] = [
     ("FA RRP relayed", "new_fa", "rrp.relayed"),
     ("MN RRP received", "mn", "rrp.received"),
     ("MN registered", "mn", "registered"),
+    ("FA BU sent", "new_fa", "bu.sent"),
     ("old FA BU received", "old_fa", "bu.received"),
     ("old FA path removed", "old_fa", "path.removed"),
+    ("old FA forwarding up", "old_fa", "forwarding.up"),
+    ("FA forwarding up", "new_fa", "forwarding.up"),
 ]
+# --smooth-handoff: which F6 settings to measure, in this order (the whole move plan per setting).
+SMOOTH_HANDOFF_PHASES = {"both": (True, False), "on": (True,), "off": (False,)}
 LOG_SLACK_S = 0.002  # log stamps are truncated to the millisecond
 
 
@@ -144,8 +154,17 @@ def breakdown(move: Move, t_end: float, roles: dict[str, str | None], mn_events:
     return out
 
 
+def set_smooth_handoff(lab: Lab, topo: Topology, enabled: bool) -> None:
+    """Switch F6 on every FA (control command; it applies from the next move)."""
+    for fa in (n.name for n in topo.nodes.values() if n.role == "fa"):
+        socket = lab.health.get(f"daemon:{fa}")
+        if socket is None:
+            raise LabError(f"no control socket recorded for {fa}")
+        control.call(Path(socket), "smooth-handoff", enabled=enabled)
+
+
 def run_bench(n: int, rate: float, dwell: float, backend: str, timeline: Path | None,
-              echo: Any = print) -> dict[str, Any]:
+              echo: Any = print, smooth_handoff: str = "both") -> dict[str, Any]:
     from daemons.ipsec.factory import choose_backend
     from daemons.provision import services as daemon_services
 
@@ -164,17 +183,25 @@ def run_bench(n: int, rate: float, dwell: float, backend: str, timeline: Path | 
         probes = ProbePair(lab, (PEER, peer_addr), (MN, hoa), run_dir / "bench", rate=rate)
         collector = EventCollector(lab, MN)
         moves: list[Move] = []
+        f6: list[bool] = []  # per move: smooth handoff on?
+        phases = SMOOTH_HANDOFF_PHASES[smooth_handoff]
         try:
             probes.start()
             probes.wait_flowing()
             time.sleep(dwell)
-            for i, p in enumerate(plan):
-                t = time.time()
-                src = lab.move(MN, p.dst)
-                moves.append(Move(i + 1, MN, src, p.dst, t, time.time()))
-                echo(f"  move {i + 1}/{len(plan)}: {src} -> {p.dst} ({move_kind(topo, src or p.dst, p.dst)[1]})")
-                time.sleep(dwell)
-                collector.fetch()
+            for phase, enabled in enumerate(phases):
+                set_smooth_handoff(lab, topo, enabled)
+                if phase:  # from wherever the previous phase left the MN
+                    plan = plan_moves(topo, moves[-1].dst if moves else start, n)
+                for p in plan:
+                    t = time.time()
+                    src = lab.move(MN, p.dst)
+                    moves.append(Move(len(moves) + 1, MN, src, p.dst, t, time.time()))
+                    f6.append(enabled)
+                    echo(f"  move {len(moves)}/{len(plan) * len(phases)}: {src} -> {p.dst} "
+                         f"({move_kind(topo, src or p.dst, p.dst)[1]}, smooth handoff {'on' if enabled else 'off'})")
+                    time.sleep(dwell)
+                    collector.fetch()
         finally:
             probes.stop()
         collector.fetch()
@@ -186,7 +213,7 @@ def run_bench(n: int, rate: float, dwell: float, backend: str, timeline: Path | 
             t_end = moves[i + 1].t if i + 1 < len(moves) else probes.stopping_at
             kind, label = move_kind(topo, m.src or m.dst, m.dst)
             rows.append({"index": m.index, "from": m.src, "to": m.dst, "kind": kind, "label": label,
-                         "directions": m.directions,
+                         "smooth_handoff": f6[i], "directions": m.directions,
                          "steps_ms": breakdown(m, t_end, roles_for(topo, m.src, m.dst), mn_events, log_events)})
         if timeline is not None:
             wanted = {(roles_for(topo, None, "fa1")[w] or "", e) for _, w, e in STEPS}
@@ -206,11 +233,11 @@ def run_bench(n: int, rate: float, dwell: float, backend: str, timeline: Path | 
 
 def summarise(rows: list[dict[str, Any]], directions: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for kind in ("intra-domain", "inter-domain"):
-        sel = [r for r in rows if r["kind"] == kind]
+    for kind, enabled in itertools.product(("intra-domain", "inter-domain"), (True, False)):
+        sel = [r for r in rows if r["kind"] == kind and r["smooth_handoff"] == enabled]
         if not sel:
             continue
-        out[kind] = {
+        out[f"{kind}, smooth handoff {'on' if enabled else 'off'}"] = {
             "moves": len(sel),
             "labels": sorted({r["label"] for r in sel}),
             "resumed": {d: sum(1 for r in sel if r["directions"][d]["resumed"]) for d in directions},
@@ -236,8 +263,8 @@ def format_report(res: dict[str, Any]) -> str:
              f"machine: {m['nproc']} cpus, kernel {m['kernel']} ({m['machine']}), python {m['python']}; "
              f"UDP probe {res['rate']:g}/s each way, {res['dwell']:g}s between moves", ""]
     dirs = list(res["probe"])
-    lines.append(f"{'#':>3} {'move':<10} {'kind':<13} " + " ".join(f"{d + ' ms':>14} {'lost':>5}" for d in dirs)
-                 + f" {'registered':>10}")
+    lines.append(f"{'#':>3} {'move':<10} {'kind':<13} {'F6':<3} "
+                 + " ".join(f"{d + ' ms':>14} {'lost':>5}" for d in dirs) + f" {'registered':>10}")
     for r in res["moves"]:
         cells = []
         for d in dirs:
@@ -246,7 +273,8 @@ def format_report(res: dict[str, Any]) -> str:
                 cells.append(f"{'NO RESUME':>14} {'-':>5}")
             else:
                 cells.append(f"{_num(x['interruption_ms']):>14} {_num(x['lost'], '{}'):>5}")
-        lines.append(f"{r['index']:>3} {r['from'] + '->' + r['to']:<10} {r['kind']:<13} " + " ".join(cells)
+        lines.append(f"{r['index']:>3} {r['from'] + '->' + r['to']:<10} {r['kind']:<13} "
+                     f"{'on' if r['smooth_handoff'] else 'off':<3} " + " ".join(cells)
                      + f" {_num(r['steps_ms']['MN registered']):>10}")
     for kind, s in res["summary"].items():
         lines += ["", f"{kind}: {s['moves']} moves, {'; '.join(s['labels'])}",
@@ -285,8 +313,11 @@ def format_report(res: dict[str, Any]) -> str:
 @click.option("--backend", type=click.Choice(["auto", "xfrm", "strongswan"]), default="auto", show_default=True)
 @click.option("--timeline", type=click.Path(path_type=Path), default=None,
               help="Also draw a timeline PNG here (needs matplotlib).")
+@click.option("--smooth-handoff", type=click.Choice(list(SMOOTH_HANDOFF_PHASES)), default="both", show_default=True,
+              help="Measure with F6 (the old FA forwards to the new one), without, or both (the moves twice).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def handover(n: int, rate: float, dwell: float, backend: str, timeline: Path | None, as_json: bool) -> None:
+def handover(n: int, rate: float, dwell: float, backend: str, timeline: Path | None, smooth_handoff: str,
+             as_json: bool) -> None:
     """Interruption and signalling breakdown of MN handovers in a lab of its own."""
     if os.geteuid() != 0:
         raise click.ClickException("needs root (network namespaces)")
@@ -301,7 +332,7 @@ def handover(n: int, rate: float, dwell: float, backend: str, timeline: Path | N
     signal.signal(signal.SIGTERM, on_term)  # tear the lab down on SIGTERM too
     try:
         res = run_bench(n, rate, dwell, backend, timeline.absolute() if timeline else None,
-                        echo=lambda s: click.echo(s, err=True))
+                        echo=lambda s: click.echo(s, err=True), smooth_handoff=smooth_handoff)
     except LabError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(res, indent=2) if as_json else format_report(res))

@@ -74,6 +74,7 @@ class ForeignAgent:
         self.config = config
         self.visitors: dict[str, Visitor] = {}
         self.forwards: dict[str, float] = {}  # nai -> when its F6 forwarding path goes (wall clock)
+        self.handoff_enabled = config.smooth_handoff  # switchable at run time (the handover benchmark)
         self.pending: dict[tuple[str, int], Pending] = {}  # (home address, low 32 bits of id)
         self.advertiser = Advertiser(config.access_interface, config.access_address,
                                      mip.AdvFlag.R | mip.AdvFlag.F, (config.care_of_address,),
@@ -105,6 +106,7 @@ class ForeignAgent:
         self.control.register("visitors", lambda _: self.show_visitors())
         self.control.register("counters", lambda _: {**self.counters, **self.advertiser.counters})
         self.control.register("paths", lambda _: self.mavpn.show() if self.mavpn else [])
+        self.control.register("smooth-handoff", self.set_smooth_handoff)
         await self.control.start()
         log.info("fa.ready", coa=self.config.care_of_address, access=self.config.access_address,
                  visitors=len(self.visitors))
@@ -470,8 +472,17 @@ class ForeignAgent:
         """F6 (claims 22, 23), once we hold the MN's VPN info and it names a previous FA."""
         previous = self.previous_agent(pending)
         ha_path = next((i for i in pending.vpn or [] if i.path.remote.type is EndpointType.HA), None)
-        if pending.handoff is None and previous is not None and ha_path is not None and self.mavpn is not None:
-            pending.handoff = asyncio.create_task(self.smooth_handoff(previous, pending, ha_path))
+        if (not self.handoff_enabled or pending.handoff is not None or previous is None or ha_path is None
+                or self.mavpn is None):
+            return
+        backend = getattr(self.mavpn.backend, "name", "")
+        if backend != "strongswan":
+            # With kernel ESP the forwarding path's inbound/forward policies (any -> home
+            # address) would shadow the path to the HA's, whose template the kernel checks;
+            # that needs per-path priorities and is not done: the old FA only gets told.
+            log.info("forwarding.skipped", mn=pending.nai, backend=backend)
+            return
+        pending.handoff = asyncio.create_task(self.smooth_handoff(previous, pending, ha_path))
 
     async def smooth_handoff(self, previous: str, pending: Pending, ha_path: vpninfo.VpnInfo) -> vpninfo.VpnInfo | None:
         """Give the previous FA a copy of our VPN info, rewritten to run old FA -> us, in a
@@ -601,6 +612,13 @@ class ForeignAgent:
             return
         if not waiter.done():
             waiter.set_result(ack)
+
+    def set_smooth_handoff(self, request: dict[str, Any]) -> dict[str, bool]:
+        """Control command: {"enabled": true|false} switches F6 for the next moves; without it, reads."""
+        if "enabled" in request:
+            self.handoff_enabled = bool(request["enabled"])
+            log.info("smooth_handoff.set", enabled=self.handoff_enabled)
+        return {"enabled": self.handoff_enabled}
 
     # ---- show --------------------------------------------------------------------------
     def show_visitors(self) -> list[dict[str, Any]]:
