@@ -86,6 +86,7 @@ import logging
 import os
 import re
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -671,6 +672,7 @@ class StrongswanBackend:
                          "into that one): trapped in nftables", self.node, path_id,
                          getattr(self._shadowing(self._paths[path_id]), "id", "?"))
             if armed:
+                self._ensure_watcher()  # child-updown: a CHILD_SA the peer brought up disarms
                 self._ensure_nflog()
                 if not await asyncio.to_thread(self._nflog_ready.wait, 5.0):
                     log.warning("%s: NFLOG listener not ready", self.node)
@@ -704,11 +706,17 @@ class StrongswanBackend:
                 lines += ["  }", "}"]
             if not armed and not self._nft_present:
                 return
+            import shutil
+
+            if shutil.which("nft") is None:
+                if armed:
+                    raise PathError(f"{self.node}: on-traffic paths under an established path need nftables "
+                                    "(Debian package nftables)")
+                self._nft_present = False
+                return
             cmd = ["nft", "-f", "-"]
             if self.netns:
                 cmd = ["ip", "netns", "exec", self.netns, *cmd]
-            import subprocess
-
             proc = subprocess.run(cmd, input="\n".join(lines) + "\n", text=True, capture_output=True, timeout=10)
             if proc.returncode != 0:
                 raise PathError(f"{self.node}: nft (on-traffic trap): {proc.stderr.strip()}")
@@ -758,7 +766,10 @@ class StrongswanBackend:
                         continue
                     session, up = self._initiate_trapped(conn_name(path), path.id, session)
                     if up:
-                        self._set_armed({pid: t for pid, t in self._armed.items() if pid != path.id})
+                        try:
+                            self._set_armed({pid: t for pid, t in self._armed.items() if pid != path.id})
+                        except (PathError, subprocess.SubprocessError) as e:
+                            log.warning("%s: on-traffic trap: %s", self.node, e)
         except (OSError, SessionException, CommandException, PathError) as e:
             log.warning("%s: NFLOG trap listener stopped: %s", self.node, e)
         finally:
@@ -821,10 +832,16 @@ class StrongswanBackend:
             try:
                 sock.connect(str(self.socket_path))
                 self._watch_sock = sock
-                for _kind, event in vici.Session(sock).listen(["log"], timeout=0.5):
+                for kind, event in vici.Session(sock).listen(["log", "child-updown"], timeout=0.5):
                     self._watch_ready.set()  # registered: nothing logged from now on is missed
                     if self._watch_stop.is_set():
                         break
+                    if event and _s(kind) == "child-updown":
+                        try:
+                            self._child_updown(event)
+                        except (PathError, subprocess.SubprocessError) as e:
+                            log.warning("%s: on-traffic trap: %s", self.node, e)
+                        continue
                     if not event or _s(event.get("group", "")) != "ESP":
                         continue
                     m = _NO_SA_RE.search(_s(event.get("msg", "")))
@@ -841,6 +858,16 @@ class StrongswanBackend:
                 self._watch_sock = None
                 with contextlib.suppress(OSError):
                     sock.close()
+
+    def _child_updown(self, event: dict[str, Any]) -> None:
+        """In the watcher thread: a CHILD_SA came up (e.g. the peer's first packet made the
+        peer negotiate it): an nftables trap of ours for it would only drop the next packet."""
+        if _s(event.get("up", "")) != "yes" or not self._armed:
+            return
+        names = {_s(c.get("name")) for ike in event.values() if isinstance(ike, dict)
+                 for c in (ike.get("child-sas") or {}).values()}
+        if names & self._armed.keys():
+            self._set_armed({pid: t for pid, t in self._armed.items() if pid not in names})
 
     def _acquire(self, reqid: int, session: vici.Session | None) -> vici.Session | None:
         """In the watcher thread: a packet hit the charon trap with ``reqid``."""
