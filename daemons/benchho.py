@@ -1,11 +1,12 @@
 """`mipvpn bench handover`: how long a move interrupts MN <-> CN traffic, and where the time goes.
 
     mipvpn bench handover [--moves N] [--rate 1000] [--dwell 2] [--backend auto]
-                          [--smooth-handoff both|on|off] [--json]
+                          [--smooth-handoff both|on|off] [--peer cn|cn2] [--json]
     # without the main CLI wiring: .venv/bin/python -m daemons.benchho [--moves N] ...
 
 Brings up its own default lab (a run directory under /tmp and the namespace prefix
-``mvbPID-``, always torn down), runs a UDP probe between ``cn`` and ``mn1`` in both directions
+``mvbPID-``, always torn down), runs a UDP probe between the peer (``cn`` behind the static
+CN-GW: HA-anchored; ``cn2`` behind the dynamic one: route optimised) and ``mn1`` in both directions
 (lab.probe, one process per namespace), and moves mn1 until it has made N intra-domain moves
 (fa1 <-> fa2, flow F2: the AAAF answers locally) and N inter-domain moves (to or from fa3,
 flow F3: through the new domain's AAAF to the AAAH). For every move it reports, per
@@ -47,10 +48,12 @@ from lab.demo import (
 from lab.lab import Lab, LabError
 from lab.topology import Topology, load
 
-MN, PEER = "mn1", "cn"
+MN = "mn1"
+PEERS = ("cn", "cn2")  # behind the static CN-GW (HA-anchored) / the dynamic one (route optimised)
 
 # The story of one handover, in protocol order: (label, who, event name). ``who`` is a role
-# relative to the move: the MN, the agent it moves to / from, that agent's AAA, the AAAH, the HA.
+# relative to the move: the MN, the agent it moves to / from, that agent's AAA, the AAAH, the HA,
+# the peer's CN-GW (route optimisation: the HA's Binding Update).
 STEPS: list[tuple[str, str, str]] = [
     ("MN link down", "mn", "link.down"),
     ("MN link up", "mn", "link.up"),
@@ -68,6 +71,10 @@ STEPS: list[tuple[str, str, str]] = [
     ("HA RRQ received", "ha", "rrq.received"),
     ("HA binding updated", "ha", "binding.updated"),
     ("HA path installed", "ha", "path.installed"),
+    ("HA BU sent to CN-GW", "ha", "bu.sent"),
+    ("CN-GW BU received", "cngw", "bu.received"),
+    ("CN-GW path installed", "cngw", "path.installed"),
+    ("HA BA received", "ha", "ba.received"),
     ("HA RRP sent", "ha", "rrp.sent"),
     ("FA path installed", "new_fa", "path.installed"),
     ("FA RRP relayed", "new_fa", "rrp.relayed"),
@@ -124,11 +131,11 @@ def plan_moves(topo: Topology, start: str, n: int) -> list[Plan]:
     return plan
 
 
-def roles_for(topo: Topology, src: str | None, dst: str) -> dict[str, str | None]:
+def roles_for(topo: Topology, src: str | None, dst: str, peer: str = "cn") -> dict[str, str | None]:
     domain = topo.nodes[dst].domain
     aaa = topo.domains.get(domain or "", {}).get("aaa") if domain else None
     return {
-        "mn": MN, "new_fa": dst, "old_fa": src, "aaaf": aaa,
+        "mn": MN, "new_fa": dst, "old_fa": src, "aaaf": aaa, "cngw": topo.nodes[peer].upstream,
         "aaah": next((n.name for n in topo.nodes.values() if n.role == "aaah"), None),
         "ha": next((n.name for n in topo.nodes.values() if n.role == "ha"), None),
     }
@@ -164,7 +171,7 @@ def set_smooth_handoff(lab: Lab, topo: Topology, enabled: bool) -> None:
 
 
 def run_bench(n: int, rate: float, dwell: float, backend: str, timeline: Path | None,
-              echo: Any = print, smooth_handoff: str = "both") -> dict[str, Any]:
+              echo: Any = print, smooth_handoff: str = "both", peer: str = "cn") -> dict[str, Any]:
     from daemons.ipsec.factory import choose_backend
     from daemons.provision import services as daemon_services
 
@@ -179,8 +186,8 @@ def run_bench(n: int, rate: float, dwell: float, backend: str, timeline: Path | 
         lab = Lab.open(run_dir)  # with the health map (control sockets) recorded by up()
         start = lab.network.attachment(MN) or "fa1"
         plan = plan_moves(topo, start, n)
-        hoa, peer_addr = addresses_for(lab, MN, PEER)
-        probes = ProbePair(lab, (PEER, peer_addr), (MN, hoa), run_dir / "bench", rate=rate)
+        hoa, peer_addr = addresses_for(lab, MN, peer)
+        probes = ProbePair(lab, (peer, peer_addr), (MN, hoa), run_dir / "bench", rate=rate)
         collector = EventCollector(lab, MN)
         moves: list[Move] = []
         f6: list[bool] = []  # per move: smooth handoff on?
@@ -214,15 +221,18 @@ def run_bench(n: int, rate: float, dwell: float, backend: str, timeline: Path | 
             kind, label = move_kind(topo, m.src or m.dst, m.dst)
             rows.append({"index": m.index, "from": m.src, "to": m.dst, "kind": kind, "label": label,
                          "smooth_handoff": f6[i], "directions": m.directions,
-                         "steps_ms": breakdown(m, t_end, roles_for(topo, m.src, m.dst), mn_events, log_events)})
+                         "steps_ms": breakdown(m, t_end, roles_for(topo, m.src, m.dst, peer), mn_events,
+                                               log_events)})
         if timeline is not None:
-            wanted = {(roles_for(topo, None, "fa1")[w] or "", e) for _, w, e in STEPS}
+            wanted = {(roles_for(topo, None, "fa1", peer)[w] or "", e) for _, w, e in STEPS}
             wanted |= {(fa, e) for fa in ("fa1", "fa2", "fa3") for _, w, e in STEPS if w in ("new_fa", "old_fa")}
             wanted |= {("aaaf1", "amr.received"), ("aaaf2", "amr.received"), ("aaaf1", "amr.answered_locally")}
             extra = [e for e in log_events if (e["node"], e["event"]) in wanted and e["node"] != MN]
             plot_timeline(timeline, probes, moves, mn_events, extra_events=extra,
-                          title=f"mipvpn bench handover: {PEER} <-> {MN}, UDP {rate:g}/s, backend {name}")
-        return {"machine": machine(), "backend": name, "backend_reason": reason, "rate": rate, "dwell": dwell,
+                          title=f"mipvpn bench handover: {peer} <-> {MN}, UDP {rate:g}/s, backend {name}")
+        return {"machine": machine(), "backend": name, "backend_reason": reason, "peer": peer,
+                "peer_gateway": f"{topo.nodes[peer].upstream} ({topo.mode(topo.nodes[peer].upstream or '')})",
+                "rate": rate, "dwell": dwell,
                 "moves_per_kind": n, "moves": rows, "summary": summarise(rows, probes.directions),
                 "probe": probes.summaries(), "timeline": str(timeline) if timeline else None,
                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(probes.started_at))}
@@ -261,7 +271,8 @@ def format_report(res: dict[str, Any]) -> str:
     m = res["machine"]
     lines = [f"handover benchmark {res['when']}: backend {res['backend']} ({res['backend_reason']})",
              f"machine: {m['nproc']} cpus, kernel {m['kernel']} ({m['machine']}), python {m['python']}; "
-             f"UDP probe {res['rate']:g}/s each way, {res['dwell']:g}s between moves", ""]
+             f"UDP probe {res['rate']:g}/s each way, {res['dwell']:g}s between moves; "
+             f"peer {res['peer']} behind {res['peer_gateway']}", ""]
     dirs = list(res["probe"])
     lines.append(f"{'#':>3} {'move':<10} {'kind':<13} {'F6':<3} "
                  + " ".join(f"{d + ' ms':>14} {'lost':>5}" for d in dirs) + f" {'registered':>10}")
@@ -315,9 +326,11 @@ def format_report(res: dict[str, Any]) -> str:
               help="Also draw a timeline PNG here (needs matplotlib).")
 @click.option("--smooth-handoff", type=click.Choice(list(SMOOTH_HANDOFF_PHASES)), default="both", show_default=True,
               help="Measure with F6 (the old FA forwards to the new one), without, or both (the moves twice).")
+@click.option("--peer", type=click.Choice(PEERS), default="cn", show_default=True,
+              help="The correspondent: cn (static CN-GW, HA-anchored) or cn2 (dynamic CN-GW, route optimised).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def handover(n: int, rate: float, dwell: float, backend: str, timeline: Path | None, smooth_handoff: str,
-             as_json: bool) -> None:
+             peer: str, as_json: bool) -> None:
     """Interruption and signalling breakdown of MN handovers in a lab of its own."""
     if os.geteuid() != 0:
         raise click.ClickException("needs root (network namespaces)")
@@ -332,7 +345,7 @@ def handover(n: int, rate: float, dwell: float, backend: str, timeline: Path | N
     signal.signal(signal.SIGTERM, on_term)  # tear the lab down on SIGTERM too
     try:
         res = run_bench(n, rate, dwell, backend, timeline.absolute() if timeline else None,
-                        echo=lambda s: click.echo(s, err=True), smooth_handoff=smooth_handoff)
+                        echo=lambda s: click.echo(s, err=True), smooth_handoff=smooth_handoff, peer=peer)
     except LabError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(res, indent=2) if as_json else format_report(res))
