@@ -832,7 +832,7 @@ class StrongswanBackend:
             try:
                 sock.connect(str(self.socket_path))
                 self._watch_sock = sock
-                for kind, event in vici.Session(sock).listen(["log", "child-updown"], timeout=0.5):
+                for kind, event in vici.Session(sock).listen(["log", "child-updown"], timeout=0.2):
                     self._watch_ready.set()  # registered: nothing logged from now on is missed
                     if self._watch_stop.is_set():
                         break
