@@ -360,3 +360,42 @@ def test_on_traffic_path_waits_for_acquire(chain: Chain) -> None:
             assert [s for s in states(ns) if s[2] != 0] == []
 
     arun(go())
+
+
+def test_on_traffic_path_under_a_covering_path(chain: Chain) -> None:
+    """An FA's home address ⇄ any path to the HA covers its home address ⇄ correspondent path
+    to a dynamic CN-GW.  With kernel xfrm the more specific policy wins (our priorities by
+    selector size), so the on-traffic path's policy still sees the first packet: acquire,
+    then the correspondent's traffic takes it, none the covering path."""
+    anchor = replace(make_path("mn1@home.example:1", spi=0x4000),
+                     remote_ts=(ipaddress.IPv4Network("0.0.0.0/0"),))
+    ro = replace(make_path("mn1@home.example:3", spi=0x5000, remote=B_WAN2), on_traffic=True)
+
+    async def go() -> None:
+        ba, bb = XfrmBackend("a", chain.a, xfrm=chain.xa), XfrmBackend("b", chain.b, xfrm=chain.xb)
+        try:
+            for p in (anchor, ro):
+                await bb.install(p.mirrored())
+                await ba.install(p)
+            assert (await ba.status(ro.id)).state is PathState.TRAPPED
+            assert (await ba.status(anchor.id)).state is PathState.UP
+            await asyncio.to_thread(chain.ping, CN, 4)
+            for _ in range(200):  # a bound, not a timing
+                if (await ba.status(ro.id)).state is PathState.UP and (await bb.status(ro.id)).state is PathState.UP:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await ba.status(ro.id)).state is PathState.UP and ba.acquires == 1
+            ping = await asyncio.to_thread(chain.ping, CN, 3)
+            assert ping.returncode == 0 and " 0% packet loss" in ping.stdout, ping.stdout + ping.stderr
+            assert (await ba.status(ro.id)).packets_out >= 3
+            assert (await ba.status(anchor.id)).packets_out == 0  # nothing took the covering path
+        finally:
+            await ba.flush()
+            await bb.flush()
+            await ba.close()
+            await bb.close()
+        for ns in (chain.a, chain.b):
+            assert chain.xfrm(ns, "xfrm policy") == ""
+            assert [s for s in states(ns) if s[2] != 0] == []
+
+    arun(go())
