@@ -76,7 +76,8 @@ def _table(rows: list[dict], empty: str) -> str:
 @click.option("--run-dir", type=click.Path(path_type=Path), default=DEFAULT_RUN_DIR, envvar="MIPVPN_RUN_DIR",
               show_default=True)
 def show(what: str, node: str, as_json: bool, run_dir: Path) -> None:
-    """Ask a daemon for its state: bindings (HA), visitors (FA), registration (MN), counters."""
+    """Ask a daemon for its state: bindings (HA, dynamic CN-GW), visitors (FA), registration (MN), paths (FA, HA,
+    CN-GW), sessions (AAAH, AAAF), counters."""
     try:
         data = control.call(control_socket(run_dir.absolute(), node), SHOW[what])
     except control.ControlUnavailable as exc:
