@@ -352,9 +352,10 @@ class XfrmBackend:
             xs.add_sa(sa)
         if old is not None:
             self._delete_sync(old, keep=want)
-        if hold_out:  # an outbound SA left from before (other keys, or the path was up) goes
+        if hold_out:  # an outbound SA of ours left from before (the path was up) goes
             with contextlib.suppress(XfrmError):
-                xs.delete_sa(want.sa_out.dst, want.sa_out.spi, proto=want.sa_out.proto)
+                if sa_is_ours(xs.get_sa(want.sa_out.dst, want.sa_out.spi)):
+                    xs.delete_sa(want.sa_out.dst, want.sa_out.spi, proto=want.sa_out.proto)
         return now
 
     # ---- on-traffic paths: the ACQUIRE monitor ------------------------------------------
@@ -380,7 +381,7 @@ class XfrmBackend:
             while not self._watch_stop.is_set():
                 try:
                     events = monitor.read(timeout=0.5)
-                except OSError as exc:
+                except Exception as exc:  # keep listening whatever one read did
                     log.warning("%s: acquire monitor: %s", self.node, exc)
                     self._watch_stop.wait(0.5)
                     continue
