@@ -25,6 +25,7 @@ import itertools
 import json
 import os
 import platform
+import shutil
 import signal
 import tempfile
 import time
@@ -171,7 +172,8 @@ def set_smooth_handoff(lab: Lab, topo: Topology, enabled: bool) -> None:
 
 
 def run_bench(n: int, rate: float, dwell: float, backend: str, timeline: Path | None,
-              echo: Any = print, smooth_handoff: str = "both", peer: str = "cn") -> dict[str, Any]:
+              echo: Any = print, smooth_handoff: str = "both", peer: str = "cn",
+              keep_logs: Path | None = None) -> dict[str, Any]:
     from daemons.ipsec.factory import choose_backend
     from daemons.provision import services as daemon_services
 
@@ -237,6 +239,9 @@ def run_bench(n: int, rate: float, dwell: float, backend: str, timeline: Path | 
                 "probe": probes.summaries(), "timeline": str(timeline) if timeline else None,
                 "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(probes.started_at))}
     finally:
+        if keep_logs is not None:  # the daemons' and charons' logs, before down removes them
+            shutil.copytree(run_dir / "logs", keep_logs, dirs_exist_ok=True)
+            echo(f"logs copied to {keep_logs}")
         lab.down()
         echo(f"lab down ({run_dir} removed)")
 
@@ -328,9 +333,11 @@ def format_report(res: dict[str, Any]) -> str:
               help="Measure with F6 (the old FA forwards to the new one), without, or both (the moves twice).")
 @click.option("--peer", type=click.Choice(PEERS), default="cn", show_default=True,
               help="The correspondent: cn (static CN-GW, HA-anchored) or cn2 (dynamic CN-GW, route optimised).")
+@click.option("--keep-logs", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Copy the daemons' and charons' logs here before the lab goes.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def handover(n: int, rate: float, dwell: float, backend: str, timeline: Path | None, smooth_handoff: str,
-             peer: str, as_json: bool) -> None:
+             peer: str, keep_logs: Path | None, as_json: bool) -> None:
     """Interruption and signalling breakdown of MN handovers in a lab of its own."""
     if os.geteuid() != 0:
         raise click.ClickException("needs root (network namespaces)")
@@ -345,7 +352,8 @@ def handover(n: int, rate: float, dwell: float, backend: str, timeline: Path | N
     signal.signal(signal.SIGTERM, on_term)  # tear the lab down on SIGTERM too
     try:
         res = run_bench(n, rate, dwell, backend, timeline.absolute() if timeline else None,
-                        echo=lambda s: click.echo(s, err=True), smooth_handoff=smooth_handoff, peer=peer)
+                        echo=lambda s: click.echo(s, err=True), smooth_handoff=smooth_handoff, peer=peer,
+                        keep_logs=keep_logs.absolute() if keep_logs else None)
     except LabError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(json.dumps(res, indent=2) if as_json else format_report(res))
