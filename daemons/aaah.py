@@ -59,7 +59,7 @@ from daemons.log import EventLog
 from daemons.mip.vendor import requests_service_update, service_update
 from daemons.secret import Secret
 from daemons.state import StateFile
-from daemons.vpndb import CngwMode, Distribution, User, VpnDatabase, VpnDbError, VpnProfile, open_database
+from daemons.vpndb import CngwMode, Distribution, Gateway, User, VpnDatabase, VpnDbError, VpnProfile, open_database
 from daemons.vpninfo import VpnInfo, direction_keys
 
 log = EventLog("mipvpn.aaah")
@@ -564,18 +564,8 @@ class HomeAAAServer:
             qos=first.qos)
         infos = [VpnInfo(nai, FA_PATH_ID, path1)]
         # Paths 2.., HA⇄CN-GW: the static tunnel, as the HA sees it.
-        by_gateway: dict[str, list[VpnProfile]] = {}
-        for p in static:
-            by_gateway.setdefault(p.gateway, []).append(p)
         path_id = FA_PATH_ID
-        for name, gw_profiles in by_gateway.items():
-            gw = await self.db.aio.gateway(name)
-            if gw is None:
-                log.warning("profile.skipped", mn=nai, gateway=name, reason="gateway not in the database")
-                continue
-            routes = await self.db.aio.run(self.db.routes, name)
-            remote_ts = tuple(dict.fromkeys(r.prefix for r in routes)) or \
-                tuple(dict.fromkeys(p.destination for p in gw_profiles))
+        for gw, gw_profiles, remote_ts in await self.gateways(nai, static):
             gsuite = self.static_suite  # the standing tunnel's, not a user's choice
             out_spi, in_spi = static_spi(ha.address, gw.address), static_spi(gw.address, ha.address)
             path_id += 1
@@ -594,26 +584,36 @@ class HomeAAAServer:
         log.info("vpn.built", mn=nai, paths=" ".join(_path_text(i) for i in infos), suite=suite.value)
         return infos
 
-    async def route_optimised_paths(self, nai: str, home_address: IPv4Address, coa: IPv4Address,
-                                    profiles: list[VpnProfile], first_id: int) -> list[VpnInfo]:
-        """Claim 19 (F4): per dynamic CN-GW one FA⇄CN-GW path, in the FA's view: the MN's home
-        address ⇄ what the gateway accommodates (correspondence table), fresh keys, SPIs
-        unique at each receiving gateway, the pair's PSK. The HA gets the CN-GW's mirrored
-        copy in the HAR (``Session.for_ha``) and hands it to the CN-GW in a Binding Update."""
+    async def gateways(self, nai: str, profiles: list[VpnProfile]
+                       ) -> list[tuple[Gateway, list[VpnProfile], tuple[IPv4Network, ...]]]:
+        """The profiles grouped by gateway (claim 8), with what each gateway accommodates:
+        its prefixes in the correspondence table, else the profiles' destinations. A gateway
+        missing from the database is skipped (logged)."""
         assert self.db is not None
         by_gateway: dict[str, list[VpnProfile]] = {}
         for p in profiles:
             by_gateway.setdefault(p.gateway, []).append(p)
-        infos: list[VpnInfo] = []
-        path_id = first_id
+        found = []
         for name, gw_profiles in by_gateway.items():
             gw = await self.db.aio.gateway(name)
             if gw is None:
                 log.warning("profile.skipped", mn=nai, gateway=name, reason="gateway not in the database")
                 continue
             routes = await self.db.aio.run(self.db.routes, name)
-            remote_ts = tuple(dict.fromkeys(r.prefix for r in routes)) or \
+            prefixes = tuple(dict.fromkeys(r.prefix for r in routes)) or \
                 tuple(dict.fromkeys(p.destination for p in gw_profiles))
+            found.append((gw, gw_profiles, prefixes))
+        return found
+
+    async def route_optimised_paths(self, nai: str, home_address: IPv4Address, coa: IPv4Address,
+                                    profiles: list[VpnProfile], first_id: int) -> list[VpnInfo]:
+        """Claim 19 (F4): per dynamic CN-GW one FA⇄CN-GW path, in the FA's view: the MN's home
+        address ⇄ what the gateway accommodates (correspondence table), fresh keys, SPIs
+        unique at each receiving gateway, the pair's PSK. The HA gets the CN-GW's mirrored
+        copy in the HAR (``Session.for_ha``) and hands it to the CN-GW in a Binding Update."""
+        infos: list[VpnInfo] = []
+        path_id = first_id
+        for gw, gw_profiles, remote_ts in await self.gateways(nai, profiles):
             profile = gw_profiles[0]
             suite = profile.suite
             spi_at_gw, spi_at_fa = self.spis.allocate(gw.address), self.spis.allocate(coa)

@@ -357,6 +357,19 @@ def profile_options(defaults: bool) -> Callable[[Callable[..., Any]], Callable[.
     return decorate
 
 
+def profile_changes(destination: str | None, no_qos: bool, opts: dict[str, Any]) -> dict[str, Any]:
+    """The fields a `profile set`/`update` asked to change (the options given), for the
+    database or the profile API alike."""
+    changes = {k: v for k, v in opts.items() if v is not None}
+    if destination is not None:
+        changes["destination"] = destination
+    if no_qos:
+        changes["qos_rate"] = None
+    if not changes:
+        raise click.UsageError("nothing to change")
+    return changes
+
+
 def _profile_row(p: Any) -> dict[str, Any]:
     s = p.summary()
     qos = None
@@ -395,13 +408,7 @@ def profile_add(nai: str, destination: str, url: str, **opts: Any) -> None:
 def profile_update(nai: str, profile_id: int, destination: str | None, no_qos: bool, url: str,
                    **opts: Any) -> None:
     """Change fields of profile PROFILE_ID of NAI (only the options given)."""
-    changes = {k: v for k, v in opts.items() if v is not None}
-    if destination is not None:
-        changes["destination"] = destination
-    if no_qos:
-        changes["qos_rate"] = None
-    if not changes:
-        raise click.UsageError("nothing to change")
+    changes = profile_changes(destination, no_qos, opts)
     with _db(url) as db:
         p = db.update_profile(nai, profile_id, **changes)
     click.echo(f"profile {p.id} updated: {p.nai} -> {p.destination} via {p.gateway} ({p.gateway_type.value})")

@@ -23,7 +23,7 @@ from urllib.parse import quote
 import click
 
 from daemons import control
-from daemons.dbcli import _table, profile_options
+from daemons.dbcli import _table, profile_changes, profile_options
 from daemons.provision import control_socket
 from daemons.vpndb import token_owner
 from lab.lab import DEFAULT_RUN_DIR
@@ -152,13 +152,7 @@ def profile_add(client: ApiClient, destination: str, as_json: bool, **opts: Any)
 def profile_set(client: ApiClient, profile_id: int, destination: str | None, no_qos: bool, as_json: bool,
                 **opts: Any) -> None:
     """Change fields of profile PROFILE_ID (only the options given)."""
-    changes = {k: v for k, v in opts.items() if v is not None}
-    if destination is not None:
-        changes["destination"] = destination
-    if no_qos:
-        changes["qos_rate"] = None
-    if not changes:
-        raise click.UsageError("nothing to change")
+    changes = profile_changes(destination, no_qos, opts)
     _show(client.call("PATCH", client.profiles_url(profile_id), changes), as_json, "updated ")
 
 
