@@ -206,8 +206,9 @@ class ForeignAAAServer:
         self.counters["answered_locally"] += 1
         log.info("amr.answered_locally", mn=nai, sid=amr.session_id, previous_fa=session.fa,
                  fa=moved.fa, paths=len(moved.for_fa()))
-        return amr.answer(ResultCode.DIAMETER_SUCCESS,
-                          avps=[("User-Name", nai), ("MIP-Home-Agent-Address", rrq.home_agent),
+        return amr.answer(ResultCode.DIAMETER_SUCCESS,  # RFC 4004 §5.2: AMA carries Auth-Application-Id
+                          avps=[("Auth-Application-Id", amr.application_id), ("User-Name", nai),
+                                ("MIP-Home-Agent-Address", rrq.home_agent),
                                 ("MIP-Mobile-Node-Address", rrq.home_address),
                                 *(info.to_avp() for info in moved.for_fa())])
 

@@ -95,6 +95,7 @@ def test_service_update_bypasses_the_aaaf_cache_and_uses_the_changed_profile(tmp
                 amrs = len(w.amrs_at_aaah)
                 _, ama = await w.register(rrq(COA2, previous=COA))
                 assert ama.result_code == ResultCode.DIAMETER_SUCCESS and ama.get("MIP-Reg-Reply") is None
+                assert ama.get("Auth-Application-Id") == 2  # RFC 4004 §5.2, also when the AAAF answers
                 assert len(w.amrs_at_aaah) == amrs
                 assert path_to_ha(vpninfo.from_message(ama, NAI)).path.qos == Qos(1_000_000, 2_000_000, 2)
 
