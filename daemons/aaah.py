@@ -59,6 +59,7 @@ from daemons.log import EventLog
 from daemons.mip.vendor import requests_service_update, service_update
 from daemons.secret import Secret
 from daemons.state import StateFile
+from daemons.tasks import KeyedLocks
 from daemons.vpndb import CngwMode, Distribution, Gateway, User, VpnDatabase, VpnDbError, VpnProfile, open_database
 from daemons.vpninfo import VpnInfo, direction_keys
 
@@ -280,7 +281,7 @@ class HomeAAAServer:
         self.home_agents: dict[str, HomeAgentRef] = {str(h.address): h for h in config.home_agents}
         self.store = SessionStore(config.state_dir / "sessions.json")
         self.spis = SpiAllocator()
-        self.locks: dict[str, asyncio.Lock] = {}
+        self.locks = KeyedLocks()  # one registration/binding update per user at a time
         self.counters: dict[str, int] = {"amr": 0, "auth_failed": 0, "unknown_user": 0, "har": 0, "accepted": 0,
                                          "refused": 0, "ha_unavailable": 0}
         self.control = ControlServer(config.control_socket)
@@ -395,8 +396,7 @@ class HomeAAAServer:
             update = service_update(rrq.extensions)
             self.counters["service_updates"] = self.counters.get("service_updates", 0) + 1
             log.info("service_update.received", mn=nai, sid=sid, seq=update.sequence if update else "malformed")
-        lock = self.locks.setdefault(nai, asyncio.Lock())
-        async with lock:
+        async with self.locks.hold(nai):
             try:
                 user = await self.authenticate(nai, raw, rrq)
                 return await self.register(amr, nai, raw, rrq, user)

@@ -31,7 +31,7 @@ from daemons.log import EventLog
 from daemons.mavpn import MavpnControl
 from daemons.net import UdpEndpoint
 from daemons.state import StateFile
-from daemons.tasks import background
+from daemons.tasks import KeyedLocks, background
 from daemons.vpninfo import STATIC_OWNER, VpnInfo
 
 log = EventLog("mipvpn.cngw")
@@ -133,7 +133,7 @@ class CorrespondentGateway:
         self.ha_keys: dict[str, PeerAgent] = {str(ha.address): ha for ha in config.home_agents}
         self.table = BindingTable(config.binding_request_threshold, config.binding_request_interval)
         self.state = StateFile(config.state_dir / "bindings.json")
-        self.locks: dict[str, asyncio.Lock] = {}
+        self.locks = KeyedLocks()  # one registration/binding update per user at a time
         self.udp: UdpEndpoint | None = None
         self.counters: dict[str, int] = {"bu_received": 0, "bu_accepted": 0, "bu_rejected": 0, "br_sent": 0,
                                          "expired": 0, "malformed": 0}
@@ -223,7 +223,7 @@ class CorrespondentGateway:
     async def on_binding_update(self, bu: mip.BindingUpdate, raw: bytes, addr: tuple[str, int]) -> None:
         self.counters["bu_received"] += 1
         hoa = str(bu.home_address)
-        async with self.locks.setdefault(hoa, asyncio.Lock()):
+        async with self.locks.hold(hoa):
             status, lifetime = await self.process_update(bu, raw, addr[0])
         self.counters["bu_accepted" if status == Status.ACCEPTED else "bu_rejected"] += 1
         self.answer(bu, status, addr, lifetime)
