@@ -34,6 +34,7 @@ lab: venv
 	$(BIN)/mipvpn lab up
 	$(BIN)/mipvpn lab status
 	$(BIN)/mipvpn lab demo
+	$(BIN)/mipvpn lab demo --peer cn2 --no-capture    # route optimised: fa ==ESP== cngw2, not via the HA
 
 down: venv
 	$(BIN)/mipvpn lab down

@@ -31,7 +31,8 @@ from lab.lab import Lab, LabError
 from lab.probe import DEFAULT_PORT
 
 ROOT = Path(__file__).resolve().parent.parent
-DEMO_DIR = "demo"
+DEMO_DIR = "demo"  # under the run directory; "demo-PEER" for a peer other than DEFAULT_PEER
+DEFAULT_PEER = "cn"
 
 
 # ---- probes --------------------------------------------------------------------------------
@@ -410,13 +411,14 @@ def run_demo(lab: Lab, mn: str = "mn1", peer: str = "cn", moves: Sequence[str] =
     for dst in moves:
         if lab.topology.segment_of(dst) is None:
             raise LabError(f"{dst!r} owns no access segment")
-    out_dir = lab.run_dir / DEMO_DIR
+    out_dir = lab.run_dir / (DEMO_DIR if peer == DEFAULT_PEER else f"{DEMO_DIR}-{peer}")
     out_dir.mkdir(parents=True, exist_ok=True)
     started_captures = False
     notes: list[str] = []
-    if capture and not captures_running(lab):
+    captured = captures_running(lab)
+    if capture and not captured:
         lab.capture_start()
-        started_captures = True
+        started_captures = captured = True
     probes = ProbePair(lab, (peer, peer_addr), (mn, hoa), out_dir, rate=rate)
     collector = EventCollector(lab, mn)
     try:
@@ -446,7 +448,7 @@ def run_demo(lab: Lab, mn: str = "mn1", peer: str = "cn", moves: Sequence[str] =
     except ImportError as exc:
         notes.append(f"no timeline picture: {exc} (pip install matplotlib)")
         png = None  # type: ignore[assignment]
-    captures = lab.capture_dir() if lab.capture_dir().exists() and any(lab.capture_dir().glob("*.pcap")) else None
+    captures = lab.capture_dir() if captured and any(lab.capture_dir().glob("*.pcap")) else None
     result = DemoResult(lab.run_dir, out_dir, mn, peer, rate, done, probes.summaries(), png, captures,
                         probes.started_at, probes.stopped_at, notes)
     (out_dir / "summary.json").write_text(json.dumps(result.as_dict(), indent=2))
