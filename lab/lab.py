@@ -44,7 +44,15 @@ class Service(Protocol):
 
 
 ServicePlan = Callable[[Topology, Path, str], Sequence[Service]]  # topology, run dir, backend
-HEALTH_TIMEOUT_S = 15.0
+DEFAULT_HEALTH_TIMEOUT_S = 15.0  # per service; MIPVPN_HEALTH_TIMEOUT overrides it (slow machines, VMs)
+
+
+def health_timeout() -> float:
+    value = os.environ.get("MIPVPN_HEALTH_TIMEOUT", "")
+    try:
+        return float(value) if value else DEFAULT_HEALTH_TIMEOUT_S
+    except ValueError:
+        raise LabError(f"MIPVPN_HEALTH_TIMEOUT: {value!r} is not a number of seconds") from None
 
 
 def socket_answers(path: str) -> bool:
@@ -154,13 +162,15 @@ class Lab:
             pid = self.start_process(service.name, service.node, service.argv)
             check = f"tcp:{service.listen_port}" if service.control_socket is None else str(service.control_socket)
             self.health[service.name] = check
-            deadline = time.monotonic() + HEALTH_TIMEOUT_S
+            within = health_timeout()
+            deadline = time.monotonic() + within
             while not healthy(check, pid):
                 if time.monotonic() > deadline:
                     log = self.run_dir / "logs" / f"{service.name.replace(':', '-')}.log"
                     tail = log.read_text().strip().splitlines()[-5:] if log.exists() else []
-                    raise LabError(f"{service.name} did not become healthy within {HEALTH_TIMEOUT_S:.0f}s; "
-                                   f"last lines of {log}:\n  " + "\n  ".join(tail))
+                    raise LabError(f"{service.name} did not become healthy within {within:g}s "
+                                   f"(MIPVPN_HEALTH_TIMEOUT to wait longer); last lines of {log}:\n  "
+                                   + "\n  ".join(tail))
                 time.sleep(0.02)
 
     def _start_supervisor(self) -> None:
