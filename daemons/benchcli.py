@@ -20,7 +20,6 @@ import os
 import platform
 import shutil
 import signal
-import statistics
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from typing import Any
 
 import click
 
+from daemons.benchkit import percentiles
 from daemons.ipsec.bench import BenchResult, Timings, bench_paths
 from daemons.ipsec.path import (
     DirectionKeys,
@@ -151,15 +151,7 @@ def scratch(n: int) -> Iterator[Scratch]:
 
 
 def _percentiles(t: Timings) -> dict[str, float | int]:
-    s = sorted(t.samples_ms)
-    if not s:
-        return {"n": 0}
-
-    def pct(p: float) -> float:
-        return round(s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))], 3)
-
-    return {"n": len(s), "min": round(s[0], 3), "p50": round(statistics.median(s), 3), "p90": pct(90),
-            "p99": pct(99), "max": round(s[-1], 3), "mean": round(statistics.fmean(s), 3)}
+    return percentiles(t.samples_ms)
 
 
 def result_dict(result: BenchResult, reason: str) -> dict[str, Any]:

@@ -24,9 +24,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import platform
 import shutil
-import signal
 import tempfile
 import time
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from typing import Any
 import click
 
 from daemons import control
+from daemons.benchkit import machine, run_as_root
 from lab.demo import (
     EventCollector,
     Move,
@@ -90,11 +89,6 @@ STEPS: list[tuple[str, str, str]] = [
 # --smooth-handoff: which F6 settings to measure, in this order (the whole move plan per setting).
 SMOOTH_HANDOFF_PHASES = {"both": (True, False), "on": (True,), "off": (False,)}
 LOG_SLACK_S = 0.002  # log stamps are truncated to the millisecond
-
-
-def machine() -> dict[str, Any]:
-    return {"nproc": os.cpu_count(), "kernel": platform.release(), "machine": platform.machine(),
-            "python": platform.python_version(), "host": platform.node()}
 
 
 @dataclass
@@ -339,23 +333,9 @@ def format_report(res: dict[str, Any]) -> str:
 def handover(n: int, rate: float, dwell: float, backend: str, timeline: Path | None, smooth_handoff: str,
              peer: str, keep_logs: Path | None, as_json: bool) -> None:
     """Interruption and signalling breakdown of MN handovers in a lab of its own."""
-    if os.geteuid() != 0:
-        raise click.ClickException("needs root (network namespaces)")
-
-    main_pid = os.getpid()
-
-    def on_term(_signo: int, _frame: object) -> None:
-        if os.getpid() != main_pid:  # a child forked by pyroute2 (netns helpers): just end it
-            os._exit(128 + signal.SIGTERM)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)  # tear the lab down on SIGTERM too
-    try:
-        res = run_bench(n, rate, dwell, backend, timeline.absolute() if timeline else None,
-                        echo=lambda s: click.echo(s, err=True), smooth_handoff=smooth_handoff, peer=peer,
-                        keep_logs=keep_logs.absolute() if keep_logs else None)
-    except LabError as exc:
-        raise click.ClickException(str(exc)) from None
+    res = run_as_root(lambda: run_bench(n, rate, dwell, backend, timeline.absolute() if timeline else None,
+                                        echo=lambda s: click.echo(s, err=True), smooth_handoff=smooth_handoff,
+                                        peer=peer, keep_logs=keep_logs.absolute() if keep_logs else None))
     click.echo(json.dumps(res, indent=2) if as_json else format_report(res))
 
 

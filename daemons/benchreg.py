@@ -45,11 +45,8 @@ import contextlib
 import ipaddress
 import json
 import os
-import platform
 import shutil
-import signal
 import socket
-import statistics
 import struct
 import subprocess
 import sys
@@ -63,6 +60,8 @@ from typing import Any
 import click
 import yaml
 
+from daemons.benchkit import machine, percentiles, run_as_root
+
 AGENT = "fa1"  # the FA the generator is attached to
 HOME_AGENT = "ha"
 DRIVER = "drv"  # the generator's node (role mn, no user)
@@ -73,24 +72,6 @@ CHALLENGE_CODES = (104, 106)  # FA_UNKNOWN_CHALLENGE, FA_STALE_CHALLENGE: retrie
 MAX_ATTEMPTS = 3
 RESOLICIT_S = 0.1
 MAX_USERS = 252  # free addresses in the default home prefix 198.18.100.0/24 (the HA and mn1 use two)
-
-
-def machine() -> dict[str, Any]:
-    return {"nproc": os.cpu_count(), "kernel": platform.release(), "machine": platform.machine(),
-            "python": platform.python_version(), "host": platform.node()}
-
-
-def percentiles(values: list[float]) -> dict[str, float | int]:
-    """Same method as `mipvpn bench paths`: median, and nearest rank for p90/p99."""
-    s = sorted(values)
-    if not s:
-        return {"n": 0}
-
-    def pct(p: float) -> float:
-        return round(s[min(len(s) - 1, round(p / 100 * (len(s) - 1)))], 3)
-
-    return {"n": len(s), "min": round(s[0], 3), "p50": round(statistics.median(s), 3), "p90": pct(90),
-            "p99": pct(99), "max": round(s[-1], 3), "mean": round(statistics.fmean(s), 3)}
 
 
 # ---- the lab: default topology + synthetic users + the generator's node -------------------------
@@ -321,22 +302,7 @@ def format_report(res: dict[str, Any]) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def register(n: int, concurrency: int, backend: str, timeout: float, as_json: bool) -> None:
     """Registrations/s and RRQ->RRP latency of N synthetic users through the AAA chain, in a lab of its own."""
-    from lab.lab import LabError
-
-    if os.geteuid() != 0:
-        raise click.ClickException("needs root (network namespaces)")
-    main_pid = os.getpid()
-
-    def on_term(_signo: int, _frame: object) -> None:
-        if os.getpid() != main_pid:  # a child forked by pyroute2 (netns helpers): just end it
-            os._exit(128 + signal.SIGTERM)
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, on_term)  # tear the lab down on SIGTERM too
-    try:
-        res = run_bench(n, concurrency, backend, timeout, echo=lambda s: click.echo(s, err=True))
-    except LabError as exc:
-        raise click.ClickException(str(exc)) from None
+    res = run_as_root(lambda: run_bench(n, concurrency, backend, timeout, echo=lambda s: click.echo(s, err=True)))
     click.echo(json.dumps(res, indent=2) if as_json else format_report(res))
 
 
