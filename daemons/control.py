@@ -67,22 +67,29 @@ class ControlUnavailable(RuntimeError):
     pass
 
 
-def call(path: Path, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
-    """Synchronous client: one request, one answer (raises on error)."""
+def exchange(path: Path | str, message: dict[str, Any], timeout: float = 10.0) -> Any:
+    """One newline-delimited JSON request on a unix socket and its answer (the daemons' and
+    the lab supervisor's control sockets speak this). Raises OSError, or ValueError for a
+    garbled answer."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        sock.connect(str(path))
+        sock.sendall(json.dumps(message).encode() + b"\n")
+        data = b""
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+    return json.loads(data)
+
+
+def call(path: Path | str, cmd: str, timeout: float = 10.0, **args: Any) -> Any:
+    """Synchronous client of a daemon: one command, its data (raises ControlUnavailable)."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(json.dumps({"cmd": cmd, **args}).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(1 << 20)
-                if not chunk:
-                    break
-                data += chunk
+        answer = exchange(path, {"cmd": cmd, **args}, timeout)
     except OSError as exc:
         raise ControlUnavailable(f"daemon control socket {path} not reachable: {exc.strerror or exc}") from None
-    answer = json.loads(data)
     if not answer.get("ok"):
         raise ControlUnavailable(answer.get("error", "unknown error"))
     return answer["data"]

@@ -17,7 +17,6 @@ import calendar
 import json
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemons import control
 from lab.lab import Lab, LabError
 from lab.probe import DEFAULT_PORT
 
@@ -247,24 +247,6 @@ def _missing(window: Sequence[Arrival]) -> int:
 
 
 # ---- event records -------------------------------------------------------------------------
-def control_call(path: str | Path, cmd: str, timeout: float = 5.0) -> Any:
-    """One request on a daemon's control socket (newline-delimited JSON)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-        sock.settimeout(timeout)
-        sock.connect(str(path))
-        sock.sendall(json.dumps({"cmd": cmd}).encode() + b"\n")
-        data = b""
-        while not data.endswith(b"\n"):
-            chunk = sock.recv(1 << 20)
-            if not chunk:
-                break
-            data += chunk
-    answer = json.loads(data)
-    if not answer.get("ok"):
-        raise LabError(f"{path}: {answer.get('error')}")
-    return answer["data"]
-
-
 class EventCollector:
     """A node's event list, fetched as often as wanted and merged (the node keeps only its
     last few hundred). Records are opaque: ``{"t": epoch seconds, "event": name, ...}``."""
@@ -280,10 +262,10 @@ class EventCollector:
             self.error = f"no control socket recorded for {self.node}"
             return
         try:
-            for rec in control_call(self.socket, "events"):
+            for rec in control.call(self.socket, "events", timeout=5.0):
                 if isinstance(rec, dict) and "t" in rec:
                     self.records[(float(rec["t"]), str(rec.get("event")))] = rec
-        except (OSError, ValueError, LabError) as exc:
+        except (control.ControlUnavailable, ValueError) as exc:
             self.error = f"{self.node}: events unavailable: {exc}"
 
     def events(self) -> list[dict[str, Any]]:

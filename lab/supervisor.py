@@ -228,23 +228,13 @@ class SupervisorUnavailable(RuntimeError):
 
 def request(run_dir: Path, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """Send one request to a running supervisor and return its answer."""
-    import socket
+    from daemons.control import exchange
 
     path = run_dir / "supervisor.sock"
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(timeout)
-            sock.connect(str(path))
-            sock.sendall(json.dumps(message).encode() + b"\n")
-            data = b""
-            while not data.endswith(b"\n"):
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+        return exchange(path, message, timeout)
     except OSError as exc:
         raise SupervisorUnavailable(f"supervisor not reachable at {path}: {exc.strerror or exc}") from None
-    return json.loads(data)
 
 
 def main() -> None:
