@@ -112,16 +112,9 @@ class HtbQos:
                     minors.add(minor)
         return minors
 
-    async def apply(
-        self,
-        key: str,
-        qos: Qos,
-        src: Sequence[ipaddress.IPv4Network] = (),
-        dst: Sequence[ipaddress.IPv4Network] = (),
-    ) -> QosClass:
-        """Create or change the class for ``key``; traffic matching any (src, dst) combination
-        (0.0.0.0/0 entries or an empty list match everything on that side) is classified into it.
-        """
+    async def set_class(self, key: str, qos: Qos) -> int:
+        """The HTB class of ``key`` with ``qos`` (its old filters gone, the class kept if it
+        exists); returns its minor, for the caller's filters."""
         await self.ensure_root()
         existing = self._classes.get(key)
         if existing is not None:
@@ -132,12 +125,25 @@ class HtbQos:
             minor = next((m for m in range(MIN_MINOR, MAX_MINOR) if m not in used), 0)
             if not minor:
                 raise QosError("no free HTB class id")
-        classid = f"1:{minor:x}"
         await _tc(
             self.netns, "class", "replace", "dev", self.ifname, "parent", PARENT_CLASS,
-            "classid", classid, "htb", "rate", f"{qos.rate}bit",
+            "classid", f"1:{minor:x}", "htb", "rate", f"{qos.rate}bit",
             "ceil", f"{qos.effective_ceil}bit", "prio", str(qos.priority),
         )
+        return minor
+
+    async def apply(
+        self,
+        key: str,
+        qos: Qos,
+        src: Sequence[ipaddress.IPv4Network] = (),
+        dst: Sequence[ipaddress.IPv4Network] = (),
+    ) -> QosClass:
+        """Create or change the class for ``key``; traffic matching any (src, dst) combination
+        (0.0.0.0/0 entries or an empty list match everything on that side) is classified into it.
+        """
+        minor = await self.set_class(key, qos)
+        classid = f"1:{minor:x}"
         srcs = [n for n in src if n.prefixlen] or [None]
         dsts = [n for n in dst if n.prefixlen] or [None]
         for s in srcs:

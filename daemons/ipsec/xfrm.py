@@ -202,19 +202,8 @@ class EspQos(HtbQos):
     """HTB classes on a physical egress interface, classified by the outer ESP header."""
 
     async def apply_esp(self, key: str, qos: Qos, spi: int, src: str, dst: str) -> QosClass:
-        await self.ensure_root()
-        existing = self._classes.get(key)
-        if existing is not None:
-            minor = existing.minor
-            await self._del_filter(minor)
-        else:
-            used = await self.kernel_minors() | {c.minor for c in self._classes.values()}
-            minor = next((m for m in range(0x10, 0xFFFE) if m not in used), 0)
-            if not minor:
-                raise QosError("no free HTB class id")
+        minor = await self.set_class(key, qos)
         classid = f"1:{minor:x}"
-        await _tc(self.netns, "class", "replace", "dev", self.ifname, "parent", "1:1", "classid", classid,
-                  "htb", "rate", f"{qos.rate}bit", "ceil", f"{qos.effective_ceil}bit", "prio", str(qos.priority))
         await _tc(self.netns, "filter", "add", "dev", self.ifname, "parent", "1:", "protocol", "ip",
                   "pref", str(minor), "u32", "match", "ip", "protocol", "50", "0xff",
                   "match", "ip", "src", f"{src}/32", "match", "ip", "dst", f"{dst}/32",
