@@ -283,7 +283,7 @@ class HomeAAAServer:
         self.spis = SpiAllocator()
         self.locks = KeyedLocks()  # one registration/binding update per user at a time
         self.counters: dict[str, int] = {"amr": 0, "auth_failed": 0, "unknown_user": 0, "har": 0, "accepted": 0,
-                                         "refused": 0, "ha_unavailable": 0}
+                                         "refused": 0, "ha_unavailable": 0, "service_updates": 0}
         self.control = ControlServer(config.control_socket)
         self.profile_api: Any = None  # daemons.profileapi.ProfileApi when configured (claim 24)
         self.diameter = DiameterNode(config.diameter_host, config.diameter_realm,
@@ -394,7 +394,7 @@ class HomeAAAServer:
             # F7: the user changed a profile; register() reads the profiles afresh on every AMR
             # (nothing cached), so the VPN info below is rebuilt from the changed ones.
             update = service_update(rrq.extensions)
-            self.counters["service_updates"] = self.counters.get("service_updates", 0) + 1
+            self.counters["service_updates"] += 1
             log.info("service_update.received", mn=nai, sid=sid, seq=update.sequence if update else "malformed")
         async with self.locks.hold(nai):
             try:

@@ -36,7 +36,6 @@ from daemons.vpninfo import STATIC_OWNER, VpnInfo
 
 log = EventLog("mipvpn.cngw")
 Status = mip.BindingStatus
-REPLAY_WINDOW = 7.0  # seconds, as the HA's for registrations (RFC 5944 §5.7 timestamps)
 
 
 @dataclass
@@ -183,8 +182,11 @@ class CorrespondentGateway:
             self.persist()
         for binding in gone:
             self.counters["expired"] += 1
-            if self.mavpn is not None:
-                await self.mavpn.remove_user(binding.nai)
+            # Under the binding's lock: a Binding Update being applied meanwhile renews it,
+            # and its fresh path must not be removed after it.
+            async with self.locks.hold(binding.home_address):
+                if self.mavpn is not None and binding.home_address not in self.table.bindings:
+                    await self.mavpn.remove_user(binding.nai)
             log.info("binding.expired", mn=binding.nai, hoa=binding.home_address, coa=binding.care_of_address,
                      ha=binding.home_agent, requests=binding.requests)
 
@@ -243,7 +245,7 @@ class CorrespondentGateway:
             return Status.ACCEPTED, bu.lifetime
         last = current.identification if current is not None and current.home_agent == src else None
         if bu.identification is None or not mip.identification_acceptable(last, bu.identification, now,
-                                                                            REPLAY_WINDOW):
+                                                                            self.config.replay_window):
             log.warning("bu.replay_or_clock", mn=nai, src=src, id=hex(bu.identification or 0))
             return Status.IDENTIFICATION_MISMATCH, 0
         if bu.flags & (mip.BUFlag.M | mip.BUFlag.G):
@@ -276,7 +278,7 @@ class CorrespondentGateway:
             except Exception as exc:  # the backend's failure is the HA's answer, not our crash
                 log.error("bu.path_failed", mn=nai, reason=type(exc).__name__)
                 return Status.PATH_SETUP_FAILED, 0
-        previous = self.table.bindings.get(hoa)
+        previous = current
         binding = self.table.update(nai, hoa, str(bu.care_of_address), src, bu.lifetime, bu.identification, now)
         self.persist()
         log.info("binding.updated" if previous else "binding.created", mn=nai, hoa=hoa, coa=binding.care_of_address,

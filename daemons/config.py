@@ -155,6 +155,7 @@ class CNGWConfig(Common):
     home_agents: list[PeerAgent] = field(default_factory=list)
     binding_request_threshold: float = 10.0  # remaining binding lifetime (s) below which we ask the HA (BR)
     binding_request_interval: float = 1.0  # while below it, one Binding Request per interval at most
+    replay_window: float = 7.0  # seconds, as the HA's: Binding Update timestamps (RFC 5944 §5.7)
 
 
 @dataclass(frozen=True)

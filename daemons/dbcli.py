@@ -370,14 +370,16 @@ def profile_changes(destination: str | None, no_qos: bool, opts: dict[str, Any])
     return changes
 
 
-def _profile_row(p: Any) -> dict[str, Any]:
-    s = p.summary()
+def profile_row(s: dict[str, Any], with_nai: bool = True) -> dict[str, Any]:
+    """A profile's table row from its summary (``VpnProfile.summary()``, or the profile API's
+    JSON, which is the same; a user's own listing leaves the NAI out)."""
     qos = None
-    if p.qos_rate is not None:
-        qos = f"{p.qos_rate}/{p.qos_ceil or p.qos_rate} prio {4 if p.qos_priority is None else p.qos_priority}"
-    return {"id": s["id"], "nai": s["nai"], "destination": s["destination"], "gateway": s["gateway"],
-            "type": s["gateway_type"], "suite": s["suite"], "lifetime": s["lifetime"], "qos": qos,
-            "distribution": s["distribution"]}
+    if s.get("qos_rate") is not None:
+        prio = 4 if s.get("qos_priority") is None else s["qos_priority"]
+        qos = f"{s['qos_rate']}/{s.get('qos_ceil') or s['qos_rate']} prio {prio}"
+    return {"id": s["id"], **({"nai": s["nai"]} if with_nai else {}), "destination": s["destination"],
+            "gateway": s["gateway"], "type": s["gateway_type"], "suite": s["suite"], "lifetime": s["lifetime"],
+            "qos": qos, "distribution": s["distribution"]}
 
 
 @db_group.group("profile")
@@ -423,7 +425,7 @@ def profile_list(nai: str | None, as_json: bool, url: str) -> None:
     """List the profiles (of NAI, or everyone's)."""
     with _db(url) as db:
         profiles = db.profiles_for(nai) if nai else db.profiles()
-    rows = [p.summary() for p in profiles] if as_json else [_profile_row(p) for p in profiles]
+    rows = [p.summary() for p in profiles] if as_json else [profile_row(p.summary()) for p in profiles]
     _emit(rows, as_json, "no profiles")
 
 

@@ -28,7 +28,7 @@ from daemons import mip, vpninfo
 from daemons.advertiser import Advertiser
 from daemons.config import HAConfig, MobileNodeEntry, PeerAgent
 from daemons.control import ControlServer
-from daemons.diameter import Message, ResultCode
+from daemons.diameter import DecodeError, Message, ResultCode
 from daemons.diameter.avp import decode_avps
 from daemons.diameter.node import DiameterError, DiameterNode
 from daemons.ipsec.path import EndpointType
@@ -78,7 +78,8 @@ def by_gateway(infos: Iterable[VpnInfo]) -> dict[str, list[VpnInfo]]:
 
 
 def moved_to(infos: Iterable[VpnInfo], coa: IPv4Address) -> list[VpnInfo]:
-    """CN-GW paths with their FA end moved to ``coa`` (F2/F5: a move the AAAF answered)."""
+    """Paths with their FA end moved to ``coa`` (F2/F5: a move the AAAF answered): ours, and
+    the CN-GWs' copies."""
     return [i.with_endpoints(remote=coa) if i.path.remote.type is EndpointType.FA and i.path.remote.address != coa
             else i for i in infos]
 
@@ -141,9 +142,13 @@ class HomeAgent:
                 self.bindings[hoa] = binding
         self.last_ident = {k: int(v) for k, v in saved.get("last_ident", {}).items()}
         for hoa, hexes in self.cn_state.load().get("paths", {}).items():
-            if hoa in self.bindings:
-                nai = self.bindings[hoa].nai
+            if hoa not in self.bindings:
+                continue
+            nai = self.bindings[hoa].nai
+            try:
                 self.cn_paths[hoa] = [VpnInfo.from_avp(a, nai) for h in hexes for a in decode_avps(bytes.fromhex(h))]
+            except (ValueError, TypeError, DecodeError) as exc:  # as mavpn.restore: drop it, keep starting
+                log.warning("cngw_paths.restore_failed", mn=nai, reason=exc)
         if self.bindings:
             log.info("ha.restored", bindings=len(self.bindings), cngw_paths=len(self.cn_paths))
 
@@ -326,8 +331,7 @@ class HomeAgent:
         old FA goes, the one to the new FA is installed."""
         assert self.mavpn is not None
         infos = self.mavpn.infos(nai)
-        moved = [i.with_endpoints(remote=coa) if i.path.remote.type is EndpointType.FA
-                 and i.path.remote.address != coa else i for i in infos]
+        moved = moved_to(infos, coa)
         if moved != infos:
             log.info("paths.follow_move", mn=nai, coa=coa)
             await self.mavpn.apply(nai, moved)

@@ -23,7 +23,7 @@ from urllib.parse import quote
 import click
 
 from daemons import control
-from daemons.dbcli import _table, profile_changes, profile_options
+from daemons.dbcli import _table, profile_changes, profile_options, profile_row
 from daemons.provision import control_socket
 from daemons.vpndb import token_owner
 from lab.lab import DEFAULT_RUN_DIR
@@ -82,22 +82,13 @@ def _api_error(exc: urllib.error.HTTPError) -> str:
     return f"{exc.code} {kind}: {message}"
 
 
-def _row(p: dict[str, Any]) -> dict[str, Any]:
-    qos = None
-    if p.get("qos_rate") is not None:
-        prio = 4 if p.get("qos_priority") is None else p["qos_priority"]
-        qos = f"{p['qos_rate']}/{p.get('qos_ceil') or p['qos_rate']} prio {prio}"
-    return {"id": p["id"], "destination": p["destination"], "gateway": p["gateway"], "type": p["gateway_type"],
-            "suite": p["suite"], "lifetime": p["lifetime"], "qos": qos, "distribution": p["distribution"]}
-
-
 def _show(p: dict[str, Any], as_json: bool, verb: str = "") -> None:
     if as_json:
         click.echo(json.dumps(p, indent=2))
     else:
         click.echo(f"{verb}profile {p['id']}: {p['nai']} -> {p['destination']} via {p['gateway']} "
                    f"({p['gateway_type']}), {p['suite']}, lifetime {p['lifetime']}s"
-                   + (f", QoS {_row(p)['qos']}" if p.get("qos_rate") is not None else ""))
+                   + (f", QoS {profile_row(p, with_nai=False)['qos']}" if p.get("qos_rate") is not None else ""))
 
 
 @click.group("profile")
@@ -119,7 +110,8 @@ def profile_group(ctx: click.Context, api: str, token: str | None, user: str | N
 def profile_list(client: ApiClient, as_json: bool) -> None:
     """List your profiles."""
     profiles = client.call("GET", client.profiles_url())["profiles"]
-    click.echo(json.dumps(profiles, indent=2) if as_json else _table([_row(p) for p in profiles], "no profiles"))
+    rows = [profile_row(p, with_nai=False) for p in profiles]
+    click.echo(json.dumps(profiles, indent=2) if as_json else _table(rows, "no profiles"))
 
 
 @profile_group.command("show")
