@@ -38,6 +38,12 @@ def bound_via(env: LabEnv, coa: str) -> bool:
     return any(b["care_of_address"] == coa for b in rows)
 
 
+def cngw2_path_to(env: LabEnv, coa: str) -> bool:
+    """cngw2 holds exactly one path for mn1, to ``coa``, and it is up."""
+    rows = [p for p in control.call(control_socket(env.run_dir, "cngw2"), "paths") if "mn1" in p["users"]]
+    return [(p["remote"], p["state"]) for p in rows] == [(coa, "up")]
+
+
 def test_lab_on_xfrm_carries_and_follows_moves(lab_env: LabEnv) -> None:
     lab_env.env["MIPVPN_HEALTH_TIMEOUT"] = "600"  # Python under TCG emulation starts slowly
     up = lab_env.cli("lab", "up", "--backend", "xfrm", timeout=900)
@@ -45,11 +51,15 @@ def test_lab_on_xfrm_carries_and_follows_moves(lab_env: LabEnv) -> None:
     wait_for(lambda: bound_via(lab_env, COA["fa1"]), timeout=300, interval=0.5, what="binding via fa1")
     wait_for(lambda: ping(lab_env, "cn", HOA), timeout=180, interval=1, what="ping cn -> mn1 (HA-anchored)")
     wait_for(lambda: ping(lab_env, "mn1", CN2), timeout=180, interval=1, what="ping mn1 -> cn2 (route optimised)")
-    assert all(esp_packets(lab_env, node) > 0 for node in ("fa1", "ha", "cngw", "cngw2"))
+    for node in ("fa1", "ha", "cngw", "cngw2"):
+        assert esp_packets(lab_env, node) > 0, node
     lab = Lab.open(lab_env.run_dir)
     for fa in ("fa2", "fa3", "fa1"):  # intra-domain (F2), inter-domain (F3), back
         lab.move("mn1", fa)
         wait_for(lambda coa=COA[fa]: bound_via(lab_env, coa), timeout=300, interval=0.5, what=f"binding via {fa}")
         wait_for(lambda: ping(lab_env, "cn", HOA), timeout=180, interval=1, what=f"ping cn -> mn1 at {fa}")
+        # The route-optimised path moved too (a ping to cn2 alone would also pass via the HA).
+        wait_for(lambda coa=COA[fa]: cngw2_path_to(lab_env, coa), timeout=180, interval=0.5,
+                 what=f"cngw2's path to {fa}")
         wait_for(lambda: ping(lab_env, "cn2", HOA), timeout=180, interval=1, what=f"ping cn2 -> mn1 at {fa}")
         assert esp_packets(lab_env, fa) > 0

@@ -143,7 +143,8 @@ def test_f4_f5_route_optimised_path_carries_traffic_and_follows_moves(lab_up: La
     # Secrets stay secret: neither the HA-CN-GW binding key nor the keys and PSK of cngw2's path
     # (from the Binding Update) show in any daemon's log or in `show`; named by index if they do.
     secrets = [k.hex() for k in route_opt_secrets(lab_up.run_dir)]
-    assert len(secrets) == 4
+    n_secrets = len(secrets)  # not len(...) in the assert: pytest would print the keys
+    assert n_secrets == 4
     shown = "".join(lab_up.cli("show", what, "--node", node, "--json").stdout
                     for node, what in (("cngw2", "paths"), ("cngw2", "bindings"), ("ha", "bindings")))
     logs = "".join(p.read_text(errors="replace") for p in (lab_up.run_dir / "logs").glob("daemon-*.log"))

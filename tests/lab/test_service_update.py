@@ -46,7 +46,8 @@ def profile(env: LabEnv, token: str, *args: str, check: bool = True) -> subproce
     proc = subprocess.run(["ip", "netns", "exec", env.ns("core"), "env", f"MIPVPN_TOKEN={token}",
                            sys.executable, "-m", "daemons.cli", "profile", "--api", API, *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert token not in proc.stdout + proc.stderr
+    leaked = token in proc.stdout + proc.stderr  # a bool: pytest would print the token and the output
+    assert not leaked, "the API token showed in the CLI's output"
     if check and proc.returncode != 0:
         raise AssertionError(f"mipvpn profile {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n"
                              f"{proc.stderr}")

@@ -24,6 +24,12 @@ def paths(env: LabEnv, node: str) -> dict[str, str]:
     return {p["path"]: p["remote"] for p in show(env, "paths", node) if NAI in p["users"]}  # type: ignore[union-attr,index]
 
 
+def packets_out(env: LabEnv, node: str) -> dict[str, int]:
+    """Packets each of mn1's paths at ``node`` has sent."""
+    return {p["path"]: int(p.get("packets_out") or 0) for p in show(env, "paths", node)  # type: ignore[union-attr,index]
+            if NAI in p["users"]}
+
+
 def test_old_fa_forwards_to_the_new_fa_then_forgets(lab_up: LabEnv) -> None:
     wait_for(binding_via(lab_up, FA1), timeout=15, what="binding via fa1")
     wait_for(lambda: lab_up.exec("cn", "ping", "-c", "1", "-W", "1", HOA, check=False).returncode == 0,
@@ -41,8 +47,13 @@ def test_old_fa_forwards_to_the_new_fa_then_forgets(lab_up: LabEnv) -> None:
     ping = lab_up.exec("fa1", "ping", "-c", "3", "-i", "0.2", "-W", "1", HOA, check=False)
     assert ping.returncode == 0, ping.stdout
     # ... and the uplink still goes to the HA, not to the old FA (user-space ESP picks the
-    # newest of two equal outbound policies: the new FA installs the path to the HA last).
-    assert lab_up.exec("mn1", "ping", "-c", "2", "-W", "1", "198.18.2.10", check=False).returncode == 0
+    # newest of two equal outbound policies: the new FA installs the path to the HA last):
+    # a ping to cn would also get through via the old FA, so count what each path carried.
+    before = packets_out(lab_up, "fa2")
+    assert lab_up.exec("mn1", "ping", "-c", "3", "-i", "0.2", "-W", "1", "198.18.2.10", check=False).returncode == 0
+    after = packets_out(lab_up, "fa2")
+    assert after[f"{NAI}:1"] - before[f"{NAI}:1"] >= 3, (before, after)
+    assert after[f"{NAI}:0"] == before[f"{NAI}:0"], (before, after)
 
     # The forwarding path lives only the Binding Update's lifetime (forwarding_lifetime, 10 s).
     wait_for(lambda: not paths(lab_up, "fa1"), timeout=30, interval=0.5, what="fa1 forgets the forwarding path")

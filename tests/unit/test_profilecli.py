@@ -58,7 +58,8 @@ def cli(api: str, token: str | None, *args: str, code: int = 0) -> str:
     result = CliRunner().invoke(main, ["profile", *args], env=env, catch_exceptions=False)
     assert result.exit_code == code, result.output
     if token:
-        assert token not in result.output
+        leaked = token in result.output  # a bool: pytest would print the token and the output
+        assert not leaked, "the API token showed in the CLI's output"
     return result.output
 
 
