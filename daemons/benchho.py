@@ -35,6 +35,7 @@ import click
 
 from daemons import control
 from daemons.benchkit import machine, run_as_root
+from daemons.provision import control_socket
 from lab.demo import (
     EventCollector,
     Move,
@@ -159,10 +160,7 @@ def breakdown(move: Move, t_end: float, roles: dict[str, str | None], mn_events:
 def set_smooth_handoff(lab: Lab, topo: Topology, enabled: bool) -> None:
     """Switch F6 on every FA (control command; it applies from the next move)."""
     for fa in (n.name for n in topo.nodes.values() if n.role == "fa"):
-        socket = lab.health.get(f"daemon:{fa}")
-        if socket is None:
-            raise LabError(f"no control socket recorded for {fa}")
-        control.call(Path(socket), "smooth-handoff", enabled=enabled)
+        control.call(control_socket(lab.run_dir, fa), "smooth-handoff", enabled=enabled)
 
 
 def run_bench(n: int, rate: float, dwell: float, backend: str, timeline: Path | None,

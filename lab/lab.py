@@ -158,11 +158,11 @@ class Lab:
     def start_services(self, plan: Sequence[Service]) -> None:
         """Start each service in order and wait until it is healthy before the next, so
         agents are listening before the mobile nodes that need them start."""
+        within = health_timeout()  # a bad MIPVPN_HEALTH_TIMEOUT is refused before any service starts
         for service in plan:
             pid = self.start_process(service.name, service.node, service.argv)
             check = f"tcp:{service.listen_port}" if service.control_socket is None else str(service.control_socket)
             self.health[service.name] = check
-            within = health_timeout()
             deadline = time.monotonic() + within
             while not healthy(check, pid):
                 if time.monotonic() > deadline:

@@ -486,7 +486,7 @@ class StrongswanBackend:
 
     async def close(self) -> None:
         """Release the VICI session and netlink socket (charon keeps running)."""
-        self._stop_watcher()
+        await asyncio.to_thread(self._stop_watcher)  # joins threads: not on the event loop
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._vici_pool, self._close_session)
 
