@@ -228,7 +228,7 @@ class SupervisorUnavailable(RuntimeError):
 
 def request(run_dir: Path, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """Send one request to a running supervisor and return its answer."""
-    from daemons.control import exchange
+    from daemons.runtime.control import exchange
 
     path = run_dir / "supervisor.sock"
     try:

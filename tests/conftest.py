@@ -18,7 +18,7 @@ settings.register_profile("mipvpn", deadline=None, print_blob=True)
 settings.load_profile("mipvpn")
 
 ROOT = Path(__file__).resolve().parent.parent
-MIPVPN = [sys.executable, "-m", "daemons.cli"]
+MIPVPN = [sys.executable, "-m", "daemons.cli.main"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

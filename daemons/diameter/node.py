@@ -51,10 +51,9 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
-from daemons.log import EventLog
-
-from .avp import Avp
-from .constants import (
+from daemons.runtime.log import EventLog
+from daemons.wire.diameter.avp import Avp
+from daemons.wire.diameter.constants import (
     APP_COMMON,
     APP_RELAY,
     DIAMETER_PORT,
@@ -65,9 +64,10 @@ from .constants import (
     ResultCode,
     is_protocol_error,
 )
-from .datatypes import AvpType
-from .errors import DecodeError
-from .message import Header, Identifiers, Message
+from daemons.wire.diameter.datatypes import AvpType
+from daemons.wire.diameter.errors import DecodeError
+from daemons.wire.diameter.message import Header, Identifiers, Message
+
 from .peer import Connection, FramingError, Peer, PeerState, Pending
 
 log = EventLog("daemons.diameter")
@@ -149,11 +149,11 @@ _ZERO: dict[AvpType, Any] = {
 
 def example_avp(name: str) -> Avp:
     """An AVP ``name`` with a zero-filled value of its type (for Failed-AVP of 5005)."""
-    from .dictionary import DICTIONARY
+    from daemons.wire.diameter.dictionary import DICTIONARY
 
     d = DICTIONARY.avp_by_name(name)
     if d.dtype is AvpType.TIME:
-        from .datatypes import TIME_MIN
+        from daemons.wire.diameter.datatypes import TIME_MIN
 
         return Avp.new(name, TIME_MIN)
     return Avp.new(name, _ZERO[d.dtype])
@@ -718,7 +718,7 @@ class DiameterNode:
         rc = e.result_code or ResultCode.DIAMETER_UNABLE_TO_COMPLY
         avps: list[Any] = [("Result-Code", rc), ("Origin-Host", self.origin_host), ("Origin-Realm", self.origin_realm)]
         if e.avp_code is not None:
-            from .dictionary import DICTIONARY
+            from daemons.wire.diameter.dictionary import DICTIONARY
 
             d = DICTIONARY.avp(e.avp_code, e.avp_vendor_id)
             if d is not None:

@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from .constants import APP_RELAY, DIAMETER_PORT
-from .errors import DecodeError
-from .message import Header, Identifiers, Message, message_length
+from daemons.wire.diameter.constants import APP_RELAY, DIAMETER_PORT
+from daemons.wire.diameter.errors import DecodeError
+from daemons.wire.diameter.message import Header, Identifiers, Message, message_length
 
 HEADER_REST = 16  # header bytes after the 4 that carry version and length
 

@@ -27,7 +27,7 @@ def _skip_reason() -> str | None:
         if os.geteuid() != 0:
             _reason = "kernel tier needs root"
         else:
-            from daemons.ipsec.xfrm_netlink import probe_kernel_esp
+            from daemons.vpn.xfrm.netlink import probe_kernel_esp
 
             probe = probe_kernel_esp(scratch_prefix="mipvpn-t-probe-")
             _reason = "" if probe is True else f"no kernel ESP here ({probe}); run tests/kernel/run_vm.py"

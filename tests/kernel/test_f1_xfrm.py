@@ -20,11 +20,11 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from daemons.ipsec.path import DirectionKeys, Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
-from daemons.ipsec.xfrm import XfrmBackend
-from daemons.keys import new_esp_key, static_esp_key, static_spi
-from daemons.secret import Secret
-from daemons.vpninfo import VpnInfo
+from daemons.runtime.secret import Secret
+from daemons.vpn.keys import new_esp_key, static_esp_key, static_spi
+from daemons.vpn.path import DirectionKeys, Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
+from daemons.vpn.vpninfo import VpnInfo
+from daemons.vpn.xfrm.backend import XfrmBackend
 from tests.kernel.conftest import run
 
 PREFIX = f"mipvpn-t-f1-{os.getpid()}-"

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import re
 
-from daemons import control
-from daemons.provision import control_socket
+from daemons.provision.configs import control_socket
+from daemons.runtime import control
 from lab.lab import Lab
 from tests.conftest import LabEnv
 from tests.lab.mipkit import wait_for

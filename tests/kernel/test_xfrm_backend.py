@@ -24,7 +24,8 @@ from pathlib import Path
 
 import pytest
 
-from daemons.ipsec.path import (
+from daemons.runtime.secret import Secret
+from daemons.vpn.path import (
     DirectionKeys,
     Endpoint,
     EndpointType,
@@ -34,9 +35,8 @@ from daemons.ipsec.path import (
     SecurityService,
     VpnPath,
 )
-from daemons.ipsec.xfrm import REQID_BASE, REQID_SPAN, XfrmBackend
-from daemons.ipsec.xfrm_netlink import XfrmSocket
-from daemons.secret import Secret
+from daemons.vpn.xfrm.backend import REQID_BASE, REQID_SPAN, XfrmBackend
+from daemons.vpn.xfrm.netlink import XfrmSocket
 from tests.kernel.conftest import run
 
 PREFIX = f"mipvpn-t-xb-{os.getpid()}-"

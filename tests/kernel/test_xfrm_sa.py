@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import pytest
 
-from daemons.ipsec.xfrm_netlink import (
+from daemons.runtime.secret import Secret
+from daemons.vpn.xfrm.netlink import (
     SA,
     Policy,
     Selector,
@@ -24,7 +25,6 @@ from daemons.ipsec.xfrm_netlink import (
     XfrmSocket,
     probe_kernel_esp,
 )
-from daemons.secret import Secret
 from tests.kernel.conftest import redact, run
 
 A_OUTER, B_OUTER = "198.18.0.1", "198.18.0.2"

@@ -40,7 +40,7 @@ while True:
 
 
 def heard_advertisement(env: LabEnv, node: str, ifname: str = "eth0"):
-    from daemons import mip
+    from daemons.wire import mip
 
     out = env.exec(node, sys.executable, "-c", LISTENER, ifname).stdout.strip()
     return mip.decode_icmp(bytes.fromhex(out))

@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from daemons import mip
-from daemons.secret import Secret
+from daemons.runtime.secret import Secret
+from daemons.wire import mip
 from lab.lab import Lab
 from tests.conftest import LabEnv
 from tests.lab.mipkit import binding_via, expert_problems, heard_advertisement, send_udp, show, tshark, wait_for

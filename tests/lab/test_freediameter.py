@@ -2,7 +2,7 @@
 the AAAFs and the AAAH.
 
 The default topology with ``domains: {home.example: {aaa: aaah, relay: core}}``: the lab runs
-freeDiameterd in ``core`` (``daemons.fdrelay``; its throwaway self-signed certificate is made in the
+freeDiameterd in ``core`` (``daemons.provision.fdrelay``; its throwaway self-signed certificate is made in the
 run directory, under the test's tmp dir), the AAAFs dial it for home.example instead of the AAAH.
 The registration still completes, the MN reaches the CN over its VPN, a wrong MN-AAA secret is
 still refused, and the captures show the AMR crossing the relay with the Route-Record it added.
@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemons import control, mip
-from daemons.provision import control_socket
-from daemons.secret import Secret
+from daemons.provision.configs import control_socket
+from daemons.runtime import control
+from daemons.runtime.secret import Secret
+from daemons.wire import mip
 from lab.topology import default_topology_path
 from tests.conftest import LabEnv
 from tests.lab.mipkit import binding_via, heard_advertisement, send_udp, show, tshark, wait_for

@@ -14,8 +14,8 @@ import pytest
 import yaml
 from scapy.all import UDP, rdpcap
 
-from daemons import mip
-from daemons.secret import Secret
+from daemons.runtime.secret import Secret
+from daemons.wire import mip
 from lab.topology import default_topology_path
 from tests.conftest import LabEnv
 from tests.lab.mipkit import binding_via, expert_problems, send_udp, show, tshark, wait_for

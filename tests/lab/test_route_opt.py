@@ -24,9 +24,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemons import config, mip
-from daemons.diameter.avp import decode_avps
-from daemons.vpninfo import VpnInfo
+from daemons.runtime import config
+from daemons.vpn.vpninfo import VpnInfo
+from daemons.wire import mip
+from daemons.wire.diameter.avp import decode_avps
 from tests.conftest import LabEnv
 from tests.lab.mipkit import binding_via, show, tshark, wait_for
 

@@ -44,7 +44,7 @@ def profile(env: LabEnv, token: str, *args: str, check: bool = True) -> subproce
     """`mipvpn profile ...` as a user would run it, from the core router's namespace (the
     request crosses the core-aaah link), token from the environment."""
     proc = subprocess.run(["ip", "netns", "exec", env.ns("core"), "env", f"MIPVPN_TOKEN={token}",
-                           sys.executable, "-m", "daemons.cli", "profile", "--api", API, *args],
+                           sys.executable, "-m", "daemons.cli.main", "profile", "--api", API, *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     leaked = token in proc.stdout + proc.stderr  # a bool: pytest would print the token and the output
     assert not leaked, "the API token showed in the CLI's output"

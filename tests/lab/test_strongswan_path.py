@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from daemons.ipsec.bench import BenchResult, bench_paths
-from daemons.ipsec.path import (
+from daemons.bench.paths import BenchResult, bench_paths
+from daemons.runtime.secret import Secret
+from daemons.vpn.path import (
     Endpoint,
     EndpointType,
     EspSuite,
@@ -33,7 +34,7 @@ from daemons.ipsec.path import (
     SecurityService,
     VpnPath,
 )
-from daemons.ipsec.strongswan import (
+from daemons.vpn.strongswan.backend import (
     DEST_TABLE,
     SRC_TABLE,
     StrongswanBackend,
@@ -42,7 +43,6 @@ from daemons.ipsec.strongswan import (
     release_local_selector,
     vici_socket_path,
 )
-from daemons.secret import Secret
 
 pytestmark = [
     pytest.mark.lab,

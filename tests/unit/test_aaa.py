@@ -2,7 +2,7 @@
 
 The AAAH and the AAAF are the real daemons' objects (in process, ephemeral ports, a temporary
 SQLite VPN database seeded through its API). The HA and the FA are bare Diameter nodes: the HA
-answers HARs with a real registration reply built with daemons.mip, the FA sends AMRs built
+answers HARs with a real registration reply built with daemons.wire.mip, the FA sends AMRs built
 from a real RRQ signed by the mobile node (MN-HA, MN-FA challenge, MN-AAA). Everything runs in
 ``asyncio.run``; timings are only bounds, never assertions.
 """
@@ -24,17 +24,19 @@ from typing import Any
 
 import pytest
 
-from daemons import control, mip, vpninfo
-from daemons.aaaf import ForeignAAAServer
-from daemons.aaah import FIRST_DYNAMIC_SPI, HomeAAAServer
-from daemons.config import AAAFConfig, AAAHConfig, ConfigError, DiameterPeer, HomeAgentRef
-from daemons.diameter import Avp, Message, ResultCode
+from daemons.aaa.aaaf import ForeignAAAServer
+from daemons.aaa.aaah import FIRST_DYNAMIC_SPI, HomeAAAServer
 from daemons.diameter.node import DiameterNode
-from daemons.ipsec.path import EndpointType, EspSuite, Qos
-from daemons.keys import pair_psk, static_esp_key, static_spi
-from daemons.log import EventFormatter
-from daemons.secret import Secret
-from daemons.vpndb import open_database
+from daemons.runtime import control
+from daemons.runtime.config import AAAFConfig, AAAHConfig, ConfigError, DiameterPeer, HomeAgentRef
+from daemons.runtime.log import EventFormatter
+from daemons.runtime.secret import Secret
+from daemons.store.vpndb import open_database
+from daemons.vpn import vpninfo
+from daemons.vpn.keys import pair_psk, static_esp_key, static_spi
+from daemons.vpn.path import EndpointType, EspSuite, Qos
+from daemons.wire import mip
+from daemons.wire.diameter import Avp, Message, ResultCode
 
 LO = "127.0.0.1"
 HOME, VISIT = "home.example", "visit-a.example"
@@ -459,7 +461,7 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     bad_db = HomeAAAServer(replace(cfg, db_url="mysql://nope"))
     with pytest.raises(ConfigError, match="db_url"):
         run(bad_db.start())
-    from daemons import config as configuration
+    from daemons.runtime import config as configuration
 
     path = tmp_path / "aaah.yaml"
     path.write_text("role: aaah\nnode: aaah\nstate_dir: /tmp/x\ncontrol_socket: /tmp/x.sock\n"

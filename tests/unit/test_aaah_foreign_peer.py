@@ -4,7 +4,7 @@ python-diameter plays the visited side (an FA/AAAF of its own making) and dials 
 object (in process, ephemeral port on 127.0.0.1, a temporary SQLite VPN database seeded through
 its API, a bare Diameter node as the HA answering HARs — the setup of ``tests/unit/test_aaa.py``):
 CER/CEA, DWR/DWA in both directions, then AMRs built with python-diameter's own message classes
-around a real RRQ built with ``daemons.mip`` (NAI, MN-HA authentication, MN-FA challenge, MN-AAA
+around a real RRQ built with ``daemons.wire.mip`` (NAI, MN-HA authentication, MN-FA challenge, MN-AAA
 authentication). The right MN-AAA secret gets 2001 with a registration reply, a wrong one 4001;
 python-diameter decodes both answers. Timings are only bounds, never assertions.
 """
@@ -20,11 +20,11 @@ from typing import Any
 
 import pytest
 
-from daemons import mip
-from daemons.aaah import HomeAAAServer
-from daemons.diameter import ResultCode
+from daemons.aaa.aaah import HomeAAAServer
 from daemons.diameter.node import DiameterNode
-from daemons.secret import Secret
+from daemons.runtime.secret import Secret
+from daemons.wire import mip
+from daemons.wire.diameter import ResultCode
 from tests.unit.test_aaa import HA_ADDR, HA_HOST, HOA, HOME, LO, NAI, FakeHA, aaah_config, rrq_bytes, seed
 
 pd_node = pytest.importorskip("diameter.node", reason="python-diameter (PyPI python-diameter) is not installed")

@@ -14,13 +14,14 @@ from typing import Any
 
 import pytest
 
-from daemons import mip, vpninfo
-from daemons.cngw import BindingTable, CorrespondentGateway, check_vpn_info
-from daemons.config import CNGWConfig, HAConfig, PeerAgent
-from daemons.ha import Binding, HomeAgent, by_gateway, moved_to, split_paths
-from daemons.ipsec.path import DirectionKeys, Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
-from daemons.secret import Secret
-from daemons.vpninfo import VpnInfo
+from daemons.agents.cngw import BindingTable, CorrespondentGateway, check_vpn_info
+from daemons.agents.ha import Binding, HomeAgent, by_gateway, moved_to, split_paths
+from daemons.runtime.config import CNGWConfig, HAConfig, PeerAgent
+from daemons.runtime.secret import Secret
+from daemons.vpn import vpninfo
+from daemons.vpn.path import DirectionKeys, Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
+from daemons.vpn.vpninfo import VpnInfo
+from daemons.wire import mip
 
 NAI = "mn1@home.example"
 HOA, HA = IPv4Address("198.18.100.10"), IPv4Address("198.18.100.1")
@@ -249,9 +250,9 @@ def test_binding_request_is_answered_only_while_bound(tmp_path: Path, bound: boo
 
 
 def test_provisioning_makes_cngw2_dynamic_and_applies_topology_settings(tmp_path: Path) -> None:
-    from daemons.config import ConfigError
-    from daemons.provision import SPI_HA_CNGW, Plan
-    from daemons.vpndb import CngwMode, open_database
+    from daemons.provision.configs import SPI_HA_CNGW, Plan
+    from daemons.runtime.config import ConfigError
+    from daemons.store.vpndb import CngwMode, open_database
     from lab.topology import load
 
     topo = load()

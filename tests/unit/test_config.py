@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons.config import ConfigError, load
+from daemons.runtime.config import ConfigError, load
 
 SECRET_HEX = "5ec2e7" * 6
 

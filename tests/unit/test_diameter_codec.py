@@ -10,7 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from daemons.diameter import (
+from daemons.runtime.secret import Secret
+from daemons.wire.diameter import (
     DICTIONARY,
     Avp,
     AvpDef,
@@ -24,9 +25,8 @@ from daemons.diameter import (
     decode_avps,
     message_length,
 )
-from daemons.diameter.avp import MAX_GROUP_DEPTH
-from daemons.diameter.datatypes import TIME_MAX, TIME_MIN, coerce, decode_value, encode_value
-from daemons.secret import Secret
+from daemons.wire.diameter.avp import MAX_GROUP_DEPTH
+from daemons.wire.diameter.datatypes import TIME_MAX, TIME_MIN, coerce, decode_value, encode_value
 
 # A private vendor for test-only AVP definitions of every data type.
 TEST_VENDOR = 0xFFFFFF00
@@ -642,7 +642,7 @@ def test_copy_is_deep_and_relay_edits_do_not_leak():
 def test_identifiers():
     import random
 
-    from daemons.diameter import Identifiers
+    from daemons.wire.diameter import Identifiers
 
     ids = Identifiers(now=0x12345678, rng=random.Random(1))
     e1, e2 = ids.next_end_to_end(), ids.next_end_to_end()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons.diameter import (
+from daemons.wire.diameter import (
     DICTIONARY,
     SECRET_AVP_NAMES,
     VENDOR_MIPVPN,
@@ -15,7 +15,7 @@ from daemons.diameter import (
     AvpType,
     Rule,
 )
-from daemons.diameter.wireshark import vendor_dictionary_xml
+from daemons.wire.diameter.wireshark import vendor_dictionary_xml
 
 WS_DIAMETER = Path("/usr/share/wireshark/diameter")
 

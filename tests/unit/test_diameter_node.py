@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
-from daemons.diameter import DisconnectCause, Message, ResultCode, message_length
 from daemons.diameter.node import DiameterError, DiameterNode, DiameterNoRoute, DiameterTimeout, require
 from daemons.diameter.peer import Peer, PeerState
+from daemons.wire.diameter import DisconnectCause, Message, ResultCode, message_length
 
 LO = "127.0.0.1"
 HOME = "home.example"

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from daemons.diameter import Message, ResultCode
 from daemons.diameter.node import DiameterNode
 from daemons.diameter.peer import Peer
+from daemons.wire.diameter import Message, ResultCode
 
 pd_node = pytest.importorskip("diameter.node", reason="python-diameter (PyPI python-diameter) is not installed")
 pd_app = pytest.importorskip("diameter.node.application")

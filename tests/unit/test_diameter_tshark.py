@@ -3,7 +3,7 @@
 tshark's RFC 4004 dictionary must name the commands and AVPs, and must report no malformed
 packet and no expert info at warning/error level, except (with the stock dictionary) the
 "unknown AVP/vendor" notes for our own vendor-32473 AVPs. With the dictionary fragment that
-daemons.diameter.wireshark generates, those disappear too.
+daemons.wire.diameter.wireshark generates, those disappear too.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons.diameter import (
+from daemons.wire.diameter import (
     VENDOR_MIPVPN,
     Message,
     MipAlgorithmType,
@@ -30,7 +30,7 @@ from daemons.diameter import (
     VpnDistribution,
     VpnEndpointType,
 )
-from daemons.diameter.wireshark import vendor_dictionary_xml
+from daemons.wire.diameter.wireshark import vendor_dictionary_xml
 
 TSHARK = shutil.which("tshark")
 pytestmark = pytest.mark.skipif(TSHARK is None, reason="tshark not installed")

@@ -10,14 +10,14 @@ from dataclasses import replace
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
-from daemons import vpninfo
-from daemons.aaah import HomeAAAServer
-from daemons.config import AAAHConfig, HomeAgentRef
-from daemons.diameter.avp import decode_avps
-from daemons.ipsec.path import EndpointType
-from daemons.mavpn import MavpnControl
-from daemons.secret import Secret
-from daemons.vpndb import open_database
+from daemons.aaa.aaah import HomeAAAServer
+from daemons.runtime.config import AAAHConfig, HomeAgentRef
+from daemons.runtime.secret import Secret
+from daemons.store.vpndb import open_database
+from daemons.vpn import vpninfo
+from daemons.vpn.mavpn import MavpnControl
+from daemons.vpn.path import EndpointType
+from daemons.wire.diameter.avp import decode_avps
 
 NAI, NAI2 = "mn1@home.example", "mn2@home.example"
 HOA, HOA2 = IPv4Address("198.18.1.10"), IPv4Address("198.18.1.11")

@@ -8,7 +8,8 @@ from dataclasses import replace
 
 import pytest
 
-from daemons.ipsec.path import (
+from daemons.runtime.secret import Secret
+from daemons.vpn.path import (
     DirectionKeys,
     Endpoint,
     EndpointType,
@@ -20,14 +21,13 @@ from daemons.ipsec.path import (
     SecurityService,
     VpnPath,
 )
-from daemons.ipsec.strongswan import (
+from daemons.vpn.strongswan.backend import (
     StrongswanBackend,
     charon_command,
     conn_name,
     psk_id,
     strongswan_conf,
 )
-from daemons.secret import Secret
 
 PSK = Secret(b"k" * 32)
 N = ipaddress.IPv4Network

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from daemons.tasks import KeyedLocks
+from daemons.runtime.tasks import KeyedLocks
 
 
 def test_serialised_per_key_and_forgotten_after() -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from daemons.mavpn import MavpnControl
-from daemons.state import StateFile
+from daemons.store.state import StateFile
+from daemons.vpn.mavpn import MavpnControl
 from tests.unit.test_vpninfo import NAI, info
 
 

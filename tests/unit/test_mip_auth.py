@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemons.mip import (
+from daemons.runtime.secret import Secret
+from daemons.wire.mip import (
     CHAP_SPI,
     EXT_FA_HA_AUTH,
     EXT_GEN_AUTH,
@@ -35,7 +36,6 @@ from daemons.mip import (
     strip_after,
     verify,
 )
-from daemons.secret import Secret
 
 MN_HA = Secret(b"mn-ha shared secret 0123456789")
 MN_AAA = Secret(b"mn-aaa secret")

@@ -17,7 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemons.mip import (
+from daemons.runtime.secret import Secret
+from daemons.wire.mip import (
     BINDING_MESSAGES,
     EXT_BINDING_AUTH,
     EXT_FA_HA_AUTH,
@@ -55,7 +56,6 @@ from daemons.mip import (
     vendor_extension,
     verify,
 )
-from daemons.secret import Secret
 
 u8 = st.integers(0, 0xFF)
 u16 = st.integers(0, 0xFFFF)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemons.mip import (
+from daemons.wire.mip import (
     REGISTRATION_EXTENSIONS,
     VENDOR_ID,
     VENDOR_TYPE_PREVIOUS_FA,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers.inet import ICMP, IP, UDP
 
-from daemons.mip import (
+from daemons.wire.mip import (
     ADVERTISEMENT_EXTENSIONS,
     AdvChallengeExtension,
     AdvFlag,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemons.mip import (
+from daemons.wire.mip import (
     clock_offset,
     identification_acceptable,
     identification_time,

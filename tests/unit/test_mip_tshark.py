@@ -1,4 +1,4 @@
-"""Independent decoder: messages built by daemons.mip, wrapped in IP/UDP or IP/ICMP by scapy,
+"""Independent decoder: messages built by daemons.wire.mip, wrapped in IP/UDP or IP/ICMP by scapy,
 written to a pcap and decoded by tshark, which must see the right fields and report no
 malformed packets or expert warnings/errors."""
 
@@ -13,7 +13,8 @@ import pytest
 from scapy.layers.inet import IP, UDP
 from scapy.utils import wrpcap
 
-from daemons.mip import (
+from daemons.runtime.secret import Secret
+from daemons.wire.mip import (
     CHAP_SPI,
     EXT_FA_HA_AUTH,
     EXT_GEN_AUTH,
@@ -41,7 +42,6 @@ from daemons.mip import (
     strip_after,
     vendor_extension,
 )
-from daemons.secret import Secret
 
 TSHARK = shutil.which("tshark")
 pytestmark = pytest.mark.skipif(TSHARK is None, reason="tshark is not installed")

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from daemons import mip
-from daemons.config import MNConfig, SecurityAssociation
-from daemons.mip.vendor import ServiceUpdate, service_update
-from daemons.mn import Agent, MobileNode
-from daemons.secret import Secret
+from daemons.agents.mn import Agent, MobileNode
+from daemons.runtime.config import MNConfig, SecurityAssociation
+from daemons.runtime.secret import Secret
+from daemons.wire import mip
+from daemons.wire.mip.vendor import ServiceUpdate, service_update
 
 MN_HA, MN_AAA = Secret(b"h" * 16), Secret(b"a" * 16)
 

@@ -13,10 +13,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from daemons.log import EventFormatter
-from daemons.profileapi import ProfileApi
-from daemons.secret import Secret
-from daemons.vpndb import VpnDatabase, open_database, token_owner
+from daemons.aaa.profileapi import ProfileApi
+from daemons.runtime.log import EventFormatter
+from daemons.runtime.secret import Secret
+from daemons.store.vpndb import VpnDatabase, open_database, token_owner
 
 NAI = "alice@home.example"
 NAI2 = "bob@home.example"
@@ -289,7 +289,7 @@ def test_tokens_never_in_logs_or_answers(db: VpnDatabase, caplog: pytest.LogCapt
 
 
 def test_guessing_tokens_is_throttled_per_address(db: VpnDatabase) -> None:
-    from daemons.profileapi import FAILURE_WINDOW, MAX_FAILURES
+    from daemons.aaa.profileapi import FAILURE_WINDOW, MAX_FAILURES
 
     token = db.issue_token(NAI)
     now = [1000.0]

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from daemons.cli import main
-from daemons.profileapi import ProfileApi
-from daemons.secret import Secret
-from daemons.vpndb import VpnDatabase, open_database
+from daemons.aaa.profileapi import ProfileApi
+from daemons.cli.main import main
+from daemons.runtime.secret import Secret
+from daemons.store.vpndb import VpnDatabase, open_database
 
 NAI, NAI2 = "alice@home.example", "bob@home.example"
 

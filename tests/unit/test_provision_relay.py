@@ -14,7 +14,8 @@ import yaml
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from daemons import fdrelay, provision
+from daemons.provision import configs as provision
+from daemons.provision import fdrelay
 from lab.lab import healthy, tcp_listening
 from lab.topology import TopologyError, parse
 

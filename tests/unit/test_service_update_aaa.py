@@ -15,14 +15,15 @@ from typing import Any
 
 import aiohttp
 
-from daemons import mip, vpninfo
-from daemons.aaah import HomeAAAServer
-from daemons.config import ProfileApiConfig
-from daemons.diameter import ResultCode
-from daemons.ipsec.path import EndpointType, Qos
-from daemons.mip.vendor import service_update, service_update_extension
-from daemons.profileapi import ProfileApi
-from daemons.secret import Secret
+from daemons.aaa.aaah import HomeAAAServer
+from daemons.aaa.profileapi import ProfileApi
+from daemons.runtime.config import ProfileApiConfig
+from daemons.runtime.secret import Secret
+from daemons.vpn import vpninfo
+from daemons.vpn.path import EndpointType, Qos
+from daemons.wire import mip
+from daemons.wire.diameter import ResultCode
+from daemons.wire.mip.vendor import service_update, service_update_extension
 from tests.unit.test_aaa import (
     COA,
     HA_ADDR,

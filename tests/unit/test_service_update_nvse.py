@@ -10,14 +10,14 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemons import mip
-from daemons.mip.vendor import (
+from daemons.runtime.secret import Secret
+from daemons.wire import mip
+from daemons.wire.mip.vendor import (
     ServiceUpdate,
     requests_service_update,
     service_update,
     service_update_extension,
 )
-from daemons.secret import Secret
 
 
 @given(st.integers(min_value=0, max_value=0xFFFF))

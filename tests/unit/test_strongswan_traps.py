@@ -12,9 +12,9 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemons.ipsec.path import Endpoint, EndpointType, SecurityService, VpnPath
-from daemons.ipsec.strongswan import NFLOG_PREFIX, StrongswanBackend, _nflog_tokens, _rule_pref
-from daemons.secret import Secret
+from daemons.runtime.secret import Secret
+from daemons.vpn.path import Endpoint, EndpointType, SecurityService, VpnPath
+from daemons.vpn.strongswan.backend import NFLOG_PREFIX, StrongswanBackend, _nflog_tokens, _rule_pref
 
 N = ipaddress.IPv4Network
 

@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 import yaml
 
-from daemons import provision
-from daemons.benchreg import bench_topology_data
-from daemons.vpndb import open_database
+from daemons.bench.register import bench_topology_data
+from daemons.provision import configs as provision
+from daemons.store.vpndb import open_database
 from lab.topology import TopologyError, parse
 
 DEFAULT = yaml.safe_load(Path("lab/topologies/default.yaml").read_text())

@@ -113,7 +113,7 @@ def test_unreadable_and_non_yaml_files(tmp_path: Path) -> None:
 def test_lab_up_refuses_a_bad_file_before_touching_anything(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from daemons.cli import main
+    from daemons.cli.main import main
 
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(mutated(lambda d: d["nodes"]["cn"].update({"role": "toaster"}))))

@@ -25,10 +25,9 @@ from urllib.parse import quote
 import pytest
 from click.testing import CliRunner
 
-from daemons.dbcli import db_group
-from daemons.ipsec.path import EspSuite
-from daemons.secret import Secret
-from daemons.vpndb import (
+from daemons.cli.db import db_group
+from daemons.runtime.secret import Secret
+from daemons.store.vpndb import (
     SCHEMA_VERSION,
     AlreadyExists,
     CngwMode,
@@ -41,6 +40,7 @@ from daemons.vpndb import (
     VpnDbError,
     open_database,
 )
+from daemons.vpn.path import EspSuite
 from lab.topology import load
 
 SECRET = Secret(bytes.fromhex("5ec7e75ec7e75ec7e75ec7e75ec7e7aa"))

@@ -7,10 +7,9 @@ from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 
-from daemons.diameter import Avp
-from daemons.ipsec.path import DirectionKeys, Endpoint, EndpointType, EspSuite, Qos, SecurityService, VpnPath
-from daemons.secret import Secret
-from daemons.vpninfo import (
+from daemons.runtime.secret import Secret
+from daemons.vpn.path import DirectionKeys, Endpoint, EndpointType, EspSuite, Qos, SecurityService, VpnPath
+from daemons.vpn.vpninfo import (
     VpnInfo,
     VpnInfoError,
     decode_from_mip,
@@ -18,6 +17,7 @@ from daemons.vpninfo import (
     forward_copy,
     forward_security,
 )
+from daemons.wire.diameter import Avp
 
 NAI = "mn1@home.example"
 

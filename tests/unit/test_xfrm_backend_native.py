@@ -17,8 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from daemons.ipsec.factory import choose_backend, make_backend
-from daemons.ipsec.path import (
+from daemons.runtime.secret import Secret
+from daemons.vpn.factory import choose_backend, make_backend
+from daemons.vpn.path import (
     DirectionKeys,
     Endpoint,
     EndpointType,
@@ -30,7 +31,7 @@ from daemons.ipsec.path import (
     SecurityService,
     VpnPath,
 )
-from daemons.ipsec.xfrm import (
+from daemons.vpn.xfrm.backend import (
     PRIORITY_BASE,
     REQID_BASE,
     EspQos,
@@ -38,8 +39,7 @@ from daemons.ipsec.xfrm import (
     XfrmPathError,
     path_entries,
 )
-from daemons.ipsec.xfrm_netlink import Policy, Selector, Tmpl, XfrmSocket, probe_kernel_esp
-from daemons.secret import Secret
+from daemons.vpn.xfrm.netlink import Policy, Selector, Tmpl, XfrmSocket, probe_kernel_esp
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 
@@ -223,7 +223,7 @@ def test_esp_qos_filter_on_outer_header(netns: str) -> None:
 
 
 def test_bench_paths_are_distinct_users_of_one_pair() -> None:
-    from daemons.benchcli import make_paths
+    from daemons.cli.bench import make_paths
 
     paths = make_paths(300)
     assert len({p.id for p in paths}) == 300 and len({p.local_ts for p in paths}) == 300
@@ -237,7 +237,7 @@ def test_bench_paths_are_distinct_users_of_one_pair() -> None:
 def test_bench_cli_reports_kernel_refusal_and_cleans_up() -> None:
     from click.testing import CliRunner
 
-    from daemons.benchcli import bench_group
+    from daemons.cli.bench import bench_group
 
     if probe_kernel_esp(scratch_prefix="mipvpn-t-xb-probe-") is True:
         pytest.skip("this kernel has ESP")

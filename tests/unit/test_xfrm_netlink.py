@@ -20,8 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemons.ipsec import xfrm_netlink as xn
-from daemons.ipsec.xfrm_netlink import (
+from daemons.runtime.secret import Secret
+from daemons.vpn.xfrm import netlink as xn
+from daemons.vpn.xfrm.netlink import (
     SA,
     DecodeError,
     Encap,
@@ -31,7 +32,6 @@ from daemons.ipsec.xfrm_netlink import (
     XfrmError,
     XfrmSocket,
 )
-from daemons.secret import Secret
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces, NETLINK_XFRM writes)")
 

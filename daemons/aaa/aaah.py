@@ -1,0 +1,642 @@
+"""The home AAA server (AAAH, claims 1-8 and 16): authenticates the mobile node, builds its
+VPN information from the VPN database and distributes it (HAR to the HA, AMA to the FA).
+
+One registration (flow F1, RFC 4004 AMR/HAR)::
+
+    FA --AMR(RRQ)--> AAAF --AMR--> AAAH    user lookup, MN-AAA check (DB secret only)
+                                   AAAH    VPN info from the profiles; cached per user
+                                   AAAH --HAR(RRQ + VPN-Info, HA view)--> HA
+                                   AAAH <--HAA(RRP)-- HA
+    FA <--AMA-- AAAF <--AMA(RRP + VPN-Info, FA view)-- AAAH
+
+The paths of one registration (static CN-GW, claim 16):
+
+* path 1, FA⇄HA: per-user selectors (home address ⇄ every static profile destination), fresh
+  ESP keys from the CSPRNG, SPIs unique per receiving gateway (>= 0x10000), the pair's PSK;
+* path 2.., HA⇄CN-GW per static gateway: the standing network-to-network tunnel (home prefix ⇄
+  what the gateway accommodates, ``static_suite``), with the static keys both ends derive from the master secret
+  (``daemons.vpn.keys.static_spi/static_esp_key``), so the HA's half matches the CN-GW's;
+* then, per dynamic CN-GW (route optimisation, claim 19), FA⇄CN-GW: home address ⇄ what the
+  gateway accommodates, fresh keys; the HA passes the CN-GW's copy on in a Binding Update.
+
+A :class:`Session` is one user's cached registration (NAI, Diameter session, FA, paths); its
+paths are kept as the AAAH describes them (FA-side paths in the FA's view, the rest in the
+HA's); :meth:`Session.for_fa` / :meth:`Session.for_ha` give each receiver its copy and
+:meth:`Session.with_fa` moves the FA end (claims 7, 17, 18). The AAAF (``daemons.aaa.aaaf``)
+caches the same class. Sessions are persisted (VPN-Info AVPs as hex, like ``daemons.vpn.mavpn``:
+key material, so the file lives in the daemon's 0700 state directory).
+
+Result codes of the AMA (RFC 6733 §7.1, RFC 4004 §4.1, RFC 4006 §9.1):
+
+* 2001 the HA accepted the registration (MIP-Reg-Reply + the FA's VPN-Info);
+* 4005 DIAMETER_ERROR_MIP_REPLY_FAILURE the HA refused it (its MIP-Reg-Reply passed through);
+* 4006 DIAMETER_ERROR_HA_NOT_AVAILABLE the HA is not configured, not connected or silent;
+* 4001 DIAMETER_AUTHENTICATION_REJECTED no or a wrong MN-AAA authenticator, unknown SPI;
+* 5030 DIAMETER_USER_UNKNOWN the NAI is not in the database;
+* 5003 DIAMETER_AUTHORIZATION_REJECTED the user is disabled, or the RRQ names another home address;
+* 5004 DIAMETER_INVALID_AVP_VALUE MIP-Reg-Request is not a registration request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from daemons.diameter.node import DiameterError, DiameterNode, DiameterUnavailable, wait_for_peers
+from daemons.runtime.config import AAAHConfig, ConfigError, HomeAgentRef
+from daemons.runtime.control import ControlServer
+from daemons.runtime.log import EventLog
+from daemons.runtime.secret import Secret
+from daemons.runtime.tasks import KeyedLocks
+from daemons.store.state import StateFile
+from daemons.store.vpndb import (
+    CngwMode,
+    Distribution,
+    Gateway,
+    User,
+    VpnDatabase,
+    VpnDbError,
+    VpnProfile,
+    open_database,
+)
+from daemons.vpn import vpninfo
+from daemons.vpn.keys import new_esp_key, pair_psk, static_esp_key, static_spi
+from daemons.vpn.path import Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
+from daemons.vpn.vpninfo import VpnInfo, direction_keys
+from daemons.wire import mip
+from daemons.wire.diameter import Message, ResultCode
+from daemons.wire.diameter.avp import decode_avps
+from daemons.wire.mip.vendor import requests_service_update, service_update
+
+log = EventLog("mipvpn.aaah")
+MIP_APPLICATION = 2  # RFC 4004
+AMR_COMMAND = 260
+HAR_COMMAND = 262
+AUTH_SESSION_NO_STATE = 1  # Auth-Session-State NO_STATE_MAINTAINED
+FIRST_DYNAMIC_SPI = 0x10000  # below: the static paths' SPIs (daemons.vpn.keys.static_spi)
+FA_PATH_ID = 1
+ANY = IPv4Network("0.0.0.0/0")
+
+
+# ---- the cached VPN information of one user ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Session:
+    """One user's registration as an AAA server caches it."""
+
+    nai: str
+    session_id: str
+    fa: IPv4Address  # the FA's care-of address: the FA end of the paths
+    fa_host: str  # the FA's Diameter identity ("" if unknown)
+    home_agent: IPv4Address
+    home_address: IPv4Address
+    paths: tuple[VpnInfo, ...]  # FA-side paths in the FA's view, the others in the HA's
+    created: float = 0.0
+
+    def for_fa(self) -> list[VpnInfo]:
+        """The paths the FA installs (its own view)."""
+        return [i for i in self.paths if i.path.local.type is EndpointType.FA]
+
+    def for_ha(self) -> list[VpnInfo]:
+        """What the HAR carries: the paths the HA installs (its own view: the FA's mirrored,
+        plus its own) and, for route optimisation (F4), each FA⇄dynamic CN-GW path in the
+        CN-GW's view (Local = the CN-GW), which the HA passes on in a Binding Update."""
+        out = []
+        for info in self.paths:
+            if info.path.local.type is EndpointType.FA and info.path.remote.type in (EndpointType.HA,
+                                                                                      EndpointType.CNGW_DYNAMIC):
+                out.append(info.mirrored())
+            elif info.path.local.type is EndpointType.HA:
+                out.append(info)
+        return out
+
+    def with_fa(self, coa: IPv4Address | str, session_id: str | None = None, fa_host: str | None = None) -> Session:
+        """The same paths with the FA end moved to ``coa`` (an MN changed FA: claims 7, 17, 18)."""
+        coa = IPv4Address(coa)
+        paths = []
+        for info in self.paths:
+            if info.path.local.type is EndpointType.FA:
+                info = info.with_endpoints(local=coa)
+            elif info.path.remote.type is EndpointType.FA:
+                info = info.with_endpoints(remote=coa)
+            paths.append(info)
+        return replace(self, fa=coa, paths=tuple(paths), session_id=session_id or self.session_id,
+                       fa_host=self.fa_host if fa_host is None else fa_host)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``show sessions`` lists: identities, endpoints and selectors, never keys."""
+        return {"mn": self.nai, "session": self.session_id, "fa": str(self.fa), "fa_host": self.fa_host,
+                "home_agent": str(self.home_agent), "home_address": str(self.home_address),
+                "paths": " ".join(_path_text(i) for i in self.paths),
+                "age": int(time.time() - self.created) if self.created else None}
+
+    def spis(self) -> list[tuple[str, int]]:
+        """(receiving gateway, SPI) of every manually keyed SA of this session."""
+        out = []
+        for info in self.paths:
+            sec = info.path.security
+            if sec.inbound is not None and sec.outbound is not None:
+                out += [(str(info.path.local.address), sec.inbound.spi),
+                        (str(info.path.remote.address), sec.outbound.spi)]
+        return out
+
+    # ---- persistence (VPN-Info AVPs as hex: the file holds keys, keep it private) ----------
+    def to_json(self) -> dict[str, Any]:
+        return {"nai": self.nai, "session_id": self.session_id, "fa": str(self.fa), "fa_host": self.fa_host,
+                "home_agent": str(self.home_agent), "home_address": str(self.home_address),
+                "created": self.created, "paths": [i.to_avp().encode().hex() for i in self.paths]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Session:
+        nai = data["nai"]
+        paths = tuple(VpnInfo.from_avp(avp, nai) for h in data["paths"] for avp in decode_avps(bytes.fromhex(h)))
+        return cls(nai, data["session_id"], IPv4Address(data["fa"]), data.get("fa_host", ""),
+                   IPv4Address(data["home_agent"]), IPv4Address(data["home_address"]), paths,
+                   float(data.get("created", 0.0)))
+
+
+def _path_text(info: VpnInfo) -> str:
+    p = info.path
+    return f"{info.path_id}:{p.local.address}({p.local.type.value})<->{p.remote.address}({p.remote.type.value})"
+
+
+def _distribution(profiles: list[VpnProfile]) -> int:
+    """Claim 5: the path toward a correspondent's gateway is set up on traffic only if every
+    profile of the user through that gateway says ``on_traffic`` (one path per gateway)."""
+    on_traffic = bool(profiles) and all(p.distribution is Distribution.ON_TRAFFIC for p in profiles)
+    return vpninfo.ON_TRAFFIC if on_traffic else vpninfo.AT_REGISTRATION
+
+
+class SessionStore:
+    """Sessions by NAI, persisted on every change in a private state file."""
+
+    def __init__(self, path: os.PathLike[str] | str) -> None:
+        from pathlib import Path
+
+        self.path = Path(path)
+        self.state = StateFile(self.path)
+        self.sessions: dict[str, Session] = {}
+        self.extra: dict[str, Any] = {}  # other persisted state of the owner (e.g. SPI counters)
+
+    def load(self) -> None:
+        self._private_dir()
+        data = self.state.load()
+        for item in data.get("sessions", []):
+            try:
+                session = Session.from_json(item)
+            except (KeyError, ValueError, vpninfo.VpnInfoError) as exc:
+                log.warning("session.unreadable", mn=item.get("nai") if isinstance(item, dict) else None,
+                            reason=type(exc).__name__)
+                continue
+            self.sessions[session.nai] = session
+        self.extra = {k: v for k, v in data.items() if k != "sessions"}
+
+    def _private_dir(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(OSError):
+            self.path.parent.chmod(0o700)
+
+    def save(self) -> None:
+        self._private_dir()
+        self.state.save({**self.extra, "sessions": [s.to_json() for s in self.sessions.values()]})
+        with contextlib.suppress(OSError):
+            self.path.chmod(0o600)
+
+    def get(self, nai: str) -> Session | None:
+        return self.sessions.get(nai)
+
+    def put(self, session: Session) -> Session | None:
+        old = self.sessions.get(session.nai)
+        self.sessions[session.nai] = session
+        self.save()
+        return old
+
+    def drop(self, nai: str) -> Session | None:
+        old = self.sessions.pop(nai, None)
+        if old is not None:
+            self.save()
+        return old
+
+    def show(self) -> list[dict[str, Any]]:
+        return [s.summary() for s in sorted(self.sessions.values(), key=lambda s: s.nai)]
+
+
+# ---- SPIs --------------------------------------------------------------------------------------
+
+
+class SpiAllocator:
+    """SPIs for per-registration SAs, unique per receiving gateway, from 0x10000 up."""
+
+    def __init__(self, state: dict[str, int] | None = None) -> None:
+        self.next: dict[str, int] = dict(state or {})
+        self.used: dict[str, set[int]] = {}
+
+    def allocate(self, gateway: IPv4Address | str) -> int:
+        gw = str(gateway)
+        used = self.used.setdefault(gw, set())
+        spi = self.next.get(gw, FIRST_DYNAMIC_SPI)
+        for _ in range(0x100000000 - FIRST_DYNAMIC_SPI):
+            if spi > 0xFFFFFFFF:
+                spi = FIRST_DYNAMIC_SPI
+            if spi not in used:
+                break
+            spi += 1
+        else:  # pragma: no cover - 4 billion SAs at one gateway
+            raise RuntimeError(f"no free SPI for {gw}")
+        used.add(spi)
+        self.next[gw] = spi + 1
+        return spi
+
+    def claim(self, gateway: IPv4Address | str, spi: int) -> None:
+        if spi >= FIRST_DYNAMIC_SPI:
+            self.used.setdefault(str(gateway), set()).add(spi)
+
+    def release(self, gateway: IPv4Address | str, spi: int) -> None:
+        self.used.get(str(gateway), set()).discard(spi)
+
+
+# ---- the server ----------------------------------------------------------------------------------
+
+
+class AmrRejected(Exception):
+    """An AMR answered without asking the HA (the reason is logged, never a secret)."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class HomeAAAServer:
+    def __init__(self, config: AAAHConfig, db: VpnDatabase | None = None) -> None:
+        source = f"{config.node} (aaah)"
+        if config.master_secret is None or len(config.master_secret) < 16:
+            raise ConfigError(source, "master_secret", "must be at least 16 bytes (value withheld)")
+        if not config.home_agents:
+            raise ConfigError(source, "home_agents", "at least one home agent is needed")
+        try:
+            self.static_suite = EspSuite(config.static_suite)
+        except ValueError:
+            raise ConfigError(source, "static_suite", f"unknown ESP suite {config.static_suite!r} (one of: "
+                              f"{', '.join(s.value for s in EspSuite)})") from None
+        self.config = config
+        self.master: Secret = config.master_secret
+        self.db = db
+        self.home_agents: dict[str, HomeAgentRef] = {str(h.address): h for h in config.home_agents}
+        self.store = SessionStore(config.state_dir / "sessions.json")
+        self.spis = SpiAllocator()
+        self.locks = KeyedLocks()  # one registration/binding update per user at a time
+        self.counters: dict[str, int] = {"amr": 0, "auth_failed": 0, "unknown_user": 0, "har": 0, "accepted": 0,
+                                         "refused": 0, "ha_unavailable": 0, "service_updates": 0}
+        self.control = ControlServer(config.control_socket)
+        self.profile_api: Any = None  # daemons.aaa.profileapi.ProfileApi when configured (claim 24)
+        self.diameter = DiameterNode(config.diameter_host, config.diameter_realm,
+                                     host_ip_addresses=(str(config.address),), listen_address=str(config.address),
+                                     listen_port=config.port)
+        for ha in config.home_agents:
+            self.diameter.add_peer(ha.diameter_host, config.diameter_realm, str(ha.diameter_address or ha.address),
+                                   ha.port)
+        self.diameter.register_handler(MIP_APPLICATION, AMR_COMMAND, self.on_amr,
+                                       required=("User-Name", "MIP-Reg-Request"))
+
+    # ---- lifecycle ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.db is None:
+            try:
+                self.db = open_database(self.config.db_url)
+            except VpnDbError as exc:
+                raise ConfigError(f"{self.config.node} (aaah)", "db_url", str(exc)) from None
+        self.restore()
+        await self.diameter.start()
+        self.control.register("sessions", lambda _: self.store.show())
+        self.control.register("counters", lambda _: {**self.counters, **self.diameter.stats()})
+        self.control.register("peers", lambda _: self.diameter.peers_status())
+        await wait_for_peers(self.diameter, [h.diameter_host for h in self.home_agents.values()])
+        await self.control.start()
+        await self.start_profile_api()
+        log.info("aaah.ready", host=self.config.diameter_host, realm=self.config.diameter_realm,
+                 port=self.diameter.port, home_agents=len(self.home_agents), sessions=len(self.store.sessions))
+
+    async def stop(self) -> None:
+        if self.profile_api is not None:
+            await self.profile_api.stop()
+        await self.control.stop()
+        await self.diameter.stop()
+
+    async def start_profile_api(self) -> None:
+        """Claim 24 (F7): users change their own profiles over HTTP (daemons.aaa.profileapi); the
+        change takes effect with their next registration (AMR), e.g. a service-update RRQ."""
+        if self.config.profile_api is None:
+            return
+        from daemons.aaa.profileapi import ProfileApi
+
+        assert self.db is not None
+        api = ProfileApi(self.db, str(self.config.profile_api.address), self.config.profile_api.port,
+                         node=self.config.node)
+        try:
+            await api.start()
+        except OSError as exc:
+            raise ConfigError(f"{self.config.node} (aaah)", "profile_api",
+                              f"cannot listen on {self.config.profile_api.address}:{self.config.profile_api.port}: "
+                              f"{exc.strerror or exc}") from None
+        self.profile_api = api
+        self.control.register("profile_api", lambda _: {"port": api.port, **api.counters})
+
+    async def run(self) -> None:
+        await self.start()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            await self.stop()
+
+    def restore(self) -> None:
+        self.store.load()
+        self.spis = SpiAllocator({k: int(v) for k, v in self.store.extra.get("spi_next", {}).items()})
+        for session in self.store.sessions.values():
+            for gw, spi in session.spis():
+                self.spis.claim(gw, spi)
+        if self.store.sessions:
+            log.info("aaah.restored", sessions=len(self.store.sessions))
+
+    def _save_counters(self) -> None:
+        self.store.extra["spi_next"] = dict(self.spis.next)
+
+    def _put(self, session: Session) -> Session | None:
+        self._save_counters()
+        old = self.store.put(session)
+        if old is not None:
+            self._release(old)
+        return old
+
+    def _drop(self, nai: str) -> None:
+        old = self.store.drop(nai)
+        if old is not None:
+            self._release(old)
+
+    def _release(self, session: Session) -> None:
+        for gw, spi in session.spis():
+            self.spis.release(gw, spi)
+
+    # ---- AMR ---------------------------------------------------------------------------------
+    async def on_amr(self, amr: Message, peer: Any) -> Message:
+        nai: str = amr.get("User-Name")
+        sid = amr.session_id
+        self.counters["amr"] += 1
+        raw = bytes(amr.get("MIP-Reg-Request"))
+        try:
+            rrq = mip.decode_message(raw)
+        except mip.DecodeError as exc:
+            log.warning("amr.malformed", mn=nai, sid=sid, reason=exc)
+            rrq = None
+        if not isinstance(rrq, mip.RegistrationRequest):
+            raise DiameterError(ResultCode.DIAMETER_INVALID_AVP_VALUE, "MIP-Reg-Request is not a registration request",
+                                failed_avp=[("MIP-Reg-Request", raw)])
+        route = [str(a.value) for a in amr.find_all("Route-Record")]
+        log.info("amr.received", mn=nai, sid=sid, fa=amr.get("Origin-Host"), coa=rrq.care_of_address,
+                 ha=rrq.home_agent, id=hex(rrq.identification), via=",".join(route) or None)
+        if requests_service_update(rrq.extensions):
+            # F7: the user changed a profile; register() reads the profiles afresh on every AMR
+            # (nothing cached), so the VPN info below is rebuilt from the changed ones.
+            update = service_update(rrq.extensions)
+            self.counters["service_updates"] += 1
+            log.info("service_update.received", mn=nai, sid=sid, seq=update.sequence if update else "malformed")
+        async with self.locks.hold(nai):
+            try:
+                user = await self.authenticate(nai, raw, rrq)
+                return await self.register(amr, nai, raw, rrq, user)
+            except AmrRejected as rej:
+                log.warning("ama.sent", mn=nai, sid=sid, result=rej.code, reason=rej.reason)
+                return self._ama(amr, rej.code, nai, rrq, error=rej.reason)
+
+    async def authenticate(self, nai: str, raw: bytes, rrq: mip.RegistrationRequest) -> User:
+        """The user's record once the MN-AAA authenticator checks out (secret from the DB only)."""
+        assert self.db is not None
+        user = await self.db.aio.user_by_nai(nai)
+        if user is None:
+            self.counters["unknown_user"] += 1
+            log.warning("auth.failed", mn=nai, reason="unknown user")
+            raise AmrRejected(ResultCode.DIAMETER_USER_UNKNOWN, "unknown user")
+        if not user.enabled:
+            log.warning("auth.failed", mn=nai, reason="user disabled")
+            raise AmrRejected(ResultCode.DIAMETER_AUTHORIZATION_REJECTED, "user disabled")
+        ext = rrq.find(mip.GeneralizedAuthExtension)
+        nai_ext = rrq.find(mip.NAIExtension)
+        reason = None
+        if ext is None:
+            reason = "no MN-AAA authentication extension"
+        elif nai_ext is None or nai_ext.nai != nai:
+            reason = "the RRQ's NAI extension is not the User-Name"
+        else:
+            secret = await self.db.aio.mn_aaa_secret(nai, ext.spi)
+            if secret is None:
+                reason = f"unknown MN-AAA SPI {ext.spi:#x}"
+            else:
+                try:
+                    ok = mip.verify(raw, mip.EXT_GEN_AUTH, secret, spi=ext.spi)
+                except mip.DecodeError:
+                    ok = False
+                if not ok:
+                    reason = "MN-AAA authenticator mismatch"
+        if reason is not None:
+            self.counters["auth_failed"] += 1
+            log.warning("auth.failed", mn=nai, reason=reason)
+            raise AmrRejected(ResultCode.DIAMETER_AUTHENTICATION_REJECTED, "MN-AAA authentication failed")
+        if rrq.home_address not in (user.home_address, IPv4Address(0)):
+            log.warning("auth.failed", mn=nai, reason=f"home address {rrq.home_address} is not the user's")
+            raise AmrRejected(ResultCode.DIAMETER_AUTHORIZATION_REJECTED, "home address not the user's")
+        log.info("auth.ok", mn=nai, spi=hex(ext.spi))  # type: ignore[union-attr]
+        return user
+
+    async def register(self, amr: Message, nai: str, raw: bytes, rrq: mip.RegistrationRequest,
+                       user: User) -> Message:
+        sid = amr.session_id or ""
+        ha = self.home_agents.get(str(rrq.home_agent))
+        if ha is None:
+            self.counters["ha_unavailable"] += 1
+            raise AmrRejected(ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE,
+                              f"home agent {rrq.home_agent} not served here")
+        previous = self.store.get(nai)
+        if rrq.is_deregistration:
+            session = None
+            ha_view: list[VpnInfo] = []
+        else:
+            assert self.db is not None
+            profiles = await self.db.aio.profiles_for(nai)
+            paths = await self.build_paths(nai, user.home_address, rrq.care_of_address, ha, profiles)
+            session = Session(nai, sid, rrq.care_of_address, amr.get("Origin-Host", default=""), rrq.home_agent,
+                              user.home_address, tuple(paths), time.time())
+            self._put(session)  # claim 16: cached before the HAR goes out
+            ha_view = session.for_ha()
+            log.info("session.cached", mn=nai, sid=sid, fa=session.fa, paths=len(paths))
+
+        def undo() -> None:
+            if session is None:
+                return
+            self._drop(nai)
+            if previous is not None:  # the HA still holds the previous registration
+                self._put(previous)
+                for gw, spi in previous.spis():
+                    self.spis.claim(gw, spi)
+
+        peer = self.diameter.peers.get(ha.diameter_host.lower())
+        if peer is None or not peer.is_open:
+            undo()
+            self.counters["ha_unavailable"] += 1
+            raise AmrRejected(ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE,
+                              f"home agent {ha.diameter_host} not connected")
+        har = Message.request("HAR", [
+            ("Session-Id", sid), ("Auth-Application-Id", MIP_APPLICATION),
+            ("Origin-Host", self.config.diameter_host), ("Origin-Realm", self.config.diameter_realm),
+            ("Destination-Realm", self.config.diameter_realm), ("Destination-Host", ha.diameter_host),
+            ("Authorization-Lifetime", rrq.lifetime), ("Auth-Session-State", AUTH_SESSION_NO_STATE),
+            ("User-Name", nai), ("MIP-Reg-Request", raw), ("MIP-Feature-Vector", amr.get("MIP-Feature-Vector",
+                                                                                         default=0)),
+            ("MIP-Home-Agent-Address", rrq.home_agent), ("MIP-Mobile-Node-Address", user.home_address),
+            *(info.to_avp() for info in ha_view)])
+        self.counters["har"] += 1
+        log.info("har.sent", mn=nai, sid=sid, ha=ha.diameter_host, paths=len(ha_view))
+        try:
+            haa = await self.diameter.request(har, timeout=self.config.har_timeout)
+        except DiameterUnavailable as exc:
+            undo()
+            self.counters["ha_unavailable"] += 1
+            raise AmrRejected(ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE, f"no HAA: {exc}") from None
+        code = int(haa.result_code or 0)
+        rrp_raw = haa.get("MIP-Reg-Reply")
+        accepted = False
+        if rrp_raw is not None:
+            try:
+                rrp = mip.decode_message(rrp_raw)
+                accepted = isinstance(rrp, mip.RegistrationReply) and rrp.accepted
+            except mip.DecodeError:
+                rrp_raw = None
+        log.info("haa.received", mn=nai, sid=sid, code=code, rrp=None if rrp_raw is None else ("accepted" if accepted
+                                                                                               else "refused"))
+        if code == ResultCode.DIAMETER_SUCCESS and rrp_raw is not None and accepted:
+            if session is None:
+                self._drop(nai)  # deregistered
+            self.counters["accepted"] += 1
+            fa_view = session.for_fa() if session is not None else []
+            log.info("ama.sent", mn=nai, sid=sid, result=code, paths=len(fa_view))
+            return self._ama(amr, ResultCode.DIAMETER_SUCCESS, nai, rrq, rrp_raw, fa_view)
+        undo()
+        if rrp_raw is not None:  # the HA refused: its reply goes back to the MN
+            self.counters["refused"] += 1
+            log.warning("ama.sent", mn=nai, sid=sid, result=int(ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE),
+                        reason=f"HA answered {code}")
+            return self._ama(amr, ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE, nai, rrq, rrp_raw)
+        self.counters["ha_unavailable"] += 1
+        raise AmrRejected(ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE, f"HAA {code} without a registration reply")
+
+    def _ama(self, amr: Message, code: int, nai: str, rrq: mip.RegistrationRequest, rrp: bytes | None = None,
+             infos: list[VpnInfo] | None = None, error: str | None = None) -> Message:
+        avps: list[Any] = [("Auth-Application-Id", MIP_APPLICATION), ("User-Name", nai)]
+        if error:
+            avps.append(("Error-Message", error))
+        if rrp is not None:
+            avps.append(("MIP-Reg-Reply", rrp))
+        avps += [("MIP-Home-Agent-Address", rrq.home_agent), ("MIP-Mobile-Node-Address", rrq.home_address)]
+        avps += [info.to_avp() for info in infos or []]
+        return amr.answer(code, [("Origin-Host", self.config.diameter_host),
+                                 ("Origin-Realm", self.config.diameter_realm), *avps])
+
+    # ---- VPN information (claims 3, 8, 16) ---------------------------------------------------------
+    async def build_paths(self, nai: str, home_address: IPv4Address, coa: IPv4Address, ha: HomeAgentRef,
+                          profiles: list[VpnProfile]) -> list[VpnInfo]:
+        assert self.db is not None
+        static = [p for p in profiles if p.gateway_type is CngwMode.STATIC]
+        dynamic = [p for p in profiles if p.gateway_type is CngwMode.DYNAMIC]
+        if not profiles:
+            log.info("vpn.none", mn=nai, reason="no VPN profile")
+            return []
+        first = (static or dynamic)[0]
+        suite = first.suite
+        # Path 1, FA⇄HA, in the FA's view: fresh keys, SPIs unique at the receiving gateway.
+        # It carries everything the MN sends and receives (home address ⇄ any): the HA is the
+        # MN's anchor and routes on from there (to the CN-GW's tunnel for the profiles'
+        # destinations). This is also what user-space ESP needs: the HA's local selector
+        # must contain an address of its own (environment notes on kernel-libipsec).
+        spi_at_ha, spi_at_fa = self.spis.allocate(ha.address), self.spis.allocate(coa)
+        path1 = VpnPath(
+            id=VpnInfo.path_name(nai, FA_PATH_ID),
+            local=Endpoint(coa, EndpointType.FA), remote=Endpoint(ha.address, EndpointType.HA),
+            local_ts=(IPv4Network(f"{home_address}/32"),),
+            remote_ts=(ANY,),
+            security=SecurityService(suite, outbound=direction_keys(suite, spi_at_ha, new_esp_key(suite)),
+                                     inbound=direction_keys(suite, spi_at_fa, new_esp_key(suite)),
+                                     psk=pair_psk(self.master, coa, ha.address), lifetime=first.lifetime),
+            qos=first.qos)
+        infos = [VpnInfo(nai, FA_PATH_ID, path1)]
+        # Paths 2.., HA⇄CN-GW: the static tunnel, as the HA sees it.
+        path_id = FA_PATH_ID
+        for gw, gw_profiles, remote_ts in await self.gateways(nai, static):
+            gsuite = self.static_suite  # the standing tunnel's, not a user's choice
+            out_spi, in_spi = static_spi(ha.address, gw.address), static_spi(gw.address, ha.address)
+            path_id += 1
+            infos.append(VpnInfo(nai, path_id, VpnPath(
+                id=VpnInfo.path_name(nai, path_id),
+                local=Endpoint(ha.address, EndpointType.HA), remote=Endpoint(gw.address, EndpointType.CNGW_STATIC),
+                local_ts=(ha.home_prefix,), remote_ts=remote_ts,
+                security=SecurityService(
+                    gsuite,
+                    outbound=direction_keys(gsuite, out_spi,
+                                        static_esp_key(self.master, ha.address, gw.address, out_spi, gsuite)),
+                    inbound=direction_keys(gsuite, in_spi,
+                                       static_esp_key(self.master, gw.address, ha.address, in_spi, gsuite)),
+                    psk=pair_psk(self.master, ha.address, gw.address))), _distribution(gw_profiles)))
+        infos += await self.route_optimised_paths(nai, home_address, coa, dynamic, path_id + 1)
+        log.info("vpn.built", mn=nai, paths=" ".join(_path_text(i) for i in infos), suite=suite.value)
+        return infos
+
+    async def gateways(self, nai: str, profiles: list[VpnProfile]
+                       ) -> list[tuple[Gateway, list[VpnProfile], tuple[IPv4Network, ...]]]:
+        """The profiles grouped by gateway (claim 8), with what each gateway accommodates:
+        its prefixes in the correspondence table, else the profiles' destinations. A gateway
+        missing from the database is skipped (logged)."""
+        assert self.db is not None
+        by_gateway: dict[str, list[VpnProfile]] = {}
+        for p in profiles:
+            by_gateway.setdefault(p.gateway, []).append(p)
+        found = []
+        for name, gw_profiles in by_gateway.items():
+            gw = await self.db.aio.gateway(name)
+            if gw is None:
+                log.warning("profile.skipped", mn=nai, gateway=name, reason="gateway not in the database")
+                continue
+            routes = await self.db.aio.run(self.db.routes, name)
+            prefixes = tuple(dict.fromkeys(r.prefix for r in routes)) or \
+                tuple(dict.fromkeys(p.destination for p in gw_profiles))
+            found.append((gw, gw_profiles, prefixes))
+        return found
+
+    async def route_optimised_paths(self, nai: str, home_address: IPv4Address, coa: IPv4Address,
+                                    profiles: list[VpnProfile], first_id: int) -> list[VpnInfo]:
+        """Claim 19 (F4): per dynamic CN-GW one FA⇄CN-GW path, in the FA's view: the MN's home
+        address ⇄ what the gateway accommodates (correspondence table), fresh keys, SPIs
+        unique at each receiving gateway, the pair's PSK. The HA gets the CN-GW's mirrored
+        copy in the HAR (``Session.for_ha``) and hands it to the CN-GW in a Binding Update."""
+        infos: list[VpnInfo] = []
+        path_id = first_id
+        for gw, gw_profiles, remote_ts in await self.gateways(nai, profiles):
+            profile = gw_profiles[0]
+            suite = profile.suite
+            spi_at_gw, spi_at_fa = self.spis.allocate(gw.address), self.spis.allocate(coa)
+            infos.append(VpnInfo(nai, path_id, VpnPath(
+                id=VpnInfo.path_name(nai, path_id),
+                local=Endpoint(coa, EndpointType.FA), remote=Endpoint(gw.address, EndpointType.CNGW_DYNAMIC),
+                local_ts=(IPv4Network(f"{home_address}/32"),), remote_ts=remote_ts,
+                security=SecurityService(suite, outbound=direction_keys(suite, spi_at_gw, new_esp_key(suite)),
+                                         inbound=direction_keys(suite, spi_at_fa, new_esp_key(suite)),
+                                         psk=pair_psk(self.master, coa, gw.address), lifetime=profile.lifetime),
+                qos=profile.qos), _distribution(gw_profiles)))
+            path_id += 1
+        return infos
+
+
+__all__ = ["AmrRejected", "HomeAAAServer", "Session", "SessionStore", "SpiAllocator"]

@@ -1,0 +1,96 @@
+"""Agent Advertisement and Solicitation handling (RFC 5944 §2), shared by FA and HA.
+
+Advertises every ``interval`` seconds on one interface and at once when a solicitation
+arrives; with ``challenge`` on, each advertisement carries a fresh RFC 3012 challenge and
+the last few are remembered for checking registrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import secrets
+import socket
+from collections import deque
+
+from daemons.runtime.log import EventLog
+from daemons.runtime.net import icmp_socket
+from daemons.wire import mip
+
+log = EventLog("mipvpn.advertiser")
+ALL_SYSTEMS = "224.0.0.1"
+ALL_ROUTERS = "224.0.0.2"
+CHALLENGE_LEN = 16  # RFC 3012 §2: at least 4 octets; 16 keeps guessing hopeless
+
+
+class Advertiser:
+    def __init__(self, interface: str, address: ipaddress.IPv4Address, flags: mip.AdvFlag,
+                 care_of_addresses: tuple[ipaddress.IPv4Address, ...], registration_lifetime: int,
+                 interval: float, challenge: bool, challenge_window: int = 8) -> None:
+        self.interface = interface
+        self.address = address
+        self.flags = flags
+        self.care_of_addresses = care_of_addresses
+        self.registration_lifetime = registration_lifetime
+        self.interval = interval
+        self.challenge = challenge
+        self.challenges: deque[bytes] = deque(maxlen=challenge_window)
+        self.sequence = 0
+        self.counters = {"advertisements": 0, "solicitations": 0, "malformed_solicitations": 0}
+        self.sock: socket.socket | None = None
+        self.now = asyncio.Event()
+
+    def advertisement(self) -> mip.AgentAdvertisement:
+        self.sequence = self.sequence + 1 if self.sequence < 0xFFFF else 256  # §2.1.1 wrap
+        exts: list[mip.Extension] = [mip.MobilityAgentAdvExtension(
+            sequence=self.sequence, registration_lifetime=self.registration_lifetime,
+            flags=self.flags, care_of_addresses=self.care_of_addresses)]
+        if self.challenge:
+            value = secrets.token_bytes(CHALLENGE_LEN)
+            self.challenges.append(value)
+            exts.append(mip.AdvChallengeExtension(value))
+        lifetime = max(3, int(3 * self.interval))  # RFC 1256: three times the interval
+        return mip.AgentAdvertisement(lifetime=lifetime, addresses=[(self.address, 0)], extensions=exts,
+                                      code=mip.ADV_CODE_MOBILITY_ONLY)
+
+    async def run(self) -> None:
+        self.sock = icmp_socket(self.interface, join=[ALL_ROUTERS], local=str(self.address))
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self.on_icmp)
+        while True:
+            self.send()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.now.wait(), self.interval)
+            self.now.clear()
+
+    def send(self) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.sendto(self.advertisement().encode(), (ALL_SYSTEMS, 0))
+            self.counters["advertisements"] += 1
+        except OSError as exc:  # e.g. no port of the access bridge is up yet
+            log.debug("advertisement.failed", reason=os.strerror(exc.errno or 0))
+
+    def on_icmp(self) -> None:
+        assert self.sock is not None
+        try:
+            packet, _ = self.sock.recvfrom(65535)
+        except BlockingIOError:
+            return
+        try:
+            src, _dst, _ttl, icmp = mip.strip_ipv4_header(packet)
+        except mip.DecodeError:
+            self.counters["malformed_solicitations"] += 1
+            return
+        if not icmp or icmp[0] != mip.ICMP_ROUTER_SOLICITATION:
+            return  # a raw ICMP socket sees every ICMP packet; only solicitations matter
+        try:
+            mip.decode_icmp(icmp)
+        except mip.DecodeError as exc:
+            self.counters["malformed_solicitations"] += 1
+            log.debug("solicitation.malformed", src=src, reason=exc)
+            return
+        self.counters["solicitations"] += 1
+        log.info("solicitation.received", src=src, interface=self.interface)
+        self.now.set()

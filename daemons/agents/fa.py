@@ -1,0 +1,629 @@
+"""The foreign agent (RFC 5944 §3.7, RFC 3012): advertisements with challenges, the
+visitor list, relaying registrations between mobile nodes and their home agents.
+
+Relaying goes through ``forward_request``; the AAA issue replaces its direct path to the HA
+with an AMR to the local AAA server without touching the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+from daemons.agents.advertiser import Advertiser
+from daemons.agents.routing import AccessGuard, VisitorRoutes
+from daemons.diameter.node import DiameterNode, DiameterTimeout, DiameterUnavailable, wait_for_peers
+from daemons.runtime.config import DiameterPeer, FAConfig
+from daemons.runtime.control import ControlServer
+from daemons.runtime.log import EventLog
+from daemons.runtime.net import UdpEndpoint
+from daemons.runtime.secret import Secret
+from daemons.runtime.tasks import background
+from daemons.store.state import StateFile
+from daemons.vpn import vpninfo
+from daemons.vpn.mavpn import MavpnControl
+from daemons.vpn.path import EndpointType, PathError
+from daemons.wire import mip
+from daemons.wire.diameter import Avp, Message, ResultCode
+from daemons.wire.diameter.constants import TerminationCause
+
+log = EventLog("mipvpn.fa")
+Code = mip.ReplyCode
+MIP_APPLICATION = 2  # RFC 4004
+# What the MN hears when the AAA says no without a registration reply from the HA.
+AAA_DENIALS = {
+    ResultCode.DIAMETER_AUTHENTICATION_REJECTED: Code.FA_MN_FAILED_AUTHENTICATION,
+    ResultCode.DIAMETER_AUTHORIZATION_REJECTED: Code.FA_ADMINISTRATIVELY_PROHIBITED,
+    ResultCode.DIAMETER_USER_UNKNOWN: Code.FA_MN_FAILED_AUTHENTICATION,
+    ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE: Code.FA_HA_UNREACHABLE,
+    ResultCode.DIAMETER_UNABLE_TO_DELIVER: Code.FA_REASON_UNSPECIFIED,
+    ResultCode.DIAMETER_REALM_NOT_SERVED: Code.FA_ADMINISTRATIVELY_PROHIBITED,
+}
+
+
+@dataclass
+class Visitor:
+    nai: str | None
+    home_address: str
+    home_agent: str
+    mn_port: int
+    lifetime: int
+    expires: float
+    identification: int
+    session_id: str | None = None  # the Diameter session at our AAAF, if AAA authorised it
+
+
+@dataclass
+class Pending:
+    rrq: mip.RegistrationRequest
+    raw: bytes  # as the MN sent it: authenticators cover these bytes
+    nai: str | None
+    mn_port: int
+    started: float
+    timer: asyncio.TimerHandle | None = None
+    vpn: list[vpninfo.VpnInfo] | None = None  # paths the local AAA gave us, installed on the HA's yes
+    session_id: str | None = None  # the Diameter session of this registration
+    handoff: asyncio.Task[vpninfo.VpnInfo | None] | None = None  # F6 with the previous FA, if any
+
+
+class ForeignAgent:
+    def __init__(self, config: FAConfig) -> None:
+        self.config = config
+        self.visitors: dict[str, Visitor] = {}
+        self.forwards: dict[str, float] = {}  # nai -> when its F6 forwarding path goes (wall clock)
+        self.handoff_enabled = config.smooth_handoff  # switchable at run time (the handover benchmark)
+        self.pending: dict[tuple[str, int], Pending] = {}  # (home address, low 32 bits of id)
+        self.advertiser = Advertiser(config.access_interface, config.access_address,
+                                     mip.AdvFlag.R | mip.AdvFlag.F, (config.care_of_address,),
+                                     config.max_lifetime, config.advertisement_interval, config.challenge,
+                                     config.challenge_window)
+        self.used_challenges: deque[bytes] = deque(maxlen=1024)
+        self.ha_keys = {str(ha.address): ha for ha in config.home_agents}
+        self.fa_keys = {str(fa.address): fa for fa in config.peer_agents}
+        self.binding_acks: dict[int, asyncio.Future[mip.BindingAcknowledge]] = {}
+        self.counters: dict[str, int] = {"received": 0, "malformed": 0, "relayed": 0, "accepted": 0,
+                                         "denied": 0}
+        self.state = StateFile(config.state_dir / "visitors.json")
+        self.routes = VisitorRoutes(config.access_interface)
+        self.udp: UdpEndpoint | None = None
+        self.control = ControlServer(config.control_socket)
+        self.mavpn: MavpnControl | None = None
+        self.diameter: DiameterNode | None = None
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> None:
+        self.restore()
+        await self.routes.reconcile(list(self.visitors))
+        self.mavpn = await MavpnControl.start(self.config, access_interface=self.config.access_interface)
+        if self.config.ipsec_backend == "strongswan":
+            await AccessGuard(self.config.access_interface).install()
+        self.udp = await UdpEndpoint.open(self.on_datagram, "0.0.0.0", mip.MIP_UDP_PORT)
+        if self.config.aaa is not None:
+            await self.start_diameter(self.config.aaa)
+        self.control.register("visitors", lambda _: self.show_visitors())
+        self.control.register("counters", lambda _: {**self.counters, **self.advertiser.counters})
+        self.control.register("paths", lambda _: self.mavpn.show() if self.mavpn else [])
+        self.control.register("smooth-handoff", self.set_smooth_handoff)
+        await self.control.start()
+        log.info("fa.ready", coa=self.config.care_of_address, access=self.config.access_address,
+                 visitors=len(self.visitors))
+        await asyncio.gather(self.advertiser.run(), self.expire_loop())
+
+    def restore(self) -> None:
+        now = time.time()
+        state = self.state.load()
+        for hoa, data in state.get("visitors", {}).items():
+            visitor = Visitor(**data)
+            if visitor.expires > now:
+                self.visitors[hoa] = visitor
+        self.forwards = dict(state.get("forwards", {}))  # the expiry sweep removes the overdue
+        if self.visitors:
+            log.info("fa.restored", visitors=len(self.visitors))
+
+    def persist(self) -> None:
+        self.state.save({"visitors": {k: asdict(v) for k, v in self.visitors.items()}, "forwards": self.forwards})
+
+    async def expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            now = time.time()
+            for hoa, visitor in list(self.visitors.items()):
+                if visitor.expires <= now:
+                    await self.remove_visitor(hoa, "lifetime expired")
+            for nai, expires in list(self.forwards.items()):
+                if expires <= now:
+                    await self.end_forwarding(nai, "lifetime expired")
+
+    async def end_forwarding(self, nai: str, reason: str) -> None:
+        """The F6 forwarding path of ``nai`` goes; the user's other paths stay."""
+        if self.forwards.pop(nai, None) is None:
+            return
+        self.persist()
+        if self.mavpn is not None:
+            await self.mavpn.apply(nai, [i for i in self.mavpn.infos(nai) if i.path_id != vpninfo.FORWARD_PATH_ID])
+        log.info("forwarding.ended", mn=nai, reason=reason)
+
+    async def remove_visitor(self, hoa: str, reason: str, keep_paths: bool = False) -> None:
+        visitor = self.visitors.pop(hoa, None)
+        if visitor is None:
+            return
+        self.persist()
+        await self.routes.remove(hoa)
+        if self.mavpn is not None and visitor.nai and not keep_paths:
+            await self.mavpn.remove_user(visitor.nai)
+        log.info("visitor.removed", mn=visitor.nai, hoa=hoa, reason=reason)
+        if self.diameter is not None and visitor.session_id and visitor.nai:
+            moved = reason.startswith("moved")
+            background(self.end_session(visitor, TerminationCause.DIAMETER_USER_MOVED if moved
+                                        else TerminationCause.DIAMETER_LOGOUT))
+
+    async def end_session(self, visitor: Visitor, cause: TerminationCause) -> None:
+        """Tell our AAAF the session is over (STR, RFC 6733 §8.4), so that no stale VPN
+        info stays cached for a user who is gone from here."""
+        assert self.diameter is not None and visitor.nai
+        str_ = Message.request("STR", application_id=MIP_APPLICATION, avps=[
+            ("Session-Id", visitor.session_id), ("Destination-Realm", visitor.nai.split("@", 1)[-1]),
+            ("Auth-Application-Id", MIP_APPLICATION), ("User-Name", visitor.nai),
+            ("Termination-Cause", cause)])
+        try:
+            sta = await self.diameter.request(str_, timeout=3.0)
+            log.info("session.ended", mn=visitor.nai, sid=visitor.session_id, result=sta.result_code)
+        except DiameterUnavailable as exc:
+            log.warning("session.end_failed", mn=visitor.nai, sid=visitor.session_id, reason=exc)
+
+    # ---- registration --------------------------------------------------------------------
+    def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.counters["received"] += 1
+        try:
+            msg = mip.decode_message(data)
+        except mip.UnknownExtensionError as exc:
+            self.counters["malformed"] += 1
+            log.warning("message.unknown_extension", src=addr[0], reason=exc)
+            if isinstance(exc.partial, mip.RegistrationRequest):
+                background(self.refuse(exc.partial, addr[1], Code.FA_POORLY_FORMED_REQUEST, None))
+            return
+        except mip.DecodeError as exc:
+            self.counters["malformed"] += 1
+            log.warning("message.malformed", src=addr[0], reason=exc)
+            return
+        if isinstance(msg, mip.RegistrationRequest):
+            background(self.on_request(msg, data, addr))
+        elif isinstance(msg, mip.RegistrationReply):
+            background(self.on_reply(msg, data, addr))
+        elif isinstance(msg, mip.BindingUpdate):
+            background(self.on_binding_update(msg, data, addr))
+        elif isinstance(msg, mip.BindingAcknowledge):
+            self.on_binding_ack(msg, data, addr)
+        else:
+            self.counters["malformed"] += 1
+            log.warning("message.unexpected", src=addr[0], type=type(msg).__name__)
+
+    async def on_request(self, rrq: mip.RegistrationRequest, raw: bytes, addr: tuple[str, int]) -> None:
+        nai_ext = rrq.find(mip.NAIExtension)
+        nai = nai_ext.nai if nai_ext else None
+        log.info("rrq.received", mn=nai or rrq.home_address, id=hex(rrq.identification), ha=rrq.home_agent,
+                 lifetime=rrq.lifetime)
+        code = self.check_request(rrq)
+        if code != Code.ACCEPTED:
+            await self.refuse(rrq, addr[1], code, nai)
+            return
+        # The reply must reach the MN on the access link whatever the outcome: its home
+        # address is on no prefix of ours, so without this route it would go to the core.
+        hoa = str(rrq.home_address)
+        await self.routes.add(hoa)
+        key = (hoa, rrq.identification & 0xFFFFFFFF)
+        pending = Pending(rrq, raw, nai, addr[1], time.monotonic())
+        pending.timer = asyncio.get_running_loop().call_later(
+            self.config.registration_timeout, lambda: background(self.timeout(key)))
+        old = self.pending.pop(key, None)
+        if old and old.timer:
+            old.timer.cancel()
+        self.pending[key] = pending
+        await self.forward_request(rrq, raw)
+
+    def check_request(self, rrq: mip.RegistrationRequest) -> Code:
+        """The FA's checks (RFC 5944 §3.7.2.1, RFC 3012 §3.2)."""
+        if rrq.lifetime > self.config.max_lifetime:
+            return Code.FA_LIFETIME_TOO_LONG
+        if rrq.care_of_address != self.config.care_of_address:
+            return Code.FA_INVALID_CARE_OF_ADDRESS
+        if rrq.find(mip.MNHAAuthExtension) is None:
+            return Code.FA_POORLY_FORMED_REQUEST
+        if self.config.challenge:
+            ext = rrq.find(mip.MNFAChallengeExtension)
+            if ext is None:
+                return Code.FA_MISSING_CHALLENGE
+            if ext.challenge in self.used_challenges:
+                return Code.FA_STALE_CHALLENGE  # a replayed request
+            if ext.challenge not in self.advertiser.challenges:
+                return Code.FA_UNKNOWN_CHALLENGE
+            if rrq.find(mip.GeneralizedAuthExtension) is None and rrq.find(mip.MNFAAuthExtension) is None:
+                return Code.FA_MN_FAILED_AUTHENTICATION  # §3.2: the challenge must be answered
+        return Code.ACCEPTED
+
+    async def forward_request(self, rrq: mip.RegistrationRequest, raw: bytes) -> None:
+        """With AAA: ask the local AAA server (AMR), which reaches the HA through the home
+        AAA server. Without: relay to the HA directly, keeping everything through the MN-HA
+        authenticator untouched, dropping what was only for us (the challenge answer), adding
+        FA-HA authentication."""
+        if self.diameter is not None:
+            await self.ask_aaa(rrq, raw)
+            return
+        self.relay_to_ha(rrq, raw)
+
+    def relay_to_ha(self, rrq: mip.RegistrationRequest, raw: bytes) -> None:
+        relayed = mip.strip_after(raw, mip.EXT_MN_HA_AUTH)
+        ha = self.ha_keys.get(str(rrq.home_agent))
+        if ha is not None:
+            relayed = mip.append_authenticator(relayed, mip.EXT_FA_HA_AUTH, ha.spi, ha.key)
+        assert self.udp is not None
+        self.udp.send(relayed, (str(rrq.home_agent), mip.MIP_UDP_PORT))
+        self.counters["relayed"] += 1
+        log.info("rrq.relayed", mn=rrq.find(mip.NAIExtension).nai if rrq.find(mip.NAIExtension) else None,
+                 id=hex(rrq.identification), ha=rrq.home_agent)
+
+    # ---- AAA (RFC 4004 AMR/AMA through the local AAA server) ------------------------------
+    async def start_diameter(self, aaa: DiameterPeer) -> None:
+        """We dial our AAAF (FA → AAAF → AAAH → HA) and send every realm its way."""
+        self.diameter = DiameterNode(self.config.diameter_host, self.config.diameter_realm,
+                                     host_ip_addresses=(str(self.config.care_of_address),))
+        self.diameter.add_peer(aaa.host, aaa.realm, str(aaa.address), aaa.port)
+        self.diameter.add_default_route(aaa.host)
+        await self.diameter.start()
+        await wait_for_peers(self.diameter, [aaa.host])
+
+    async def ask_aaa(self, rrq: mip.RegistrationRequest, raw: bytes) -> None:
+        assert self.diameter is not None
+        key = (str(rrq.home_address), rrq.identification & 0xFFFFFFFF)
+        pending = self.pending.get(key)
+        if pending is None:
+            return
+        nai = pending.nai
+        if nai is None or "@" not in nai:
+            self._fail(key, Code.FA_MISSING_NAI, "no NAI: the AAA cannot route the request")
+            return
+        challenge = rrq.find(mip.MNFAChallengeExtension)
+        auth = rrq.find(mip.GeneralizedAuthExtension)
+        location = mip.authenticator_location(raw, mip.EXT_GEN_AUTH)
+        avps: list[Any] = [
+            ("Auth-Application-Id", MIP_APPLICATION), ("Destination-Realm", nai.split("@", 1)[1]),
+            ("User-Name", nai), ("MIP-Reg-Request", raw),
+            ("MIP-Mobile-Node-Address", rrq.home_address), ("MIP-Home-Agent-Address", rrq.home_agent),
+            ("MIP-Feature-Vector", 0)]
+        if challenge is not None:
+            avps.append(("MIP-FA-Challenge", challenge.challenge))
+        if auth is not None and location is not None:
+            covered, offset, length = location
+            avps.append(("MIP-MN-AAA-Auth", [Avp.new("MIP-MN-AAA-SPI", auth.spi),
+                                             Avp.new("MIP-Auth-Input-Data-Length", covered),
+                                             Avp.new("MIP-Authenticator-Length", length),
+                                             Avp.new("MIP-Authenticator-Offset", offset)]))
+        amr = Message.request("AMR", avps=[("Session-Id", self.diameter.session_id(nai)), *avps])
+        pending.session_id = amr.session_id
+        log.info("amr.sent", mn=nai, sid=amr.session_id, id=hex(rrq.identification))
+        self.counters["relayed"] += 1
+        try:
+            ama = await self.diameter.request(amr, timeout=max(0.5, self.config.registration_timeout - 0.5))
+        except DiameterUnavailable as exc:
+            self._fail(key, Code.FA_REASON_UNSPECIFIED if not isinstance(exc, DiameterTimeout)
+                       else Code.FA_REGISTRATION_TIMEOUT, f"AAA unavailable: {exc}")
+            return
+        await self.on_ama(key, ama)
+
+    async def on_ama(self, key: tuple[str, int], ama: Message) -> None:
+        pending = self.pending.get(key)
+        if pending is None:
+            return  # timed out meanwhile: the MN was answered already
+        result = ama.result_code
+        rrp_raw = ama.get("MIP-Reg-Reply")
+        log.info("ama.received", mn=pending.nai, sid=ama.session_id, result=result,
+                 paths=len(ama.find_all("VPN-Info")))
+        if rrp_raw is None and result == ResultCode.DIAMETER_SUCCESS and ama.find("VPN-Info") is not None:
+            # Claim 17 (F2): our local AAA server answered an intra-domain move itself with
+            # the rewritten VPN info; the RRQ goes straight to the HA, our paths follow its yes.
+            try:
+                pending.vpn = vpninfo.from_message(ama, pending.nai or "")
+            except vpninfo.VpnInfoError as exc:
+                self._fail(key, Code.FA_POORLY_FORMED_REPLY, f"unusable AMA: {exc}")
+                return
+            log.info("rrq.direct_to_ha", mn=pending.nai, reason="answered by the local AAA (intra-domain move)")
+            self.start_handoff(pending)  # F6 runs while the HA is asked
+            self.relay_to_ha(pending.rrq, pending.raw)
+            return
+        if rrp_raw is None:
+            code = AAA_DENIALS.get(int(result or 0), Code.FA_REASON_UNSPECIFIED)
+            self._fail(key, code, f"AAA answered {result} without a registration reply")
+            return
+        try:
+            rrp = mip.decode_message(rrp_raw)
+            infos = vpninfo.from_message(ama, pending.nai or "") if result == 2001 else []
+        except (mip.DecodeError, vpninfo.VpnInfoError) as exc:
+            self._fail(key, Code.FA_POORLY_FORMED_REPLY, f"unusable AMA: {exc}")
+            return
+        if not isinstance(rrp, mip.RegistrationReply):
+            self._fail(key, Code.FA_POORLY_FORMED_REPLY, "MIP-Reg-Reply is not a registration reply")
+            return
+        self.pending.pop(key, None)
+        if pending.timer:
+            pending.timer.cancel()
+        pending.vpn = infos
+        await self.complete(pending, rrp, rrp_raw)
+
+    def _fail(self, key: tuple[str, int], code: Code, reason: str) -> None:
+        pending = self.pending.pop(key, None)
+        if pending is None:
+            return
+        if pending.timer:
+            pending.timer.cancel()
+        log.warning("registration.failed", mn=pending.nai, reason=reason)
+        self.deny(pending.rrq, pending.mn_port, code, pending.nai)
+        if key[0] not in self.visitors:
+            background(self.routes.remove(key[0]))
+
+    async def timeout(self, key: tuple[str, int]) -> None:
+        pending = self.pending.pop(key, None)
+        if pending is None:
+            return
+        log.warning("rrq.timeout", mn=pending.nai, id=hex(pending.rrq.identification))
+        self.deny(pending.rrq, pending.mn_port, Code.FA_REGISTRATION_TIMEOUT, pending.nai)
+        if key[0] not in self.visitors:
+            await self.routes.remove(key[0])
+
+    async def refuse(self, rrq: mip.RegistrationRequest, port: int, code: Code, nai: str | None) -> None:
+        """Our own denial of a request we did not relay: route it to the MN on the access
+        link for the moment it takes (unless the MN is a visitor or has a request pending)."""
+        hoa = str(rrq.home_address)
+        await self.routes.add(hoa)
+        self.deny(rrq, port, code, nai)
+        if hoa not in self.visitors and not any(k[0] == hoa for k in self.pending):
+            await self.routes.remove(hoa)
+
+    def deny(self, rrq: mip.RegistrationRequest, port: int, code: Code, nai: str | None) -> None:
+        """An FA-generated denial (64-127) straight back to the MN."""
+        rrp = mip.RegistrationReply(code=code, home_address=rrq.home_address, home_agent=rrq.home_agent,
+                                    identification=rrq.identification)
+        if nai:
+            rrp.extensions.append(mip.NAIExtension(nai))
+        assert self.udp is not None
+        self.udp.send(rrp.encode(), (str(rrq.home_address), port))
+        self.counters["denied"] += 1
+        log.warning("rrp.denied", mn=nai or rrq.home_address, id=hex(rrq.identification),
+                    code=f"{int(code)}({code.name})")
+
+    async def on_reply(self, rrp: mip.RegistrationReply, raw: bytes, addr: tuple[str, int]) -> None:
+        key = (str(rrp.home_address), rrp.identification & 0xFFFFFFFF)
+        pending = self.pending.pop(key, None)
+        if pending is None:
+            self.counters["malformed"] += 1
+            log.warning("rrp.unmatched", src=addr[0], hoa=rrp.home_address, id=hex(rrp.identification))
+            return
+        if pending.timer:
+            pending.timer.cancel()
+        # The security association is the one with the HA we relayed to, whatever address
+        # the reply claims to come from.
+        home_agent = str(pending.rrq.home_agent)
+        ha = self.ha_keys.get(home_agent)
+        if addr[0] != home_agent or (ha is not None and not mip.verify(raw, mip.EXT_FA_HA_AUTH, ha.key, spi=ha.spi)):
+            log.warning("rrp.ha_auth_failed", mn=pending.nai, ha=home_agent, src=addr[0])
+            self.pending[key] = pending
+            self._fail(key, Code.FA_HA_FAILED_AUTHENTICATION, "reply not authenticated by the home agent")
+            return
+        await self.complete(pending, rrp, raw)
+
+    async def complete(self, pending: Pending, rrp: mip.RegistrationReply, raw: bytes) -> None:
+        """The HA has answered: update the visitor list and pass the reply to the MN."""
+        hoa = str(rrp.home_address)
+        forward: vpninfo.VpnInfo | None = None
+        if pending.vpn is not None and rrp.accepted and rrp.lifetime > 0 and self.mavpn is not None and pending.nai:
+            self.start_handoff(pending)
+            if pending.handoff is not None:
+                forward = await pending.handoff
+            # Our paths are up before the MN hears. The forwarding path (if any) came up
+            # first: user-space ESP picks the newest of two outbound policies with equal
+            # selectors, and the MN's uplink must take the path to the HA, not the one to
+            # the old FA.
+            await self.mavpn.apply(pending.nai, [*([forward] if forward else []), *pending.vpn])
+        elif pending.handoff is not None:
+            pending.handoff.cancel()
+        challenge = pending.rrq.find(mip.MNFAChallengeExtension)
+        if rrp.accepted and challenge is not None:
+            # Spent only once it bought a registration: a retransmission after a lost reply
+            # may still use it, a replay of the accepted request may not.
+            self.used_challenges.append(challenge.challenge)
+        if rrp.accepted and rrp.lifetime > 0:
+            self.visitors[hoa] = Visitor(pending.nai, hoa, str(pending.rrq.home_agent), pending.mn_port,
+                                         rrp.lifetime, time.time() + rrp.lifetime, rrp.identification,
+                                         pending.session_id)
+            self.persist()
+            self.counters["accepted"] += 1
+            log.info("visitor.added", mn=pending.nai, hoa=hoa, lifetime=rrp.lifetime, id=hex(rrp.identification))
+            if forward is None and pending.nai:
+                await self.end_forwarding(pending.nai, "registered here")  # back at an FA it had left
+            previous = self.previous_agent(pending)
+            if previous is not None and pending.handoff is None:  # no VPN paths: only tell it
+                background(self.notify_previous_agent(previous, pending))
+        elif rrp.accepted:
+            await self.remove_visitor(hoa, "deregistered")
+        else:
+            self.counters["denied"] += 1
+            if hoa not in self.visitors:
+                await self.routes.remove(hoa)
+        to_mn = mip.strip_after(raw, mip.EXT_MN_HA_AUTH) if rrp.find(mip.MNHAAuthExtension) else raw
+        assert self.udp is not None
+        self.udp.send(to_mn, (hoa, pending.mn_port))
+        log.info("rrp.relayed", mn=pending.nai, id=hex(rrp.identification), code=int(rrp.code),
+                 ms=round((time.monotonic() - pending.started) * 1000, 1))
+
+    # ---- the previous FA (smooth handoff, F6) --------------------------------------------
+    def previous_agent(self, pending: Pending) -> str | None:
+        """The FA the MN names as its previous one, if that is another FA we share a key with."""
+        previous = mip.previous_fa(pending.rrq.extensions)
+        if previous is None or previous == self.config.care_of_address:
+            return None
+        if str(previous) not in self.fa_keys:
+            log.warning("bu.no_security_association", mn=pending.nai, previous_fa=previous)
+            return None
+        return str(previous)
+
+    def start_handoff(self, pending: Pending) -> None:
+        """F6 (claims 22, 23), once we hold the MN's VPN info and it names a previous FA."""
+        previous = self.previous_agent(pending)
+        ha_path = next((i for i in pending.vpn or [] if i.path.remote.type is EndpointType.HA), None)
+        if (not self.handoff_enabled or pending.handoff is not None or previous is None or ha_path is None
+                or self.mavpn is None):
+            return
+        backend = getattr(self.mavpn.backend, "name", "")
+        if backend != "strongswan":
+            # With kernel ESP the forwarding path's inbound/forward policies (any -> home
+            # address) would shadow the path to the HA's, whose template the kernel checks;
+            # that needs per-path priorities and is not done: the old FA only gets told.
+            log.info("forwarding.skipped", mn=pending.nai, backend=backend)
+            return
+        pending.handoff = asyncio.create_task(self.smooth_handoff(previous, pending, ha_path))
+
+    async def smooth_handoff(self, previous: str, pending: Pending, ha_path: vpninfo.VpnInfo) -> vpninfo.VpnInfo | None:
+        """Give the previous FA a copy of our VPN info, rewritten to run old FA -> us, in a
+        Binding Update; it swaps its path to the HA for that one and acknowledges. Returns
+        our end of the forwarding path once both ends hold it, None if the old FA did not
+        take it (the registration goes on without)."""
+        assert self.mavpn is not None and pending.nai
+        lifetime = self.config.forwarding_lifetime
+        copy = vpninfo.forward_copy(ha_path, IPv4Address(previous), lifetime, self.fa_keys[previous].key)
+        ours = copy.mirrored()
+        # Both ends install at once; whichever comes second brings the CHILD_SA up. A short
+        # wait: the MN's registration reply waits for this.
+        install = self.mavpn.apply(pending.nai, [ours, *[i for i in self.mavpn.infos(pending.nai)
+                                                         if i.path_id != vpninfo.FORWARD_PATH_ID]])
+        _, ack = await asyncio.gather(install, self.notify_previous_agent(previous, pending, copy, first_wait=0.2,
+                                                                          attempts=2))
+        if ack is None or ack.status != mip.BindingStatus.ACCEPTED:
+            await self.mavpn.apply(pending.nai, [i for i in self.mavpn.infos(pending.nai)
+                                                 if i.path_id != vpninfo.FORWARD_PATH_ID])
+            log.warning("forwarding.failed", mn=pending.nai, previous_fa=previous,
+                        status=int(ack.status) if ack else None)
+            return None
+        self.forwards[pending.nai] = time.time() + lifetime
+        self.persist()
+        log.info("forwarding.up", mn=pending.nai, previous_fa=previous, lifetime=lifetime)
+        return ours
+
+    async def notify_previous_agent(self, previous: str, pending: Pending, forward: vpninfo.VpnInfo | None = None,
+                                    first_wait: float = 0.5, attempts: int = 3) -> mip.BindingAcknowledge | None:
+        """Tell the FA the MN left that it is now here: a Binding Update (authenticated with
+        our FA-FA key, acknowledgement requested, with the VPN info copy for F6),
+        retransmitted until acknowledged."""
+        peer = self.fa_keys[previous]
+        assert self.udp is not None
+        hoa = str(pending.rrq.home_address)
+        extensions: list[mip.Extension] = [mip.NAIExtension(pending.nai)] if pending.nai else []
+        if forward is not None:  # no key material: the old FA derives it from our FA-FA key
+            extensions.append(mip.vendor_extension(mip.VENDOR_TYPE_VPN_INFO,
+                                                   vpninfo.encode_for_mip([forward], with_secrets=False),
+                                                   critical=True))
+        for attempt in range(attempts):
+            ident = mip.ntp_identification(time.time())
+            bu = mip.BindingUpdate(home_address=hoa, care_of_address=self.config.care_of_address,
+                                   identification=ident, lifetime=self.config.forwarding_lifetime,
+                                   flags=mip.BUFlag.A, extensions=list(extensions))
+            bu = mip.sign(bu, mip.EXT_BINDING_AUTH, peer.spi, peer.key)
+            waiter = asyncio.get_running_loop().create_future()
+            self.binding_acks[ident] = waiter
+            self.udp.send(bu.encode(), (previous, mip.MIP_UDP_PORT))
+            log.info("bu.sent", mn=pending.nai, to=previous, id=hex(ident), attempt=attempt + 1,
+                     vpn_info=forward is not None)
+            try:
+                ack = await asyncio.wait_for(waiter, first_wait * 2**attempt)
+            except TimeoutError:
+                continue
+            finally:
+                self.binding_acks.pop(ident, None)
+            log.info("ba.received", mn=pending.nai, src=previous, status=int(ack.status))
+            return ack
+        log.warning("bu.unacknowledged", mn=pending.nai, to=previous)
+        return None
+
+    async def on_binding_update(self, bu: mip.BindingUpdate, raw: bytes, addr: tuple[str, int]) -> None:
+        """The MN moved on to the FA that sends this: forget it here (and, with VPN paths,
+        forward to the new FA for a short while: F6)."""
+        peer = self.fa_keys.get(addr[0])
+        nai_ext = bu.find(mip.NAIExtension)
+        nai = nai_ext.nai if nai_ext else None
+        if peer is None or not mip.verify(raw, mip.EXT_BINDING_AUTH, peer.key, spi=peer.spi):
+            log.warning("bu.auth_failed", src=addr[0], mn=nai)
+            status = mip.BindingStatus.AUTHENTICATION_FAILED
+        else:
+            log.info("bu.received", src=addr[0], mn=nai, hoa=bu.home_address, new_coa=bu.care_of_address)
+            # A registration of that MN still in flight here (a late retransmission) is void:
+            # the MN is gone; its answer must not bring the visitor back.
+            for key in [k for k in self.pending if k[0] == str(bu.home_address)]:
+                stale = self.pending.pop(key)
+                if stale.timer:
+                    stale.timer.cancel()
+                log.info("rrq.abandoned", mn=stale.nai, id=hex(stale.rrq.identification), reason="MN moved on")
+            status = await self.forward_for(bu, nai, peer.key, addr[0])
+            await self.remove_visitor(str(bu.home_address), f"moved to {bu.care_of_address}",
+                                      keep_paths=status is mip.BindingStatus.ACCEPTED and nai in self.forwards)
+        ack = mip.BindingAcknowledge(status=status, home_address=bu.home_address,
+                                     identification=bu.identification or 0, lifetime=bu.lifetime)
+        if peer is not None:
+            ack = mip.sign(ack, mip.EXT_BINDING_AUTH, peer.spi, peer.key)
+        assert self.udp is not None
+        self.udp.send(ack.encode(), addr)
+
+    async def forward_for(self, bu: mip.BindingUpdate, nai: str | None, fa_fa_key: Secret,
+                          new_fa: str) -> mip.BindingStatus:
+        """The old FA's part of F6 (claims 22, 23): cache the VPN info copy, replace our path
+        to the HA by the one to the new FA (one apply: the old one goes, the new one comes),
+        and let it expire after the Binding Update's lifetime. A BU without VPN info only
+        moves the MN away."""
+        data = mip.find_vendor_data(bu.extensions, mip.VENDOR_TYPE_VPN_INFO)
+        if data is None or self.mavpn is None:
+            return mip.BindingStatus.ACCEPTED
+        try:
+            infos = vpninfo.decode_from_mip(data, nai or "", vpninfo.forward_security(fa_fa_key))
+        except vpninfo.VpnInfoError as exc:
+            log.warning("bu.vpn_info_unusable", src=new_fa, mn=nai, reason=exc)
+            return mip.BindingStatus.VPN_INFO_UNSUPPORTED
+        home = IPv4Network(f"{bu.home_address}/32")
+        if (nai is None or len(infos) != 1 or infos[0].path.local.address != self.config.care_of_address
+                or str(infos[0].path.remote.address) != new_fa or infos[0].path.remote_ts != (home,)):
+            log.warning("bu.vpn_info_unusable", src=new_fa, mn=nai,
+                        reason="not a forwarding path from us to the sender for the MN's home address")
+            return mip.BindingStatus.VPN_INFO_UNSUPPORTED
+        try:
+            await self.mavpn.apply(nai, infos)
+        except PathError as exc:
+            log.warning("forwarding.failed", mn=nai, new_fa=new_fa, reason=exc)
+            return mip.BindingStatus.PATH_SETUP_FAILED
+        self.forwards[nai] = time.time() + min(bu.lifetime, self.config.forwarding_lifetime)
+        self.persist()
+        log.info("forwarding.up", mn=nai, new_fa=new_fa, lifetime=bu.lifetime)
+        return mip.BindingStatus.ACCEPTED
+
+    def on_binding_ack(self, ack: mip.BindingAcknowledge, raw: bytes, addr: tuple[str, int]) -> None:
+        peer = self.fa_keys.get(addr[0])
+        waiter = self.binding_acks.get(ack.identification)
+        if peer is None or waiter is None or not mip.verify(raw, mip.EXT_BINDING_AUTH, peer.key, spi=peer.spi):
+            self.counters["malformed"] += 1
+            log.warning("ba.rejected", src=addr[0], id=hex(ack.identification))
+            return
+        if not waiter.done():
+            waiter.set_result(ack)
+
+    def set_smooth_handoff(self, request: dict[str, Any]) -> dict[str, bool]:
+        """Control command: {"enabled": true|false} switches F6 for the next moves; without it, reads."""
+        if "enabled" in request:
+            self.handoff_enabled = bool(request["enabled"])
+            log.info("smooth_handoff.set", enabled=self.handoff_enabled)
+        return {"enabled": self.handoff_enabled}
+
+    # ---- show --------------------------------------------------------------------------
+    def show_visitors(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [{"mn": v.nai, "home_address": v.home_address, "home_agent": v.home_agent,
+                 "lifetime": v.lifetime, "remaining": max(0, int(v.expires - now))}
+                for v in self.visitors.values()]

@@ -1,0 +1,453 @@
+"""The home agent (RFC 5944 §3.8): binding cache, MN-HA authentication, replay protection.
+
+Registrations arrive on UDP 434 (relayed by a foreign agent, or straight from a mobile node
+at home) and, with AAA, inside a Diameter HAR: both go through ``process_request``, which
+takes the raw RRQ bytes and returns the raw RRP bytes. The binding cache is persisted on
+every change and reloaded at start, so a restarted HA carries on with its bindings.
+
+Route optimisation (claims 19-21, 25; flows F4, F5, F8): the HAR may carry FA⇄CN-GW paths in
+a dynamic CN-GW's view (Local = the CN-GW). The HA does not install those; it keeps them with
+the binding and sends each CN-GW a Binding Update carrying them (VPN-info CVSE, vendor
+32473), authenticated with the HA-CN-GW binding key from its configuration, and waits for the
+Binding Acknowledge before it answers the registration (HAA / RRP). A move without VPN info
+(F2) rewrites their FA end and updates the CN-GW the same way; a deregistration or an expired
+binding sends lifetime 0. A CN-GW's Binding Request is answered with a Binding Update while
+the binding exists (with what is left of its lifetime), and not at all otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from ipaddress import IPv4Address
+from typing import Any
+
+from daemons.agents.advertiser import Advertiser
+from daemons.agents.routing import HomeLink
+from daemons.diameter.node import DiameterError, DiameterNode
+from daemons.runtime.config import HAConfig, MobileNodeEntry, PeerAgent
+from daemons.runtime.control import ControlServer
+from daemons.runtime.log import EventLog
+from daemons.runtime.net import UdpEndpoint
+from daemons.runtime.tasks import background
+from daemons.store.state import StateFile
+from daemons.vpn import vpninfo
+from daemons.vpn.mavpn import MavpnControl
+from daemons.vpn.path import EndpointType
+from daemons.vpn.vpninfo import VpnInfo
+from daemons.wire import mip
+from daemons.wire.diameter import DecodeError, Message, ResultCode
+from daemons.wire.diameter.avp import decode_avps
+
+log = EventLog("mipvpn.ha")
+MIP_APPLICATION = 2  # RFC 4004
+HAR_COMMAND = 262
+Code = mip.ReplyCode
+
+
+@dataclass
+class Binding:
+    nai: str
+    home_address: str
+    care_of_address: str
+    lifetime: int  # granted, seconds
+    expires: float  # wall-clock time (survives a restart)
+    identification: int
+    relayed_by: str | None  # the FA that relayed the request, if any
+
+    def remaining(self, now: float) -> int:
+        return max(0, int(self.expires - now))
+
+
+def split_paths(infos: Iterable[VpnInfo]) -> tuple[list[VpnInfo], list[VpnInfo]]:
+    """(the paths the HA installs, the FA⇄dynamic CN-GW paths it passes on in Binding Updates)."""
+    own: list[VpnInfo] = []
+    remote: list[VpnInfo] = []
+    for info in infos:
+        (remote if info.path.local.type is EndpointType.CNGW_DYNAMIC else own).append(info)
+    return own, remote
+
+
+def by_gateway(infos: Iterable[VpnInfo]) -> dict[str, list[VpnInfo]]:
+    """CN-GW paths grouped by the gateway (their local end)."""
+    out: dict[str, list[VpnInfo]] = {}
+    for info in infos:
+        out.setdefault(str(info.path.local.address), []).append(info)
+    return out
+
+
+def moved_to(infos: Iterable[VpnInfo], coa: IPv4Address) -> list[VpnInfo]:
+    """Paths with their FA end moved to ``coa`` (F2/F5: a move the AAAF answered): ours, and
+    the CN-GWs' copies."""
+    return [i.with_endpoints(remote=coa) if i.path.remote.type is EndpointType.FA and i.path.remote.address != coa
+            else i for i in infos]
+
+
+class HomeAgent:
+    def __init__(self, config: HAConfig) -> None:
+        self.config = config
+        self.by_hoa: dict[str, MobileNodeEntry] = {str(m.home_address): m for m in config.mobile_nodes}
+        self.by_nai: dict[str, MobileNodeEntry] = {m.nai: m for m in config.mobile_nodes}
+        self.fa_keys = {str(fa.address): fa for fa in config.foreign_agents}
+        self.cngw_keys: dict[str, PeerAgent] = {str(gw.address): gw for gw in config.correspondent_gateways}
+        # Route optimisation: per home address, the FA⇄CN-GW paths in the CN-GWs' view (they
+        # hold keys: a file of their own in the private state directory, like the MAVPN cache).
+        self.cn_paths: dict[str, list[VpnInfo]] = {}
+        self.cn_state = StateFile(config.state_dir / "cngw-paths.json")
+        self.binding_acks: dict[tuple[str, int], asyncio.Future[mip.BindingAcknowledge]] = {}
+        self.bindings: dict[str, Binding] = {}
+        self.last_ident: dict[str, int] = {}  # per home address: replay protection
+        self.counters: dict[str, int] = {"received": 0, "malformed": 0, "accepted": 0, "denied": 0, "bu_sent": 0,
+                                         "ba_received": 0, "br_received": 0}
+        self.state = StateFile(config.state_dir / "bindings.json")
+        self.home_link = HomeLink(config.home_interface)
+        self.udp: UdpEndpoint | None = None
+        self.control = ControlServer(config.control_socket)
+        self.mavpn: MavpnControl | None = None
+        self.diameter: DiameterNode | None = None
+        # On the home link the HA advertises itself (H flag), so a returning MN knows it
+        # is home. No challenge: registrations there go straight to us.
+        self.advertiser = Advertiser(config.home_interface, config.address, mip.AdvFlag.H,
+                                     (config.address,), config.max_lifetime, 1.0, challenge=False)
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    async def run(self) -> None:
+        self.restore()
+        await self.home_link.reconcile(list(self.bindings))
+        self.mavpn = await MavpnControl.start(self.config)
+        if self.config.diameter_host:
+            await self.start_diameter()
+        # Bound to the home agent address: replies then come from the address the FA and
+        # the MN know us by (and authenticate us by), whatever interface they leave from.
+        self.udp = await UdpEndpoint.open(self.on_datagram, str(self.config.address), mip.MIP_UDP_PORT)
+        self.control.register("bindings", lambda _: self.show_bindings())
+        self.control.register("counters", lambda _: dict(self.counters))
+        self.control.register("paths", lambda _: self.mavpn.show() if self.mavpn else [])
+        await self.control.start()
+        log.info("ha.ready", address=self.config.address, bindings=len(self.bindings))
+        await asyncio.gather(self.advertiser.run(), self.expire_loop())
+
+    async def expire_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            await self.expire(time.time())
+
+    def restore(self) -> None:
+        saved = self.state.load()
+        now = time.time()
+        for hoa, data in saved.get("bindings", {}).items():
+            binding = Binding(**data)
+            if binding.expires > now:
+                self.bindings[hoa] = binding
+        self.last_ident = {k: int(v) for k, v in saved.get("last_ident", {}).items()}
+        for hoa, hexes in self.cn_state.load().get("paths", {}).items():
+            if hoa not in self.bindings:
+                continue
+            nai = self.bindings[hoa].nai
+            try:
+                self.cn_paths[hoa] = [VpnInfo.from_avp(a, nai) for h in hexes for a in decode_avps(bytes.fromhex(h))]
+            except (ValueError, TypeError, DecodeError) as exc:  # as mavpn.restore: drop it, keep starting
+                log.warning("cngw_paths.restore_failed", mn=nai, reason=exc)
+        if self.bindings:
+            log.info("ha.restored", bindings=len(self.bindings), cngw_paths=len(self.cn_paths))
+
+    def persist(self) -> None:
+        self.state.save({"bindings": {k: asdict(b) for k, b in self.bindings.items()},
+                         "last_ident": self.last_ident})
+
+    def persist_cn_paths(self) -> None:
+        self.cn_state.save({"paths": {hoa: [i.to_avp().encode().hex() for i in infos]
+                                      for hoa, infos in self.cn_paths.items()}})
+
+    async def expire(self, now: float) -> None:
+        expired = [b for b in self.bindings.values() if b.expires <= now]
+        for binding in expired:
+            del self.bindings[binding.home_address]
+        if expired:
+            self.persist()
+        for binding in expired:
+            await self.home_link.release(binding.home_address)
+            if self.mavpn is not None:
+                await self.mavpn.remove_user(binding.nai)
+            log.info("binding.expired", mn=binding.nai, hoa=binding.home_address, coa=binding.care_of_address)
+            if binding.home_address in self.cn_paths:  # the CN-GWs lose theirs too (lifetime 0)
+                background(self.update_correspondents(binding.nai, IPv4Address(binding.home_address),
+                                                      IPv4Address(binding.care_of_address), 0, []))
+
+    # ---- Diameter: registrations from the home AAA server (RFC 4004 HAR/HAA) ---------------
+    async def start_diameter(self) -> None:
+        """The AAAH dials us (FA → AAAF → AAAH → HA): we only listen."""
+        self.diameter = DiameterNode(self.config.diameter_host, self.config.diameter_realm,
+                                     host_ip_addresses=(str(self.config.address),),
+                                     listen_address=str(self.config.address))
+        self.diameter.register_handler(MIP_APPLICATION, HAR_COMMAND, self.on_har,
+                                       required=("User-Name", "MIP-Reg-Request"))
+        await self.diameter.start()
+
+    async def on_har(self, har: Message, peer: object) -> Message:
+        """Claim 16: take the RRQ and the VPN info from the HAR, install our paths, answer
+        HAA with the registration reply (the paths are up before the reply leaves)."""
+        nai = har.get("User-Name")
+        try:
+            infos = vpninfo.from_message(har, nai)
+        except vpninfo.VpnInfoError as exc:
+            raise DiameterError(ResultCode.DIAMETER_INVALID_AVP_VALUE, str(exc)) from None
+        log.info("har.received", mn=nai, sid=har.session_id, paths=len(infos))
+        rrp = await self.process_request(har.get("MIP-Reg-Request"), f"aaa:{har.get('Origin-Host')}", infos)
+        if rrp is None:
+            raise DiameterError(ResultCode.DIAMETER_INVALID_AVP_VALUE, "MIP-Reg-Request is not a valid RRQ",
+                                failed_avp=["MIP-Reg-Request"])
+        reply = mip.decode_message(rrp)
+        code = ResultCode.DIAMETER_SUCCESS if reply.accepted else ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE
+        return har.answer(code, avps=[("MIP-Reg-Reply", rrp), ("User-Name", nai)])
+
+    # ---- registration ------------------------------------------------------------------
+    def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+        background(self._serve(data, addr))
+
+    async def _serve(self, data: bytes, addr: tuple[str, int]) -> None:
+        try:
+            msg = mip.decode_message(data)
+        except mip.DecodeError:
+            msg = None  # process_request says why
+        if isinstance(msg, mip.BindingAcknowledge):
+            self.on_binding_ack(msg, data, addr)
+            return
+        if isinstance(msg, mip.BindingRequest):
+            await self.on_binding_request(msg, data, addr)
+            return
+        reply = await self.process_request(data, addr[0])
+        if reply is not None and self.udp:
+            self.udp.send(reply, addr)
+
+    async def process_request(self, raw: bytes, source: str, vpn: list[VpnInfo] | None = None) -> bytes | None:
+        """Handle one raw RRQ; the raw RRP to send back, or None to drop silently. ``vpn``:
+        the paths the AAAH distributed with it, installed when the registration is accepted."""
+        self.counters["received"] += 1
+        try:
+            rrq = mip.decode_message(raw)
+        except mip.UnknownExtensionError as exc:
+            # RFC 5944 §3.8.2.1: an unknown non-skippable extension is a poorly formed
+            # request; we can only answer if the fixed part is readable.
+            return self._poorly_formed(source, exc)
+        except mip.DecodeError as exc:
+            self.counters["malformed"] += 1
+            log.warning("rrq.malformed", src=source, reason=exc)
+            return None
+        if not isinstance(rrq, mip.RegistrationRequest):
+            self.counters["malformed"] += 1
+            log.warning("rrq.unexpected", src=source, type=type(rrq).__name__)
+            return None
+        nai_ext = rrq.find(mip.NAIExtension)
+        nai = nai_ext.nai if nai_ext else None
+        entry = self.by_nai.get(nai) if nai else None
+        entry = entry or self.by_hoa.get(str(rrq.home_address))
+        mn = nai or str(rrq.home_address)
+        log.info("rrq.received", mn=mn, id=hex(rrq.identification), src=source, coa=rrq.care_of_address,
+                 lifetime=rrq.lifetime)
+        now = time.time()
+        code, lifetime = self._check(raw, rrq, entry, source, now)
+        hoa = str(entry.home_address) if entry else str(rrq.home_address)
+        if code == Code.ACCEPTED and entry is not None:
+            self.last_ident[hoa] = rrq.identification
+            await self._apply(rrq, entry, lifetime, source, now)
+            leaving = rrq.is_deregistration or rrq.care_of_address == entry.home_address
+            own, remote = split_paths(vpn) if vpn is not None else (None, None)
+            if self.mavpn is not None:
+                if leaving:
+                    await self.mavpn.remove_user(entry.nai)
+                elif own is not None:
+                    await self.mavpn.apply(entry.nai, own)
+                else:
+                    await self.follow_move(entry.nai, rrq.care_of_address)
+            # F4/F5: the dynamic CN-GWs have acknowledged before the registration is answered.
+            await self.update_correspondents(entry.nai, entry.home_address, rrq.care_of_address,
+                                             0 if leaving else lifetime, remote)
+        ident = mip.reply_identification(rrq.identification, now, accepted=code != Code.HA_IDENTIFICATION_MISMATCH)
+        rrp = mip.RegistrationReply(code=code, home_address=hoa if entry else rrq.home_address,
+                                    home_agent=self.config.address, identification=ident,
+                                    lifetime=lifetime if code == Code.ACCEPTED else 0)
+        if nai_ext:
+            rrp.extensions.append(mip.NAIExtension(nai_ext.nai))
+        if entry is not None:
+            rrp = mip.sign(rrp, mip.EXT_MN_HA_AUTH, entry.spi, entry.key)
+        wire = rrp.encode()
+        fa = self.fa_keys.get(source)
+        if fa is not None and source != str(rrq.home_address):
+            wire = mip.append_authenticator(wire, mip.EXT_FA_HA_AUTH, fa.spi, fa.key)
+        self.counters["accepted" if code == Code.ACCEPTED else "denied"] += 1
+        log.event("rrp.sent", mn=mn, id=hex(ident), code=f"{int(code)}({Code(code).name})", lifetime=rrp.lifetime,
+                  level=20 if code == Code.ACCEPTED else 30)
+        return wire
+
+    def _check(self, raw: bytes, rrq: mip.RegistrationRequest, entry: MobileNodeEntry | None, source: str,
+               now: float) -> tuple[Code, int]:
+        """The HA's validity checks (RFC 5944 §3.8.2), in the RFC's order."""
+        if entry is None:
+            log.warning("rrq.unknown_mn", hoa=rrq.home_address)
+            return Code.HA_MN_FAILED_AUTHENTICATION, 0
+        if not mip.verify(raw, mip.EXT_MN_HA_AUTH, entry.key, spi=entry.spi):
+            log.warning("rrq.auth_failed", mn=entry.nai, reason="MN-HA authenticator or SPI mismatch")
+            return Code.HA_MN_FAILED_AUTHENTICATION, 0
+        fa = self.fa_keys.get(source)
+        # RFC 5944 §3.5.4: with an FA-HA security association the extension must be there.
+        if fa is not None and not mip.verify(raw, mip.EXT_FA_HA_AUTH, fa.key, spi=fa.spi):
+            log.warning("rrq.fa_auth_failed", mn=entry.nai, fa=source)
+            return Code.HA_FA_FAILED_AUTHENTICATION, 0
+        if not mip.identification_acceptable(self.last_ident.get(str(entry.home_address)), rrq.identification, now,
+                                             self.config.replay_window):
+            log.warning("rrq.replay_or_clock", mn=entry.nai, id=hex(rrq.identification))
+            return Code.HA_IDENTIFICATION_MISMATCH, 0
+        if rrq.home_agent != self.config.address:
+            return Code.HA_UNKNOWN_HA_ADDRESS, 0
+        if not rrq.is_deregistration and rrq.care_of_address in self.config.home_prefix \
+                and rrq.care_of_address != entry.home_address:
+            return Code.HA_POORLY_FORMED_REQUEST, 0
+        return Code.ACCEPTED, min(rrq.lifetime, self.config.max_lifetime)
+
+    async def _apply(self, rrq: mip.RegistrationRequest, entry: MobileNodeEntry, lifetime: int, source: str,
+                     now: float) -> None:
+        hoa = str(entry.home_address)
+        coa = str(rrq.care_of_address)
+        if rrq.is_deregistration or rrq.care_of_address == entry.home_address:
+            old = self.bindings.pop(hoa, None)
+            self.persist()
+            await self.home_link.release(hoa)
+            log.info("binding.removed", mn=entry.nai, hoa=hoa, was=old.care_of_address if old else None,
+                     reason="deregistration")
+            return
+        previous = self.bindings.get(hoa)
+        self.bindings[hoa] = Binding(entry.nai, hoa, coa, lifetime, now + lifetime, rrq.identification,
+                                     source if source != hoa else None)
+        self.persist()
+        await self.home_link.intercept(hoa)
+        log.info("binding.updated" if previous else "binding.created", mn=entry.nai, hoa=hoa, coa=coa,
+                 lifetime=lifetime, previous_coa=previous.care_of_address if previous else None)
+
+    async def follow_move(self, nai: str, coa: IPv4Address) -> None:
+        """Claim 17 (F2): a registration straight from a new FA of the same domain carries
+        no VPN info; rewrite the FA end of our cached paths to the new FA: the path to the
+        old FA goes, the one to the new FA is installed."""
+        assert self.mavpn is not None
+        infos = self.mavpn.infos(nai)
+        moved = moved_to(infos, coa)
+        if moved != infos:
+            log.info("paths.follow_move", mn=nai, coa=coa)
+            await self.mavpn.apply(nai, moved)
+
+    # ---- route optimisation: Binding Update / Acknowledge / Request with dynamic CN-GWs ----------
+    async def update_correspondents(self, nai: str, hoa: IPv4Address, coa: IPv4Address, lifetime: int,
+                                    fresh: list[VpnInfo] | None) -> None:
+        """Bring the dynamic CN-GWs in line with a registration: ``fresh`` paths from the AAAH
+        (None: keep ours, moved to ``coa``), lifetime 0 to remove. Every CN-GW concerned gets
+        a Binding Update (one that has no path any more: lifetime 0); returns once each has
+        acknowledged or given up."""
+        key = str(hoa)
+        old = self.cn_paths.get(key, [])
+        if lifetime == 0:
+            new: list[VpnInfo] = []
+        else:
+            new = fresh if fresh is not None else moved_to(old, coa)
+        if not old and not new:
+            return
+        if new:
+            self.cn_paths[key] = new
+        else:
+            self.cn_paths.pop(key, None)
+        self.persist_cn_paths()
+        before, after = by_gateway(old), by_gateway(new)
+        sends = [self.send_binding_update(gw, nai, hoa, coa, lifetime, infos) for gw, infos in after.items()]
+        sends += [self.send_binding_update(gw, nai, hoa, coa, 0, []) for gw in before if gw not in after]
+        await asyncio.gather(*sends)
+
+    async def send_binding_update(self, gateway: str, nai: str, hoa: IPv4Address, coa: IPv4Address, lifetime: int,
+                                  infos: list[VpnInfo]) -> mip.BindingAcknowledge | None:
+        """One Binding Update to a CN-GW (acknowledgement requested), retransmitted with the
+        same identification until acknowledged (3 tries, the wait doubling once)."""
+        peer = self.cngw_keys.get(gateway)
+        if peer is None or self.udp is None:
+            log.warning("bu.no_security_association", mn=nai, cngw=gateway)
+            return None
+        ident = mip.ntp_identification(time.time())
+        extensions: list[mip.Extension] = [mip.NAIExtension(nai)]
+        if lifetime:
+            extensions.append(mip.vendor_extension(mip.VENDOR_TYPE_VPN_INFO, vpninfo.encode_for_mip(infos),
+                                                   critical=True))
+        lifetime = min(lifetime, 0xFFFF)  # a 16-bit field; a registration may be granted longer
+        bu = mip.BindingUpdate(home_address=hoa, care_of_address=coa, identification=ident, lifetime=lifetime,
+                               flags=mip.BUFlag.A, extensions=extensions)
+        wire = mip.sign(bu, mip.EXT_BINDING_AUTH, peer.spi, peer.key).encode()
+        waiter: asyncio.Future[mip.BindingAcknowledge] = asyncio.get_running_loop().create_future()
+        self.binding_acks[(gateway, ident)] = waiter
+        timeout = self.config.binding_ack_timeout
+        try:
+            for attempt in range(3):
+                self.udp.send(wire, (gateway, mip.MIP_UDP_PORT))
+                self.counters["bu_sent"] += 1
+                log.info("bu.sent", mn=nai, cngw=gateway, coa=coa, lifetime=lifetime, paths=len(infos),
+                         id=hex(ident), attempt=attempt + 1)
+                try:
+                    ack = await asyncio.wait_for(asyncio.shield(waiter), timeout * min(2, 2**attempt))
+                except TimeoutError:
+                    continue
+                log.event("ba.received", mn=nai, cngw=gateway, status=f"{int(ack.status)}",
+                          lifetime=ack.lifetime, level=20 if ack.accepted else 30)
+                return ack
+        finally:
+            self.binding_acks.pop((gateway, ident), None)
+        log.warning("bu.unacknowledged", mn=nai, cngw=gateway, id=hex(ident))
+        return None
+
+    def on_binding_ack(self, ack: mip.BindingAcknowledge, raw: bytes, addr: tuple[str, int]) -> None:
+        peer = self.cngw_keys.get(addr[0])
+        waiter = self.binding_acks.get((addr[0], ack.identification))
+        if peer is None or waiter is None or not mip.verify(raw, mip.EXT_BINDING_AUTH, peer.key, spi=peer.spi):
+            self.counters["malformed"] += 1
+            log.warning("ba.rejected", src=addr[0], id=hex(ack.identification))
+            return
+        self.counters["ba_received"] += 1
+        if not waiter.done():
+            waiter.set_result(ack)
+
+    async def on_binding_request(self, br: mip.BindingRequest, raw: bytes, addr: tuple[str, int]) -> None:
+        """F8: a CN-GW's binding is running out. Still bound: a Binding Update with what is left
+        of the registration; otherwise no answer (the CN-GW drops the paths at expiry)."""
+        gateway = addr[0]
+        peer = self.cngw_keys.get(gateway)
+        now = time.time()
+        if peer is None or not mip.verify(raw, mip.EXT_BINDING_AUTH, peer.key, spi=peer.spi) \
+                or not mip.identification_acceptable(None, br.identification, now, self.config.replay_window):
+            self.counters["malformed"] += 1
+            log.warning("br.rejected", src=gateway, hoa=br.home_address)
+            return
+        self.counters["br_received"] += 1
+        hoa = str(br.home_address)
+        binding = self.bindings.get(hoa)
+        infos = by_gateway(self.cn_paths.get(hoa, [])).get(gateway, [])
+        remaining = binding.remaining(now) if binding is not None else 0
+        log.info("br.received", cngw=gateway, hoa=hoa, bound=binding is not None and bool(infos),
+                 remaining=remaining)
+        if binding is None or not infos or remaining <= 0:
+            return
+        await self.send_binding_update(gateway, binding.nai, br.home_address, IPv4Address(binding.care_of_address),
+                                       remaining, infos)
+
+    def _poorly_formed(self, source: str, exc: mip.UnknownExtensionError) -> bytes | None:
+        self.counters["malformed"] += 1
+        log.warning("rrq.unknown_extension", src=source, reason=exc)
+        rrq = exc.partial
+        if not isinstance(rrq, mip.RegistrationRequest):
+            return None
+        return mip.RegistrationReply(code=Code.HA_POORLY_FORMED_REQUEST, home_address=rrq.home_address,
+                                     home_agent=self.config.address, identification=rrq.identification).encode()
+
+    # ---- show --------------------------------------------------------------------------
+    def show_bindings(self) -> list[dict[str, Any]]:
+        now = time.time()
+        return [{"mn": b.nai, "home_address": b.home_address, "care_of_address": b.care_of_address,
+                 "lifetime": b.lifetime, "remaining": b.remaining(now), "identification": hex(b.identification),
+                 "relayed_by": b.relayed_by,
+                 "cngws": ",".join(sorted(by_gateway(self.cn_paths.get(b.home_address, []))))}
+                for b in self.bindings.values()]

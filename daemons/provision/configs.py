@@ -1,0 +1,354 @@
+"""Turn a lab topology into daemon configurations and the processes that run them.
+
+This is where protocol knowledge meets the topology, so the lab itself stays ignorant of
+it: the lab asks for ``services(topology, run_dir, backend)`` and runs what it gets. Secrets
+are fresh per lab (CSPRNG) and live only in the per-node configuration files (mode 0600)
+and the AAAH's database, plus, for synthetic users only (topology users without an ``mn``
+node), ``RUN_DIR/bench-users.yaml`` (mode 0600): a lab/benchmark artifact, read by the load
+generator that registers on their behalf (``mipvpn bench register``).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import secrets
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from daemons.provision import fdrelay
+from daemons.runtime import config as cfg
+from daemons.runtime.secret import Secret
+from daemons.vpn.keys import pair_psk, static_esp_key, static_spi
+from daemons.vpn.path import EspSuite
+from lab.topology import Topology
+
+# Start order: what others connect to first. The HA listens before the AAAH dials it, the
+# AAAH before the AAAFs, the AAAFs before the FAs, the agents before the mobile nodes.
+DAEMON_ROLES = ("ha", "cngw", "aaah", "aaaf", "fa", "mn")
+IPSEC_ROLES = ("fa", "ha", "cngw")  # the nodes that terminate VPN paths
+SPI_MN_HA = 0x1000
+SPI_FA_HA = 0x2000
+SPI_MN_AAA = 0x3000
+SPI_FA_FA = 0x4000
+SPI_HA_CNGW = 0x5000  # binding security association HA <-> dynamic CN-GW (Binding Update/Ack/Request)
+STATIC_SUITE = EspSuite.AES128GCM16
+PROFILE_API_PORT = 8080  # the AAAH's user self-service profile API (claim 24), at its lab address
+
+
+@dataclass(frozen=True)
+class Service:
+    name: str
+    node: str
+    argv: list[str]
+    control_socket: Path | None  # healthy once this unix socket accepts connections, or
+    listen_port: int | None = None  # without one: once the process listens on this TCP port
+
+
+SYNTHETIC_USERS_FILE = "bench-users.yaml"
+
+
+@dataclass(frozen=True)
+class SyntheticUser:
+    """What a load generator needs to register as a user that has no MN daemon: the same
+    identity and security associations an MN's configuration would hold."""
+
+    nai: str
+    home_address: ipaddress.IPv4Address
+    home_agent: ipaddress.IPv4Address  # the Home Agent field of its RRQs
+    mn_ha: cfg.SecurityAssociation
+    mn_aaa: cfg.SecurityAssociation
+    lifetime: int = 300
+
+
+@dataclass(frozen=True)
+class SyntheticUsers:
+    users: list[SyntheticUser]
+
+
+def node_dir(run_dir: Path, node: str) -> Path:
+    return run_dir / "nodes" / node
+
+
+def control_socket(run_dir: Path, node: str) -> Path:
+    return node_dir(run_dir, node) / "control.sock"
+
+
+def _key() -> Secret:
+    return Secret(secrets.token_bytes(16))
+
+
+class Plan:
+    """Addresses, identities and keys of one lab, derived once from its topology."""
+
+    def __init__(self, topo: Topology, run_dir: Path, backend: str) -> None:
+        self.topo = topo
+        self.run_dir = run_dir
+        self.backend = backend
+        self.master = Secret(secrets.token_bytes(32))  # the AAA domain's master secret
+        self.mn_keys = {u.nai: (_key(), _key()) for u in topo.users}  # MN-HA, MN-AAA
+        self.fas = self.role("fa")
+        self.fa_ha_keys = {(fa, ha): _key() for fa in self.fas for ha in self.role("ha")}
+        self.fa_fa_keys = {frozenset((a, b)): _key() for a in self.fas for b in self.fas if a < b}
+        # Route optimisation: each HA shares a binding key with each dynamic CN-GW (configuration,
+        # like the FA-HA keys: docs/protocol.md "Binding messages between the HA and a dynamic CN-GW").
+        self.dynamic_cngws = [n for n in self.role("cngw") if topo.mode(n) == "dynamic"]
+        self.ha_cngw_keys = {(ha, gw): _key() for ha in self.role("ha") for gw in self.dynamic_cngws}
+
+    def role(self, role: str) -> list[str]:
+        return [n for n, node in self.topo.nodes.items() if node.role == role]
+
+    def identity(self, node: str) -> str:
+        """The node's Diameter identity: node.domain."""
+        return f"{node}.{self.topo.nodes[node].domain}"
+
+    def realm(self, node: str) -> str:
+        return self.topo.nodes[node].domain or ""
+
+    def address(self, node: str) -> ipaddress.IPv4Address:
+        """Where the node is reached: an HA at its home link address (the Home Agent field
+        of registrations), every other node at its upstream link address (an FA's care-of
+        address)."""
+        seg = self.topo.segment_of(node)
+        if self.topo.nodes[node].role == "ha" and seg is not None:
+            return seg.address
+        up = self.topo.nodes[node].upstream
+        link = self.topo.link_between(node, up) if up else None
+        return link.address_of(node) if link else self.topo.addresses(node)[0][1].ip
+
+    def aaa_servers(self) -> set[str]:
+        return {spec["aaa"] for spec in self.topo.domains.values() if spec.get("aaa")}
+
+    def aaa_of(self, node: str) -> str | None:
+        domain = self.topo.nodes[node].domain
+        return self.topo.domains.get(domain or "", {}).get("aaa")
+
+    def common(self, node: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"node": node, "role": self.topo.nodes[node].role,
+                               "state_dir": node_dir(self.run_dir, node) / "state",
+                               "control_socket": control_socket(self.run_dir, node)}
+        if self.topo.nodes[node].role in IPSEC_ROLES:
+            out.update(ipsec_backend=self.backend, run_dir=self.run_dir)
+        if self.topo.nodes[node].role in ("fa", "ha", "aaah", "aaaf") and self.topo.nodes[node].domain:
+            out.update(diameter_host=self.identity(node), diameter_realm=self.realm(node))
+        return out
+
+    def static_path(self, cngw: str, ha: str) -> cfg.StaticPath:
+        """The CN-GW's static tunnel to a home agent (claim 16), keyed from the master secret
+        exactly as the AAAH keys the HA's side of it."""
+        me, peer = self.address(cngw), self.address(ha)
+        home = self.topo.segment_of(ha)
+        assert home is not None
+        spi_out, spi_in = static_spi(me, peer), static_spi(peer, me)
+        return cfg.StaticPath(
+            path_id=1, local=me, remote=peer, local_type="cngw-static", remote_type="ha",
+            local_ts=list(self.topo.prefixes_behind(cngw)), remote_ts=[home.prefix],
+            psk=pair_psk(self.master, me, peer), suite=STATIC_SUITE.value,
+            spi_in=spi_in, spi_out=spi_out,
+            key_in=static_esp_key(self.master, peer, me, spi_in, STATIC_SUITE),
+            key_out=static_esp_key(self.master, me, peer, spi_out, STATIC_SUITE))
+
+    # ---- one configuration per daemon ------------------------------------------------------
+    def ha(self, node: str) -> cfg.HAConfig:
+        seg = self.topo.segment_of(node)
+        assert seg is not None
+        return cfg.HAConfig(
+            **self.common(node), address=seg.address, home_prefix=seg.prefix,
+            mobile_nodes=[cfg.MobileNodeEntry(u.nai, u.home_address, SPI_MN_HA, self.mn_keys[u.nai][0])
+                          for u in self.topo.users if u.home_agent == node],
+            foreign_agents=[cfg.PeerAgent(self.address(fa), SPI_FA_HA, key)
+                            for (fa, ha), key in self.fa_ha_keys.items() if ha == node],
+            correspondent_gateways=[cfg.PeerAgent(self.address(gw), SPI_HA_CNGW, key)
+                                    for (ha, gw), key in self.ha_cngw_keys.items() if ha == node])
+
+    def fa(self, node: str) -> cfg.FAConfig:
+        seg = self.topo.segment_of(node)
+        assert seg is not None
+        aaa = self.aaa_of(node)
+        return cfg.FAConfig(
+            **self.common(node), access_address=seg.address, care_of_address=self.address(node),
+            home_agents=[cfg.PeerAgent(self.address(ha), SPI_FA_HA, key)
+                         for (fa, ha), key in self.fa_ha_keys.items() if fa == node],
+            peer_agents=[cfg.PeerAgent(self.address(other), SPI_FA_FA, self.fa_fa_keys[frozenset((node, other))])
+                         for other in self.fas if other != node],
+            aaa=cfg.DiameterPeer(self.identity(aaa), self.realm(aaa), self.address(aaa)) if aaa else None)
+
+    def cngw(self, node: str) -> cfg.CNGWConfig:
+        """A static CN-GW gets its standing tunnel to every HA; a dynamic one the binding
+        security association with every HA instead (its paths come in Binding Updates)."""
+        if node in self.dynamic_cngws:
+            return cfg.CNGWConfig(**self.common(node), address=self.address(node),
+                                  home_agents=[cfg.PeerAgent(self.address(ha), SPI_HA_CNGW, key)
+                                               for (ha, gw), key in self.ha_cngw_keys.items() if gw == node])
+        return cfg.CNGWConfig(**self.common(node), address=self.address(node),
+                              static_paths=[self.static_path(node, ha) for ha in self.role("ha")])
+
+    def aaah(self, node: str) -> cfg.AAAHConfig:
+        """The home AAA server, with its VPN database seeded from the topology's users."""
+        from daemons.store.vpndb import GatewayType, open_database
+
+        db_path = node_dir(self.run_dir, node) / "vpn.db"
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        db = open_database(f"sqlite:///{db_path}", create=True)
+        try:
+            db.seed_from_topology(self.topo, {nai: keys[1] for nai, keys in self.mn_keys.items()},
+                                  mn_aaa_spi=SPI_MN_AAA, suite=STATIC_SUITE)
+            for gw in self.dynamic_cngws:  # its profiles follow the gateway's type: route-optimised
+                db.add_gateway(gw, self.address(gw), GatewayType.CNGW_DYNAMIC, self.topo.nodes[gw].domain,
+                               replace=True)
+        finally:
+            db.close()
+        home_agents = []
+        for ha in self.role("ha"):
+            seg = self.topo.segment_of(ha)
+            assert seg is not None
+            home_agents.append(cfg.HomeAgentRef(seg.address, self.identity(ha), seg.prefix))
+        return cfg.AAAHConfig(**self.common(node), address=self.address(node), db_url=f"sqlite:///{db_path}",
+                              master_secret=self.master, home_agents=home_agents, static_suite=STATIC_SUITE.value,
+                              profile_api=cfg.ProfileApiConfig(self.address(node), PROFILE_API_PORT))
+
+    def aaaf(self, node: str) -> cfg.AAAFConfig:
+        homes = [aaa for aaa in (spec.get("aaa") for spec in self.topo.domains.values())
+                 if aaa and self.topo.nodes[aaa].role == "aaah"]
+        return cfg.AAAFConfig(**self.common(node), address=self.address(node),
+                              home_servers=[self.home_server(h) for h in homes])
+
+    def home_server(self, aaah: str) -> cfg.DiameterPeer:
+        """How an AAAF reaches a home AAA server: directly, or through its domain's relay."""
+        relay = self.relay_of(aaah)
+        if relay is not None:
+            return cfg.DiameterPeer(fdrelay.identity(relay), self.realm(aaah), self.address(relay), fdrelay.RELAY_PORT)
+        return cfg.DiameterPeer(self.identity(aaah), self.realm(aaah), self.address(aaah))
+
+    # ---- the optional Diameter relay (topology ``domains: {REALM: {aaa: AAAH, relay: NODE}}``) ----
+    def relay_of(self, aaah: str) -> str | None:
+        """The node whose freeDiameterd relays between the AAAFs and ``aaah``, if any."""
+        return next((spec["relay"] for spec in self.topo.domains.values()
+                     if spec.get("aaa") == aaah and spec.get("relay")), None)
+
+    def relay_services(self) -> list[Service]:
+        """One freeDiameterd per relay node, peered with the AAAHs it relays to and every AAAF
+        (all of them dial it for those realms); config and throwaway TLS credentials in the node's
+        directory (see ``daemons.provision.fdrelay``)."""
+        out = []
+        relays: dict[str, list[str]] = {}
+        for spec in self.topo.domains.values():
+            if spec.get("relay") and spec.get("aaa") in self.aaa_servers():
+                relays.setdefault(spec["relay"], []).append(spec["aaa"])
+        aaafs = [n for n in self.role("aaaf") if n in self.aaa_servers()]
+        for node, homes in relays.items():
+            peers = [fdrelay.RelayPeer(self.identity(n), self.address(n)) for n in [*homes, *aaafs]]
+            conf = fdrelay.write_config(node_dir(self.run_dir, node) / "freediameter", node, self.address(node),
+                                        peers)
+            out.append(Service(f"relay:{node}", node, fdrelay.command(conf), None, fdrelay.RELAY_PORT))
+        return out
+
+    def mn(self, node: str) -> cfg.MNConfig | None:
+        user = self.topo.user_of(node)
+        if user is None:
+            return None
+        home = self.topo.segment_of(user.home_agent)
+        assert home is not None
+        return cfg.MNConfig(
+            **self.common(node), nai=user.nai, home_address=user.home_address,
+            home_prefix=home.prefix, home_agent=home.address,
+            mn_ha=cfg.SecurityAssociation(SPI_MN_HA, self.mn_keys[user.nai][0]),
+            mn_aaa=cfg.SecurityAssociation(SPI_MN_AAA, self.mn_keys[user.nai][1]),
+            lifetime=int(user.extra.get("lifetime", 300)))
+
+    def synthetic_users(self) -> list[SyntheticUser]:
+        """The users without an ``mn`` node, with their keys (see ``write_synthetic_users``)."""
+        out = []
+        for user in self.topo.users:
+            if user.mn is not None:
+                continue
+            home = self.topo.segment_of(user.home_agent)
+            assert home is not None
+            out.append(SyntheticUser(user.nai, user.home_address, home.address,
+                                     cfg.SecurityAssociation(SPI_MN_HA, self.mn_keys[user.nai][0]),
+                                     cfg.SecurityAssociation(SPI_MN_AAA, self.mn_keys[user.nai][1]),
+                                     int(user.extra.get("lifetime", 300))))
+        return out
+
+    def with_settings(self, node: str, config: cfg.Common) -> cfg.Common:
+        """The node's topology ``settings`` applied to its daemon configuration (checked like a
+        configuration file: an unknown field or a wrong type is an error naming it)."""
+        settings = self.topo.nodes[node].settings
+        if not settings:
+            return config
+        return cfg.build(type(config), {**cfg.dump(config), **settings}, f"{self.topo.source}: nodes.{node}.settings",
+                         "")
+
+    def configs(self) -> dict[str, cfg.Common]:
+        builders = {"ha": self.ha, "fa": self.fa, "cngw": self.cngw, "aaah": self.aaah, "aaaf": self.aaaf,
+                    "mn": self.mn}
+        out: dict[str, cfg.Common] = {}
+        for role in DAEMON_ROLES:
+            build = builders.get(role)
+            if build is None:
+                continue
+            for node in self.role(role):
+                if role in ("aaah", "aaaf") and node not in self.aaa_servers():
+                    continue  # an AAA node no domain uses: nothing to serve
+                config = build(node)
+                if config is not None:
+                    out[node] = self.with_settings(node, config)
+        return out
+
+
+def write_config(path: Path, config: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(yaml.safe_dump(cfg.dump(config), sort_keys=False))
+
+
+def write_synthetic_users(run_dir: Path, users: list[SyntheticUser]) -> Path | None:
+    """Lab/benchmark artifact: the keys of the synthetic users (no MN daemon holds them
+    anywhere else), mode 0600, in the lab's run directory; removed with it by `lab down`.
+    Nothing is written when the topology has no synthetic user."""
+    if not users:
+        return None
+    path = run_dir / SYNTHETIC_USERS_FILE
+    write_config(path, SyntheticUsers(users))
+    return path
+
+
+def read_synthetic_users(run_dir: Path) -> list[SyntheticUser]:
+    """The synthetic users of the lab in ``run_dir`` (ConfigError naming the field if the file is bad)."""
+    path = run_dir / SYNTHETIC_USERS_FILE
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise cfg.ConfigError(str(path), "file", f"cannot read: {exc.strerror}") from None
+    return cfg.build(SyntheticUsers, data, path.name, "").users
+
+
+def services(topo: Topology, run_dir: Path, backend: str = "none") -> list[Service]:
+    """Write every daemon's configuration; return the processes, in start order: one charon
+    per IPsec node first (strongswan backend), then the daemons."""
+    plan = Plan(topo, run_dir, backend)
+    out: list[Service] = []
+    if backend == "strongswan":
+        from daemons.vpn.strongswan.backend import charon_command, vici_socket_path
+        from daemons.vpn.strongswan.backend import write_config as write_charon_config
+
+        for node in (n for role in IPSEC_ROLES for n in plan.role(role)):
+            write_charon_config(run_dir, node)
+            out.append(Service(f"charon:{node}", node, charon_command(run_dir, node),
+                               vici_socket_path(run_dir, node)))
+    write_synthetic_users(run_dir, plan.synthetic_users())
+    relays = plan.relay_services()  # started after the AAAHs they dial, before the AAAFs that dial them
+    for node, config in plan.configs().items():
+        if config.role == "aaaf":
+            out += relays
+            relays = []
+        path = node_dir(run_dir, node) / f"{config.role}.yaml"
+        write_config(path, config)
+        out.append(Service(f"daemon:{node}", node,
+                           [sys.executable, "-m", "daemons.cli.main", "daemon", config.role, "-c", str(path)],
+                           control_socket(run_dir, node)))
+    return out + relays

@@ -1,0 +1,325 @@
+"""Daemon configuration: YAML files checked against typed dataclasses.
+
+A wrong configuration stops the daemon at start with a message naming the file and the
+field (``ha.yaml: mobile_nodes[0].key: missing``). Secrets are hex strings in the file and
+``Secret`` objects in memory; an error about a secret never repeats its value.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+from daemons.runtime.secret import Secret
+
+T = TypeVar("T")
+# Placeholders for fields that REQUIRED below makes mandatory per role.
+NO_ADDRESS = ipaddress.IPv4Address(0)
+NO_PREFIX = ipaddress.IPv4Network("0.0.0.0/32")
+
+
+class ConfigError(ValueError):
+    def __init__(self, source: str, where: str, problem: str) -> None:
+        super().__init__(f"{source}: {where}: {problem}")
+
+
+# ---- the configurations -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SecurityAssociation:
+    """A Mobile IP security association (RFC 5944 §1.6): SPI + key, HMAC-MD5."""
+
+    spi: int
+    key: Secret
+
+
+@dataclass(frozen=True)
+class MobileNodeEntry:
+    """What the HA knows about one of its mobile nodes."""
+
+    nai: str
+    home_address: ipaddress.IPv4Address
+    spi: int
+    key: Secret
+
+
+@dataclass(frozen=True)
+class PeerAgent:
+    """An FA-HA security association, seen from either side."""
+
+    address: ipaddress.IPv4Address
+    spi: int
+    key: Secret
+
+
+@dataclass(frozen=True)
+class StaticPath:
+    """A VPN path configured at start (claim 16: the CN-GW's static tunnel to the HA)."""
+
+    path_id: int
+    local: ipaddress.IPv4Address
+    remote: ipaddress.IPv4Address
+    local_type: str  # fa | ha | cngw-static | cngw-dynamic
+    remote_type: str
+    local_ts: list[ipaddress.IPv4Network]
+    remote_ts: list[ipaddress.IPv4Network]
+    psk: Secret
+    suite: str = "aes128gcm16"
+    spi_in: int = 0  # manual keys (xfrm backend); 0 = none
+    spi_out: int = 0
+    key_in: Secret | None = None
+    key_out: Secret | None = None
+
+
+@dataclass(frozen=True)
+class DiameterPeer:
+    host: str  # Diameter identity
+    realm: str
+    address: ipaddress.IPv4Address
+    port: int = 3868
+
+
+@dataclass(frozen=True)
+class Common:
+    node: str
+    role: str
+    state_dir: Path
+    control_socket: Path
+    log_level: str = "INFO"
+    ipsec_backend: str = "none"  # none | strongswan | xfrm
+    run_dir: Path | None = None  # strongswan: where the node's charon keeps its VICI socket
+    diameter_host: str = ""  # our Diameter identity, when we speak Diameter
+    diameter_realm: str = ""
+    aaa: DiameterPeer | None = None  # the AAA server we ask (FA: its AAAF; HA: its AAAH)
+    static_paths: list[StaticPath] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class HAConfig(Common):
+    address: ipaddress.IPv4Address = NO_ADDRESS  # the Home Agent field of RRQs
+    home_prefix: ipaddress.IPv4Network = NO_PREFIX
+    home_interface: str = "access"
+    max_lifetime: int = 300
+    replay_window: float = 7.0  # seconds, RFC 5944 §5.7 timestamps
+    mobile_nodes: list[MobileNodeEntry] = field(default_factory=list)
+    foreign_agents: list[PeerAgent] = field(default_factory=list)
+    # Dynamic CN-GWs (by tunnel address) and our binding security association with each (F4, F5, F8).
+    correspondent_gateways: list[PeerAgent] = field(default_factory=list)
+    binding_ack_timeout: float = 0.4  # first wait for a CN-GW's Binding Acknowledge; doubles, 3 tries
+
+
+@dataclass(frozen=True)
+class FAConfig(Common):
+    access_interface: str = "access"
+    access_address: ipaddress.IPv4Address = NO_ADDRESS
+    care_of_address: ipaddress.IPv4Address = NO_ADDRESS
+    advertisement_interval: float = 1.0
+    max_lifetime: int = 300
+    challenge: bool = True
+    challenge_window: int = 8  # how many recent advertisement challenges are accepted
+    registration_timeout: float = 5.0  # no reply from the HA (or AAA) by then: code 78
+    home_agents: list[PeerAgent] = field(default_factory=list)
+    # Neighbouring FAs (by care-of address) we exchange Binding Updates with when an MN moves.
+    peer_agents: list[PeerAgent] = field(default_factory=list)
+    forwarding_lifetime: int = 10  # how long an old FA keeps forwarding for a moved MN (F6)
+    smooth_handoff: bool = True  # give the previous FA a forwarding path to us (F6); off: only tell it
+
+
+@dataclass(frozen=True)
+class MNConfig(Common):
+    nai: str = ""
+    home_address: ipaddress.IPv4Address = NO_ADDRESS
+    home_prefix: ipaddress.IPv4Network = NO_PREFIX
+    home_agent: ipaddress.IPv4Address = NO_ADDRESS
+    interface: str = "eth0"
+    lifetime: int = 300
+    mn_ha: SecurityAssociation | None = None
+    mn_aaa: SecurityAssociation | None = None
+    retransmit_initial: float = 1.0  # RFC 5944 §3.6.3: back-off doubles up to the maximum
+    retransmit_max: float = 8.0
+
+
+@dataclass(frozen=True)
+class CNGWConfig(Common):
+    address: ipaddress.IPv4Address = NO_ADDRESS  # our tunnel endpoint
+    # Dynamic mode (F4, F5, F8): the home agents that may send us Binding Updates, with our
+    # binding security association with each (none: static only).
+    home_agents: list[PeerAgent] = field(default_factory=list)
+    binding_request_threshold: float = 10.0  # remaining binding lifetime (s) below which we ask the HA (BR)
+    binding_request_interval: float = 1.0  # while below it, one Binding Request per interval at most
+    replay_window: float = 7.0  # seconds, as the HA's: Binding Update timestamps (RFC 5944 §5.7)
+
+
+@dataclass(frozen=True)
+class HomeAgentRef:
+    """A home agent the home AAA server sends HARs to (it dials the HA)."""
+
+    address: ipaddress.IPv4Address  # the Home Agent field of RRQs: picks the HA
+    diameter_host: str  # its Diameter identity (Destination-Host of the HAR)
+    home_prefix: ipaddress.IPv4Network  # its side of the static HA-CN-GW tunnel
+    port: int = 3868
+    diameter_address: ipaddress.IPv4Address | None = None  # where to dial it, if not at ``address``
+
+
+@dataclass(frozen=True)
+class AAAHConfig(Common):
+    address: ipaddress.IPv4Address = NO_ADDRESS  # we listen here for Diameter (AAAFs dial us)
+    port: int = 3868
+    db_url: str = ""  # the VPN database (users, profiles, correspondence table): sqlite:/// or postgresql://
+    master_secret: Secret | None = None  # the domain's master secret: pair PSKs and static path keys
+    home_agents: list[HomeAgentRef] = field(default_factory=list)
+    har_timeout: float = 3.0  # no HAA by then: 4006 DIAMETER_ERROR_HA_NOT_AVAILABLE (below the FA's timeout)
+    static_suite: str = "aes128gcm16"  # ESP suite of the static HA-CN-GW tunnels (as the CN-GWs are provisioned)
+    profile_api: ProfileApiConfig | None = None  # users' HTTP API to their own profiles (claim 24); None: off
+
+
+@dataclass(frozen=True)
+class ProfileApiConfig:
+    """Where the AAAH serves the user self-service profile API (claim 24, F7; daemons.aaa.profileapi)."""
+
+    address: ipaddress.IPv4Address
+    port: int = 8080
+
+
+@dataclass(frozen=True)
+class AAAFConfig(Common):
+    address: ipaddress.IPv4Address = NO_ADDRESS  # we listen here for Diameter (FAs dial us)
+    port: int = 3868
+    home_servers: list[DiameterPeer] = field(default_factory=list)  # the AAAH of each realm; we dial them
+    relay_timeout: float = 4.0  # no AMA from the AAAH by then: 3002 back to the FA
+
+
+ROLE_CONFIGS: dict[str, type[Common]] = {"ha": HAConfig, "fa": FAConfig, "mn": MNConfig, "cngw": CNGWConfig,
+                                      "aaah": AAAHConfig, "aaaf": AAAFConfig}
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "ha": ("address", "home_prefix"),
+    "fa": ("access_address", "care_of_address"),
+    "mn": ("nai", "home_address", "home_prefix", "home_agent", "mn_ha"),
+    "cngw": ("address",),
+    "aaah": ("diameter_host", "diameter_realm", "address", "db_url", "master_secret", "home_agents"),
+    "aaaf": ("diameter_host", "diameter_realm", "address", "home_servers"),
+}
+
+
+# ---- loading ------------------------------------------------------------------------------
+
+
+def load(path: Path) -> Common:
+    source = path.name
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(str(path), "file", f"cannot read: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        # Only the problem and the line: PyYAML's message quotes the offending text, which in
+        # a daemon's configuration may be a key.
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(source, "file", f"not valid YAML{where}: {getattr(exc, 'problem', None) or 'syntax error'}") \
+            from None
+    if not isinstance(data, dict):
+        raise ConfigError(source, "file", "must be a mapping")
+    role = data.get("role")
+    if role not in ROLE_CONFIGS:
+        raise ConfigError(source, "role", f"unknown or missing role {role!r} (one of: {', '.join(ROLE_CONFIGS)})")
+    for name in REQUIRED[role]:
+        if name not in data:
+            raise ConfigError(source, name, "missing")
+    return build(ROLE_CONFIGS[role], data, source, "")
+
+
+def dump(config: Any) -> dict[str, Any]:
+    """A config object as YAML-ready data (secrets as hex: only for writing config files)."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if f.default is not dataclasses.MISSING and value == f.default:
+            continue  # leave defaults out: the file says only what differs
+        out[f.name] = _dump_value(value)
+    return out
+
+
+def _dump_value(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dump(value)
+    if isinstance(value, list):
+        return [_dump_value(v) for v in value]
+    if isinstance(value, Secret):
+        return value.reveal().hex()
+    if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv4Network, Path)):
+        return str(value)
+    return value
+
+
+def build(cls: type[T], data: Any, source: str, where: str) -> T:
+    if not isinstance(data, dict):
+        raise ConfigError(source, where or "file", "must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(source, _join(where, unknown[0]), f"unknown field (known: {', '.join(sorted(names))})")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        here = _join(where, f.name)
+        if f.name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(source, here, "missing")
+            continue
+        values[f.name] = _convert(hints[f.name], data[f.name], source, here)
+    return cls(**values)
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
+def _convert(hint: Any, value: Any, source: str, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return None if value is None else _convert(args[0], value, source, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(source, where, "must be a list")
+        (item,) = typing.get_args(hint)
+        return [_convert(item, v, source, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, source, where)  # type: ignore[arg-type]
+    if hint is Secret:
+        if not isinstance(value, str):
+            raise ConfigError(source, where, "must be a hex string")
+        try:
+            return Secret.from_hex(value)
+        except ValueError:
+            raise ConfigError(source, where, "not a hex string (value withheld)") from None
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(source, where, f"must be true or false, got {value!r}")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (hint is int and isinstance(value, float)):
+            raise ConfigError(source, where, f"must be a{'n integer' if hint is int else ' number'}, got {value!r}")
+        if value < 0:
+            raise ConfigError(source, where, f"must not be negative, got {value!r}")
+        return hint(value)
+    if hint is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(source, where, f"must be a non-empty string, got {value!r}")
+        return value
+    if hint is Path:
+        return Path(str(value))
+    if hint in (ipaddress.IPv4Address, ipaddress.IPv4Network):
+        try:
+            return hint(str(value))
+        except ValueError as exc:
+            raise ConfigError(source, where, f"malformed {hint.__name__[4:].lower()}: {exc}") from None
+    raise ConfigError(source, where, f"unsupported type {hint!r}")  # a bug in this module

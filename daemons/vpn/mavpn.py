@@ -1,0 +1,199 @@
+"""The MAVPN control section (claim 9): turns a user's VPN info into installed paths.
+
+It keeps, per user, the VPN info the node was given (its "VPN cache"), installs and removes
+paths through whichever backend the node runs (xfrm or strongswan: the agents never care
+which), and persists the cache so a restarted agent reconciles its paths. The cache file
+holds key material: it lives in the daemon's private state directory (0700, files 0600),
+like the configuration files that hold the Mobile IP keys.
+
+Distribution (claim 5): a VpnInfo with ``VPN-Distribution = ON_TRAFFIC`` becomes a backend path
+with ``on_traffic`` set — installed as a trap, its SAs set up by the backend at the first
+packet (``show paths`` says ``trapped`` until then).  A network-to-network path shared by
+several users (the HA's side of a static CN-GW tunnel) is on-traffic only while *every* user
+that needs it asks for that: one user whose profile says at-registration brings it up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from dataclasses import replace
+from typing import Any
+
+from daemons.runtime.config import Common
+from daemons.runtime.log import EventLog
+from daemons.runtime.tasks import background
+from daemons.store.state import StateFile
+from daemons.vpn.factory import make_backend
+from daemons.vpn.path import EndpointType, PathBackend, PathStatus, VpnPath
+from daemons.vpn.vpninfo import ON_TRAFFIC, STATIC_OWNER, VpnInfo, from_static
+from daemons.wire.diameter import DecodeError
+from daemons.wire.diameter.avp import decode_avps
+
+log = EventLog("mipvpn.mavpn")
+
+
+class MavpnControl:
+    def __init__(self, backend: PathBackend, state: StateFile, access_interface: str | None = None,
+                 netns: str | None = None) -> None:
+        self.backend = backend
+        self.state = state
+        self.access_interface = access_interface  # FA: where the MNs are
+        self.netns = netns
+        self.cache: dict[str, dict[int, VpnInfo]] = {}  # nai -> path id -> info
+        self.lock = asyncio.Lock()
+
+    @classmethod
+    async def start(cls, config: Common, access_interface: str | None = None) -> MavpnControl | None:
+        """The node's path control on the backend its configuration names (None: no IPsec),
+        with the configured static paths installed and the cached ones reconciled."""
+        if config.ipsec_backend == "none":
+            return None
+        backend = make_backend(config.ipsec_backend, config.node, config.run_dir or config.state_dir)
+        wait_ready = getattr(backend, "wait_ready", None)
+        if wait_ready is not None:  # strongswan: charon must be up, ipsec0 there
+            await wait_ready()
+        control = cls(backend, StateFile(config.state_dir / "vpn.json"), access_interface)
+        control.restore()
+        static = [from_static(p) for p in config.static_paths]
+        if static:
+            control.cache[STATIC_OWNER] = {i.path_id: i for i in static}
+        # In the background: a path whose peer is not up yet may take seconds to give up,
+        # and the daemon must serve meanwhile (the path comes up when the peer installs it).
+        background(control.reconcile())
+        return control
+
+    # ---- persistence -----------------------------------------------------------------------
+    def restore(self) -> None:
+        """The cached VPN info from the state file; a user whose entry cannot be read is
+        dropped (logged) rather than keeping the agent from starting: the next registration
+        brings it again."""
+        for nai, hexes in self.state.load().get("vpn", {}).items():
+            try:
+                infos = [VpnInfo.from_avp(avp, nai) for h in hexes for avp in decode_avps(bytes.fromhex(h))]
+            except (ValueError, TypeError, DecodeError) as exc:  # VpnInfoError is a ValueError
+                log.warning("vpn.restore_failed", mn=nai, reason=exc)
+                continue
+            self.cache[nai] = {i.path_id: i for i in infos}
+
+    def persist(self) -> None:
+        self.state.save({"vpn": {nai: [i.to_avp().encode().hex() for i in infos.values()]
+                                 for nai, infos in self.cache.items()}})
+
+    def wanted(self) -> list[VpnInfo]:
+        return [info for infos in self.cache.values() for info in infos.values()]
+
+    async def reconcile(self) -> None:
+        """After a (re)start: installed paths become exactly the cached ones."""
+        async with self.lock:
+            for info in self.wanted():
+                await self._prepare(info)
+            await self.backend.reconcile(list(self.backend_paths().values()))
+        log.info("paths.reconciled", paths=len(self.wanted()))
+
+    # ---- per user ----------------------------------------------------------------------------
+    async def apply(self, nai: str, infos: list[VpnInfo]) -> None:
+        """Make this user's paths exactly ``infos``: new ones installed, changed ones updated
+        (e.g. a new far endpoint after a move), the rest removed.
+
+        A network-to-network path (no per-user /32 selector, e.g. the HA's side of the CN-GW's
+        static tunnel) is the same tunnel for every user: it is installed once, under a name
+        of its own, and removed with the last user that needs it.
+        """
+        async with self.lock:
+            before = self.backend_paths()
+            owned = self._owned_home_addresses()
+            if infos:
+                self.cache[nai] = {i.path_id: i for i in infos}
+            else:
+                self.cache.pop(nai, None)
+            after = self.backend_paths()
+            for path_id, path in before.items():
+                if path_id not in after or after[path_id].pair != path.pair:
+                    await self.backend.remove(path_id)
+                    log.info("path.removed", mn=nai, path=path_id, remote=path.remote.address)
+            await self._release(owned - self._owned_home_addresses())
+            for info in infos:
+                await self._prepare(info)
+            for path_id, path in after.items():
+                if before.get(path_id) == path:
+                    continue
+                same_pair = path_id in before and before[path_id].pair == path.pair
+                status = await (self.backend.update(path) if same_pair else self.backend.install(path))
+                log.info("path.installed", mn=nai, path=path_id, local=path.local.address,
+                         remote=path.remote.address, state=status.state.value)
+            self.persist()
+
+    async def remove_user(self, nai: str) -> None:
+        await self.apply(nai, [])
+
+    def backend_paths(self) -> dict[str, VpnPath]:
+        """What should be installed, by backend path id, over every cached user (a shared
+        path waits for traffic only if every user of it says so)."""
+        out: dict[str, VpnPath] = {}
+        for info in self.wanted():
+            path = self.backend_path(info)
+            have = out.get(path.id)
+            out[path.id] = path if have is None or not path.on_traffic else have
+        return out
+
+    @staticmethod
+    def backend_path(info: VpnInfo) -> VpnPath:
+        """A user's path as the backend installs it: a network-to-network path (no per-user
+        /32 selector) gets a name of its own, shared by every user that needs it."""
+        path = info.path
+        if (info.distribution == ON_TRAFFIC) != path.on_traffic:
+            path = replace(path, on_traffic=info.distribution == ON_TRAFFIC)
+        if path.user_addresses():
+            return path
+        digest = hashlib.sha256(repr((path.local_ts, path.remote_ts)).encode()).hexdigest()[:8]
+        return replace(path, id=f"net:{path.local.address}-{path.remote.address}:{digest}")
+
+    def infos(self, nai: str) -> list[VpnInfo]:
+        return list(self.cache.get(nai, {}).values())
+
+    async def _prepare(self, info: VpnInfo) -> None:
+        """An FA's local selector is the MN's home address: with user-space ESP the FA must
+        own that address (see daemons.vpn.strongswan.backend.prepare_local_selector)."""
+        if info.path.local.type is not EndpointType.FA or self.access_interface is None:
+            return
+        if getattr(self.backend, "name", "") == "strongswan":
+            from daemons.vpn.strongswan.backend import prepare_local_selector
+
+            for net in info.path.local_ts:
+                if net.prefixlen == 32:  # a home address (not an F6 forwarding path's "any")
+                    await prepare_local_selector(self.netns, str(net.network_address), self.access_interface)
+
+    def _owned_home_addresses(self) -> set[str]:
+        """The home addresses _prepare made this node own for the cached paths."""
+        if self.access_interface is None or getattr(self.backend, "name", "") != "strongswan":
+            return set()
+        return {str(net.network_address) for info in self.wanted() if info.path.local.type is EndpointType.FA
+                for net in info.path.local_ts if net.prefixlen == 32}
+
+    async def _release(self, addresses: set[str]) -> None:
+        """A home address no path needs any more is given back: left on ``lo`` (with its
+        access rule) it would swallow what still arrives for the MN after it left."""
+        from daemons.vpn.strongswan.backend import release_local_selector
+
+        for address in addresses:
+            await release_local_selector(self.netns, address)
+
+    # ---- show ----------------------------------------------------------------------------------
+    async def show(self) -> list[dict[str, Any]]:
+        statuses: dict[str, PathStatus] = {s.id: s for s in await self.backend.list()}
+        users: dict[str, set[str]] = {}
+        for info in self.wanted():
+            users.setdefault(self.backend_path(info).id, set()).add(info.nai)
+        rows = []
+        for path_id, path in self.backend_paths().items():
+            status = statuses.pop(path_id, None)
+            row: dict[str, Any] = {"users": ",".join(sorted(users.get(path_id, ()))), "path": path_id,
+                                   "local": str(path.local.address), "remote": str(path.remote.address),
+                                   "remote_type": path.remote.type.value}
+            row.update({k: v for k, v in (status.as_dict() if status else {"state": "missing"}).items()
+                        if k not in ("id", "local", "remote")})
+            rows.append(row)
+        for stray in statuses.values():
+            rows.append({"users": "", "path": stray.id, **stray.as_dict()})
+        return rows

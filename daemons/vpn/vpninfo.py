@@ -1,0 +1,228 @@
+"""VPN information: the service profile that travels from the AAAH to every apparatus.
+
+The "MA protocol processing section" of claim 9: it parses the VPN info out of messages
+into ``VpnPath`` objects (and builds it), nothing else; ``daemons.vpn.mavpn`` turns paths into
+tunnels. One wire format everywhere: a ``VPN-Info`` grouped Diameter AVP (vendor 32473,
+docs/protocol.md) per path — at top level in AMA/HAR/HAA, and as the payload of a Mobile IP
+CVSE (vendor 32473, type VPN_INFO) in Binding Updates, so there is one codec for both.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from ipaddress import IPv4Address, IPv4Network
+
+from daemons.runtime.config import StaticPath
+from daemons.runtime.secret import Secret
+from daemons.vpn.keys import pair_psk, static_esp_key
+from daemons.vpn.path import DirectionKeys, Endpoint, EndpointType, EspSuite, Qos, SecurityService, VpnPath
+from daemons.wire.diameter import Avp, DecodeError
+from daemons.wire.diameter.avp import decode_avps
+
+ENDPOINT_CODES = {EndpointType.FA: 1, EndpointType.HA: 2, EndpointType.CNGW_STATIC: 3,
+                  EndpointType.CNGW_DYNAMIC: 4}
+ENDPOINT_TYPES = {v: k for k, v in ENDPOINT_CODES.items()}
+AT_REGISTRATION, ON_TRAFFIC = 0, 1
+
+
+class VpnInfoError(ValueError):
+    """A VPN-Info that cannot become a path; the message names the member."""
+
+
+@dataclass(frozen=True)
+class VpnInfo:
+    """One path of one user, as the receiving node will install it."""
+
+    nai: str
+    path_id: int
+    path: VpnPath
+    distribution: int = AT_REGISTRATION
+
+    @staticmethod
+    def path_name(nai: str, path_id: int) -> str:
+        return f"{nai}:{path_id}"
+
+    def mirrored(self) -> VpnInfo:
+        """The same path for the other end (endpoints, selectors and SA directions swap)."""
+        return VpnInfo(self.nai, self.path_id, self.path.mirrored(), self.distribution)
+
+    def with_endpoints(self, local: IPv4Address | None = None, remote: IPv4Address | None = None) -> VpnInfo:
+        """A copy with an endpoint moved (an MN changed FA): claims 17, 18, 20-23."""
+        from dataclasses import replace
+
+        path = self.path
+        if local is not None:
+            path = replace(path, local=Endpoint(local, path.local.type))
+        if remote is not None:
+            path = replace(path, remote=Endpoint(remote, path.remote.type))
+        return VpnInfo(self.nai, self.path_id, path, self.distribution)
+
+    # ---- to and from the VPN-Info AVP ---------------------------------------------------
+    def to_avp(self, with_secrets: bool = True) -> Avp:
+        """The VPN-Info AVP; ``with_secrets=False`` leaves out the keys and the PSK (the SPIs
+        stay) for a receiver that derives them itself (F6, :func:`forward_security`)."""
+        p = self.path
+        sec = p.security
+        members = [
+            Avp.new("VPN-Path-Id", self.path_id),
+            Avp.new("VPN-Endpoint-Local", p.local.address),
+            Avp.new("VPN-Endpoint-Remote", p.remote.address),
+            Avp.new("VPN-Endpoint-Local-Type", ENDPOINT_CODES[p.local.type]),
+            Avp.new("VPN-Endpoint-Remote-Type", ENDPOINT_CODES[p.remote.type]),
+            *(Avp.new("VPN-Selector-Local", str(n)) for n in p.local_ts),
+            *(Avp.new("VPN-Selector-Remote", str(n)) for n in p.remote_ts),
+            Avp.new("VPN-ESP-Suite", sec.suite.value),
+            Avp.new("VPN-Lifetime", sec.lifetime),
+            Avp.new("VPN-Distribution", self.distribution),
+        ]
+        if sec.inbound is not None and sec.outbound is not None:
+            members += [Avp.new("VPN-SPI-In", sec.inbound.spi), Avp.new("VPN-SPI-Out", sec.outbound.spi)]
+            if with_secrets:
+                members += [Avp.new("VPN-Key-In", _key_bytes(sec.inbound)),
+                            Avp.new("VPN-Key-Out", _key_bytes(sec.outbound))]
+        if sec.psk is not None and with_secrets:
+            members.append(Avp.new("VPN-IKE-PSK", sec.psk))
+        if p.qos is not None:
+            members += [Avp.new("VPN-QoS-Rate", p.qos.rate), Avp.new("VPN-QoS-Ceil", p.qos.effective_ceil),
+                        Avp.new("VPN-QoS-Priority", p.qos.priority)]
+        return Avp.new("VPN-Info", members)
+
+    @classmethod
+    def from_avp(cls, avp: Avp, nai: str, derive: SecretSource | None = None) -> VpnInfo:
+        """Parse one VPN-Info. Without key material in it, ``derive`` (if given) supplies the
+        security service from the endpoints, suite, SPIs and lifetime (F6)."""
+
+        def need(name: str):
+            value = avp.get(name)
+            if value is None:
+                raise VpnInfoError(f"VPN-Info: missing {name}")
+            return value
+
+        try:
+            suite = EspSuite(need("VPN-ESP-Suite"))
+        except ValueError:
+            raise VpnInfoError(f"VPN-Info: unknown VPN-ESP-Suite {avp.get('VPN-ESP-Suite')!r}") from None
+        path_id = int(need("VPN-Path-Id"))
+        try:
+            inbound = outbound = None
+            if avp.find("VPN-Key-In") is not None:
+                inbound = direction_keys(suite, need("VPN-SPI-In"), need("VPN-Key-In"))
+                outbound = direction_keys(suite, need("VPN-SPI-Out"), need("VPN-Key-Out"))
+            qos = None
+            if avp.find("VPN-QoS-Rate") is not None:
+                qos = Qos(int(need("VPN-QoS-Rate")), avp.get("VPN-QoS-Ceil"),
+                          int(avp.get("VPN-QoS-Priority", default=4)))
+            local = Endpoint(IPv4Address(need("VPN-Endpoint-Local")),
+                             ENDPOINT_TYPES[int(need("VPN-Endpoint-Local-Type"))])
+            remote = Endpoint(IPv4Address(need("VPN-Endpoint-Remote")),
+                              ENDPOINT_TYPES[int(need("VPN-Endpoint-Remote-Type"))])
+            lifetime = int(avp.get("VPN-Lifetime", default=3600))
+            if outbound is None and avp.get("VPN-IKE-PSK") is None and derive is not None:
+                security = derive(local.address, remote.address, suite, int(need("VPN-SPI-Out")),
+                                  int(need("VPN-SPI-In")), lifetime)
+            else:
+                security = SecurityService(suite, outbound, inbound, avp.get("VPN-IKE-PSK"), lifetime)
+            path = VpnPath(
+                id=cls.path_name(nai, path_id), local=local, remote=remote,
+                local_ts=tuple(IPv4Network(a.value) for a in avp.find_all("VPN-Selector-Local")),
+                remote_ts=tuple(IPv4Network(a.value) for a in avp.find_all("VPN-Selector-Remote")),
+                security=security, qos=qos)
+        except VpnInfoError:
+            raise
+        except (KeyError, ValueError) as exc:  # every malformed member ends up as VpnInfoError
+            raise VpnInfoError(f"VPN-Info {path_id}: {exc}") from None
+        return cls(nai, path_id, path, int(avp.get("VPN-Distribution", default=AT_REGISTRATION)))
+
+
+def _key_bytes(keys: DirectionKeys) -> Secret:
+    auth = keys.auth_key.reveal() if keys.auth_key is not None else b""
+    return Secret(keys.enc_key.reveal() + auth)
+
+
+def direction_keys(suite: EspSuite, spi: int, material: Secret) -> DirectionKeys:
+    """One VPN-Key AVP holds the encryption key (with salt for GCM) followed by the
+    integrity key for non-AEAD suites."""
+    raw = material.reveal()
+    want = suite.enc_key_len + suite.auth_key_len
+    if len(raw) != want:
+        raise VpnInfoError(f"VPN-Key for {suite.value} must be {want} bytes")
+    auth = Secret(raw[suite.enc_key_len:]) if suite.auth_key_len else None
+    return DirectionKeys(int(spi), Secret(raw[: suite.enc_key_len]), auth)
+
+
+def from_message(container, nai: str) -> list[VpnInfo]:
+    """Every VPN-Info at the top level of a Diameter message."""
+    return [VpnInfo.from_avp(avp, nai) for avp in container.find_all("VPN-Info")]
+
+
+def encode_for_mip(infos: list[VpnInfo], with_secrets: bool = True) -> bytes:
+    """The payload of a Mobile IP CVSE carrying VPN info: the same VPN-Info AVPs."""
+    return b"".join(info.to_avp(with_secrets).encode() for info in infos)
+
+
+def decode_from_mip(data: bytes, nai: str, derive: SecretSource | None = None) -> list[VpnInfo]:
+    try:
+        avps = decode_avps(data)
+    except DecodeError as exc:
+        raise VpnInfoError(f"VPN info in vendor extension: {exc}") from None
+    return [VpnInfo.from_avp(a, nai, derive) for a in avps if a.name == "VPN-Info"]
+
+
+# ---- smooth handoff (F6, claims 22, 23) ---------------------------------------------------
+FORWARD_PATH_ID = 0  # the AAAH numbers a user's paths from 1
+# (local, remote, suite, spi_out, spi_in, lifetime) -> the security service of a path
+SecretSource = Callable[[IPv4Address, IPv4Address, EspSuite, int, int, int], SecurityService]
+
+
+def forward_security(fa_fa_key: Secret) -> SecretSource:
+    """Keys of a forwarding path between two FAs, derived from the FA-FA security
+    association both already share: the IKE PSK of the pair and, per direction, ESP keys
+    bound to the SPI. Both FAs compute the same values, so the Binding Update that carries
+    the VPN info copy carries no key material."""
+
+    def derive(local: IPv4Address, remote: IPv4Address, suite: EspSuite, spi_out: int, spi_in: int,
+               lifetime: int) -> SecurityService:
+        return SecurityService(
+            suite,
+            outbound=direction_keys(suite, spi_out, static_esp_key(fa_fa_key, local, remote, spi_out, suite)),
+            inbound=direction_keys(suite, spi_in, static_esp_key(fa_fa_key, remote, local, spi_in, suite)),
+            psk=pair_psk(fa_fa_key, local, remote), lifetime=lifetime)
+
+    return derive
+
+
+def forward_copy(info: VpnInfo, old_fa: IPv4Address, lifetime: int, fa_fa_key: Secret) -> VpnInfo:
+    """Claims 22/23: the new FA's copy of its FA⇄HA VPN info for the previous FA, origin
+    rewritten to the old FA and destination to the new one, as the old FA will install it:
+    whatever reaches the old FA for the MN's home address (any ⇄ home address) goes to the
+    new FA, with the same ESP suite and QoS, for ``lifetime`` seconds. SPIs are random in a
+    range the AAAH never hands out (it counts up from 0x10000)."""
+    new_fa = info.path.local.address
+    spi_out, spi_in = (0xF0000000 | secrets.randbits(28) for _ in range(2))
+    path = VpnPath(
+        id=VpnInfo.path_name(info.nai, FORWARD_PATH_ID),
+        local=Endpoint(old_fa, EndpointType.FA), remote=Endpoint(new_fa, EndpointType.FA),
+        local_ts=(IPv4Network("0.0.0.0/0"),), remote_ts=info.path.local_ts,
+        security=forward_security(fa_fa_key)(old_fa, new_fa, info.path.security.suite, spi_out, spi_in, lifetime),
+        qos=info.path.qos)
+    return VpnInfo(info.nai, FORWARD_PATH_ID, path, info.distribution)
+
+
+STATIC_OWNER = "static"  # the cache key of configured (non-AAA) paths
+
+
+def from_static(cfg: StaticPath) -> VpnInfo:
+    """A path from the daemon's configuration (e.g. the CN-GW's static tunnel to the HA)."""
+    suite = EspSuite(cfg.suite)
+    inbound = outbound = None
+    if cfg.spi_in and cfg.key_in is not None and cfg.key_out is not None:
+        inbound = direction_keys(suite, cfg.spi_in, cfg.key_in)
+        outbound = direction_keys(suite, cfg.spi_out, cfg.key_out)
+    path = VpnPath(id=VpnInfo.path_name(STATIC_OWNER, cfg.path_id),
+                   local=Endpoint(cfg.local, EndpointType(cfg.local_type)),
+                   remote=Endpoint(cfg.remote, EndpointType(cfg.remote_type)),
+                   local_ts=tuple(cfg.local_ts), remote_ts=tuple(cfg.remote_ts),
+                   security=SecurityService(suite, outbound, inbound, cfg.psk))
+    return VpnInfo(STATIC_OWNER, cfg.path_id, path)
