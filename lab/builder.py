@@ -9,16 +9,13 @@ created inside a lab namespace with its peer placed directly into the other one.
 from __future__ import annotations
 
 import errno
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from pyroute2 import IPRoute, NetlinkError, netns
 
-from lab.topology import ACCESS_IFNAME, FORWARDING_ROLES, MN_IFNAME, Topology
-
-log = logging.getLogger("mipvpn.lab")
+from lab.topology import ACCESS_IFNAME, MN_IFNAME, Topology
 
 NETNS_DIR = Path("/run/netns")
 
@@ -78,7 +75,7 @@ class LabNetwork:
             with ipr_in(self.ns(node.name)) as ipr:
                 ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
             sysctls = {
-                "net.ipv4.ip_forward": "1" if node.role in FORWARDING_ROLES else "0",
+                "net.ipv4.ip_forward": "1" if topo.kind(node.name).forwards else "0",
                 # Mobile IP paths are asymmetric by nature (tunnelled one way, routed back
                 # the other): strict reverse-path filtering would drop them.
                 "net.ipv4.conf.all.rp_filter": "0",
@@ -102,7 +99,7 @@ class LabNetwork:
             with ipr_in(self.ns(seg.owner)) as ipr:
                 ipr.link("add", ifname=ACCESS_IFNAME, kind="bridge", br_stp_state=0, br_forward_delay=0)
         for node in topo.nodes.values():
-            if node.role == "mn":
+            if topo.kind(node.name).mobile:
                 continue
             with ipr_in(self.ns(node.name)) as ipr:
                 for ifname, iface in topo.addresses(node.name):
@@ -110,7 +107,7 @@ class LabNetwork:
                     ipr.addr("add", index=idx, address=str(iface.ip), prefixlen=iface.network.prefixlen)
                     ipr.link("set", index=idx, state="up")
         for node in topo.nodes.values():
-            if node.role == "mn":
+            if topo.kind(node.name).mobile:
                 continue
             with ipr_in(self.ns(node.name)) as ipr:
                 for dst, gateway in topo.routes(node.name):

@@ -15,13 +15,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from lab import supervisor
 from lab.builder import LabNetwork, describe_kernel_state, namespace_exists
-from lab.topology import ACCESS_IFNAME, Topology, load
+from lab.topology import ACCESS_IFNAME, NodeKind, Topology, load
 
 DEFAULT_RUN_DIR = Path(os.environ.get("MIPVPN_RUN_DIR", "/run/mipvpn"))
 DEFAULT_NS_PREFIX = os.environ.get("MIPVPN_NS_PREFIX", "mipvpn-")
@@ -115,12 +115,16 @@ class Lab:
             state = json.loads(path.read_text())
         except FileNotFoundError:
             raise LabError(f"no lab in {run_dir} (start one with `mipvpn lab up`)") from None
-        return cls(run_dir, load(state["topology"]), state["prefix"], state.get("backend", "auto"),
+        if "kinds" not in state:
+            raise LabError(f"{path} was written by an older mipvpn (no node kinds): `mipvpn lab down` cleans it up")
+        kinds = [NodeKind(**{**kind, "modes": tuple(kind["modes"])}) for kind in state["kinds"]]
+        return cls(run_dir, load(state["topology"], kinds), state["prefix"], state.get("backend", "auto"),
                    state.get("health", {}))
 
     def save_state(self, phase: str) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        state = {"topology": self.topology.source, "prefix": self.prefix, "backend": self.backend,
+        state = {"topology": self.topology.source, "kinds": [asdict(k) for k in self.topology.kinds.values()],
+                 "prefix": self.prefix, "backend": self.backend,
                  "phase": phase, "namespaces": self.network.namespaces(), "health": self.health}
         self.state_path.write_text(json.dumps(state, indent=2))
 
@@ -245,7 +249,7 @@ class Lab:
     # ---- moves and captures ------------------------------------------------------------
     def move(self, mn: str, owner: str) -> str | None:
         topo = self.topology
-        if mn not in topo.nodes or topo.nodes[mn].role != "mn":
+        if mn not in topo.nodes or not topo.kind(mn).mobile:
             raise LabError(f"{mn!r} is not a mobile node of this lab")
         if topo.segment_of(owner) is None:
             owners = ", ".join(s.owner for s in topo.segments)

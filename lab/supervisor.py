@@ -22,13 +22,19 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger("mipvpn.supervisor")
+log = logging.getLogger("lab.supervisor")
+
+
+def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
+    """One event per line with ``key=value`` fields, the way the daemons log."""
+    log.log(level, "event=%s %s", name, " ".join(f"{key}={value}" for key, value in fields.items()))
 
 STOP_GRACE_S = 3.0
 RESTART_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # back-off for a process that keeps dying
@@ -101,7 +107,7 @@ class Supervisor:
         record = {"name": child.name, "pid": child.proc.pid, "netns": child.netns,
                   "starttime": process_start_time(child.proc.pid), "argv": child.argv}
         (self.pid_dir / f"{child.name.replace(':', '-')}.json").write_text(json.dumps(record))
-        log.info("started %s pid=%d in %s", child.name, child.proc.pid, child.netns)
+        event("process.started", name=child.name, pid=child.proc.pid, netns=child.netns)
 
     async def watch(self, child: Child) -> None:
         failures = 0
@@ -114,8 +120,8 @@ class Supervisor:
             ran_for = time.monotonic() - child.started_at
             failures = 0 if ran_for > STABLE_AFTER_S else failures + 1
             delay = RESTART_DELAYS_S[min(failures, len(RESTART_DELAYS_S) - 1)]
-            log.warning("%s exited with %s after %.1fs; restarting in %.1fs",
-                        child.name, code, ran_for, delay)
+            event("process.exited", logging.WARNING, name=child.name, code=code, ran_s=f"{ran_for:.1f}",
+                  restart_in_s=f"{delay:.1f}")
             await asyncio.sleep(delay)
             if child.stopping or self.done.is_set():
                 return
@@ -149,7 +155,7 @@ class Supervisor:
             try:
                 await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
             except TimeoutError:
-                log.warning("%s ignored SIGTERM; killing pid %d", child.name, proc.pid)
+                event("process.killed", logging.WARNING, name=child.name, pid=proc.pid, why="ignored SIGTERM")
                 proc.kill()
                 await proc.wait()
             child.last_exit = proc.returncode
@@ -209,14 +215,14 @@ class Supervisor:
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(self.shutdown()))
         (self.run_dir / "supervisor.pid").write_text(json.dumps(
             {"pid": os.getpid(), "starttime": process_start_time(os.getpid())}))
-        log.info("supervisor ready, pid %d", os.getpid())
+        event("supervisor.ready", pid=os.getpid())
         await self.stopped.wait()
         server.close()
         with contextlib.suppress(FileNotFoundError):
             sock_path.unlink()
         with contextlib.suppress(FileNotFoundError):
             (self.run_dir / "supervisor.pid").unlink()
-        log.info("supervisor stopped")
+        event("supervisor.stopped")
 
 
 # ---- client side (used by the CLI) ---------------------------------------------------------
@@ -228,11 +234,14 @@ class SupervisorUnavailable(RuntimeError):
 
 def request(run_dir: Path, message: dict[str, Any], timeout: float = 10.0) -> dict[str, Any]:
     """Send one request to a running supervisor and return its answer."""
-    from daemons.runtime.control import exchange
-
     path = run_dir / "supervisor.sock"
     try:
-        return exchange(path, message, timeout)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(timeout)
+            sock.connect(str(path))
+            sock.sendall(json.dumps(message).encode() + b"\n")
+            with sock.makefile("rb") as answer:
+                return dict(json.loads(answer.readline()))
     except OSError as exc:
         raise SupervisorUnavailable(f"supervisor not reachable at {path}: {exc.strerror or exc}") from None
 
@@ -240,7 +249,7 @@ def request(run_dir: Path, message: dict[str, Any], timeout: float = 10.0) -> di
 def main() -> None:
     run_dir = Path(sys.argv[1])
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s supervisor %(levelname)s %(message)s")
+                        format="%(asctime)s %(levelname)s node=supervisor %(message)s")
     asyncio.run(Supervisor(run_dir).run())
 
 

@@ -33,6 +33,9 @@ A CN-GW's ``mode`` is ``static`` (the default: a standing tunnel to the home age
 ``settings`` mapping is handed, unread, to the configuration of the daemon it runs (field
 names of that role's configuration); the lab does not interpret it.
 
+A node's ``role`` names its kind (``NodeKind``). The lab knows no kinds of its own: whoever
+loads a file says which exist and what each may do (for mipvpn, ``daemons.provision.kinds``).
+
 Routing intent: every node but the root names its ``upstream`` neighbour; it gets a default
 route there, and every node on the way up learns the prefixes behind it.
 """
@@ -41,6 +44,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -48,21 +52,35 @@ from typing import Any
 
 import yaml
 
-ROLES = ("router", "host", "mn", "fa", "ha", "aaaf", "aaah", "cngw")
-# Roles that forward packets for others.
-FORWARDING_ROLES = frozenset({"router", "fa", "ha", "cngw"})
-# Roles that own an access segment an MN can attach to.
-ACCESS_ROLES = frozenset({"fa", "ha"})
-# Node modes, per role (the first is the default).
-MODES = {"cngw": ("static", "dynamic")}
-# Roles whose nodes may run a domain's Diameter relay (they run no Diameter daemon of their own).
-RELAY_ROLES = frozenset({"router", "host"})
 LAB_ADDRESS_SPACE = ipaddress.ip_network("198.18.0.0/15")
 # Node names become interface names (max 15 characters) and namespace suffixes.
 NODE_NAME = re.compile(r"^[a-z][a-z0-9]{0,10}$")
 RESERVED_NAMES = frozenset({"lo", "access", "eth0", "ipsec0"})
 ACCESS_IFNAME = "access"  # the bridge of an access segment, in its owner's namespace
 MN_IFNAME = "eth0"  # the mobile node's only interface
+
+
+@dataclass(frozen=True)
+class NodeKind:
+    """A kind of node, as far as the lab cares: what a node of this kind may be and do in a
+    topology. Which kinds exist is told to the parser (``load(path, kinds)``), as Mininet is
+    handed its node classes; the lab itself knows none of them. A node's ``role`` field names
+    its kind."""
+
+    name: str
+    forwards: bool = False  # routes packets for others (ip_forward on)
+    mobile: bool = False  # plugs one interface into an access segment: no links, no upstream
+    owns_segment: bool = False  # may own an access segment
+    modes: tuple[str, ...] = ()  # the values its ``mode`` may take, the first the default
+    domain_server: bool = False  # may be named as a domain's ``aaa``
+    relay_target: bool = False  # a domain with a relay needs its ``aaa`` to be of such a kind
+    runs_relay: bool = False  # may run a domain's relay (a process the composition root provides)
+    serves_users: bool = False  # users may name it as their ``home_agent``; it needs a segment
+
+
+def kinds_named(kinds: dict[str, NodeKind], trait: str) -> str:
+    """The names of the kinds with a trait, for error messages: "fa and ha"."""
+    return " and ".join(sorted(k.name for k in kinds.values() if getattr(k, trait)))
 
 
 class TopologyError(ValueError):
@@ -132,6 +150,7 @@ class Topology:
     links: tuple[Link, ...]
     segments: tuple[Segment, ...]
     users: tuple[User, ...]
+    kinds: dict[str, NodeKind] = field(default_factory=dict, compare=False)
 
     # ---- queries used by the builder and the CLI -------------------------------------
     def links_of(self, node: str) -> list[Link]:
@@ -194,13 +213,20 @@ class Topology:
             out.append((ACCESS_IFNAME, ipaddress.ip_interface(f"{seg.address}/{seg.prefix.prefixlen}")))
         return out
 
+    def kind(self, node: str) -> NodeKind:
+        return self.kinds[self.nodes[node].role]
+
     def mode(self, node: str) -> str | None:
-        """A node's mode (``MODES``), its role's default if the file names none."""
-        modes = MODES.get(self.nodes[node].role)
+        """A node's mode, its kind's default if the file names none."""
+        modes = self.kind(node).modes
         return self.nodes[node].mode or (modes[0] if modes else None)
 
     def mobile_nodes(self) -> list[Node]:
-        return [n for n in self.nodes.values() if n.role == "mn"]
+        return [n for n in self.nodes.values() if self.kind(n.name).mobile]
+
+    def of_role(self, role: str) -> list[str]:
+        """The names of the nodes of one kind, in file order."""
+        return [n.name for n in self.nodes.values() if n.role == role]
 
     def user_of(self, mn: str) -> User | None:
         return next((u for u in self.users if u.mn == mn), None)
@@ -213,7 +239,8 @@ def default_topology_path() -> Path:
     return Path(str(resources.files("lab") / "topologies" / "default.yaml"))
 
 
-def load(path: str | Path | None = None) -> Topology:
+def load(path: str | Path | None, kinds: Iterable[NodeKind]) -> Topology:
+    """Read and validate a topology file (the default one for None) for the node kinds given."""
     path = Path(path) if path else default_topology_path()
     source = str(path)
     try:
@@ -224,7 +251,7 @@ def load(path: str | Path | None = None) -> Topology:
         data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise TopologyError(source, "file", f"not valid YAML: {exc}") from None
-    return parse(data, source)
+    return parse(data, source, kinds)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -242,13 +269,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-def parse(data: Any, source: str = "<topology>") -> Topology:
-    return _Parser(source).parse(data)
+def parse(data: Any, source: str, kinds: Iterable[NodeKind]) -> Topology:
+    return _Parser(source, {k.name: k for k in kinds}).parse(data)
 
 
 class _Parser:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, kinds: dict[str, NodeKind]) -> None:
         self.source = source
+        self.kinds = kinds
 
     def fail(self, where: str, problem: str) -> TopologyError:
         return TopologyError(self.source, where, problem)
@@ -319,14 +347,15 @@ class _Parser:
             role = spec.get("role")
             if role is None:
                 raise self.fail(f"{where}.role", "missing role")
-            if role not in ROLES:
-                raise self.fail(f"{where}.role", f"unknown role {role!r} (one of: {', '.join(ROLES)})")
+            if role not in self.kinds:
+                raise self.fail(f"{where}.role", f"unknown role {role!r} (one of: {', '.join(self.kinds)})")
+            kind = self.kinds[role]
             domain = spec.get("domain")
             if domain is not None and domain not in domains_raw:
                 raise self.fail(f"{where}.domain", f"unknown domain {domain!r}")
             mode = spec.get("mode")
-            if mode is not None and mode not in MODES.get(role, ()):
-                allowed = MODES.get(role)
+            if mode is not None and mode not in kind.modes:
+                allowed = kind.modes
                 raise self.fail(f"{where}.mode", f"unknown mode {mode!r} (one of: {', '.join(allowed)})" if allowed
                                 else f"a {role} node has no mode")
             settings = self.mapping(spec.get("settings") or {}, f"{where}.settings")
@@ -339,16 +368,16 @@ class _Parser:
             self.only_keys(spec, {"aaa", "relay"}, f"domains.{dname}")
             if "aaa" in spec:
                 aaa = self.node_ref(spec["aaa"], f"domains.{dname}.aaa", nodes)
-                if nodes[aaa].role not in ("aaaf", "aaah"):
+                if not self.kinds[nodes[aaa].role].domain_server:
                     raise self.fail(f"domains.{dname}.aaa", f"node {aaa!r} is not an AAA server")
             if "relay" in spec:
                 relay = self.node_ref(spec["relay"], f"domains.{dname}.relay", nodes)
-                if nodes[relay].role not in RELAY_ROLES:
+                if not self.kinds[nodes[relay].role].runs_relay:
                     raise self.fail(f"domains.{dname}.relay", f"node {relay!r} (role {nodes[relay].role}) cannot "
-                                    f"run a relay: only {' and '.join(sorted(RELAY_ROLES))} nodes can")
-                if "aaa" not in spec or nodes[spec["aaa"]].role != "aaah":
+                                    f"run a relay: only {kinds_named(self.kinds, 'runs_relay')} nodes can")
+                if "aaa" not in spec or not self.kinds[nodes[spec["aaa"]].role].relay_target:
                     raise self.fail(f"domains.{dname}.relay", "a relay needs the domain's home AAA server "
-                                    "(aaa: an aaah node)")
+                                    f"(aaa: an {kinds_named(self.kinds, 'relay_target')} node)")
             domains[str(dname)] = dict(spec)
 
         used_prefixes: list[tuple[ipaddress.IPv4Network, str]] = []
@@ -380,7 +409,7 @@ class _Parser:
             ends = []
             for node_name, addr in ends_raw.items():
                 ref = self.node_ref(node_name, f"{where}.ends", nodes)
-                if nodes[ref].role == "mn":
+                if self.kinds[nodes[ref].role].mobile:
                     raise self.fail(f"{where}.ends.{ref}", "mobile nodes attach to segments, not links")
                 a = self.address(addr, f"{where}.ends.{ref}", within=prefix)
                 claim_address(a, f"{where}.ends.{ref}")
@@ -402,9 +431,9 @@ class _Parser:
                 if key not in spec:
                     raise self.fail(f"{where}.{key}", f"missing {key}")
             owner = self.node_ref(spec["owner"], f"{where}.owner", nodes)
-            if nodes[owner].role not in ACCESS_ROLES:
+            if not self.kinds[nodes[owner].role].owns_segment:
                 raise self.fail(f"{where}.owner", f"node {owner!r} (role {nodes[owner].role}) "
-                                "cannot own an access segment: only fa and ha can")
+                                f"cannot own an access segment: only {kinds_named(self.kinds, 'owns_segment')} can")
             if any(s.owner == owner for s in segments):
                 raise self.fail(f"{where}.owner", f"node {owner!r} already owns a segment")
             prefix = self.network(spec["prefix"], f"{where}.prefix")
@@ -416,7 +445,7 @@ class _Parser:
         # Routing intent and attachment, checked once links exist.
         for node in nodes.values():
             where = f"nodes.{node.name}"
-            if node.role == "mn":
+            if self.kinds[node.role].mobile:
                 if node.upstream:
                     raise self.fail(f"{where}.upstream", "a mobile node has no upstream; use attach")
                 if node.attach is None:
@@ -431,7 +460,7 @@ class _Parser:
                 ref = self.node_ref(node.upstream, f"{where}.upstream", nodes)
                 if not any(frozenset((node.name, ref)) == p for p in pairs):
                     raise self.fail(f"{where}.upstream", f"no link between {node.name!r} and {ref!r}")
-        roots = [n.name for n in nodes.values() if n.role != "mn" and n.upstream is None]
+        roots = [n.name for n in nodes.values() if not self.kinds[n.role].mobile and n.upstream is None]
         if len(roots) != 1:
             raise self.fail("nodes", "exactly one node (the backbone) must have no upstream, "
                             f"found {len(roots)}: {', '.join(roots) or 'none'}")
@@ -460,10 +489,10 @@ class _Parser:
             mn = None
             if spec.get("mn") is not None:
                 mn = self.node_ref(spec["mn"], f"{where}.mn", nodes)
-                if nodes[mn].role != "mn":
+                if not self.kinds[nodes[mn].role].mobile:
                     raise self.fail(f"{where}.mn", f"node {mn!r} is not a mobile node")
             ha = self.node_ref(spec["home_agent"], f"{where}.home_agent", nodes)
-            if nodes[ha].role != "ha":
+            if not self.kinds[nodes[ha].role].serves_users:
                 raise self.fail(f"{where}.home_agent", f"node {ha!r} is not a home agent")
             home_seg = next((s for s in segments if s.owner == ha), None)
             if home_seg is None:
@@ -473,4 +502,5 @@ class _Parser:
             extra = {k: v for k, v in spec.items() if k not in ("nai", "mn", "home_address", "home_agent")}
             users.append(User(nai, mn, hoa, ha, extra))
 
-        return Topology(name, self.source, domains, nodes, tuple(links), tuple(segments), tuple(users))
+        return Topology(name, self.source, domains, nodes, tuple(links), tuple(segments), tuple(users),
+                        dict(self.kinds))

@@ -45,9 +45,10 @@ from daemons.provision.demo import (
     plot_timeline,
     read_daemon_events,
 )
+from daemons.provision.kinds import load_topology
 from daemons.runtime import control
 from lab.lab import Lab, LabError
-from lab.topology import Topology, load
+from lab.topology import Topology
 
 MN = "mn1"
 PEERS = ("cn", "cn2")  # behind the static CN-GW (HA-anchored) / the dynamic one (route optimised)
@@ -169,7 +170,7 @@ def run_bench(n: int, rate: float, dwell: float, backend: str, timeline: Path | 
     from daemons.provision.configs import services as daemon_services
     from daemons.vpn.factory import choose_backend
 
-    topo = load(None)
+    topo = load_topology(None)
     name, reason = choose_backend(backend)
     run_dir = Path(tempfile.mkdtemp(prefix="mipvpn-benchho-"))
     prefix = f"mvb{os.getpid() % 100000}-"

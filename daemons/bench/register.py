@@ -168,9 +168,9 @@ def stages(run_dir: Path, nais: set[str], since: float) -> dict[str, dict[str, f
 
 def run_bench(n: int, concurrency: int, backend: str, timeout: float, echo: Any = print) -> dict[str, Any]:
     from daemons.provision.configs import services as daemon_services
+    from daemons.provision.kinds import load_topology
     from daemons.vpn.factory import choose_backend
     from lab.lab import Lab
-    from lab.topology import load
 
     if backend == "none":
         name, reason = "none", "none requested: Mobile IP and AAA only, no VPN paths"
@@ -182,7 +182,7 @@ def run_bench(n: int, concurrency: int, backend: str, timeout: float, echo: Any 
     topo_path = run_dir / "bench-topology.yaml"  # Lab.open reloads the topology from here
     topo_path.write_text(yaml.safe_dump(data, sort_keys=False))
     try:
-        lab = Lab(run_dir, load(topo_path), prefix, name)
+        lab = Lab(run_dir, load_topology(topo_path), prefix, name)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise

@@ -11,9 +11,10 @@ from pathlib import Path
 import click
 
 from daemons.provision.configs import services as daemon_services
+from daemons.provision.kinds import load_topology
 from daemons.vpn.factory import choose_backend
 from lab.lab import DEFAULT_NS_PREFIX, DEFAULT_RUN_DIR, Lab, LabError
-from lab.topology import TopologyError, load
+from lab.topology import TopologyError
 
 BACKENDS = ("auto", "xfrm", "strongswan", "none")
 
@@ -54,7 +55,7 @@ def up(run_dir: Path, topology_file: Path | None, backend: str, ns_prefix: str,
        capture: bool) -> None:
     """Create the namespaces, links and processes of a topology."""
     try:
-        topo = load(topology_file)  # refuse a bad file before touching anything
+        topo = load_topology(topology_file)  # refuse a bad file before touching anything
     except TopologyError as exc:
         raise click.ClickException(str(exc)) from None
     require_root()
@@ -92,7 +93,7 @@ def down(run_dir: Path, ns_prefix: str) -> None:
     try:
         the_lab = Lab.open(run_dir)
     except (LabError, TopologyError):
-        the_lab = Lab(run_dir, load(None), ns_prefix)  # no state: clean the default names
+        the_lab = Lab(run_dir, load_topology(None), ns_prefix)  # no state: clean the default names
     started = time.monotonic()
     removed = the_lab.down()
     if removed:

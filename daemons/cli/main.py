@@ -14,6 +14,7 @@ from daemons.cli.db import db_group
 from daemons.cli.lab import lab_group
 from daemons.cli.profile import mn_group, profile_group
 from daemons.provision.configs import control_socket
+from daemons.roles import ROLES
 from daemons.runtime import control
 from daemons.runtime.config import ConfigError
 from lab.lab import DEFAULT_RUN_DIR
@@ -35,7 +36,7 @@ main.add_command(bench_group)
 
 
 @main.command("daemon")
-@click.argument("role", type=click.Choice(["ha", "fa", "mn", "cngw", "aaah", "aaaf"]))
+@click.argument("role", type=click.Choice(list(ROLES)))
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), required=True)
 def daemon(role: str, config_path: Path) -> None:
     """Run one daemon (what the lab's supervisor and systemd units start)."""

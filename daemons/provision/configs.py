@@ -20,16 +20,13 @@ from typing import Any
 import yaml
 
 from daemons.provision import fdrelay
+from daemons.roles import ROLES
 from daemons.runtime import config as cfg
 from daemons.runtime.secret import Secret
 from daemons.vpn.keys import pair_psk, static_esp_key, static_spi
 from daemons.vpn.path import EspSuite
 from lab.topology import Topology
 
-# Start order: what others connect to first. The HA listens before the AAAH dials it, the
-# AAAH before the AAAFs, the AAAFs before the FAs, the agents before the mobile nodes.
-DAEMON_ROLES = ("ha", "cngw", "aaah", "aaaf", "fa", "mn")
-IPSEC_ROLES = ("fa", "ha", "cngw")  # the nodes that terminate VPN paths
 SPI_MN_HA = 0x1000
 SPI_FA_HA = 0x2000
 SPI_MN_AAA = 0x3000
@@ -99,7 +96,7 @@ class Plan:
         self.ha_cngw_keys = {(ha, gw): _key() for ha in self.role("ha") for gw in self.dynamic_cngws}
 
     def role(self, role: str) -> list[str]:
-        return [n for n, node in self.topo.nodes.items() if node.role == role]
+        return self.topo.of_role(role)
 
     def identity(self, node: str) -> str:
         """The node's Diameter identity: node.domain."""
@@ -130,9 +127,9 @@ class Plan:
         out: dict[str, Any] = {"node": node, "role": self.topo.nodes[node].role,
                                "state_dir": node_dir(self.run_dir, node) / "state",
                                "control_socket": control_socket(self.run_dir, node)}
-        if self.topo.nodes[node].role in IPSEC_ROLES:
+        if ROLES[self.topo.nodes[node].role].terminates_paths:
             out.update(ipsec_backend=self.backend, run_dir=self.run_dir)
-        if self.topo.nodes[node].role in ("fa", "ha", "aaah", "aaaf") and self.topo.nodes[node].domain:
+        if ROLES[self.topo.nodes[node].role].diameter and self.topo.nodes[node].domain:
             out.update(diameter_host=self.identity(node), diameter_realm=self.realm(node))
         return out
 
@@ -286,7 +283,7 @@ class Plan:
         builders = {"ha": self.ha, "fa": self.fa, "cngw": self.cngw, "aaah": self.aaah, "aaaf": self.aaaf,
                     "mn": self.mn}
         out: dict[str, cfg.Common] = {}
-        for role in DAEMON_ROLES:
+        for role in ROLES:  # in start order
             build = builders.get(role)
             if build is None:
                 continue
@@ -336,7 +333,7 @@ def services(topo: Topology, run_dir: Path, backend: str = "none") -> list[Servi
         from daemons.vpn.strongswan.backend import charon_command, vici_socket_path
         from daemons.vpn.strongswan.backend import write_config as write_charon_config
 
-        for node in (n for role in IPSEC_ROLES for n in plan.role(role)):
+        for node in (n for role in ROLES.values() if role.terminates_paths for n in plan.role(role.name)):
             write_charon_config(run_dir, node)
             out.append(Service(f"charon:{node}", node, charon_command(run_dir, node),
                                vici_socket_path(run_dir, node)))

@@ -20,7 +20,7 @@ import yaml
 from daemons.runtime.secret import Secret
 
 T = TypeVar("T")
-# Placeholders for fields that REQUIRED below makes mandatory per role.
+# Placeholders for fields that each role makes mandatory (daemons.roles: Role.required).
 NO_ADDRESS = ipaddress.IPv4Address(0)
 NO_PREFIX = ipaddress.IPv4Network("0.0.0.0/32")
 
@@ -197,22 +197,12 @@ class AAAFConfig(Common):
     relay_timeout: float = 4.0  # no AMA from the AAAH by then: 3002 back to the FA
 
 
-ROLE_CONFIGS: dict[str, type[Common]] = {"ha": HAConfig, "fa": FAConfig, "mn": MNConfig, "cngw": CNGWConfig,
-                                      "aaah": AAAHConfig, "aaaf": AAAFConfig}
-REQUIRED: dict[str, tuple[str, ...]] = {
-    "ha": ("address", "home_prefix"),
-    "fa": ("access_address", "care_of_address"),
-    "mn": ("nai", "home_address", "home_prefix", "home_agent", "mn_ha"),
-    "cngw": ("address",),
-    "aaah": ("diameter_host", "diameter_realm", "address", "db_url", "master_secret", "home_agents"),
-    "aaaf": ("diameter_host", "diameter_realm", "address", "home_servers"),
-}
-
-
 # ---- loading ------------------------------------------------------------------------------
 
 
-def load(path: Path) -> Common:
+def read(path: Path) -> tuple[dict[str, Any], str]:
+    """A configuration file's mapping and the name errors give it (``daemons.roles.load_config``
+    checks it against its role and builds it)."""
     source = path.name
     try:
         data = yaml.safe_load(path.read_text())
@@ -227,13 +217,7 @@ def load(path: Path) -> Common:
             from None
     if not isinstance(data, dict):
         raise ConfigError(source, "file", "must be a mapping")
-    role = data.get("role")
-    if role not in ROLE_CONFIGS:
-        raise ConfigError(source, "role", f"unknown or missing role {role!r} (one of: {', '.join(ROLE_CONFIGS)})")
-    for name in REQUIRED[role]:
-        if name not in data:
-            raise ConfigError(source, name, "missing")
-    return build(ROLE_CONFIGS[role], data, source, "")
+    return data, source
 
 
 def dump(config: Any) -> dict[str, Any]:

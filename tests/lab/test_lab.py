@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from lab.topology import load
+from daemons.provision.kinds import load_topology
 from tests.conftest import LabEnv, leftover_namespaces
 
 pytestmark = pytest.mark.lab
 
-TOPOLOGY = load()
+TOPOLOGY = load_topology()
 ROUTED = [n.name for n in TOPOLOGY.nodes.values() if n.role != "mn"]
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from daemons.runtime import config
+from daemons.roles import load_config
 from daemons.vpn.vpninfo import VpnInfo
 from daemons.wire import mip
 from daemons.wire.diameter.avp import decode_avps
@@ -211,7 +211,7 @@ def test_replayed_forged_and_unauthenticated_binding_updates_change_nothing(lab_
 def route_opt_secrets(run_dir: Path) -> list[bytes]:
     """The HA-cngw2 binding key (HA configuration) and the ESP keys and PSK of cngw2's path
     (its MAVPN cache: VPN-Info AVPs as hex)."""
-    ha = config.load(run_dir / "nodes" / "ha" / "ha.yaml")
+    ha = load_config(run_dir / "nodes" / "ha" / "ha.yaml")
     out = [gw.key.reveal() for gw in ha.correspondent_gateways]  # type: ignore[attr-defined]
     cache = json.loads((run_dir / "nodes" / "cngw2" / "state" / "vpn.json").read_text())["vpn"]
     for nai, hexes in cache.items():

@@ -461,20 +461,20 @@ def test_config_errors_name_the_field(tmp_path: Path) -> None:
     bad_db = HomeAAAServer(replace(cfg, db_url="mysql://nope"))
     with pytest.raises(ConfigError, match="db_url"):
         run(bad_db.start())
-    from daemons.runtime import config as configuration
+    from daemons.roles import load_config
 
     path = tmp_path / "aaah.yaml"
     path.write_text("role: aaah\nnode: aaah\nstate_dir: /tmp/x\ncontrol_socket: /tmp/x.sock\n"
                     "diameter_host: aaah.home.example\ndiameter_realm: home.example\naddress: 127.0.0.1\n"
                     "db_url: sqlite:///x.db\nhome_agents: []\n")
     with pytest.raises(ConfigError, match="master_secret: missing"):
-        configuration.load(path)
+        load_config(path)
     path.write_text(path.read_text() + "master_secret: zz-not-hex\n")
     with pytest.raises(ConfigError, match="master_secret: not a hex string") as err:
-        configuration.load(path)
+        load_config(path)
     assert "zz-not-hex" not in str(err.value)
     path.write_text("role: aaaf\nnode: aaaf1\nstate_dir: /tmp/x\ncontrol_socket: /tmp/x.sock\n"
                     "diameter_host: aaaf1.visit-a.example\ndiameter_realm: visit-a.example\naddress: 127.0.0.1\n"
                     "home_servers: [{host: aaah.home.example, realm: home.example, address: 300.1.1.1}]\n")
     with pytest.raises(ConfigError, match=r"home_servers\[0\]\.address"):
-        configuration.load(path)
+        load_config(path)

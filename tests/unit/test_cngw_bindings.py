@@ -251,11 +251,11 @@ def test_binding_request_is_answered_only_while_bound(tmp_path: Path, bound: boo
 
 def test_provisioning_makes_cngw2_dynamic_and_applies_topology_settings(tmp_path: Path) -> None:
     from daemons.provision.configs import SPI_HA_CNGW, Plan
+    from daemons.provision.kinds import load_topology
     from daemons.runtime.config import ConfigError
     from daemons.store.vpndb import CngwMode, open_database
-    from lab.topology import load
 
-    topo = load()
+    topo = load_topology()
     configs = Plan(topo, tmp_path, "strongswan").configs()
     ha, cngw, cngw2 = configs["ha"], configs["cngw"], configs["cngw2"]
     assert isinstance(cngw2, CNGWConfig) and isinstance(ha, HAConfig) and isinstance(cngw, CNGWConfig)

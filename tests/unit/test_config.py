@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from daemons.runtime.config import ConfigError, load
+from daemons.roles import load_config as load
+from daemons.runtime.config import ConfigError
 
 SECRET_HEX = "5ec2e7" * 6
 

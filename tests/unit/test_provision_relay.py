@@ -16,8 +16,9 @@ from cryptography.x509.oid import NameOID
 
 from daemons.provision import configs as provision
 from daemons.provision import fdrelay
+from daemons.provision.kinds import parse_topology as parse
 from lab.lab import healthy, tcp_listening
-from lab.topology import TopologyError, parse
+from lab.topology import TopologyError
 
 DEFAULT = yaml.safe_load(Path("lab/topologies/default.yaml").read_text())
 

@@ -15,8 +15,9 @@ import yaml
 
 from daemons.bench.register import bench_topology_data
 from daemons.provision import configs as provision
+from daemons.provision.kinds import parse_topology as parse
 from daemons.store.vpndb import open_database
-from lab.topology import TopologyError, parse
+from lab.topology import TopologyError
 
 DEFAULT = yaml.safe_load(Path("lab/topologies/default.yaml").read_text())
 

@@ -10,7 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from lab.topology import TopologyError, load, parse
+from daemons.provision.kinds import load_topology as load
+from daemons.provision.kinds import parse_topology as parse
+from lab.topology import TopologyError
 
 DEFAULT = yaml.safe_load(Path("lab/topologies/default.yaml").read_text())
 
@@ -123,3 +125,26 @@ def test_lab_up_refuses_a_bad_file_before_touching_anything(tmp_path: Path) -> N
     assert "bad.yaml: nodes.cn.role: unknown role 'toaster'" in result.output
     assert not (tmp_path / "run").exists()
     assert not list(Path("/run/netns").glob("mvnever-*"))
+
+
+def test_the_lab_knows_only_the_kinds_it_is_given() -> None:
+    """Nothing Mobile IP in the model: other kinds, other names, the same rules."""
+    from lab.topology import NodeKind
+    from lab.topology import parse as lab_parse
+
+    kinds = [NodeKind("backbone", forwards=True), NodeKind("ap", forwards=True, owns_segment=True),
+             NodeKind("phone", mobile=True), NodeKind("server")]
+    data = {"nodes": {"bb": {"role": "backbone"}, "ap1": {"role": "ap", "upstream": "bb"},
+                      "srv": {"role": "server", "upstream": "bb"}, "p1": {"role": "phone", "attach": "ap1"}},
+            "links": [{"prefix": "198.18.0.0/30", "ends": {"bb": "198.18.0.1", "ap1": "198.18.0.2"}},
+                      {"prefix": "198.18.0.4/30", "ends": {"bb": "198.18.0.5", "srv": "198.18.0.6"}}],
+            "segments": [{"owner": "ap1", "prefix": "198.18.10.0/24", "address": "198.18.10.1"}]}
+    topo = lab_parse(data, "mine.yaml", kinds)
+    assert [n.name for n in topo.mobile_nodes()] == ["p1"]
+    assert topo.kind("ap1").forwards and not topo.kind("srv").forwards
+    data["segments"][0]["owner"] = "srv"
+    with pytest.raises(TopologyError, match=r"segments\[0\]\.owner: .* only ap can"):
+        lab_parse(data, "mine.yaml", kinds)
+    data["nodes"]["srv"]["role"] = "ha"  # a mipvpn role means nothing to the lab
+    with pytest.raises(TopologyError, match=r"nodes\.srv\.role: unknown role 'ha' \(one of: backbone, ap, phone, "):
+        lab_parse(data, "mine.yaml", kinds)

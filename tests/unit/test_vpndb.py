@@ -26,6 +26,7 @@ import pytest
 from click.testing import CliRunner
 
 from daemons.cli.db import db_group
+from daemons.provision.kinds import load_topology
 from daemons.runtime.secret import Secret
 from daemons.store.vpndb import (
     SCHEMA_VERSION,
@@ -41,7 +42,6 @@ from daemons.store.vpndb import (
     open_database,
 )
 from daemons.vpn.path import EspSuite
-from lab.topology import load
 
 SECRET = Secret(bytes.fromhex("5ec7e75ec7e75ec7e75ec7e75ec7e7aa"))
 SECRET2 = Secret(bytes.fromhex("0badc0de0badc0de0badc0de0badc0de"))
@@ -454,7 +454,7 @@ def _dump(url: str) -> str:
 
 
 def test_seed_from_default_topology(db: VpnDatabase) -> None:
-    topo = load()
+    topo = load_topology()
     nai = topo.users[0].nai
     db.seed_from_topology(topo, {nai: SECRET})
     db.seed_from_topology(topo, {nai: SECRET})  # idempotent
