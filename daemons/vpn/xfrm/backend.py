@@ -84,17 +84,8 @@ from daemons.vpn.path import (
     VpnPath,
 )
 from daemons.vpn.qos import HtbQos, QosClass, QosError, _tc
-from daemons.vpn.xfrm.netlink import (
-    IPPROTO_ESP,
-    SA,
-    XFRMNLGRP_ACQUIRE,
-    Policy,
-    Selector,
-    Tmpl,
-    XfrmError,
-    XfrmMonitor,
-    XfrmSocket,
-)
+from daemons.vpn.xfrm.netlink import XfrmError, XfrmMonitor, XfrmSocket
+from daemons.wire.xfrm import IPPROTO_ESP, SA, XFRMNLGRP_ACQUIRE, Policy, Selector, Tmpl
 
 log = logging.getLogger(__name__)
 
