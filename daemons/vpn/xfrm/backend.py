@@ -83,7 +83,7 @@ from daemons.vpn.path import (
     Qos,
     VpnPath,
 )
-from daemons.vpn.qos import HtbQos, QosClass, QosError, _tc
+from daemons.vpn.qos import HtbQos, QosClass, QosError
 from daemons.vpn.xfrm.netlink import XfrmError, XfrmMonitor, XfrmSocket
 from daemons.wire.xfrm import IPPROTO_ESP, SA, XFRMNLGRP_ACQUIRE, Policy, Selector, Tmpl
 
@@ -193,16 +193,9 @@ class EspQos(HtbQos):
     """HTB classes on a physical egress interface, classified by the outer ESP header."""
 
     async def apply_esp(self, key: str, qos: Qos, spi: int, src: str, dst: str) -> QosClass:
-        minor = await self.set_class(key, qos)
-        classid = f"1:{minor:x}"
-        await _tc(self.netns, "filter", "add", "dev", self.ifname, "parent", "1:", "protocol", "ip",
-                  "pref", str(minor), "u32", "match", "ip", "protocol", "50", "0xff",
-                  "match", "ip", "src", f"{src}/32", "match", "ip", "dst", f"{dst}/32",
-                  "match", "u32", f"0x{spi:08x}", "0xffffffff", "at", "20", "flowid", classid)
-        qc = QosClass(key, minor, qos)
-        self._classes[key] = qc
-        log.info("qos %s: %s on %s class %s (ESP spi 0x%08x)", key, qos, self.ifname, classid, spi)
-        return qc
+        match = ["match", "ip", "protocol", "50", "0xff", "match", "ip", "src", f"{src}/32",
+                 "match", "ip", "dst", f"{dst}/32", "match", "u32", f"0x{spi:08x}", "0xffffffff", "at", "20"]
+        return await self.classify(key, qos, [match], spi=f"0x{spi:08x}")
 
 
 # --------------------------------------------------------------------------- the backend
