@@ -98,7 +98,9 @@ import vici
 from vici.exception import CommandException, SessionException
 
 from daemons.vpn.path import (
+    Capability,
     EndpointType,
+    PathBackend,
     PathError,
     PathState,
     PathStatus,
@@ -392,10 +394,16 @@ def _int(value: Any, base: int = 10) -> int | None:
         return None
 
 
-class StrongswanBackend:
+class StrongswanBackend(PathBackend):
     """Path backend on one node's charon (see the module docstring for the design)."""
 
     name = "strongswan"
+
+    @property
+    def capabilities(self) -> Capability:
+        """kernel-libipsec: route-based (``ipsec0``), the local selector's address owned; F6
+        forwarding paths work (a CHILD_SA per path, no kernel policy template to collide with)."""
+        return Capability.FORWARDING_PATHS | Capability.LOCAL_SELECTOR_ADDRESS | Capability.ROUTE_BASED
 
     def __init__(
         self,
@@ -421,8 +429,6 @@ class StrongswanBackend:
         self._ipr: Any = None
         self._lock = asyncio.Lock()
         self.qos = HtbQos(netns, tun_ifname)
-        #: duration of the last VICI initiate (the IKE/CHILD_SA negotiation alone), for benches
-        self.last_initiate_ms: float | None = None
         # on-traffic paths: (connection, path id) -> reqid of the trapped child, and back
         self._trap_reqids: dict[tuple[str, str], int] = {}
         self._next_trap_reqid = TRAP_REQID_BASE
@@ -550,6 +556,16 @@ class StrongswanBackend:
                 ipr.rule("del", **_rule_kwargs(r))
                 n += 1
         return n
+
+    # ---- the addresses an FA must own ---------------------------------------------------
+
+    async def prepare_local_selector(self, address: str, access_ifname: str) -> None:
+        """See :func:`prepare_local_selector`."""
+        await prepare_local_selector(self.netns, address, access_ifname)
+
+    async def release_local_selector(self, address: str) -> None:
+        """See :func:`release_local_selector`."""
+        await release_local_selector(self.netns, address)
 
     # ---- VICI messages ------------------------------------------------------------------
 
@@ -981,10 +997,10 @@ class StrongswanBackend:
         t0 = time.perf_counter()
         try:
             await self._vici(run)
-            self.last_initiate_ms = (time.perf_counter() - t0) * 1000.0
+            self.last_negotiation_ms = (time.perf_counter() - t0) * 1000.0
             return True
         except CommandException as e:
-            self.last_initiate_ms = None
+            self.last_negotiation_ms = None
             log.info("%s: initiating %s failed (%s); waiting for the peer", self.node, path.id, e)
             return False
 

@@ -70,13 +70,15 @@ import builtins
 import contextlib
 import errno
 import ipaddress
-import logging
 import socket
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from daemons.runtime.log import EventLog
 from daemons.vpn.path import (
+    Capability,
+    PathBackend,
     PathError,
     PathState,
     PathStatus,
@@ -87,7 +89,7 @@ from daemons.vpn.qos import HtbQos, QosClass, QosError
 from daemons.vpn.xfrm.netlink import XfrmError, XfrmMonitor, XfrmSocket
 from daemons.wire.xfrm import IPPROTO_ESP, SA, XFRMNLGRP_ACQUIRE, Policy, Selector, Tmpl
 
-log = logging.getLogger(__name__)
+log = EventLog("mipvpn.xfrm")
 
 REQID_BASE = 0x6D700000  # "mp": reqids of mipvpn's paths
 REQID_SPAN = 0x00100000
@@ -201,10 +203,16 @@ class EspQos(HtbQos):
 # --------------------------------------------------------------------------- the backend
 
 
-class XfrmBackend:
+class XfrmBackend(PathBackend):
     """Path backend writing SAs/policies over NETLINK_XFRM in one namespace (see module doc)."""
 
     name = "xfrm"
+
+    @property
+    def capabilities(self) -> Capability:
+        """Policy-based (the kernel's policy lookup steers cleartext), keys from the AAAH: no
+        address to own, no routes; no F6 forwarding paths (see :attr:`Capability.FORWARDING_PATHS`)."""
+        return Capability.NONE
 
     def __init__(self, node: str, netns: str | None = None, *, qos: bool = True,
                  xfrm: XfrmSocket | None = None) -> None:
@@ -355,7 +363,7 @@ class XfrmBackend:
                 try:
                     events = monitor.read(timeout=0.5)
                 except Exception as exc:  # keep listening whatever one read did
-                    log.warning("%s: acquire monitor: %s", self.node, exc)
+                    log.warning("xfrm.monitor_failed", gw=self.node, error=exc)
                     self._watch_stop.wait(0.5)
                     continue
                 for event in events:
@@ -378,13 +386,11 @@ class XfrmBackend:
                 self._xs.add_sa(sa)  # replaces the kernel's larval (acquire) state
             except XfrmError as exc:
                 if exc.errno != errno.EEXIST:
-                    log.warning("%s: first packet for %s, but its SA could not be installed: %s",
-                                self.node, path_id, exc)
+                    log.warning("trap.install_failed", gw=self.node, path=path_id, error=exc)
                     return
             del self._held[path_id]
             self.acquires += 1
-        log.info("%s: first packet for on-traffic path %s: outbound SA spi 0x%08x installed",
-                 self.node, path_id, sa.spi)
+        log.info("trap.acquired", gw=self.node, path=path_id, spi_out=f"0x{sa.spi:08x}")
 
     def _delete_sync(self, old: PathEntries, keep: PathEntries | None = None) -> None:
         xs = self._xs
@@ -449,7 +455,7 @@ class XfrmBackend:
             ifname = await asyncio.to_thread(self._egress_ifname, str(path.remote.address))
         except Exception as exc:  # no route: nothing to shape on
             ifname = None
-            log.warning("%s: qos %s: no route to %s (%s); not shaped", self.node, path.id, path.remote.address, exc)
+            log.warning("qos.no_route", gw=self.node, path=path.id, remote=path.remote.address, error=exc)
         if ifname is None:
             return
         qos = self._qos.setdefault(ifname, EspQos(self.netns, ifname))
@@ -506,7 +512,7 @@ class XfrmBackend:
         async with self._lock:
             entries = self._entries.get(path_id)
             if entries is None:
-                log.debug("%s: remove %s: not installed by this backend", self.node, path_id)
+                log.debug("path.unknown", gw=self.node, path=path_id)
                 return
             with self._held_lock:
                 self._held.pop(path_id, None)
@@ -558,7 +564,7 @@ class XfrmBackend:
             entries = {p.id: path_entries(p, reqids[p.id]) for p in wanted}
             removed = await self._x(self._remove_strays_sync, entries.values())
             if removed:
-                log.info("%s: reconcile removed %d stray xfrm entries", self.node, removed)
+                log.info("paths.strays_removed", gw=self.node, entries=removed)
             self._paths = {p.id: p for p in wanted}
             self._entries = {}
             with self._held_lock:
