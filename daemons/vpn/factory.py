@@ -56,7 +56,7 @@ def node_daemon(name: str, run_dir: str | os.PathLike[str], node: str) -> NodeDa
     if name == "xfrm":
         return None
     if name == "strongswan":
-        from daemons.vpn.strongswan.backend import charon_command, vici_socket_path
+        from daemons.vpn.strongswan.charon import charon_command, vici_socket_path
 
         return NodeDaemon("charon", charon_command(run_dir, node), vici_socket_path(run_dir, node))
     raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")

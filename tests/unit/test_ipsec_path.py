@@ -22,13 +22,9 @@ from daemons.vpn.path import (
     SecurityService,
     VpnPath,
 )
-from daemons.vpn.strongswan.backend import (
-    StrongswanBackend,
-    charon_command,
-    conn_name,
-    psk_id,
-    strongswan_conf,
-)
+from daemons.vpn.strongswan.backend import StrongswanBackend
+from daemons.vpn.strongswan.charon import charon_command, conn_name, psk_id, strongswan_conf
+from daemons.vpn.strongswan.routes import route_mode
 
 PSK = Secret(b"k" * 32)
 N = ipaddress.IPv4Network
@@ -170,5 +166,5 @@ def test_conn_message_per_pair_without_secrets() -> None:
 
 
 def test_route_mode_by_local_endpoint() -> None:
-    assert StrongswanBackend.route_mode(path()) == "source"
-    assert StrongswanBackend.route_mode(path().mirrored()) == "destination"
+    assert route_mode(path()) == "source"
+    assert route_mode(path().mirrored()) == "destination"
