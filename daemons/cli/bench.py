@@ -7,8 +7,9 @@ namespaces ``mipvpn-bench-<pid>-i`` (initiator, HA-like) and ``mipvpn-bench-<pid
 (198.18.64.1 on the responder's ``lo``), installs N paths at both ends with the chosen backend,
 pings through the first one, removes them all, and prints install/remove latency percentiles
 and paths/s (:func:`daemons.bench.paths.bench_paths`).  The process the backend drives, if any
-(strongswan: one charon per namespace), is started and stopped by its PID.  Everything it created is removed, whatever
-happens.  Numbers are only comparable between runs in the same environment.
+(strongswan: one charon per namespace), is started and stopped by its PID.  Everything it
+created is removed, whatever happens.  Numbers are only comparable between runs in the same
+environment.
 """
 
 from __future__ import annotations
