@@ -26,7 +26,7 @@ from daemons.runtime.tasks import background
 from daemons.store.state import StateFile
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
-from daemons.vpn.path import EndpointType, PathError
+from daemons.vpn.path import Capability, EndpointType, PathError
 from daemons.wire import mip
 from daemons.wire.diameter import Avp, Message, ResultCode
 from daemons.wire.diameter.constants import TerminationCause
@@ -99,7 +99,7 @@ class ForeignAgent:
         self.restore()
         await self.routes.reconcile(list(self.visitors))
         self.mavpn = await MavpnControl.start(self.config, access_interface=self.config.access_interface)
-        if self.config.ipsec_backend == "strongswan":
+        if self.mavpn is not None and Capability.ROUTE_BASED in self.mavpn.backend.capabilities:
             await AccessGuard(self.config.access_interface).install()
         self.udp = await UdpEndpoint.open(self.on_datagram, "0.0.0.0", mip.MIP_UDP_PORT)
         if self.config.aaa is not None:
@@ -476,12 +476,11 @@ class ForeignAgent:
         if (not self.handoff_enabled or pending.handoff is not None or previous is None or ha_path is None
                 or self.mavpn is None):
             return
-        backend = getattr(self.mavpn.backend, "name", "")
-        if backend != "strongswan":
-            # With kernel ESP the forwarding path's inbound/forward policies (any -> home
+        if Capability.FORWARDING_PATHS not in self.mavpn.backend.capabilities:
+            # e.g. kernel ESP (xfrm): the forwarding path's inbound/forward policies (any -> home
             # address) would shadow the path to the HA's, whose template the kernel checks;
             # that needs per-path priorities and is not done: the old FA only gets told.
-            log.info("forwarding.skipped", mn=pending.nai, backend=backend)
+            log.info("forwarding.skipped", mn=pending.nai, backend=self.mavpn.backend.name)
             return
         pending.handoff = asyncio.create_task(self.smooth_handoff(previous, pending, ha_path))
 

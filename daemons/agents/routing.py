@@ -101,9 +101,10 @@ class MobileNodeLink:
 
 
 class AccessGuard:
-    """VPN-only access at an FA (strongswan backend): nothing that arrives on the access
-    segment is forwarded in clear. Each visitor's traffic is steered into the tunnel by a
-    per-user rule (pref 900, daemons/ipsec/strongswan.py); whatever no rule claims — a
+    """VPN-only access at an FA (route-based backends, ``Capability.ROUTE_BASED``, e.g.
+    strongswan): nothing that arrives on the access segment is forwarded in clear. Each
+    visitor's traffic is steered into the tunnel by a per-user rule (pref 900,
+    daemons/vpn/strongswan/routes.py); whatever no rule claims — a
     visitor whose path is not up yet, during a handover — hits this blackhole instead of
     leaving toward the core unencrypted. Traffic to the FA itself is local and unaffected.
     """

@@ -8,7 +8,7 @@ Usage (e.g. from a lab scenario or a test)::
 
 ``paths`` are written from the initiator's point of view; the responder gets
 :meth:`VpnPath.mirrored`.  Both nodes must be prepared for them (charon running, local-selector
-addresses owned, see :func:`daemons.vpn.strongswan.backend.prepare_local_selector`).
+addresses owned where the backend needs it, see :meth:`PathBackend.prepare_local_selector`).
 """
 
 from __future__ import annotations
@@ -103,7 +103,7 @@ async def bench_paths(
         t0 = clock()
         st = await initiator.install(p)
         dt = clock() - t0
-        nego = getattr(initiator, "last_initiate_ms", None)
+        nego = initiator.last_negotiation_ms
         if i == 0:
             first = dt * 1000.0
             first_nego = nego
@@ -128,7 +128,7 @@ async def bench_paths(
         await responder.remove(p.id)
 
     return BenchResult(
-        backend=getattr(initiator, "name", type(initiator).__name__),
+        backend=initiator.name,
         n=len(paths),
         responder_install=resp_t,
         first_install=first,

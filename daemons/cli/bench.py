@@ -6,9 +6,10 @@ namespaces ``mipvpn-bench-<pid>-i`` (initiator, HA-like) and ``mipvpn-bench-<pid
 198.18.128.1.. (/32 each on the initiator's ``lo``) and the corporate prefix 198.18.64.0/24
 (198.18.64.1 on the responder's ``lo``), installs N paths at both ends with the chosen backend,
 pings through the first one, removes them all, and prints install/remove latency percentiles
-and paths/s (:func:`daemons.bench.paths.bench_paths`).  For strongswan, one charon per
-namespace is started and stopped by its PID.  Everything it created is removed, whatever
-happens.  Numbers are only comparable between runs in the same environment.
+and paths/s (:func:`daemons.bench.paths.bench_paths`).  The process the backend drives, if any
+(strongswan: one charon per namespace), is started and stopped by its PID.  Everything it
+created is removed, whatever happens.  Numbers are only comparable between runs in the same
+environment.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import click
 from daemons.bench.kit import percentiles
 from daemons.bench.paths import BenchResult, Timings, bench_paths
 from daemons.runtime.secret import Secret
+from daemons.vpn.factory import NodeDaemon, choose_backend, make_backend, node_daemon
 from daemons.vpn.path import (
     DirectionKeys,
     Endpoint,
@@ -107,10 +109,9 @@ class Scratch:
         _sh("ip", "-n", i, "-batch", "-", stdin="\n".join(batch_i) + "\n")
         _sh("ip", "-n", r, "-batch", "-", stdin="\n".join(batch_r) + "\n")
 
-    def start_charon(self, role: str) -> subprocess.Popen[bytes]:
-        from daemons.vpn.strongswan.backend import charon_command
-
-        cmd = ["ip", "netns", "exec", self.ns[role], *charon_command(self.run_dir, role)]
+    def start_daemon(self, role: str, daemon: NodeDaemon) -> subprocess.Popen[bytes]:
+        """Start the process the backend drives (strongswan: charon) in ``role``'s namespace."""
+        cmd = ["ip", "netns", "exec", self.ns[role], *daemon.argv]
         with open(self.run_dir / f"{role}.stdout", "wb") as out:
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True)
@@ -195,20 +196,18 @@ def format_result(result: BenchResult, reason: str) -> str:
 
 async def run_paths_bench(backend: str, n: int, suite: EspSuite = EspSuite.AES128GCM16) -> tuple[BenchResult, str]:
     """Resolve ``backend``, build the scratch namespaces and run the benchmark."""
-    from daemons.vpn.factory import choose_backend, make_backend
-
     name, reason = await asyncio.to_thread(choose_backend, backend)
     paths = make_paths(n, suite)
     with scratch(n) as s:
-        if name == "strongswan":
-            s.start_charon("i")
-            s.start_charon("r")
+        for role in ("i", "r"):
+            helper = node_daemon(name, s.run_dir, role)
+            if helper is not None:
+                s.start_daemon(role, helper)
         init: PathBackend = make_backend(name, "i", s.run_dir, s.ns["i"])
         resp: PathBackend = make_backend(name, "r", s.run_dir, s.ns["r"])
         try:
-            if name == "strongswan":
-                await init.wait_ready()  # type: ignore[attr-defined]
-                await resp.wait_ready()  # type: ignore[attr-defined]
+            await init.wait_ready()
+            await resp.wait_ready()
 
             async def probe() -> bool:
                 return await asyncio.to_thread(s.ping)
@@ -219,7 +218,7 @@ async def run_paths_bench(backend: str, n: int, suite: EspSuite = EspSuite.AES12
                 try:
                     await b.flush()
                 finally:
-                    await b.close()  # type: ignore[attr-defined]
+                    await b.close()
     return result, reason
 
 

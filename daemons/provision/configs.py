@@ -325,18 +325,17 @@ def read_synthetic_users(run_dir: Path) -> list[SyntheticUser]:
 
 
 def services(topo: Topology, run_dir: Path, backend: str = "none") -> list[Service]:
-    """Write every daemon's configuration; return the processes, in start order: one charon
-    per IPsec node first (strongswan backend), then the daemons."""
+    """Write every daemon's configuration; return the processes, in start order: the process
+    the IPsec backend drives, per IPsec node, first (strongswan: charon), then the daemons."""
     plan = Plan(topo, run_dir, backend)
     out: list[Service] = []
-    if backend == "strongswan":
-        from daemons.vpn.strongswan.backend import charon_command, vici_socket_path
-        from daemons.vpn.strongswan.backend import write_config as write_charon_config
+    if backend != "none":
+        from daemons.vpn.factory import node_daemon
 
         for node in (n for role in ROLES.values() if role.terminates_paths for n in plan.role(role.name)):
-            write_charon_config(run_dir, node)
-            out.append(Service(f"charon:{node}", node, charon_command(run_dir, node),
-                               vici_socket_path(run_dir, node)))
+            helper = node_daemon(backend, run_dir, node)  # writes its configuration
+            if helper is not None:
+                out.append(Service(f"{helper.name}:{node}", node, helper.argv, helper.socket))
     write_synthetic_users(run_dir, plan.synthetic_users())
     relays = plan.relay_services()  # started after the AAAHs they dial, before the AAAFs that dial them
     for node, config in plan.configs().items():

@@ -2,7 +2,7 @@
 
 Per-user ESP keys come fresh from the CSPRNG at every registration (``new_esp_key``). The
 IKE pre-shared secret belongs to a gateway *pair* (the strongswan backend runs one IKE_SA
-per pair, see daemons/ipsec/strongswan.py), so it is derived from the AAA domain's master
+per pair, see daemons/vpn/strongswan/backend.py), so it is derived from the AAA domain's master
 secret and the two gateway addresses: every party that holds the master secret (the AAAH,
 and the provisioning of static paths) gets the same value without storing one per pair.
 """

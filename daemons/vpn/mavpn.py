@@ -25,7 +25,7 @@ from daemons.runtime.log import EventLog
 from daemons.runtime.tasks import background
 from daemons.store.state import StateFile
 from daemons.vpn.factory import make_backend
-from daemons.vpn.path import EndpointType, PathBackend, PathStatus, VpnPath
+from daemons.vpn.path import Capability, EndpointType, PathBackend, PathStatus, VpnPath
 from daemons.vpn.vpninfo import ON_TRAFFIC, STATIC_OWNER, VpnInfo, from_static
 from daemons.wire.diameter import DecodeError
 from daemons.wire.diameter.avp import decode_avps
@@ -34,12 +34,10 @@ log = EventLog("mipvpn.mavpn")
 
 
 class MavpnControl:
-    def __init__(self, backend: PathBackend, state: StateFile, access_interface: str | None = None,
-                 netns: str | None = None) -> None:
+    def __init__(self, backend: PathBackend, state: StateFile, access_interface: str | None = None) -> None:
         self.backend = backend
         self.state = state
         self.access_interface = access_interface  # FA: where the MNs are
-        self.netns = netns
         self.cache: dict[str, dict[int, VpnInfo]] = {}  # nai -> path id -> info
         self.lock = asyncio.Lock()
 
@@ -50,9 +48,7 @@ class MavpnControl:
         if config.ipsec_backend == "none":
             return None
         backend = make_backend(config.ipsec_backend, config.node, config.run_dir or config.state_dir)
-        wait_ready = getattr(backend, "wait_ready", None)
-        if wait_ready is not None:  # strongswan: charon must be up, ipsec0 there
-            await wait_ready()
+        await backend.wait_ready()  # e.g. strongswan: charon must be up, ipsec0 there
         control = cls(backend, StateFile(config.state_dir / "vpn.json"), access_interface)
         control.restore()
         static = [from_static(p) for p in config.static_paths]
@@ -152,21 +148,26 @@ class MavpnControl:
     def infos(self, nai: str) -> list[VpnInfo]:
         return list(self.cache.get(nai, {}).values())
 
+    def _selector_interface(self) -> str | None:
+        """An FA on a backend that must own its local selectors
+        (:attr:`Capability.LOCAL_SELECTOR_ADDRESS`): the access interface its MNs are on."""
+        if Capability.LOCAL_SELECTOR_ADDRESS not in self.backend.capabilities:
+            return None
+        return self.access_interface
+
     async def _prepare(self, info: VpnInfo) -> None:
         """An FA's local selector is the MN's home address: with user-space ESP the FA must
-        own that address (see daemons.vpn.strongswan.backend.prepare_local_selector)."""
-        if info.path.local.type is not EndpointType.FA or self.access_interface is None:
+        own that address (:meth:`PathBackend.prepare_local_selector`)."""
+        access = self._selector_interface()
+        if info.path.local.type is not EndpointType.FA or access is None:
             return
-        if getattr(self.backend, "name", "") == "strongswan":
-            from daemons.vpn.strongswan.backend import prepare_local_selector
-
-            for net in info.path.local_ts:
-                if net.prefixlen == 32:  # a home address (not an F6 forwarding path's "any")
-                    await prepare_local_selector(self.netns, str(net.network_address), self.access_interface)
+        for net in info.path.local_ts:
+            if net.prefixlen == 32:  # a home address (not an F6 forwarding path's "any")
+                await self.backend.prepare_local_selector(str(net.network_address), access)
 
     def _owned_home_addresses(self) -> set[str]:
         """The home addresses _prepare made this node own for the cached paths."""
-        if self.access_interface is None or getattr(self.backend, "name", "") != "strongswan":
+        if self._selector_interface() is None:
             return set()
         return {str(net.network_address) for info in self.wanted() if info.path.local.type is EndpointType.FA
                 for net in info.path.local_ts if net.prefixlen == 32}
@@ -174,10 +175,8 @@ class MavpnControl:
     async def _release(self, addresses: set[str]) -> None:
         """A home address no path needs any more is given back: left on ``lo`` (with its
         access rule) it would swallow what still arrives for the MN after it left."""
-        from daemons.vpn.strongswan.backend import release_local_selector
-
         for address in addresses:
-            await release_local_selector(self.netns, address)
+            await self.backend.release_local_selector(address)
 
     # ---- show ----------------------------------------------------------------------------------
     async def show(self) -> list[dict[str, Any]]:

@@ -6,7 +6,9 @@ peer's.  The AAAH describes a path once; each end gets its own view (:meth:`VpnP
 
 Backends (:class:`PathBackend`) turn paths into IPsec state: the xfrm backend writes SAs and
 policies straight into the kernel (keys and SPIs from the AAAH), the strongswan backend lets
-charon negotiate the CHILD_SAs with an AAAH-distributed IKE pre-shared secret.
+charon negotiate the CHILD_SAs with an AAAH-distributed IKE pre-shared secret.  What a backend
+can do beyond the common API, it says in :attr:`PathBackend.capabilities` (a
+:class:`Capability` flag set), the way strongSwan's kernel interfaces answer ``get_features()``.
 
 **When a path comes up** (``VpnPath.on_traffic``, claim 5): by default a backend brings the
 SAs up at ``install`` (at registration).  A path with ``on_traffic`` set is installed as a
@@ -23,13 +25,14 @@ Secrets are :class:`daemons.runtime.secret.Secret`; nothing here prints them, an
 
 from __future__ import annotations
 
+import abc
 import builtins
 import enum
 import ipaddress
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol, runtime_checkable
+from typing import ClassVar
 
 from daemons.runtime.secret import Secret
 
@@ -279,8 +282,32 @@ class PathError(Exception):
     """A backend could not install/update/remove a path.  Messages never contain secrets."""
 
 
-@runtime_checkable
-class PathBackend(Protocol):
+class Capability(enum.Flag):
+    """What a backend can do, or needs, beyond the path API itself (cf. strongSwan's
+    ``kernel_feature_t``, from ``kernel_ipsec_t.get_features()``).  Callers ask
+    ``Capability.X in backend.capabilities``; nothing above ``daemons.vpn`` looks at a
+    backend's name to decide what it can do.
+    """
+
+    NONE = 0
+    #: F6 (claims 22, 23): the backend can install the old FA -> new FA forwarding path
+    #: (any -> home address) next to the path to the HA.  Not with kernel xfrm: the forwarding
+    #: path's in/fwd policies would shadow those of the path to the HA, whose template the
+    #: kernel checks (that needs per-path priorities, which are not done).
+    FORWARDING_PATHS = enum.auto()
+    #: The node must own an address inside a path's local selector before the path can be
+    #: installed (kernel-libipsec refuses the outbound policy otherwise): an FA, whose local
+    #: selector is the MN's home address, calls :meth:`PathBackend.prepare_local_selector`
+    #: first and :meth:`PathBackend.release_local_selector` when no path needs it any more.
+    LOCAL_SELECTOR_ADDRESS = enum.auto()
+    #: Route-based: cleartext enters a tunnel by routes/rules the backend installs into a tunnel
+    #: device (strongswan: ``ipsec0``), not by the kernel's IPsec policy lookup, so whatever no
+    #: route of the backend claims is forwarded in clear; an FA blackholes what arrives on its
+    #: access segment unclaimed (a visitor whose path is not up yet).
+    ROUTE_BASED = enum.auto()
+
+
+class PathBackend(abc.ABC):
     """The one path API the agents use (cf. strongSwan's kernel_ipsec interface).
 
     - ``install`` is idempotent: installing an identical path again is harmless; installing a
@@ -291,18 +318,57 @@ class PathBackend(Protocol):
     - ``list`` reports state and counters, never keys.
     - ``flush`` removes everything the backend manages on this node.
     - ``reconcile`` makes installed == wanted (e.g. after a daemon restart) and removes strays.
+
+    What a backend can do beyond that is :attr:`capabilities`; the hooks below have no-op
+    defaults, so a caller calls them whatever the backend (``wait_ready`` after start, ``close``
+    at the end) or when a capability says so (``prepare_local_selector``).
     """
 
-    name: str
+    #: the backend's name, for people (logs, ``show``, benchmarks); never to decide features
+    name: ClassVar[str]
+    #: duration of the last negotiation the backend ran itself (IKE/CHILD_SA), for benchmarks;
+    #: None if it negotiates nothing (keys from the AAAH) or the last one failed
+    last_negotiation_ms: float | None = None
 
+    @property
+    @abc.abstractmethod
+    def capabilities(self) -> Capability:
+        """What this backend can do or needs (see :class:`Capability`)."""
+
+    @abc.abstractmethod
     async def install(self, path: VpnPath) -> PathStatus: ...
 
+    @abc.abstractmethod
     async def update(self, path: VpnPath) -> PathStatus: ...
 
+    @abc.abstractmethod
     async def remove(self, path_id: str) -> None: ...
 
-    async def list(self) -> list[PathStatus]: ...
+    @abc.abstractmethod
+    async def list(self) -> builtins.list[PathStatus]: ...
 
+    @abc.abstractmethod
     async def flush(self) -> None: ...
 
+    @abc.abstractmethod
     async def reconcile(self, wanted: Sequence[VpnPath]) -> builtins.list[PathStatus]: ...
+
+    async def wait_ready(self) -> str | None:
+        """Wait until whatever the backend drives is up (strongswan: charon on VICI, ``ipsec0``);
+        call after every (re)start of that, then :meth:`reconcile`.  Returns what it found
+        (e.g. charon's version), None if there is nothing to wait for."""
+        return None
+
+    async def close(self) -> None:
+        """Release the backend's sockets and threads (installed paths stay)."""
+        return None  # nothing to do unless a backend says otherwise
+
+    async def prepare_local_selector(self, address: str, access_ifname: str) -> None:
+        """Make this node own ``address`` (a path's local selector, the MN's home address at an
+        FA, whose MNs are on ``access_ifname``), where :attr:`Capability.LOCAL_SELECTOR_ADDRESS`
+        says the backend needs it.  Idempotent."""
+        return None  # nothing to do unless a backend says otherwise
+
+    async def release_local_selector(self, address: str) -> None:
+        """Undo :meth:`prepare_local_selector` for ``address``."""
+        return None  # nothing to do unless a backend says otherwise

@@ -24,13 +24,14 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
+from daemons.runtime.log import EventLog
 from daemons.vpn.path import Qos
 
-log = logging.getLogger(__name__)
+log = EventLog("mipvpn.qos")
 
 ROOT_HANDLE = "1:"
 PARENT_CLASS = "1:1"
@@ -50,7 +51,8 @@ class QosClass:
     qos: Qos
 
 
-async def _tc(netns: str | None, *args: str, check: bool = True) -> str:
+async def tc(netns: str | None, *args: str, check: bool = True) -> str:
+    """Run ``tc`` (in ``netns``); its output, or :class:`QosError` with its message."""
     cmd = ["tc", *(["-n", netns] if netns else []), *args]
     proc = await asyncio.create_subprocess_exec(
         *cmd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
@@ -77,7 +79,7 @@ class HtbQos:
         return dict(self._classes)
 
     async def _root_present(self) -> bool:
-        out = await _tc(self.netns, "-j", "qdisc", "show", "dev", self.ifname)
+        out = await tc(self.netns, "-j", "qdisc", "show", "dev", self.ifname)
         for q in json.loads(out or "[]"):
             if q.get("root") and q.get("kind") == "htb" and q.get("handle") == ROOT_HANDLE:
                 return True
@@ -86,11 +88,11 @@ class HtbQos:
     async def ensure_root(self) -> None:
         if await self._root_present():
             return
-        await _tc(
+        await tc(
             self.netns, "qdisc", "replace", "dev", self.ifname, "root", "handle", ROOT_HANDLE,
             "htb", "default", "0",
         )
-        await _tc(
+        await tc(
             self.netns, "class", "replace", "dev", self.ifname, "parent", ROOT_HANDLE,
             "classid", PARENT_CLASS, "htb", "rate", f"{self.link_rate}bit",
             "ceil", f"{self.link_rate}bit",
@@ -98,7 +100,7 @@ class HtbQos:
 
     async def kernel_minors(self) -> set[int]:
         """Class minors present on the interface (below the parent class)."""
-        out = await _tc(self.netns, "-j", "class", "show", "dev", self.ifname, check=False)
+        out = await tc(self.netns, "-j", "class", "show", "dev", self.ifname, check=False)
         minors: set[int] = set()
         try:
             entries = json.loads(out or "[]")
@@ -125,7 +127,7 @@ class HtbQos:
             minor = next((m for m in range(MIN_MINOR, MAX_MINOR) if m not in used), 0)
             if not minor:
                 raise QosError("no free HTB class id")
-        await _tc(
+        await tc(
             self.netns, "class", "replace", "dev", self.ifname, "parent", PARENT_CLASS,
             "classid", f"1:{minor:x}", "htb", "rate", f"{qos.rate}bit",
             "ceil", f"{qos.effective_ceil}bit", "prio", str(qos.priority),
@@ -142,10 +144,9 @@ class HtbQos:
         """Create or change the class for ``key``; traffic matching any (src, dst) combination
         (0.0.0.0/0 entries or an empty list match everything on that side) is classified into it.
         """
-        minor = await self.set_class(key, qos)
-        classid = f"1:{minor:x}"
         srcs = [n for n in src if n.prefixlen] or [None]
         dsts = [n for n in dst if n.prefixlen] or [None]
+        matches: list[list[str]] = []
         for s in srcs:
             for d in dsts:
                 match: list[str] = []
@@ -153,19 +154,27 @@ class HtbQos:
                     match += ["match", "ip", "src", str(s)]
                 if d is not None:
                     match += ["match", "ip", "dst", str(d)]
-                if not match:
-                    match = ["match", "u32", "0", "0"]
-                await _tc(
-                    self.netns, "filter", "add", "dev", self.ifname, "parent", ROOT_HANDLE,
-                    "protocol", "ip", "pref", str(minor), "u32", *match, "flowid", classid,
-                )
+                matches.append(match or ["match", "u32", "0", "0"])
+        return await self.classify(key, qos, matches)
+
+    async def classify(self, key: str, qos: Qos, matches: Sequence[Sequence[str]], **log_fields: Any) -> QosClass:
+        """Create or change the class for ``key``, with one u32 filter per entry of ``matches``
+        (each the u32 selector words, e.g. ``["match", "ip", "src", "198.18.1.1/32"]``)."""
+        minor = await self.set_class(key, qos)
+        classid = f"1:{minor:x}"
+        for match in matches:
+            await tc(
+                self.netns, "filter", "add", "dev", self.ifname, "parent", ROOT_HANDLE,
+                "protocol", "ip", "pref", str(minor), "u32", *match, "flowid", classid,
+            )
         qc = QosClass(key, minor, qos)
         self._classes[key] = qc
-        log.info("qos %s: %s on %s class %s", key, qos, self.ifname, classid)
+        log.info("qos.applied", path=key, rate=qos.rate, ceil=qos.effective_ceil, prio=qos.priority,
+                 dev=self.ifname, classid=classid, **log_fields)
         return qc
 
     async def _del_filter(self, minor: int) -> None:
-        await _tc(
+        await tc(
             self.netns, "filter", "del", "dev", self.ifname, "parent", ROOT_HANDLE,
             "protocol", "ip", "pref", str(minor), check=False,
         )
@@ -175,15 +184,15 @@ class HtbQos:
         if qc is None:
             return
         await self._del_filter(qc.minor)
-        await _tc(
+        await tc(
             self.netns, "class", "del", "dev", self.ifname, "classid", f"1:{qc.minor:x}",
             check=False,
         )
         if not self._classes and not await self.kernel_minors():
             # last user class gone: leave the interface as we found it
-            await _tc(self.netns, "qdisc", "del", "dev", self.ifname, "root", check=False)
+            await tc(self.netns, "qdisc", "del", "dev", self.ifname, "root", check=False)
 
     async def flush(self) -> None:
         """Remove the root qdisc (and with it every class and filter) from the interface."""
         self._classes.clear()
-        await _tc(self.netns, "qdisc", "del", "dev", self.ifname, "root", check=False)
+        await tc(self.netns, "qdisc", "del", "dev", self.ifname, "root", check=False)

@@ -17,14 +17,8 @@ from dataclasses import dataclass
 import pytest
 
 from daemons.runtime.secret import Secret
-from daemons.vpn.xfrm.netlink import (
-    SA,
-    Policy,
-    Selector,
-    Tmpl,
-    XfrmSocket,
-    probe_kernel_esp,
-)
+from daemons.vpn.xfrm.netlink import XfrmSocket, probe_kernel_esp
+from daemons.wire.xfrm import SA, Policy, Selector, Tmpl
 from tests.kernel.conftest import redact, run
 
 A_OUTER, B_OUTER = "198.18.0.1", "198.18.0.2"

@@ -72,7 +72,7 @@ def test_on_traffic_profiles_set_the_correspondent_paths_up_at_the_first_packet(
     fa_rows = [r for r in show(env, "paths", "fa1") if r["remote_type"] == "ha"]  # type: ignore[index]
     assert [r["state"] for r in fa_rows] == ["up"], fa_rows
     # route optimisation: FA⇄cngw2 trapped at both ends (at fa1 under the FA⇄HA path, which
-    # covers it, in nftables: see daemons.vpn.strongswan.backend)
+    # covers it, in nftables: see daemons.vpn.strongswan.traps)
     ro_fa = wait_for(lambda: path_row(env, "fa1", "cngw-dynamic"), timeout=15, what="fa1's cngw2 path")
     ro_gw = wait_for(lambda: path_row(env, "cngw2", "fa"), timeout=15, what="cngw2's path (Binding Update)")
     assert (ro_fa["state"], ro_gw["state"]) == ("trapped", "trapped"), (ro_fa, ro_gw)

@@ -34,15 +34,10 @@ from daemons.vpn.path import (
     SecurityService,
     VpnPath,
 )
-from daemons.vpn.strongswan.backend import (
-    DEST_TABLE,
-    SRC_TABLE,
-    StrongswanBackend,
-    charon_command,
-    prepare_local_selector,
-    release_local_selector,
-    vici_socket_path,
-)
+from daemons.vpn.strongswan.addresses import prepare_local_selector, release_local_selector
+from daemons.vpn.strongswan.backend import StrongswanBackend
+from daemons.vpn.strongswan.charon import charon_command, vici_socket_path
+from daemons.vpn.strongswan.routes import DEST_TABLE, SRC_TABLE
 
 pytestmark = [
     pytest.mark.lab,

@@ -10,6 +10,7 @@ import pytest
 
 from daemons.runtime.secret import Secret
 from daemons.vpn.path import (
+    Capability,
     DirectionKeys,
     Endpoint,
     EndpointType,
@@ -21,13 +22,9 @@ from daemons.vpn.path import (
     SecurityService,
     VpnPath,
 )
-from daemons.vpn.strongswan.backend import (
-    StrongswanBackend,
-    charon_command,
-    conn_name,
-    psk_id,
-    strongswan_conf,
-)
+from daemons.vpn.strongswan.backend import StrongswanBackend
+from daemons.vpn.strongswan.charon import charon_command, conn_name, psk_id, strongswan_conf
+from daemons.vpn.strongswan.routes import route_mode
 
 PSK = Secret(b"k" * 32)
 N = ipaddress.IPv4Network
@@ -127,6 +124,8 @@ def test_secrets_never_in_repr_or_status() -> None:
 def test_strongswan_backend_satisfies_protocol() -> None:
     b = StrongswanBackend("n", "/tmp/x", None)
     assert isinstance(b, PathBackend)
+    # kernel-libipsec: route-based, owns its local selectors, carries F6 forwarding paths
+    assert b.capabilities == Capability.FORWARDING_PATHS | Capability.LOCAL_SELECTOR_ADDRESS | Capability.ROUTE_BASED
 
 
 def test_strongswan_conf_never_logs_secrets(tmp_path) -> None:
@@ -167,5 +166,5 @@ def test_conn_message_per_pair_without_secrets() -> None:
 
 
 def test_route_mode_by_local_endpoint() -> None:
-    assert StrongswanBackend.route_mode(path()) == "source"
-    assert StrongswanBackend.route_mode(path().mirrored()) == "destination"
+    assert route_mode(path()) == "source"
+    assert route_mode(path().mirrored()) == "destination"

@@ -39,7 +39,8 @@ from daemons.vpn.xfrm.backend import (
     XfrmPathError,
     path_entries,
 )
-from daemons.vpn.xfrm.netlink import Policy, Selector, Tmpl, XfrmSocket, probe_kernel_esp
+from daemons.vpn.xfrm.netlink import XfrmSocket, probe_kernel_esp
+from daemons.wire.xfrm import Policy, Selector, Tmpl
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (network namespaces)")
 

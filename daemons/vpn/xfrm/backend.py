@@ -70,33 +70,26 @@ import builtins
 import contextlib
 import errno
 import ipaddress
-import logging
 import socket
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
+from daemons.runtime.log import EventLog
 from daemons.vpn.path import (
+    Capability,
+    PathBackend,
     PathError,
     PathState,
     PathStatus,
     Qos,
     VpnPath,
 )
-from daemons.vpn.qos import HtbQos, QosClass, QosError, _tc
-from daemons.vpn.xfrm.netlink import (
-    IPPROTO_ESP,
-    SA,
-    XFRMNLGRP_ACQUIRE,
-    Policy,
-    Selector,
-    Tmpl,
-    XfrmError,
-    XfrmMonitor,
-    XfrmSocket,
-)
+from daemons.vpn.qos import HtbQos, QosClass, QosError
+from daemons.vpn.xfrm.netlink import XfrmError, XfrmMonitor, XfrmSocket
+from daemons.wire.xfrm import IPPROTO_ESP, SA, XFRMNLGRP_ACQUIRE, Policy, Selector, Tmpl
 
-log = logging.getLogger(__name__)
+log = EventLog("mipvpn.xfrm")
 
 REQID_BASE = 0x6D700000  # "mp": reqids of mipvpn's paths
 REQID_SPAN = 0x00100000
@@ -202,25 +195,24 @@ class EspQos(HtbQos):
     """HTB classes on a physical egress interface, classified by the outer ESP header."""
 
     async def apply_esp(self, key: str, qos: Qos, spi: int, src: str, dst: str) -> QosClass:
-        minor = await self.set_class(key, qos)
-        classid = f"1:{minor:x}"
-        await _tc(self.netns, "filter", "add", "dev", self.ifname, "parent", "1:", "protocol", "ip",
-                  "pref", str(minor), "u32", "match", "ip", "protocol", "50", "0xff",
-                  "match", "ip", "src", f"{src}/32", "match", "ip", "dst", f"{dst}/32",
-                  "match", "u32", f"0x{spi:08x}", "0xffffffff", "at", "20", "flowid", classid)
-        qc = QosClass(key, minor, qos)
-        self._classes[key] = qc
-        log.info("qos %s: %s on %s class %s (ESP spi 0x%08x)", key, qos, self.ifname, classid, spi)
-        return qc
+        match = ["match", "ip", "protocol", "50", "0xff", "match", "ip", "src", f"{src}/32",
+                 "match", "ip", "dst", f"{dst}/32", "match", "u32", f"0x{spi:08x}", "0xffffffff", "at", "20"]
+        return await self.classify(key, qos, [match], spi=f"0x{spi:08x}")
 
 
 # --------------------------------------------------------------------------- the backend
 
 
-class XfrmBackend:
+class XfrmBackend(PathBackend):
     """Path backend writing SAs/policies over NETLINK_XFRM in one namespace (see module doc)."""
 
     name = "xfrm"
+
+    @property
+    def capabilities(self) -> Capability:
+        """Policy-based (the kernel's policy lookup steers cleartext), keys from the AAAH: no
+        address to own, no routes; no F6 forwarding paths (see :attr:`Capability.FORWARDING_PATHS`)."""
+        return Capability.NONE
 
     def __init__(self, node: str, netns: str | None = None, *, qos: bool = True,
                  xfrm: XfrmSocket | None = None) -> None:
@@ -371,7 +363,7 @@ class XfrmBackend:
                 try:
                     events = monitor.read(timeout=0.5)
                 except Exception as exc:  # keep listening whatever one read did
-                    log.warning("%s: acquire monitor: %s", self.node, exc)
+                    log.warning("xfrm.monitor_failed", gw=self.node, error=exc)
                     self._watch_stop.wait(0.5)
                     continue
                 for event in events:
@@ -394,13 +386,11 @@ class XfrmBackend:
                 self._xs.add_sa(sa)  # replaces the kernel's larval (acquire) state
             except XfrmError as exc:
                 if exc.errno != errno.EEXIST:
-                    log.warning("%s: first packet for %s, but its SA could not be installed: %s",
-                                self.node, path_id, exc)
+                    log.warning("trap.install_failed", gw=self.node, path=path_id, error=exc)
                     return
             del self._held[path_id]
             self.acquires += 1
-        log.info("%s: first packet for on-traffic path %s: outbound SA spi 0x%08x installed",
-                 self.node, path_id, sa.spi)
+        log.info("trap.acquired", gw=self.node, path=path_id, spi_out=f"0x{sa.spi:08x}")
 
     def _delete_sync(self, old: PathEntries, keep: PathEntries | None = None) -> None:
         xs = self._xs
@@ -465,7 +455,7 @@ class XfrmBackend:
             ifname = await asyncio.to_thread(self._egress_ifname, str(path.remote.address))
         except Exception as exc:  # no route: nothing to shape on
             ifname = None
-            log.warning("%s: qos %s: no route to %s (%s); not shaped", self.node, path.id, path.remote.address, exc)
+            log.warning("qos.no_route", gw=self.node, path=path.id, remote=path.remote.address, error=exc)
         if ifname is None:
             return
         qos = self._qos.setdefault(ifname, EspQos(self.netns, ifname))
@@ -522,7 +512,7 @@ class XfrmBackend:
         async with self._lock:
             entries = self._entries.get(path_id)
             if entries is None:
-                log.debug("%s: remove %s: not installed by this backend", self.node, path_id)
+                log.debug("path.unknown", gw=self.node, path=path_id)
                 return
             with self._held_lock:
                 self._held.pop(path_id, None)
@@ -574,7 +564,7 @@ class XfrmBackend:
             entries = {p.id: path_entries(p, reqids[p.id]) for p in wanted}
             removed = await self._x(self._remove_strays_sync, entries.values())
             if removed:
-                log.info("%s: reconcile removed %d stray xfrm entries", self.node, removed)
+                log.info("paths.strays_removed", gw=self.node, entries=removed)
             self._paths = {p.id: p for p in wanted}
             self._entries = {}
             with self._held_lock:
