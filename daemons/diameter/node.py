@@ -38,18 +38,34 @@ Design notes (see also the report in docs/ when it exists):
   :class:`DiameterUnavailable` and relayed ones are answered 3002.
 * Duplicate detection: answers this node generated are cached by (Origin-Host, end-to-end
   id); a request with the T flag that matches one gets the cached answer again.
+* Hooks on relayed requests (modelled on freeDiameter's ``fd_rt_fwd_register``), in the
+  order added, each optionally limited to one application and/or command code:
+  a forward hook ``hook(request, peer) -> Message | None`` (:meth:`add_forward_hook`) is
+  called for every request about to be relayed, after the duplicate, Origin and loop checks:
+  ``request`` as received (incoming hop-by-hop id, no Route-Record for this hop yet), ``peer``
+  the peer it came from. It may change ``request`` in place (the relayed copy is made after
+  the hooks) and returns None to let it go on, or an answer to answer it instead (the node
+  gives it the request's ids, adds Origin-Host/Origin-Realm when missing, caches it for
+  duplicates and sends it back; later hooks are not called, nothing is relayed).
+  An answer hook ``hook(relayed_request, answer)`` (:meth:`add_answer_hook`) is called for
+  every answer to a relayed request before it goes back (not for answers to this node's own
+  requests, unexpected answers, or the 3002 the node makes itself); it may change ``answer``.
+  Hooks must not block; an exception in one is logged (``hook.failed``) and counts as None.
+  :meth:`observe` and :meth:`intercept` are hooks for one command.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import random
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from daemons.runtime.log import EventLog
 from daemons.wire.diameter.avp import Avp
@@ -78,6 +94,29 @@ CMD_DPR = 282
 BASE_COMMANDS = frozenset({CMD_CER, CMD_DWR, CMD_DPR})
 
 Handler = Callable[[Message, Peer], Awaitable[Message]]
+ForwardHook = Callable[[Message, Peer], "Message | None"]
+"""``hook(request, peer)``: a request about to be relayed; returns an answer to answer it instead."""
+AnswerHook = Callable[[Message, Message], None]
+"""``hook(relayed_request, answer)``: the answer to a relayed request, before it goes back."""
+
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Hook(Generic[H]):
+    """A hook and the messages it is for (None: any application / any command)."""
+
+    fn: H
+    application_id: int | None = None
+    command_code: int | None = None
+
+    def wants(self, msg: Message) -> bool:
+        return (self.application_id is None or self.application_id == msg.application_id) and (
+            self.command_code is None or self.command_code == msg.command_code)
+
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__qualname__", repr(self.fn))
 
 
 # -- exceptions ----------------------------------------------------------------------------------
@@ -226,6 +265,8 @@ class DiameterNode:
         self.counters: Counter[str] = Counter()
         self.result_codes_sent: Counter[int] = Counter()
         self.result_codes_received: Counter[int] = Counter()
+        self.forward_hooks: list[Hook[ForwardHook]] = []
+        self.answer_hooks: list[Hook[AnswerHook]] = []
 
         self._ids = Identifiers()  # end-to-end ids: unique per node
         self._server: asyncio.Server | None = None
@@ -300,6 +341,46 @@ class DiameterNode:
         self.required[(application_id, command_code)] = tuple(required)
         self.applications.add(application_id)
 
+    def add_forward_hook(self, hook: ForwardHook, *, application_id: int | None = None,
+                         command_code: int | None = None) -> None:
+        """Call ``hook(request, peer)`` for every request this node is about to relay (of that
+        application and/or command if given). It may change the request, or return an answer
+        to answer it here instead of relaying it. Contract: see the module docstring."""
+        self.forward_hooks.append(Hook(hook, application_id, command_code))
+
+    def add_answer_hook(self, hook: AnswerHook, *, application_id: int | None = None,
+                        command_code: int | None = None) -> None:
+        """Call ``hook(relayed_request, answer)`` for every answer to a request this node
+        relayed (of that application and/or command if given), before it goes back."""
+        self.answer_hooks.append(Hook(hook, application_id, command_code))
+
+    def observe(self, application_id: int, command_code: int, *, on_request: Callable[[Message], None] | None = None,
+                on_answer: AnswerHook | None = None) -> None:
+        """Watch the requests of one command this node relays, and their answers (a proxy
+        agent, RFC 6733 §2.8.2): ``on_request(request)`` before a request is relayed (or
+        answered by an :meth:`intercept` added after it), ``on_answer(relayed_request, answer)``
+        before its answer goes back. Hooks in the order added; see :meth:`add_forward_hook`."""
+        if on_request is not None:
+            watch = on_request
+
+            @functools.wraps(watch)
+            def forward(request: Message, _peer: Peer) -> None:
+                watch(request)
+
+            self.add_forward_hook(forward, application_id=application_id, command_code=command_code)
+        if on_answer is not None:
+            self.add_answer_hook(on_answer, application_id=application_id, command_code=command_code)
+
+    def intercept(self, application_id: int, command_code: int, fn: Callable[[Message], Message | None]) -> None:
+        """``fn(request)`` may answer a request of one command that would be relayed, instead
+        of relaying it (returns the answer, or None to let it go on)."""
+
+        @functools.wraps(fn)
+        def forward(request: Message, _peer: Peer) -> Message | None:
+            return fn(request)
+
+        self.add_forward_hook(forward, application_id=application_id, command_code=command_code)
+
     # -- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
@@ -370,6 +451,11 @@ class DiameterNode:
         except TimeoutError:
             raise DiameterTimeout(f"peer {peer_host} not open ({peer.state.value})") from None
         return peer
+
+    @property
+    def connections(self) -> list[Connection]:
+        """Every transport connection this node has and has not yet lost (open or in CER/CEA)."""
+        return list(self._conns)
 
     def peers_status(self) -> list[dict[str, Any]]:
         """One dict per peer: peer, state, realm, address, last_watchdog, pending, ..."""
@@ -1000,6 +1086,23 @@ class DiameterNode:
         await self._serve_locally(conn, peer, req)
 
     def _relay(self, conn: Connection, peer: Peer, req: Message) -> None:
+        for hook in self.forward_hooks:
+            if not hook.wants(req):
+                continue
+            answer = self._call_hook(hook, req, peer)
+            if answer is None:
+                continue
+            if not isinstance(answer, Message) or answer.is_request:
+                log.error("hook.failed", hook=hook.name, cmd=req.name, e2e=_hex(req.end_to_end),
+                          error=f"returned {type(answer).__name__}, not an answer")
+                continue
+            answer.hop_by_hop, answer.end_to_end = req.hop_by_hop, req.end_to_end
+            self._fill_answer_origin(answer)
+            self._answer(conn, req, answer)
+            return
+        self._forward(conn, peer, req)
+
+    def _forward(self, conn: Connection, peer: Peer, req: Message) -> None:
         fwd = req.copy()
         fwd.add("Route-Record", peer.host)
         target, known = self._route(fwd)
@@ -1093,20 +1196,34 @@ class DiameterNode:
                 pend.future.set_result(ans)
             return
         if pend.origin is not None:
+            for hook in self.answer_hooks:
+                if hook.wants(ans):
+                    self._call_hook(hook, pend.msg, ans)
             ans.hop_by_hop = pend.origin_hbh
             self.counters["relayed_answers"] += 1
             if not self._send(pend.origin, ans):
                 log.warning("answer.dropped", cmd=ans.name, hbh=_hex(ans.hop_by_hop), reason="origin gone")
 
+    @staticmethod
+    def _call_hook(hook: Hook[Any], request: Message, arg: Peer | Message) -> Any:
+        try:
+            return hook.fn(request, arg)
+        except Exception as exc:  # a hook's bug must not stop the relay
+            log.error("hook.failed", hook=hook.name, cmd=request.name, e2e=_hex(request.end_to_end), error=repr(exc))
+            return None
+
 
 __all__ = [
     "BASE_COMMANDS",
+    "AnswerHook",
     "DiameterError",
     "DiameterNoRoute",
     "DiameterNode",
     "DiameterTimeout",
     "DiameterUnavailable",
+    "ForwardHook",
     "Handler",
+    "Hook",
     "example_avp",
     "require",
 ]
