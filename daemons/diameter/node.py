@@ -50,7 +50,7 @@ class DiameterNode:
     """A Diameter peer, agent and server on asyncio TCP. See the module docstring.
 
     The timers and limits given here are :attr:`settings` (:class:`~daemons.diameter.local.Settings`),
-    read when used; :attr:`peers` is the peer table, by lower-case host.
+    read when used.
     """
 
     def __init__(
@@ -76,22 +76,32 @@ class DiameterNode:
         origin_state_id: int | None = None,
         answer_cache_size: int = 1024,
     ) -> None:
-        self.settings = Settings(
+        settings = Settings(
             watchdog_interval=watchdog_interval, reconnect_min=reconnect_min, reconnect_max=reconnect_max,
             connect_timeout=connect_timeout, cea_timeout=cea_timeout, cer_timeout=cer_timeout,
             dpa_timeout=dpa_timeout, relay_timeout=relay_timeout, accept_unknown_peers=accept_unknown_peers,
             answer_cache_size=answer_cache_size)
         osi = int(time.time()) & 0xFFFFFFFF if origin_state_id is None else origin_state_id
         self._local = LocalNode(origin_host, origin_realm, host_ip_addresses, applications, product_name,
-                                vendor_id, osi, self.settings)
-        self.peers: dict[str, Peer] = {}  # by lower-case host
-        self._router = Router(self._local, self.peers)
+                                vendor_id, osi, settings)
+        peers: dict[str, Peer] = {}  # the peer table, shared by the router and the peer state machine
+        self._router = Router(self._local, peers)
         self._dispatcher = Dispatcher(self._local, self._router)
         self._watchdog = Watchdog(self._local, self._router)
-        self._table = PeerTable(self._local, self.peers, self._watchdog, self._dispatcher.receive,
+        self._table = PeerTable(self._local, peers, self._watchdog, self._dispatcher.receive,
                                 listen_address=listen_address, listen_port=listen_port)
 
     # -- identity and state --------------------------------------------------------------
+
+    @property
+    def settings(self) -> Settings:
+        """The timers and limits given to the constructor (change them in place)."""
+        return self._local.settings
+
+    @property
+    def peers(self) -> dict[str, Peer]:
+        """The peer table, by lower-case host (configured and dynamic peers)."""
+        return self._table.peers
 
     @property
     def origin_host(self) -> str:
