@@ -3,7 +3,8 @@ visited domain.
 
 FAs dial it; it dials the home AAA server of every realm it serves visitors from and relays
 their AMRs there by the NAI's realm (RFC 6733 relay: Route-Record, new hop-by-hop id). It is
-a proxy in that it reads what it relays: from each successful AMA it caches the FA's VPN info
+a proxy in that it reads what it relays, through the Diameter node's hooks on relayed
+messages (``observe``/``intercept``): from each successful AMA it caches the FA's VPN info
 per user (:class:`daemons.aaa.aaah.Session`: NAI, Diameter session, the FA it belongs to, the
 paths) before the AMA goes on, unchanged, to the FA (claim 16). ``show sessions`` lists the
 cache without key material.
@@ -16,8 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
-from typing import Any
 
 from daemons.aaa.aaah import Session, SessionStore
 from daemons.diameter.node import DiameterNode, wait_for_peers
@@ -34,65 +33,6 @@ MIP_APPLICATION = 2  # RFC 4004
 AMR_COMMAND = 260
 STR_COMMAND = 275
 
-Observer = Callable[[Message, Message], None]
-
-
-class ProxyNode(DiameterNode):
-    """A Diameter node that lets the application watch the requests it relays and their
-    answers (a proxy agent in RFC 6733 terms, §2.8.2), without changing what it forwards.
-
-    ``observe(app, cmd, on_request=..., on_answer=...)``: ``on_request(request)`` runs before
-    a request is relayed, ``on_answer(forwarded_request, answer)`` before its answer goes
-    back. Observers must not block; their exceptions are logged and ignored.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.request_observers: dict[tuple[int, int], Callable[[Message], None]] = {}
-        self.answer_observers: dict[tuple[int, int], Observer] = {}
-        self.interceptors: dict[tuple[int, int], Callable[[Message], Message | None]] = {}
-
-    def intercept(self, application_id: int, command_code: int, fn: Callable[[Message], Message | None]) -> None:
-        """``fn(request)`` may answer a request that would be relayed, instead of relaying it
-        (claim 17: the AAAF answers an intra-domain move itself)."""
-        self.interceptors[(application_id, command_code)] = fn
-
-    def observe(self, application_id: int, command_code: int, *, on_request: Callable[[Message], None] | None = None,
-                on_answer: Observer | None = None) -> None:
-        if on_request is not None:
-            self.request_observers[(application_id, command_code)] = on_request
-        if on_answer is not None:
-            self.answer_observers[(application_id, command_code)] = on_answer
-
-    def _relay(self, conn: Any, peer: Any, req: Message) -> None:
-        observer = self.request_observers.get((req.application_id, req.command_code))
-        if observer is not None:
-            _call(observer, req)
-        interceptor = self.interceptors.get((req.application_id, req.command_code))
-        answer = _call(interceptor, req) if interceptor is not None else None
-        if answer is not None:
-            answer.hop_by_hop, answer.end_to_end = req.hop_by_hop, req.end_to_end
-            self._fill_answer_origin(answer)
-            self._answer(conn, req, answer)
-            return
-        super()._relay(conn, peer, req)
-
-    def _on_answer(self, conn: Any, ans: Message) -> None:
-        pend = conn.pending.get(ans.hop_by_hop)
-        if pend is not None and pend.origin is not None and pend.msg.end_to_end == ans.end_to_end:
-            observer = self.answer_observers.get((ans.application_id, ans.command_code))
-            if observer is not None:
-                _call(observer, pend.msg, ans)
-        super()._on_answer(conn, ans)
-
-
-def _call(fn: Callable[..., Any], *args: Any) -> Any:
-    try:
-        return fn(*args)
-    except Exception as exc:  # an observer's bug must not stop the relay
-        log.error("observer.failed", observer=getattr(fn, "__qualname__", repr(fn)), error=repr(exc))
-        return None
-
 
 class ForeignAAAServer:
     def __init__(self, config: AAAFConfig) -> None:
@@ -103,12 +43,14 @@ class ForeignAAAServer:
         self.counters: dict[str, int] = {"amr_relayed": 0, "ama_success": 0, "ama_failure": 0, "cached": 0,
                                          "answered_locally": 0}
         self.control = ControlServer(config.control_socket)
-        self.diameter = ProxyNode(config.diameter_host, config.diameter_realm,
-                                  host_ip_addresses=(str(config.address),), listen_address=str(config.address),
-                                  listen_port=config.port, relay_timeout=config.relay_timeout)
+        self.diameter = DiameterNode(config.diameter_host, config.diameter_realm,
+                                     host_ip_addresses=(str(config.address),), listen_address=str(config.address),
+                                     listen_port=config.port, relay_timeout=config.relay_timeout)
         for server in config.home_servers:
             self.diameter.add_peer(server.host, server.realm, str(server.address), server.port)
             self.diameter.add_route(server.realm, server.host)
+        # Hooks on what we relay, in this order: count and log every AMR (answered here or not),
+        # answer intra-domain moves and STRs ourselves, cache VPN info from each AMA.
         self.diameter.observe(MIP_APPLICATION, AMR_COMMAND, on_request=self.on_amr, on_answer=self.on_ama)
         self.diameter.intercept(MIP_APPLICATION, AMR_COMMAND, self.answer_intra_domain_move)
         self.diameter.intercept(MIP_APPLICATION, STR_COMMAND, self.end_session)
@@ -230,4 +172,4 @@ class ForeignAAAServer:
         return [s for s in self.store.sessions.values() if s.fa_host.lower() == fa_host.lower()]
 
 
-__all__ = ["ForeignAAAServer", "ProxyNode"]
+__all__ = ["ForeignAAAServer"]

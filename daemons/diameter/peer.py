@@ -1,25 +1,60 @@
-"""Diameter peers and transport connections (RFC 6733 §2.1, §5; RFC 3539 watchdog states).
+"""Diameter peers (RFC 6733 §2.1, §5): the peer table and the peer state machine.
 
 A :class:`Peer` is an entry of the peer table: its identity, realm, where to dial it (if we
-dial it) and its run-time state. A :class:`Connection` is one TCP connection framed into
-Diameter messages; it carries the hop-by-hop identifier sequence (unique per connection) and
-the requests sent on it that still wait for an answer. The state machine itself lives in
-:mod:`daemons.diameter.node`; this module holds data and the byte-level framing only.
+dial it) and its run-time state. :class:`PeerTable` keeps the transport connections to the
+peers: it listens and dials (re-dialling with back-off), runs the capabilities exchange
+(CER/CEA, with the election of §5.6.4 when both sides dial), reads every connection, answers
+the base protocol's messages and disconnects (DPR/DPA). It hands the watchdog's messages
+(DWR/DWA) to :mod:`daemons.diameter.watchdog` and every other message of an open peer to the
+``deliver`` callback (the node's dispatcher).
+
+* Connection set-up: configure dialling on one side only (FA -> AAAF -> AAAH -> HA); the
+  other side adds the peer without an address (or accepts unknown peers). A dialled peer is
+  never dialled while it has a connection. If both sides dial anyway, the election keeps one
+  connection: the higher Origin-Host keeps the connection it accepted (4003
+  DIAMETER_ELECTION_LOST for the other CER, or the later-opened duplicate is closed). A peer
+  that comes back over a new incoming connection (e.g. after a restart, before our watchdog
+  noticed) replaces its old incoming connection.
+* Unknown peers (not in the table) may connect when ``accept_unknown_peers`` is true
+  (default); otherwise their CER is answered with 3010. They stay in the table as
+  ``dynamic`` peers.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+import ipaddress
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from daemons.wire.diameter.constants import APP_RELAY, DIAMETER_PORT
+from daemons.wire.diameter.avp import Avp
+from daemons.wire.diameter.constants import (
+    APP_RELAY,
+    DIAMETER_PORT,
+    FLAG_ERROR,
+    FLAG_PROXIABLE,
+    VENDOR_MIPVPN,
+    DisconnectCause,
+    ResultCode,
+    is_protocol_error,
+)
 from daemons.wire.diameter.errors import DecodeError
-from daemons.wire.diameter.message import Header, Identifiers, Message, message_length
+from daemons.wire.diameter.message import Header, Message
 
-HEADER_REST = 16  # header bytes after the 4 that carry version and length
+from .connection import Connection, FramingError
+from .errors import example_avp
+from .local import CMD_CER, CMD_DPR, CMD_DWR, LocalNode, hex_id, log
+
+if TYPE_CHECKING:
+    from .watchdog import Watchdog
+
+Deliver = Callable[[Connection, "Peer", Message], None]
+"""Takes a message that is not base protocol, from an open peer, on that peer's connection."""
 
 
 class PeerState(enum.Enum):
@@ -38,6 +73,7 @@ class PeerState(enum.Enum):
     OPEN = "open"
     SUSPECT = "suspect"
     CLOSING = "closing"
+
 
 
 @dataclass(eq=False)
@@ -80,6 +116,15 @@ class Peer:
     def supports(self, application_id: int) -> bool:
         return application_id in self.applications or APP_RELAY in self.applications
 
+    def note_origin_state_id(self, msg: Message) -> None:
+        """Remember the Origin-State-Id of a CER/CEA/DWR/DWA; a new value means the peer restarted."""
+        osi = msg.get("Origin-State-Id")
+        if osi is None:
+            return
+        if self.origin_state_id is not None and osi != self.origin_state_id:
+            log.warning("peer.restarted", peer=self.host, old=self.origin_state_id, new=osi)
+        self.origin_state_id = osi
+
     def status(self) -> dict[str, Any]:
         return {
             "peer": self.host,
@@ -95,112 +140,440 @@ class Peer:
         }
 
 
-@dataclass(eq=False)
-class Pending:
-    """A request sent on a connection and waiting for its answer.
+class PeerTable:
+    """The peer table and the peer state machine of one node (see the module docstring)."""
 
-    ``future`` is set for requests this node originated (``DiameterNode.request``);
-    ``origin``/``origin_hbh`` for relayed ones (where the answer goes back to).
-    ``tried`` holds the peers it was sent to (failover never picks them again).
-    """
+    def __init__(self, local: LocalNode, peers: dict[str, Peer], watchdog: Watchdog, deliver: Deliver, *,
+                 listen_address: str | None = None, listen_port: int = DIAMETER_PORT) -> None:
+        self.local = local
+        self.peers = peers  # by lower-case host; the router routes on the same table
+        self.watchdog = watchdog
+        self.deliver = deliver
+        self.listen_address = listen_address
+        self.listen_port = listen_port
+        self.conns: set[Connection] = set()  # every connection not yet lost, open or not
+        self._server: asyncio.Server | None = None
 
-    msg: Message
-    future: asyncio.Future[Message] | None = None
-    origin: Connection | None = None
-    origin_hbh: int = 0
-    tried: set[str] = field(default_factory=set)
-    conn: Connection | None = None
-    timer: asyncio.TimerHandle | None = None
+    def add(
+        self,
+        host: str,
+        realm: str,
+        address: str | None = None,
+        port: int = DIAMETER_PORT,
+        *,
+        connect: bool | None = None,
+        watchdog_interval: float | None = None,
+    ) -> Peer:
+        """Add a peer; with an ``address`` (and ``connect`` not False) it is dialled."""
+        if host.lower() == self.local.origin_host.lower():
+            raise ValueError("a node cannot be its own peer")
+        if host.lower() in self.peers:
+            raise ValueError(f"peer {host} already configured")
+        if connect is None:
+            connect = address is not None
+        if connect and address is None:
+            raise ValueError(f"peer {host}: connect needs an address")
+        peer = Peer(host, realm, address, port, connect=connect, watchdog_interval=watchdog_interval)
+        self.peers[peer.key] = peer
+        if self.local.running and connect:
+            self._start_dialler(peer)
+        return peer
 
+    # -- life cycle ------------------------------------------------------------------------
 
-class FramingError(Exception):
-    """The byte stream cannot be split into messages any more (the connection must close).
-
-    ``decode_error`` says why; ``header`` is the 20-byte header when it could be read.
-    """
-
-    def __init__(self, decode_error: DecodeError, header: Header | None) -> None:
-        super().__init__(str(decode_error))
-        self.decode_error = decode_error
-        self.header = header
-
-
-class Connection:
-    """One TCP connection carrying Diameter messages."""
-
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, incoming: bool) -> None:
-        self.reader = reader
-        self.writer = writer
-        self.incoming = incoming
-        self.ids = Identifiers()  # hop-by-hop ids: unique per connection
-        self.peer: Peer | None = None  # set once CER/CEA succeeded
-        self.pending: dict[int, Pending] = {}
-        self.cea: asyncio.Future[Message] | None = None
-        self.dpa: asyncio.Future[Message] | None = None
-        self.dwr_outstanding = False
-        self.watchdog_deadline = 0.0
-        self.closed = asyncio.Event()
-        self.opened_at = time.time()
-        peername = writer.get_extra_info("peername")
-        sockname = writer.get_extra_info("sockname")
-        self.remote: tuple[str, int] | None = tuple(peername[:2]) if peername else None
-        self.local: tuple[str, int] | None = tuple(sockname[:2]) if sockname else None
-
-    @property
-    def remote_text(self) -> str:
-        return "-" if self.remote is None else f"{self.remote[0]}:{self.remote[1]}"
+    async def start(self) -> None:
+        """Listen (when a listen address is set) and dial every peer to be dialled."""
+        if self.listen_address is not None:
+            self._server = await asyncio.start_server(self._accept, self.listen_address, self.listen_port)
+            log.info("diameter.listen", host=self.local.origin_host, address=self.listen_address, port=self.port)
+        for peer in self.peers.values():
+            if peer.connect:
+                self._start_dialler(peer)
 
     @property
-    def is_closed(self) -> bool:
-        return self.closed.is_set() or self.writer.is_closing()
+    def port(self) -> int | None:
+        """The TCP port actually listened on (useful with ``listen_port=0``)."""
+        if self._server is None or not self._server.sockets:
+            return None
+        return self._server.sockets[0].getsockname()[1]
 
-    def next_hop_by_hop(self) -> int:
-        return self.ids.next_hop_by_hop()
+    async def stop(self, cause: DisconnectCause) -> None:
+        """DPR/DPA with every open peer, then close every connection and background task."""
+        if self._server is not None:
+            self._server.close()
+        for peer in self.peers.values():
+            if peer.task is not None:
+                peer.task.cancel()
+        await asyncio.gather(*(self._disconnect(c, cause) for c in list(self.conns)), return_exceptions=True)
+        for c in list(self.conns):
+            c.close(abort=True)
+        await self.local.cancel_tasks()
+        for peer in self.peers.values():
+            if peer.task is not None:
+                with contextlib.suppress(BaseException):
+                    await peer.task
+                peer.task = None
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
 
-    def send(self, msg: Message) -> bool:
-        """Queue one message; False if the connection is already closing."""
-        if self.is_closed:
+    # -- dialling --------------------------------------------------------------------------
+
+    def _start_dialler(self, peer: Peer) -> None:
+        if peer.task is None or peer.task.done():
+            peer.task = asyncio.ensure_future(self._dial_loop(peer))
+
+    async def _dial_loop(self, peer: Peer) -> None:
+        """Keep a connection to a dialled peer, re-dialling with exponential back-off."""
+        local, settings = self.local, self.local.settings
+        while not local.stopping:
+            if peer.conn is not None:  # connected (maybe through an incoming connection)
+                await peer.conn.closed.wait()
+                await asyncio.sleep(0)
+                continue
+            opened = await self._dial_once(peer)
+            if local.stopping:
+                return
+            if opened and peer.conn is not None:
+                await peer.conn.closed.wait()
+            if local.stopping:
+                return
+            if opened:
+                peer.backoff = settings.reconnect_min
+            if peer.last_disconnect_cause in (DisconnectCause.BUSY, DisconnectCause.DO_NOT_WANT_TO_TALK_TO_YOU):
+                peer.backoff = settings.reconnect_max
+                peer.last_disconnect_cause = None
+            delay = peer.backoff or settings.reconnect_min
+            delay *= random.uniform(0.8, 1.2)
+            log.info("peer.reconnect", peer=peer.host, delay=f"{delay:.2f}")
+            await asyncio.sleep(delay)
+            peer.backoff = min(settings.reconnect_max,
+                               max(settings.reconnect_min, (peer.backoff or settings.reconnect_min) * 2))
+
+    async def _dial_once(self, peer: Peer) -> bool:
+        assert peer.address is not None
+        settings = self.local.settings
+        self._dial_state(peer, PeerState.CONNECTING)
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(peer.address, peer.port), settings.connect_timeout
+            )
+        except (OSError, TimeoutError) as e:
+            self._dial_state(peer, PeerState.CLOSED)
+            log.info("peer.connect.failed", peer=peer.host, address=f"{peer.address}:{peer.port}",
+                     error=type(e).__name__)
             return False
-        self.writer.write(msg.encode())
+        conn = Connection(reader, writer, incoming=False)
+        self.conns.add(conn)
+        log.info("peer.connected", peer=peer.host, address=conn.remote_text, direction="out")
+        conn.cea = asyncio.get_running_loop().create_future()
+        reader_task = self.local.spawn(self._read_loop(conn))
+        self._dial_state(peer, PeerState.WAIT_CEA)
+        self.local.send(conn, self._cer(conn))
+        try:
+            cea = await asyncio.wait_for(asyncio.shield(conn.cea), settings.cea_timeout)
+        except (TimeoutError, ConnectionError):
+            log.warning("peer.cea.timeout", peer=peer.host)
+            self._dial_state(peer, PeerState.CLOSED)
+            conn.close(abort=True)
+            await asyncio.gather(reader_task, return_exceptions=True)
+            return False
+        rc = cea.result_code
+        common = self._common_applications(cea)
+        theirs = cea.get("Origin-Host")
+        if rc != ResultCode.DIAMETER_SUCCESS or not common:
+            log.warning("peer.cea.rejected", peer=peer.host, rc=None if rc is None else int(rc),
+                        common=",".join(map(str, sorted(common))) or None)
+            self._dial_state(peer, PeerState.CLOSED)
+            conn.close()
+            await asyncio.gather(reader_task, return_exceptions=True)
+            return False
+        if theirs and theirs.lower() != peer.key:
+            log.warning("peer.identity.mismatch", peer=peer.host, origin_host=theirs)
+        old = peer.conn
+        if old is not None and not old.is_closed:
+            # both sides dialled and the peer's connection opened first: election (RFC 6733 §5.6.4)
+            if self._keeps_incoming(peer.host):
+                log.info("peer.election", peer=peer.host, kept=old.remote_text, closed=conn.remote_text)
+                conn.close()
+                await asyncio.gather(reader_task, return_exceptions=True)
+                return True
+            log.info("peer.election", peer=peer.host, kept=conn.remote_text, closed=old.remote_text)
+            old.close()
+            self._connection_lost(old)
+        self._open(peer, conn, cea, common)
         return True
 
-    async def drain(self) -> None:
-        if not self.is_closed:
-            try:
-                await self.writer.drain()
-            except (ConnectionError, OSError):
-                self.close()
+    @staticmethod
+    def _dial_state(peer: Peer, state: PeerState) -> None:
+        """Dialling progress shows in the peer's state only while it has no connection."""
+        if peer.conn is None:
+            peer.state = state
 
-    async def read_frame(self, header_timeout: float = 1.0) -> bytes:
-        """The bytes of the next message.
+    # -- capabilities exchange (CER/CEA) ---------------------------------------------------
 
-        Raises ``asyncio.IncompleteReadError``/``ConnectionError`` at end of stream and
-        :class:`FramingError` when the length field is unusable (then it tries, for at most
-        ``header_timeout``, to read the rest of the header so that an error answer can be
-        built).
-        """
-        head = await self.reader.readexactly(4)
+    def _cer(self, conn: Connection) -> Message:
+        msg = Message.request("CER", self._capabilities(conn), end_to_end=self.local.next_end_to_end())
+        msg.hop_by_hop = conn.next_hop_by_hop()
+        return msg
+
+    def _capabilities(self, conn: Connection) -> list[Any]:
+        local = self.local
+        addresses = list(local.host_ip_addresses)
+        if not addresses and conn.local is not None:
+            addresses = [ipaddress.ip_address(conn.local[0])]
+        avps: list[Any] = [("Origin-Host", local.origin_host), ("Origin-Realm", local.origin_realm)]
+        avps += [("Host-IP-Address", a) for a in addresses]
+        avps += [("Vendor-Id", local.vendor_id), ("Product-Name", local.product_name),
+                 ("Origin-State-Id", local.origin_state_id), ("Supported-Vendor-Id", VENDOR_MIPVPN)]
+        avps += [("Auth-Application-Id", a) for a in sorted(local.applications)]
+        return avps
+
+    def _common_applications(self, msg: Message) -> frozenset[int]:
+        ours = self.local.applications
+        theirs = {a.value for a in msg.find_all("Auth-Application-Id")}
+        theirs |= {a.value for a in msg.find_all("Acct-Application-Id")}
+        for vsa in msg.find_all("Vendor-Specific-Application-Id"):
+            theirs |= {a.value for a in vsa.find_all("Auth-Application-Id")}
+            theirs |= {a.value for a in vsa.find_all("Acct-Application-Id")}
+        if APP_RELAY in theirs:
+            return frozenset(ours | {APP_RELAY})
+        if APP_RELAY in ours:
+            return frozenset(theirs)
+        return frozenset(ours & theirs)
+
+    def _on_cer(self, conn: Connection, cer: Message) -> None:
+        if conn.peer is not None or not conn.incoming:
+            log.warning("peer.protocol", peer=conn.peer.host if conn.peer else conn.remote_text,
+                        error="CER on an open connection")
+            self.local.send(conn, self.local.base_answer(cer, rc=ResultCode.DIAMETER_UNABLE_TO_COMPLY))
+            return
+        host = cer.get("Origin-Host")
+        realm = cer.get("Origin-Realm")
+        missing = [n for n, v in (("Origin-Host", host), ("Origin-Realm", realm)) if not v]
+        if missing:
+            self._reject_cer(conn, cer, ResultCode.DIAMETER_MISSING_AVP, failed=[example_avp(n) for n in missing])
+            return
+        peer = self.peers.get(host.lower())
+        if peer is None:
+            if not self.local.settings.accept_unknown_peers:
+                self._reject_cer(conn, cer, ResultCode.DIAMETER_UNKNOWN_PEER, host=host)
+                return
+            peer = Peer(host, realm, dynamic=True)
+            self.peers[peer.key] = peer
+        common = self._common_applications(cer)
+        if not common:
+            self._reject_cer(conn, cer, ResultCode.DIAMETER_NO_COMMON_APPLICATION, host=host)
+            return
+        old = peer.conn
+        if old is not None and not old.is_closed:
+            if not old.incoming and not self._keeps_incoming(host):
+                self._reject_cer(conn, cer, ResultCode.DIAMETER_ELECTION_LOST, host=host)
+                return
+            log.info("peer.replaced", peer=peer.host, old=old.remote_text, new=conn.remote_text)
+            old.close()
+            self._connection_lost(old)
+        if realm.lower() != peer.realm.lower():
+            log.warning("peer.realm.mismatch", peer=peer.host, configured=peer.realm, cer=realm)
+            if peer.dynamic:
+                peer.realm = realm
+        self.local.send(conn, self.local.base_answer(cer, self._capabilities(conn)[2:]))  # [2:]: Origin-* added there
+        self._open(peer, conn, cer, common)
+
+    def _keeps_incoming(self, peer_host: str) -> bool:
+        """Election (RFC 6733 §5.6.4): the higher identity keeps the connection it accepted,
+        so both ends keep the connection the lower identity dialled."""
+        return self.local.origin_host.lower() > peer_host.lower()
+
+    def _reject_cer(self, conn: Connection, cer: Message, rc: int, host: str | None = None,
+                    failed: list[Avp] | None = None) -> None:
+        log.warning("peer.cer.rejected", peer=host or conn.remote_text, rc=int(rc))
+        extra: list[Any] = self._capabilities(conn)[2:]
+        if failed:
+            extra.append(("Failed-AVP", failed))
+        self.local.send(conn, self.local.base_answer(cer, extra, rc=rc))
+        conn.close()
+
+    def _open(self, peer: Peer, conn: Connection, cex: Message, common: frozenset[int]) -> None:
+        conn.peer = peer
+        peer.conn = conn
+        peer.applications = common
+        peer.product_name = cex.get("Product-Name")
+        peer.note_origin_state_id(cex)
+        peer.state = PeerState.OPEN
+        peer.last_watchdog = time.time()
+        peer.backoff = self.local.settings.reconnect_min
+        peer.opened.set()
+        self.watchdog.arm(peer, conn)
+        self.local.spawn(self._supervise(peer, conn))
+        log.info("peer.open", peer=peer.host, realm=peer.realm, address=conn.remote_text,
+                 direction="in" if conn.incoming else "out", apps=",".join(map(str, sorted(common))),
+                 product=peer.product_name)
+
+    async def _supervise(self, peer: Peer, conn: Connection) -> None:
+        """Run the watchdog of an open connection; close the connection when it says the peer is down."""
+        if await self.watchdog.watch(peer, conn):
+            conn.close(abort=True)
+            self._connection_lost(conn)
+
+    # -- accepting and reading -------------------------------------------------------------
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = Connection(reader, writer, incoming=True)
+        if self.local.stopping:
+            conn.close(abort=True)
+            return
+        self.conns.add(conn)
+        log.info("peer.accepted", address=conn.remote_text)
+        timer = asyncio.get_running_loop().call_later(self.local.settings.cer_timeout, self._cer_timeout, conn)
         try:
-            length = message_length(head)
-        except DecodeError as e:
-            header = None
-            try:
-                rest = await asyncio.wait_for(self.reader.readexactly(HEADER_REST), header_timeout)
-                header = Header.decode(head + rest)
-            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, DecodeError):
-                pass
-            raise FramingError(e, header) from None
-        return head + await self.reader.readexactly(length - 4)
+            await self._read_loop(conn)
+        finally:
+            timer.cancel()
 
-    def close(self, abort: bool = False) -> None:
-        """Close the transport (flushing queued bytes unless ``abort``)."""
-        if not self.writer.is_closing():
-            if abort:
-                self.writer.transport.abort()
+    def _cer_timeout(self, conn: Connection) -> None:
+        if conn.peer is None and not conn.is_closed:
+            log.warning("peer.cer.timeout", address=conn.remote_text)
+            conn.close(abort=True)
+
+    async def _read_loop(self, conn: Connection) -> None:
+        try:
+            while True:
+                try:
+                    data = await conn.read_frame()
+                except FramingError as e:
+                    self._framing_error(conn, e)
+                    break
+                self.local.counters["received"] += 1
+                try:
+                    msg = Message.decode(data)
+                except DecodeError as e:
+                    self._malformed(conn, e)
+                    if conn.peer is None:
+                        break
+                    continue
+                self._receive(conn, msg)
+        except (asyncio.IncompleteReadError, ConnectionError, OSError):
+            pass
+        except asyncio.CancelledError:
+            conn.close(abort=True)
+            self._connection_lost(conn)
+            raise
+        conn.close()
+        self._connection_lost(conn)
+
+    def _framing_error(self, conn: Connection, e: FramingError) -> None:
+        self.local.counters["malformed"] += 1
+        log.warning("msg.malformed", peer=conn.peer.host if conn.peer else conn.remote_text,
+                    error=str(e.decode_error), rc=e.decode_error.result_code, action="close")
+        if e.header is not None and e.header.is_request and e.decode_error.result_code is not None:
+            self.local.send(conn, self._error_from_header(e.header, e.decode_error))
+
+    def _malformed(self, conn: Connection, e: DecodeError) -> None:
+        self.local.counters["malformed"] += 1
+        h = e.header
+        log.warning("msg.malformed", peer=conn.peer.host if conn.peer else conn.remote_text, error=str(e),
+                    rc=e.result_code, hbh=None if h is None else hex_id(h.hop_by_hop),
+                    cmd=None if h is None else h.command_code)
+        if h is not None and h.is_request:
+            self.local.send(conn, self._error_from_header(h, e))
+
+    def _error_from_header(self, h: Header, e: DecodeError) -> Message:
+        rc = e.result_code or ResultCode.DIAMETER_UNABLE_TO_COMPLY
+        avps: list[Any] = [("Result-Code", rc), ("Origin-Host", self.local.origin_host),
+                           ("Origin-Realm", self.local.origin_realm)]
+        if e.avp_code is not None:
+            from daemons.wire.diameter.dictionary import DICTIONARY
+
+            d = DICTIONARY.avp(e.avp_code, e.avp_vendor_id)
+            if d is not None:
+                avps.append(("Failed-AVP", [example_avp(d.name)]))
             else:
-                self.writer.close()
-        self.closed.set()
+                avps.append(("Failed-AVP", [Avp(e.avp_code, b"", vendor_id=e.avp_vendor_id)]))
+        flags = (h.flags & FLAG_PROXIABLE) | (FLAG_ERROR if is_protocol_error(rc) else 0)
+        return Message(h.command_code, flags=flags, application_id=h.application_id,
+                       hop_by_hop=h.hop_by_hop, end_to_end=h.end_to_end, avps=avps)
 
-    def __repr__(self) -> str:
-        who = self.peer.host if self.peer else "?"
-        return f"<Connection {who} {'in' if self.incoming else 'out'} {self.remote_text}>"
+    def _receive(self, conn: Connection, msg: Message) -> None:
+        """One decoded message: the base protocol's here, the rest to the watchdog or ``deliver``."""
+        peer = conn.peer
+        if peer is not None and peer.conn is conn:
+            self.watchdog.heard(peer, conn)
+        self.local.received(conn, msg)
+        code = msg.command_code
+        if code == CMD_CER and msg.is_request:
+            self._on_cer(conn, msg)
+        elif peer is None:
+            if code == CMD_CER and conn.cea is not None and not conn.cea.done():
+                conn.cea.set_result(msg)
+            else:
+                log.warning("peer.protocol", address=conn.remote_text, cmd=msg.name, error="message before CER/CEA")
+                conn.close()
+        elif code == CMD_DWR:
+            self.watchdog.receive(conn, peer, msg)
+        elif code == CMD_DPR and msg.is_request:
+            cause = msg.get("Disconnect-Cause")
+            peer.last_disconnect_cause = cause
+            peer.state = PeerState.CLOSING
+            peer.opened.clear()
+            log.info("peer.dpr", peer=peer.host, cause=None if cause is None else getattr(cause, "name", cause))
+            self.local.send(conn, self.local.base_answer(msg))
+            self.watchdog.failover(conn, "peer disconnecting")
+            conn.close()
+        elif code == CMD_DPR:
+            if conn.dpa is not None and not conn.dpa.done():
+                conn.dpa.set_result(msg)
+        else:
+            self.deliver(conn, peer, msg)
+
+    def _connection_lost(self, conn: Connection) -> None:
+        if conn not in self.conns:
+            return
+        self.conns.discard(conn)
+        conn.closed.set()
+        if conn.cea is not None and not conn.cea.done():
+            conn.cea.set_exception(ConnectionError("connection closed"))
+            conn.cea.exception()  # mark retrieved
+        if conn.dpa is not None and not conn.dpa.done():
+            conn.dpa.set_exception(ConnectionError("connection closed"))
+            conn.dpa.exception()
+        peer = conn.peer
+        if peer is not None and peer.conn is conn:
+            peer.conn = None
+            peer.state = PeerState.CLOSED
+            peer.opened.clear()
+            # dynamic peers keep their entry (for `show`); it is reused when they come back
+            log.info("peer.closed", peer=peer.host, address=conn.remote_text, pending=len(conn.pending))
+        self.watchdog.failover(conn, "connection closed")
+
+    # -- disconnect (DPR/DPA) --------------------------------------------------------------
+
+    async def _disconnect(self, conn: Connection, cause: DisconnectCause) -> None:
+        peer = conn.peer
+        if peer is None or conn.is_closed:
+            conn.close(abort=True)
+            return
+        peer.state = PeerState.CLOSING
+        peer.opened.clear()
+        conn.dpa = asyncio.get_running_loop().create_future()
+        local = self.local
+        dpr = Message.request("DPR", [("Origin-Host", local.origin_host), ("Origin-Realm", local.origin_realm),
+                                      ("Disconnect-Cause", cause)], end_to_end=local.next_end_to_end())
+        dpr.hop_by_hop = conn.next_hop_by_hop()
+        self.local.send(conn, dpr)
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.dpa), self.local.settings.dpa_timeout)
+            log.info("peer.dpa", peer=peer.host)
+        except (TimeoutError, ConnectionError):
+            log.warning("peer.dpa.missing", peer=peer.host)
+        conn.close()
+
+    async def disconnect_peer(self, peer_host: str, cause: DisconnectCause = DisconnectCause.REBOOTING) -> None:
+        """DPR/DPA with one peer (a dialled peer is re-dialled after back-off)."""
+        peer = self.peers[peer_host.lower()]
+        if peer.conn is not None:
+            peer.last_disconnect_cause = cause
+            await self._disconnect(peer.conn, cause)
+
+
+__all__ = ["Deliver", "Peer", "PeerState", "PeerTable"]

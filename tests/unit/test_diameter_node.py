@@ -268,6 +268,72 @@ def test_relay_adds_route_record_and_maps_answer_back() -> None:
     run(main())
 
 
+def test_forward_and_answer_hooks_on_a_relay(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="daemons.diameter")
+
+    async def main() -> None:
+        home, h = serving("aaah.home.example")
+        async with home:
+            relay = node("aaaf.visit-a.example", VISIT)
+            relay.add_peer("aaah.home.example", HOME, LO, home.port)
+            calls: list[str] = []
+            answers: list[tuple[Message, Message]] = []
+
+            def broken(req: Message, peer: Peer) -> None:
+                calls.append("broken")
+                raise RuntimeError("hook bug")
+
+            def tag(req: Message, peer: Peer) -> None:  # changes what is relayed
+                calls.append(f"tag:{peer.host}")
+                assert req.find("Route-Record") is None
+                req.add("Class", b"tagged")
+
+            def answer_locally(req: Message) -> Message | None:
+                calls.append("intercept")
+                return req.answer(2001, [("Auth-Application-Id", 2)]) if req.get("User-Name") == "local" else None
+
+            def on_answer(fwd: Message, ans: Message) -> None:
+                answers.append((fwd, ans))
+                ans.add("Class", b"seen")  # changes what goes back
+
+            relay.add_forward_hook(broken)
+            relay.add_forward_hook(tag, application_id=2, command_code=260)
+            relay.add_forward_hook(lambda req, peer: calls.append("har") and None, command_code=262)
+            relay.observe(2, 260, on_request=lambda req: calls.append("observe"), on_answer=on_answer)
+            relay.intercept(2, 260, answer_locally)
+            async with relay:
+                c = client("fa1.visit-a.example", VISIT, (relay, "aaaf.visit-a.example", VISIT))
+                c.add_route(HOME, "aaaf.visit-a.example")
+                async with c:
+                    await relay.wait_open("aaah.home.example")
+                    await c.wait_open("aaaf.visit-a.example")
+                    req = amr(c)
+                    ans = await c.request(req, timeout=5)
+                    assert ans.result_code == 2001 and ans.get("Origin-Host") == "aaah.home.example"
+                    assert ans.get("Class") == b"seen" and ans.hop_by_hop == req.hop_by_hop
+                    assert calls == ["broken", "tag:fa1.visit-a.example", "observe", "intercept"]
+                    (seen, _), = h.seen
+                    assert seen.get("Class") == b"tagged"
+                    (fwd, relayed), = answers
+                    assert [a.value for a in fwd.find_all("Route-Record")] == ["fa1.visit-a.example"]
+                    assert fwd.end_to_end == req.end_to_end and relayed.end_to_end == req.end_to_end
+                    # a forward hook that answers: nothing is relayed, no answer hook runs
+                    calls.clear()
+                    local = amr(c)
+                    local.find("User-Name").value = "local"
+                    ans = await c.request(local, timeout=5)
+                    assert ans.result_code == 2001 and ans.get("Origin-Host") == "aaaf.visit-a.example"
+                    assert ans.get("Origin-Realm") == VISIT and ans.end_to_end == local.end_to_end
+                    assert ans.hop_by_hop == local.hop_by_hop and ans.get("Class") is None
+                    assert calls == ["broken", "tag:fa1.visit-a.example", "observe", "intercept"]
+                    assert len(h.seen) == 1 and len(answers) == 1
+                    assert relay.counters["relayed"] == 1 and relay.counters["relayed_answers"] == 1
+
+    run(main())
+    failed = [r for r in caplog.records if r.getMessage() == "event=hook.failed"]
+    assert len(failed) == 2 and all("broken" in r.fields["hook"] for r in failed)  # type: ignore[attr-defined]
+
+
 def test_loop_detected_3005() -> None:
     async def main() -> None:
         a = node("a.one.example", "one.example")
@@ -558,7 +624,7 @@ def test_both_sides_dial_election_keeps_one_connection() -> None:
             assert sa["state"] == sb["state"] == "open"
             # the kept connection is the one the lower identity (a) dialled
             assert sa["direction"] == "out" and sb["direction"] == "in"
-            assert len(a._conns) == len(b._conns) == 1
+            assert len(a.connections) == len(b.connections) == 1
 
     run(main())
 
