@@ -220,7 +220,7 @@ class MobileNode:
 
     def request(self, agent: Agent, lifetime: int, coa: str) -> bytes:
         ident = mip.ntp_identification(time.time() + self.clock_offset)
-        extensions: list[mip.Extension] = [mip.NAIExtension(self.config.nai)]
+        extensions: list[mip.Extension] = []  # after the NAI, before the authenticators
         if self.registered_coa and self.registered_coa != coa and not agent.home:
             # Name the FA we were registered through, so the new one can tell it (F2/F6).
             extensions.append(mip.previous_fa_extension(self.registered_coa))
@@ -229,16 +229,13 @@ class MobileNode:
             # F7: ask the home AAA server to rebuild our VPN info from the changed profile.
             self.service_update_sent = self.service_update[0]
             extensions.append(service_update_extension(self.service_update_sent))
-        rrq = mip.RegistrationRequest(home_address=self.config.home_address, home_agent=self.config.home_agent,
-                                      care_of_address=coa, identification=ident, lifetime=lifetime,
-                                      extensions=extensions)
         assert self.config.mn_ha is not None
-        rrq = mip.sign(rrq, mip.EXT_MN_HA_AUTH, self.config.mn_ha.spi, self.config.mn_ha.key)
-        if agent.challenge and not agent.home:
-            # RFC 3012: answer the FA's challenge; the MN-AAA authenticator covers it.
-            rrq = rrq.with_extensions(mip.MNFAChallengeExtension(agent.challenge))
-            if self.config.mn_aaa is not None:
-                rrq = mip.sign(rrq, mip.EXT_GEN_AUTH, self.config.mn_aaa.spi, self.config.mn_aaa.key)
+        # RFC 3012: answer an FA's challenge; the MN-AAA authenticator covers it.
+        challenge = agent.challenge if agent.challenge and not agent.home else None
+        rrq = mip.registration_request(home_address=self.config.home_address, home_agent=self.config.home_agent,
+                                       care_of_address=coa, identification=ident, lifetime=lifetime,
+                                       nai=self.config.nai, extensions=extensions, mn_ha=self.config.mn_ha,
+                                       challenge=challenge, mn_aaa=self.config.mn_aaa if challenge else None)
         self.outstanding_id = ident
         return rrq.encode()
 
