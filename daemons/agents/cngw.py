@@ -24,6 +24,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from daemons.agents.binding import BindingPeers
+from daemons.agents.datagrams import dispatch
 from daemons.runtime.config import CNGWConfig, PeerAgent
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
@@ -205,23 +206,12 @@ class CorrespondentGateway:
 
     # ---- Binding Updates from home agents (F4, F5) ---------------------------------------------
     def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
-        try:
-            msg = mip.decode_message(data)
-        except mip.UnknownExtensionError as exc:
-            self.counters["malformed"] += 1
-            log.warning("message.unknown_extension", src=addr[0], reason=exc)
-            if isinstance(exc.partial, mip.BindingUpdate):
-                self.answer(exc.partial, Status.POORLY_FORMED_UPDATE, addr)
-            return
-        except mip.DecodeError as exc:
-            self.counters["malformed"] += 1
-            log.warning("message.malformed", src=addr[0], reason=exc)
-            return
-        if isinstance(msg, mip.BindingUpdate):
-            background(self.on_binding_update(msg, data, addr))
-        else:
-            self.counters["malformed"] += 1
-            log.warning("message.unexpected", src=addr[0], type=type(msg).__name__)
+        dispatch(data, addr, {mip.BindingUpdate: self.on_binding_update}, self.counters, log, self.poorly_formed)
+
+    def poorly_formed(self, partial: mip.Message, addr: tuple[str, int]) -> None:
+        """A Binding Update with an unknown non-skippable extension: refused with 134."""
+        if isinstance(partial, mip.BindingUpdate):
+            self.answer(partial, Status.POORLY_FORMED_UPDATE, addr)
 
     async def on_binding_update(self, bu: mip.BindingUpdate, raw: bytes, addr: tuple[str, int]) -> None:
         self.counters["bu_received"] += 1

@@ -16,6 +16,7 @@ from typing import Any
 
 from daemons.agents.advertiser import Advertiser
 from daemons.agents.binding import BindingClient, BindingEvents, BindingPeers, Retransmit
+from daemons.agents.datagrams import dispatch
 from daemons.agents.routing import AccessGuard, VisitorRoutes
 from daemons.diameter.node import DiameterNode, DiameterTimeout, DiameterUnavailable, wait_for_peers
 from daemons.runtime.config import DiameterPeer, FAConfig
@@ -181,29 +182,14 @@ class ForeignAgent:
     # ---- registration --------------------------------------------------------------------
     def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         self.counters["received"] += 1
-        try:
-            msg = mip.decode_message(data)
-        except mip.UnknownExtensionError as exc:
-            self.counters["malformed"] += 1
-            log.warning("message.unknown_extension", src=addr[0], reason=exc)
-            if isinstance(exc.partial, mip.RegistrationRequest):
-                background(self.refuse(exc.partial, addr[1], Code.FA_POORLY_FORMED_REQUEST, None))
-            return
-        except mip.DecodeError as exc:
-            self.counters["malformed"] += 1
-            log.warning("message.malformed", src=addr[0], reason=exc)
-            return
-        if isinstance(msg, mip.RegistrationRequest):
-            background(self.on_request(msg, data, addr))
-        elif isinstance(msg, mip.RegistrationReply):
-            background(self.on_reply(msg, data, addr))
-        elif isinstance(msg, mip.BindingUpdate):
-            background(self.on_binding_update(msg, data, addr))
-        elif isinstance(msg, mip.BindingAcknowledge):
-            self.binding.on_ack(msg, data, addr)
-        else:
-            self.counters["malformed"] += 1
-            log.warning("message.unexpected", src=addr[0], type=type(msg).__name__)
+        dispatch(data, addr, {mip.RegistrationRequest: self.on_request, mip.RegistrationReply: self.on_reply,
+                              mip.BindingUpdate: self.on_binding_update, mip.BindingAcknowledge: self.binding.on_ack},
+                 self.counters, log, self.poorly_formed)
+
+    def poorly_formed(self, partial: mip.Message, addr: tuple[str, int]) -> None:
+        """An RRQ with an unknown non-skippable extension: refused with 70 (RFC 5944 §3.7.2.1)."""
+        if isinstance(partial, mip.RegistrationRequest):
+            background(self.refuse(partial, addr[1], Code.FA_POORLY_FORMED_REQUEST, None))
 
     async def on_request(self, rrq: mip.RegistrationRequest, raw: bytes, addr: tuple[str, int]) -> None:
         nai_ext = rrq.find(mip.NAIExtension)

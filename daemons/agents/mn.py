@@ -16,6 +16,7 @@ from typing import Any
 
 from pyroute2 import AsyncIPRoute
 
+from daemons.agents.advertiser import ALL_ROUTERS, read_icmp
 from daemons.agents.routing import MobileNodeLink
 from daemons.runtime.config import MNConfig
 from daemons.runtime.control import ControlServer
@@ -26,7 +27,6 @@ from daemons.wire import mip
 from daemons.wire.mip.vendor import service_update_extension
 
 log = EventLog("mipvpn.mn")
-ALL_ROUTERS = "224.0.0.2"
 
 
 @dataclass
@@ -135,14 +135,10 @@ class MobileNode:
     def on_icmp(self) -> None:
         assert self.icmp is not None
         try:
-            packet, _ = self.icmp.recvfrom(65535)
-        except BlockingIOError:
-            return
-        if len(packet) < 21 or packet[20] != mip.ICMP_ROUTER_ADVERTISEMENT:
-            return
-        try:
-            src, _dst, _ttl, icmp = mip.strip_ipv4_header(packet)
-            adv = mip.decode_icmp(icmp)
+            got = read_icmp(self.icmp, mip.ICMP_ROUTER_ADVERTISEMENT)
+            if got is None:
+                return
+            src, adv = got[0], mip.decode_icmp(got[1])
         except mip.DecodeError as exc:
             self.counters["malformed"] += 1
             log.debug("advertisement.malformed", reason=exc)
