@@ -1,7 +1,7 @@
-"""What the agents share for reading their sockets: ``dispatch`` (UDP 434 datagrams of the FA
-and the CN-GW: handler per message type, one way of counting and logging the rest) and
-``read_icmp`` (the raw ICMP sockets of the advertiser and the MN; real datagram sockets here,
-packets built by scapy)."""
+"""Small pieces the agents share: ``dispatch`` (UDP 434 datagrams of the FA and the CN-GW:
+handler per message type, one way of counting and logging the rest), ``read_icmp`` (the raw
+ICMP sockets of the advertiser and the MN; real datagram sockets here, packets built by
+scapy) and ``converge`` (the HA's and the FA's reconciliation after a restart)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from scapy.all import ICMP, IP
 
 from daemons.agents.advertiser import read_icmp
 from daemons.agents.datagrams import dispatch
+from daemons.agents.routing import converge
 from daemons.runtime.log import EventLog
 from daemons.wire import mip
 
@@ -66,3 +67,17 @@ def test_read_icmp_returns_only_the_type_asked_for() -> None:
         kernel.send(b"\x60" + bytes(39))  # not IPv4
         with pytest.raises(mip.DecodeError):
             read_icmp(ours, mip.ICMP_ROUTER_SOLICITATION)
+
+
+def test_converge_removes_strays_then_adds_what_is_missing() -> None:
+    """routing.converge: how the HA's proxy-ARP entries and the FA's visitor routes reconcile."""
+    calls: list[tuple[str, str]] = []
+
+    async def add(x: str) -> None:
+        calls.append(("add", x))
+
+    async def remove(x: str) -> None:
+        calls.append(("remove", x))
+
+    asyncio.run(converge(iter(["a", "b"]), ["b", "c"], add, remove))
+    assert calls == [("remove", "a"), ("add", "c")]
