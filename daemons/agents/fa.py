@@ -506,7 +506,7 @@ class ForeignAgent:
         our FA-FA key, acknowledgement requested, with the VPN info copy for F6),
         retransmitted until acknowledged, each try a new update with a new identification
         (waits ``first_wait``, doubling)."""
-        assert previous in self.fa_peers and self.udp is not None
+        assert self.udp is not None
         hoa = str(pending.rrq.home_address)
         extensions: list[mip.Extension] = [mip.NAIExtension(pending.nai)] if pending.nai else []
         if forward is not None:  # no key material: the old FA derives it from our FA-FA key
