@@ -2,7 +2,8 @@
 
 Advertises every ``interval`` seconds on one interface and at once when a solicitation
 arrives; with ``challenge`` on, each advertisement carries a fresh RFC 3012 challenge and
-the last few are remembered for checking registrations.
+the last few are remembered for checking registrations. :func:`read_icmp` is how both sides
+(the agents here, the mobile node for advertisements) read their raw ICMP sockets.
 """
 
 from __future__ import annotations
@@ -23,6 +24,20 @@ log = EventLog("mipvpn.advertiser")
 ALL_SYSTEMS = "224.0.0.1"
 ALL_ROUTERS = "224.0.0.2"
 CHALLENGE_LEN = 16  # RFC 3012 §2: at least 4 octets; 16 keeps guessing hopeless
+
+
+def read_icmp(sock: socket.socket, icmp_type: int) -> tuple[ipaddress.IPv4Address, bytes] | None:
+    """One packet from a raw ICMP socket: (its source, the ICMP message) when it is of
+    ``icmp_type``; None when nothing was waiting or it is of another type (a raw ICMP socket
+    sees every ICMP packet). ``mip.DecodeError``: not an IPv4 packet."""
+    try:
+        packet, _ = sock.recvfrom(65535)
+    except BlockingIOError:
+        return None
+    src, _dst, _ttl, icmp = mip.strip_ipv4_header(packet)
+    if not icmp or icmp[0] != icmp_type:
+        return None
+    return src, icmp
 
 
 class Advertiser:
@@ -75,16 +90,13 @@ class Advertiser:
     def on_icmp(self) -> None:
         assert self.sock is not None
         try:
-            packet, _ = self.sock.recvfrom(65535)
-        except BlockingIOError:
-            return
-        try:
-            src, _dst, _ttl, icmp = mip.strip_ipv4_header(packet)
+            got = read_icmp(self.sock, mip.ICMP_ROUTER_SOLICITATION)
         except mip.DecodeError:
             self.counters["malformed_solicitations"] += 1
             return
-        if not icmp or icmp[0] != mip.ICMP_ROUTER_SOLICITATION:
-            return  # a raw ICMP socket sees every ICMP packet; only solicitations matter
+        if got is None:
+            return  # only solicitations matter
+        src, icmp = got
         try:
             mip.decode_icmp(icmp)
         except mip.DecodeError as exc:

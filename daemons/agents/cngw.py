@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
+from daemons.agents.binding import BindingPeers
+from daemons.agents.datagrams import dispatch
 from daemons.runtime.config import CNGWConfig, PeerAgent
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
@@ -131,6 +133,7 @@ class CorrespondentGateway:
         self.control = ControlServer(config.control_socket)
         self.mavpn: MavpnControl | None = None
         self.ha_keys: dict[str, PeerAgent] = {str(ha.address): ha for ha in config.home_agents}
+        self.ha_peers = BindingPeers(self.ha_keys)
         self.table = BindingTable(config.binding_request_threshold, config.binding_request_interval)
         self.state = StateFile(config.state_dir / "bindings.json")
         self.locks = KeyedLocks()  # one registration/binding update per user at a time
@@ -192,36 +195,23 @@ class CorrespondentGateway:
                      ha=binding.home_agent, requests=binding.requests)
 
     def send_request(self, binding: CnBinding, now: float) -> None:
-        peer = self.ha_keys.get(binding.home_agent)
-        if peer is None or self.udp is None:
+        if binding.home_agent not in self.ha_peers or self.udp is None:
             return
         br = mip.BindingRequest(home_address=binding.home_address, identification=mip.ntp_identification(now),
                                 extensions=[mip.NAIExtension(binding.nai)])
-        br = mip.sign(br, mip.EXT_BINDING_AUTH, peer.spi, peer.key)
-        self.udp.send(br.encode(), (binding.home_agent, mip.MIP_UDP_PORT))
+        self.ha_peers.send(self.udp, br, binding.home_agent)
         self.counters["br_sent"] += 1
         log.info("br.sent", mn=binding.nai, hoa=binding.home_address, ha=binding.home_agent,
                  remaining=round(binding.remaining(now), 1), attempt=binding.requests)
 
     # ---- Binding Updates from home agents (F4, F5) ---------------------------------------------
     def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
-        try:
-            msg = mip.decode_message(data)
-        except mip.UnknownExtensionError as exc:
-            self.counters["malformed"] += 1
-            log.warning("message.unknown_extension", src=addr[0], reason=exc)
-            if isinstance(exc.partial, mip.BindingUpdate):
-                self.answer(exc.partial, Status.POORLY_FORMED_UPDATE, addr)
-            return
-        except mip.DecodeError as exc:
-            self.counters["malformed"] += 1
-            log.warning("message.malformed", src=addr[0], reason=exc)
-            return
-        if isinstance(msg, mip.BindingUpdate):
-            background(self.on_binding_update(msg, data, addr))
-        else:
-            self.counters["malformed"] += 1
-            log.warning("message.unexpected", src=addr[0], type=type(msg).__name__)
+        dispatch(data, addr, {mip.BindingUpdate: self.on_binding_update}, self.counters, log, self.poorly_formed)
+
+    def poorly_formed(self, partial: mip.Message, addr: tuple[str, int]) -> None:
+        """A Binding Update with an unknown non-skippable extension: refused with 134."""
+        if isinstance(partial, mip.BindingUpdate):
+            self.answer(partial, Status.POORLY_FORMED_UPDATE, addr)
 
     async def on_binding_update(self, bu: mip.BindingUpdate, raw: bytes, addr: tuple[str, int]) -> None:
         self.counters["bu_received"] += 1
@@ -235,8 +225,7 @@ class CorrespondentGateway:
         hoa = str(bu.home_address)
         nai_ext = bu.find(mip.NAIExtension)
         nai = nai_ext.nai if nai_ext else hoa
-        peer = self.ha_keys.get(src)
-        if peer is None or not mip.verify(raw, mip.EXT_BINDING_AUTH, peer.key, spi=peer.spi):
+        if self.ha_peers.authentic(raw, src) is None:
             log.warning("bu.auth_failed", src=src, mn=nai)
             return Status.AUTHENTICATION_FAILED, 0
         now = time.time()
@@ -291,13 +280,8 @@ class CorrespondentGateway:
     def answer(self, bu: mip.BindingUpdate, status: Status, addr: tuple[str, int], lifetime: int = 0) -> None:
         if not bu.ack_requested and status == Status.ACCEPTED:
             return
-        ack = mip.BindingAcknowledge(status=status, home_address=bu.home_address,
-                                     identification=bu.identification or 0, lifetime=lifetime)
-        peer = self.ha_keys.get(addr[0])
-        if peer is not None:
-            ack = mip.sign(ack, mip.EXT_BINDING_AUTH, peer.spi, peer.key)
         if self.udp is not None:
-            self.udp.send(ack.encode(), addr)
+            self.ha_peers.acknowledge(self.udp, bu, status, addr, lifetime)
         log.event("ba.sent", to=addr[0], hoa=bu.home_address, status=f"{int(status)}({Status(status).name})",
                   lifetime=lifetime, level=20 if status == Status.ACCEPTED else 30)
 

@@ -15,6 +15,8 @@ from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from daemons.agents.advertiser import Advertiser
+from daemons.agents.binding import BindingClient, BindingEvents, BindingPeers, Retransmit
+from daemons.agents.datagrams import dispatch
 from daemons.agents.routing import AccessGuard, VisitorRoutes
 from daemons.diameter.node import DiameterNode, DiameterTimeout, DiameterUnavailable, wait_for_peers
 from daemons.runtime.config import DiameterPeer, FAConfig
@@ -84,9 +86,11 @@ class ForeignAgent:
         self.used_challenges: deque[bytes] = deque(maxlen=1024)
         self.ha_keys = {str(ha.address): ha for ha in config.home_agents}
         self.fa_keys = {str(fa.address): fa for fa in config.peer_agents}
-        self.binding_acks: dict[int, asyncio.Future[mip.BindingAcknowledge]] = {}
+        self.fa_peers = BindingPeers(self.fa_keys)
         self.counters: dict[str, int] = {"received": 0, "malformed": 0, "relayed": 0, "accepted": 0,
                                          "denied": 0}
+        # F6 Binding Updates to the previous FA: log lines name it "to" (sent) and "src" (acknowledged).
+        self.binding = BindingClient(self.fa_peers, log, self.counters, BindingEvents(peer="to", ack_peer="src"))
         self.state = StateFile(config.state_dir / "visitors.json")
         self.routes = VisitorRoutes(config.access_interface)
         self.udp: UdpEndpoint | None = None
@@ -178,29 +182,14 @@ class ForeignAgent:
     # ---- registration --------------------------------------------------------------------
     def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         self.counters["received"] += 1
-        try:
-            msg = mip.decode_message(data)
-        except mip.UnknownExtensionError as exc:
-            self.counters["malformed"] += 1
-            log.warning("message.unknown_extension", src=addr[0], reason=exc)
-            if isinstance(exc.partial, mip.RegistrationRequest):
-                background(self.refuse(exc.partial, addr[1], Code.FA_POORLY_FORMED_REQUEST, None))
-            return
-        except mip.DecodeError as exc:
-            self.counters["malformed"] += 1
-            log.warning("message.malformed", src=addr[0], reason=exc)
-            return
-        if isinstance(msg, mip.RegistrationRequest):
-            background(self.on_request(msg, data, addr))
-        elif isinstance(msg, mip.RegistrationReply):
-            background(self.on_reply(msg, data, addr))
-        elif isinstance(msg, mip.BindingUpdate):
-            background(self.on_binding_update(msg, data, addr))
-        elif isinstance(msg, mip.BindingAcknowledge):
-            self.on_binding_ack(msg, data, addr)
-        else:
-            self.counters["malformed"] += 1
-            log.warning("message.unexpected", src=addr[0], type=type(msg).__name__)
+        dispatch(data, addr, {mip.RegistrationRequest: self.on_request, mip.RegistrationReply: self.on_reply,
+                              mip.BindingUpdate: self.on_binding_update, mip.BindingAcknowledge: self.binding.on_ack},
+                 self.counters, log, self.poorly_formed)
+
+    def poorly_formed(self, partial: mip.Message, addr: tuple[str, int]) -> None:
+        """An RRQ with an unknown non-skippable extension: refused with 70 (RFC 5944 §3.7.2.1)."""
+        if isinstance(partial, mip.RegistrationRequest):
+            background(self.refuse(partial, addr[1], Code.FA_POORLY_FORMED_REQUEST, None))
 
     async def on_request(self, rrq: mip.RegistrationRequest, raw: bytes, addr: tuple[str, int]) -> None:
         nai_ext = rrq.find(mip.NAIExtension)
@@ -514,8 +503,8 @@ class ForeignAgent:
                                     first_wait: float = 0.5, attempts: int = 3) -> mip.BindingAcknowledge | None:
         """Tell the FA the MN left that it is now here: a Binding Update (authenticated with
         our FA-FA key, acknowledgement requested, with the VPN info copy for F6),
-        retransmitted until acknowledged."""
-        peer = self.fa_keys[previous]
+        retransmitted until acknowledged, each try a new update with a new identification
+        (waits ``first_wait``, doubling)."""
         assert self.udp is not None
         hoa = str(pending.rrq.home_address)
         extensions: list[mip.Extension] = [mip.NAIExtension(pending.nai)] if pending.nai else []
@@ -523,35 +512,23 @@ class ForeignAgent:
             extensions.append(mip.vendor_extension(mip.VENDOR_TYPE_VPN_INFO,
                                                    vpninfo.encode_for_mip([forward], with_secrets=False),
                                                    critical=True))
-        for attempt in range(attempts):
-            ident = mip.ntp_identification(time.time())
-            bu = mip.BindingUpdate(home_address=hoa, care_of_address=self.config.care_of_address,
-                                   identification=ident, lifetime=self.config.forwarding_lifetime,
-                                   flags=mip.BUFlag.A, extensions=list(extensions))
-            bu = mip.sign(bu, mip.EXT_BINDING_AUTH, peer.spi, peer.key)
-            waiter = asyncio.get_running_loop().create_future()
-            self.binding_acks[ident] = waiter
-            self.udp.send(bu.encode(), (previous, mip.MIP_UDP_PORT))
-            log.info("bu.sent", mn=pending.nai, to=previous, id=hex(ident), attempt=attempt + 1,
-                     vpn_info=forward is not None)
-            try:
-                ack = await asyncio.wait_for(waiter, first_wait * 2**attempt)
-            except TimeoutError:
-                continue
-            finally:
-                self.binding_acks.pop(ident, None)
-            log.info("ba.received", mn=pending.nai, src=previous, status=int(ack.status))
-            return ack
-        log.warning("bu.unacknowledged", mn=pending.nai, to=previous)
-        return None
+
+        def update(ident: int) -> mip.BindingUpdate:
+            return mip.BindingUpdate(home_address=hoa, care_of_address=self.config.care_of_address,
+                                     identification=ident, lifetime=self.config.forwarding_lifetime,
+                                     flags=mip.BUFlag.A, extensions=list(extensions))
+
+        return await self.binding.update(self.udp, previous, update,
+                                         Retransmit.backoff(first_wait, attempts, fresh_identification=True),
+                                         mn=pending.nai, vpn_info=forward is not None)
 
     async def on_binding_update(self, bu: mip.BindingUpdate, raw: bytes, addr: tuple[str, int]) -> None:
         """The MN moved on to the FA that sends this: forget it here (and, with VPN paths,
         forward to the new FA for a short while: F6)."""
-        peer = self.fa_keys.get(addr[0])
+        peer = self.fa_peers.authentic(raw, addr[0])
         nai_ext = bu.find(mip.NAIExtension)
         nai = nai_ext.nai if nai_ext else None
-        if peer is None or not mip.verify(raw, mip.EXT_BINDING_AUTH, peer.key, spi=peer.spi):
+        if peer is None:
             log.warning("bu.auth_failed", src=addr[0], mn=nai)
             status = mip.BindingStatus.AUTHENTICATION_FAILED
         else:
@@ -566,12 +543,8 @@ class ForeignAgent:
             status = await self.forward_for(bu, nai, peer.key, addr[0])
             await self.remove_visitor(str(bu.home_address), f"moved to {bu.care_of_address}",
                                       keep_paths=status is mip.BindingStatus.ACCEPTED and nai in self.forwards)
-        ack = mip.BindingAcknowledge(status=status, home_address=bu.home_address,
-                                     identification=bu.identification or 0, lifetime=bu.lifetime)
-        if peer is not None:
-            ack = mip.sign(ack, mip.EXT_BINDING_AUTH, peer.spi, peer.key)
         assert self.udp is not None
-        self.udp.send(ack.encode(), addr)
+        self.fa_peers.acknowledge(self.udp, bu, status, addr, lifetime=bu.lifetime)
 
     async def forward_for(self, bu: mip.BindingUpdate, nai: str | None, fa_fa_key: Secret,
                           new_fa: str) -> mip.BindingStatus:
@@ -602,16 +575,6 @@ class ForeignAgent:
         self.persist()
         log.info("forwarding.up", mn=nai, new_fa=new_fa, lifetime=bu.lifetime)
         return mip.BindingStatus.ACCEPTED
-
-    def on_binding_ack(self, ack: mip.BindingAcknowledge, raw: bytes, addr: tuple[str, int]) -> None:
-        peer = self.fa_keys.get(addr[0])
-        waiter = self.binding_acks.get(ack.identification)
-        if peer is None or waiter is None or not mip.verify(raw, mip.EXT_BINDING_AUTH, peer.key, spi=peer.spi):
-            self.counters["malformed"] += 1
-            log.warning("ba.rejected", src=addr[0], id=hex(ack.identification))
-            return
-        if not waiter.done():
-            waiter.set_result(ack)
 
     def set_smooth_handoff(self, request: dict[str, Any]) -> dict[str, bool]:
         """Control command: {"enabled": true|false} switches F6 for the next moves; without it, reads."""

@@ -25,6 +25,7 @@ from ipaddress import IPv4Address
 from typing import Any
 
 from daemons.agents.advertiser import Advertiser
+from daemons.agents.binding import BindingClient, BindingEvents, BindingPeers, Retransmit
 from daemons.agents.routing import HomeLink
 from daemons.diameter.node import DiameterError, DiameterNode
 from daemons.runtime.config import HAConfig, MobileNodeEntry, PeerAgent
@@ -96,11 +97,15 @@ class HomeAgent:
         # hold keys: a file of their own in the private state directory, like the MAVPN cache).
         self.cn_paths: dict[str, list[VpnInfo]] = {}
         self.cn_state = StateFile(config.state_dir / "cngw-paths.json")
-        self.binding_acks: dict[tuple[str, int], asyncio.Future[mip.BindingAcknowledge]] = {}
+        self.cngw_peers = BindingPeers(self.cngw_keys)
         self.bindings: dict[str, Binding] = {}
         self.last_ident: dict[str, int] = {}  # per home address: replay protection
         self.counters: dict[str, int] = {"received": 0, "malformed": 0, "accepted": 0, "denied": 0, "bu_sent": 0,
                                          "ba_received": 0, "br_received": 0}
+        # Binding Updates to the dynamic CN-GWs: log lines name the gateway "cngw".
+        self.binding = BindingClient(self.cngw_peers, log, self.counters, BindingEvents(
+            peer="cngw", ack_peer="cngw", ack_lifetime=True, unacknowledged_id=True, sent_counter="bu_sent",
+            ack_counter="ba_received"))
         self.state = StateFile(config.state_dir / "bindings.json")
         self.home_link = HomeLink(config.home_interface)
         self.udp: UdpEndpoint | None = None
@@ -213,7 +218,7 @@ class HomeAgent:
         except mip.DecodeError:
             msg = None  # process_request says why
         if isinstance(msg, mip.BindingAcknowledge):
-            self.on_binding_ack(msg, data, addr)
+            self.binding.on_ack(msg, data, addr)
             return
         if isinstance(msg, mip.BindingRequest):
             await self.on_binding_request(msg, data, addr)
@@ -366,58 +371,29 @@ class HomeAgent:
                                   infos: list[VpnInfo]) -> mip.BindingAcknowledge | None:
         """One Binding Update to a CN-GW (acknowledgement requested), retransmitted with the
         same identification until acknowledged (3 tries, the wait doubling once)."""
-        peer = self.cngw_keys.get(gateway)
-        if peer is None or self.udp is None:
+        if gateway not in self.cngw_peers or self.udp is None:
             log.warning("bu.no_security_association", mn=nai, cngw=gateway)
             return None
-        ident = mip.ntp_identification(time.time())
         extensions: list[mip.Extension] = [mip.NAIExtension(nai)]
         if lifetime:
             extensions.append(mip.vendor_extension(mip.VENDOR_TYPE_VPN_INFO, vpninfo.encode_for_mip(infos),
                                                    critical=True))
         lifetime = min(lifetime, 0xFFFF)  # a 16-bit field; a registration may be granted longer
-        bu = mip.BindingUpdate(home_address=hoa, care_of_address=coa, identification=ident, lifetime=lifetime,
-                               flags=mip.BUFlag.A, extensions=extensions)
-        wire = mip.sign(bu, mip.EXT_BINDING_AUTH, peer.spi, peer.key).encode()
-        waiter: asyncio.Future[mip.BindingAcknowledge] = asyncio.get_running_loop().create_future()
-        self.binding_acks[(gateway, ident)] = waiter
-        timeout = self.config.binding_ack_timeout
-        try:
-            for attempt in range(3):
-                self.udp.send(wire, (gateway, mip.MIP_UDP_PORT))
-                self.counters["bu_sent"] += 1
-                log.info("bu.sent", mn=nai, cngw=gateway, coa=coa, lifetime=lifetime, paths=len(infos),
-                         id=hex(ident), attempt=attempt + 1)
-                try:
-                    ack = await asyncio.wait_for(asyncio.shield(waiter), timeout * min(2, 2**attempt))
-                except TimeoutError:
-                    continue
-                log.event("ba.received", mn=nai, cngw=gateway, status=f"{int(ack.status)}",
-                          lifetime=ack.lifetime, level=20 if ack.accepted else 30)
-                return ack
-        finally:
-            self.binding_acks.pop((gateway, ident), None)
-        log.warning("bu.unacknowledged", mn=nai, cngw=gateway, id=hex(ident))
-        return None
 
-    def on_binding_ack(self, ack: mip.BindingAcknowledge, raw: bytes, addr: tuple[str, int]) -> None:
-        peer = self.cngw_keys.get(addr[0])
-        waiter = self.binding_acks.get((addr[0], ack.identification))
-        if peer is None or waiter is None or not mip.verify(raw, mip.EXT_BINDING_AUTH, peer.key, spi=peer.spi):
-            self.counters["malformed"] += 1
-            log.warning("ba.rejected", src=addr[0], id=hex(ack.identification))
-            return
-        self.counters["ba_received"] += 1
-        if not waiter.done():
-            waiter.set_result(ack)
+        def update(ident: int) -> mip.BindingUpdate:
+            return mip.BindingUpdate(home_address=hoa, care_of_address=coa, identification=ident, lifetime=lifetime,
+                                     flags=mip.BUFlag.A, extensions=extensions)
+
+        timeout = self.config.binding_ack_timeout
+        return await self.binding.update(self.udp, gateway, update, Retransmit.backoff(timeout, 3, ceiling=2 * timeout),
+                                         mn=nai, coa=coa, lifetime=lifetime, paths=len(infos))
 
     async def on_binding_request(self, br: mip.BindingRequest, raw: bytes, addr: tuple[str, int]) -> None:
         """F8: a CN-GW's binding is running out. Still bound: a Binding Update with what is left
         of the registration; otherwise no answer (the CN-GW drops the paths at expiry)."""
         gateway = addr[0]
-        peer = self.cngw_keys.get(gateway)
         now = time.time()
-        if peer is None or not mip.verify(raw, mip.EXT_BINDING_AUTH, peer.key, spi=peer.spi) \
+        if self.cngw_peers.authentic(raw, gateway) is None \
                 or not mip.identification_acceptable(None, br.identification, now, self.config.replay_window):
             self.counters["malformed"] += 1
             log.warning("br.rejected", src=gateway, hoa=br.home_address)

@@ -16,6 +16,7 @@ from typing import Any
 
 from pyroute2 import AsyncIPRoute
 
+from daemons.agents.advertiser import ALL_ROUTERS, read_icmp
 from daemons.agents.routing import MobileNodeLink
 from daemons.runtime.config import MNConfig
 from daemons.runtime.control import ControlServer
@@ -26,7 +27,6 @@ from daemons.wire import mip
 from daemons.wire.mip.vendor import service_update_extension
 
 log = EventLog("mipvpn.mn")
-ALL_ROUTERS = "224.0.0.2"
 
 
 @dataclass
@@ -135,14 +135,10 @@ class MobileNode:
     def on_icmp(self) -> None:
         assert self.icmp is not None
         try:
-            packet, _ = self.icmp.recvfrom(65535)
-        except BlockingIOError:
-            return
-        if len(packet) < 21 or packet[20] != mip.ICMP_ROUTER_ADVERTISEMENT:
-            return
-        try:
-            src, _dst, _ttl, icmp = mip.strip_ipv4_header(packet)
-            adv = mip.decode_icmp(icmp)
+            got = read_icmp(self.icmp, mip.ICMP_ROUTER_ADVERTISEMENT)
+            if got is None:
+                return
+            src, adv = got[0], mip.decode_icmp(got[1])
         except mip.DecodeError as exc:
             self.counters["malformed"] += 1
             log.debug("advertisement.malformed", reason=exc)
@@ -220,7 +216,7 @@ class MobileNode:
 
     def request(self, agent: Agent, lifetime: int, coa: str) -> bytes:
         ident = mip.ntp_identification(time.time() + self.clock_offset)
-        extensions: list[mip.Extension] = [mip.NAIExtension(self.config.nai)]
+        extensions: list[mip.Extension] = []  # after the NAI, before the authenticators
         if self.registered_coa and self.registered_coa != coa and not agent.home:
             # Name the FA we were registered through, so the new one can tell it (F2/F6).
             extensions.append(mip.previous_fa_extension(self.registered_coa))
@@ -229,16 +225,13 @@ class MobileNode:
             # F7: ask the home AAA server to rebuild our VPN info from the changed profile.
             self.service_update_sent = self.service_update[0]
             extensions.append(service_update_extension(self.service_update_sent))
-        rrq = mip.RegistrationRequest(home_address=self.config.home_address, home_agent=self.config.home_agent,
-                                      care_of_address=coa, identification=ident, lifetime=lifetime,
-                                      extensions=extensions)
         assert self.config.mn_ha is not None
-        rrq = mip.sign(rrq, mip.EXT_MN_HA_AUTH, self.config.mn_ha.spi, self.config.mn_ha.key)
-        if agent.challenge and not agent.home:
-            # RFC 3012: answer the FA's challenge; the MN-AAA authenticator covers it.
-            rrq = rrq.with_extensions(mip.MNFAChallengeExtension(agent.challenge))
-            if self.config.mn_aaa is not None:
-                rrq = mip.sign(rrq, mip.EXT_GEN_AUTH, self.config.mn_aaa.spi, self.config.mn_aaa.key)
+        # RFC 3012: answer an FA's challenge; the MN-AAA authenticator covers it.
+        challenge = agent.challenge if agent.challenge and not agent.home else None
+        rrq = mip.registration_request(home_address=self.config.home_address, home_agent=self.config.home_agent,
+                                       care_of_address=coa, identification=ident, lifetime=lifetime,
+                                       nai=self.config.nai, extensions=extensions, mn_ha=self.config.mn_ha,
+                                       challenge=challenge, mn_aaa=self.config.mn_aaa if challenge else None)
         self.outstanding_id = ident
         return rrq.encode()
 

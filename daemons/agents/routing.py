@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Awaitable, Callable, Iterable
 
 from daemons.runtime.log import EventLog
 
@@ -28,6 +29,16 @@ async def ip(*args: str, check: bool = True) -> str:
     return out.decode()
 
 
+async def converge(present: Iterable[str], wanted: Iterable[str], add: Callable[[str], Awaitable[None]],
+                   remove: Callable[[str], Awaitable[None]]) -> None:
+    """After a restart: ``remove`` what is there but not wanted, then ``add`` what is wanted but missing."""
+    have, want = set(present), set(wanted)
+    for stray in have - want:
+        await remove(stray)
+    for missing in want - have:
+        await add(missing)
+
+
 class HomeLink:
     """The home agent's side of the home link: a proxy-ARP entry per away mobile node, so
     that hosts on the home link hand the HA the packets for that home address
@@ -44,11 +55,7 @@ class HomeLink:
 
     async def reconcile(self, hoas: list[str]) -> None:
         out = await ip("-j", "neigh", "show", "proxy", "dev", self.interface)
-        present = {entry["dst"] for entry in json.loads(out or "[]")}
-        for stray in present - set(hoas):
-            await self.release(stray)
-        for hoa in set(hoas) - present:
-            await self.intercept(hoa)
+        await converge((entry["dst"] for entry in json.loads(out or "[]")), hoas, self.intercept, self.release)
 
 
 class VisitorRoutes:
@@ -67,11 +74,7 @@ class VisitorRoutes:
 
     async def reconcile(self, hoas: list[str]) -> None:
         out = await ip("-j", "route", "show", "dev", self.interface, "proto", "static")
-        present = {r["dst"] for r in json.loads(out or "[]") if "/" not in r["dst"]}
-        for stray in present - set(hoas):
-            await self.remove(stray)
-        for hoa in set(hoas) - present:
-            await self.add(hoa)
+        await converge((r["dst"] for r in json.loads(out or "[]") if "/" not in r["dst"]), hoas, self.add, self.remove)
 
 
 class MobileNodeLink:

@@ -450,12 +450,10 @@ class Generator:
         from daemons.wire import mip
 
         ident = mip.ntp_identification(time.time())
-        rrq = mip.RegistrationRequest(home_address=user.home_address, home_agent=user.home_agent,
-                                      care_of_address=ch.care_of_address, identification=ident,
-                                      lifetime=user.lifetime, extensions=[mip.NAIExtension(user.nai)])
-        rrq = mip.sign(rrq, mip.EXT_MN_HA_AUTH, user.mn_ha.spi, user.mn_ha.key)
-        rrq = rrq.with_extensions(mip.MNFAChallengeExtension(ch.value))
-        rrq = mip.sign(rrq, mip.EXT_GEN_AUTH, user.mn_aaa.spi, user.mn_aaa.key)
+        rrq = mip.registration_request(home_address=user.home_address, home_agent=user.home_agent,
+                                       care_of_address=ch.care_of_address, identification=ident,
+                                       lifetime=user.lifetime, nai=user.nai, mn_ha=user.mn_ha, challenge=ch.value,
+                                       mn_aaa=user.mn_aaa)
         return ident, rrq.encode()
 
     async def register(self, user: Any, challenges: Challenges) -> Outcome:

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from daemons.runtime.config import SecurityAssociation
 from daemons.runtime.secret import Secret
 from daemons.wire import mip
 from lab.lab import Lab
@@ -86,12 +87,11 @@ def test_bad_mn_aaa_secret_is_refused_and_nothing_is_installed(lab_up: LabEnv) -
     # A request through fa1 as mn1 with a fresh challenge but a wrong MN-AAA secret.
     adv_challenge = heard_advertisement(lab_up, "mn1").challenge
     assert adv_challenge
-    rrq = mip.RegistrationRequest(home_address=HOA, home_agent="198.18.100.1", care_of_address=FA1,
-                                  identification=mip.ntp_identification(time.time()), lifetime=60,
-                                  extensions=[mip.NAIExtension("mn1@home.example")])
-    rrq = mip.sign(rrq, mip.EXT_MN_HA_AUTH, 0x1000, Secret(b"x" * 16))
-    rrq = mip.sign(rrq.with_extensions(mip.MNFAChallengeExtension(adv_challenge)), mip.EXT_GEN_AUTH, 0x3000,
-                   Secret(b"wrong secret 123"))
+    rrq = mip.registration_request(home_address=HOA, home_agent="198.18.100.1", care_of_address=FA1,
+                                   identification=mip.ntp_identification(time.time()), lifetime=60,
+                                   nai="mn1@home.example", mn_ha=SecurityAssociation(0x1000, Secret(b"x" * 16)),
+                                   challenge=adv_challenge,
+                                   mn_aaa=SecurityAssociation(0x3000, Secret(b"wrong secret 123")))
     reply = mip.decode_message(send_udp(lab_up, "mn1", FA1_ACCESS, rrq.encode(), wait=6))
     assert isinstance(reply, mip.RegistrationReply)
     assert reply.code == mip.ReplyCode.FA_MN_FAILED_AUTHENTICATION

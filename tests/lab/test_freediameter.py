@@ -19,6 +19,7 @@ import yaml
 
 from daemons.provision.configs import control_socket
 from daemons.runtime import control
+from daemons.runtime.config import SecurityAssociation
 from daemons.runtime.secret import Secret
 from daemons.wire import mip
 from lab.topology import default_topology_path
@@ -85,12 +86,10 @@ def test_f1_through_a_freediameter_relay(relay_lab: LabEnv) -> None:
 
     # A wrong MN-AAA secret is still refused, its 4001 relayed back through freeDiameter.
     challenge = heard_advertisement(env, "mn1").challenge
-    rrq = mip.RegistrationRequest(home_address=HOA, home_agent=HA, care_of_address=FA1,
-                                  identification=mip.ntp_identification(time.time()), lifetime=60,
-                                  extensions=[mip.NAIExtension("mn1@home.example")])
-    rrq = mip.sign(rrq, mip.EXT_MN_HA_AUTH, 0x1000, Secret(b"x" * 16))
-    rrq = mip.sign(rrq.with_extensions(mip.MNFAChallengeExtension(challenge)), mip.EXT_GEN_AUTH, 0x3000,
-                   Secret(b"wrong secret 123"))
+    rrq = mip.registration_request(home_address=HOA, home_agent=HA, care_of_address=FA1,
+                                   identification=mip.ntp_identification(time.time()), lifetime=60,
+                                   nai="mn1@home.example", mn_ha=SecurityAssociation(0x1000, Secret(b"x" * 16)),
+                                   challenge=challenge, mn_aaa=SecurityAssociation(0x3000, Secret(b"wrong secret 123")))
     reply = mip.decode_message(send_udp(env, "mn1", FA1_ACCESS, rrq.encode(), wait=6))
     assert isinstance(reply, mip.RegistrationReply) and reply.code == mip.ReplyCode.FA_MN_FAILED_AUTHENTICATION
     assert [b["care_of_address"] for b in show(env, "bindings", "ha")] == [FA1]  # type: ignore[index]

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from scapy.all import UDP, rdpcap
 
+from daemons.runtime.config import SecurityAssociation
 from daemons.runtime.secret import Secret
 from daemons.wire import mip
 from lab.topology import default_topology_path
@@ -121,10 +122,9 @@ def test_moves_register_through_each_new_agent(lab_up: LabEnv) -> None:
 
 
 def forged_rrq(key: Secret, ident: int | None = None, coa: str = "198.18.2.10") -> bytes:
-    rrq = mip.RegistrationRequest(home_address=HOA, home_agent=HA, care_of_address=coa,
-                                  identification=ident or mip.ntp_identification(time.time()), lifetime=60,
-                                  extensions=[mip.NAIExtension("mn1@home.example")])
-    return mip.sign(rrq, mip.EXT_MN_HA_AUTH, 0x1000, key).encode()
+    return mip.registration_request(home_address=HOA, home_agent=HA, care_of_address=coa,
+                                    identification=ident or mip.ntp_identification(time.time()), lifetime=60,
+                                    nai="mn1@home.example", mn_ha=SecurityAssociation(0x1000, key)).encode()
 
 
 def test_wrong_mn_ha_key_is_refused_with_131(lab_up: LabEnv) -> None:
@@ -218,12 +218,10 @@ def test_fa_denial_reaches_the_mn(lab_up: LabEnv) -> None:
     """An FA's own refusal (here: a challenge it never advertised, RFC 3012 code 104) goes back
     to the MN on the access link, not toward the core."""
     wait_for(binding_via(lab_up, COA["fa1"]), what="binding via fa1")
-    rrq = mip.RegistrationRequest(home_address="198.18.100.77", home_agent=HA, care_of_address=COA["fa1"],
-                                  identification=mip.ntp_identification(time.time()), lifetime=60,
-                                  extensions=[mip.NAIExtension("nobody@home.example")])
-    rrq = mip.sign(rrq, mip.EXT_MN_HA_AUTH, 0x1000, Secret(b"k" * 16))
-    rrq = mip.sign(rrq.with_extensions(mip.MNFAChallengeExtension(b"never advertised")), mip.EXT_GEN_AUTH,
-                   0x3000, Secret(b"s" * 16))
+    rrq = mip.registration_request(home_address="198.18.100.77", home_agent=HA, care_of_address=COA["fa1"],
+                                   identification=mip.ntp_identification(time.time()), lifetime=60,
+                                   nai="nobody@home.example", mn_ha=SecurityAssociation(0x1000, Secret(b"k" * 16)),
+                                   challenge=b"never advertised", mn_aaa=SecurityAssociation(0x3000, Secret(b"s" * 16)))
     sender = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -28,7 +28,7 @@ from daemons.aaa.aaaf import ForeignAAAServer
 from daemons.aaa.aaah import FIRST_DYNAMIC_SPI, HomeAAAServer
 from daemons.diameter.node import DiameterNode
 from daemons.runtime import control
-from daemons.runtime.config import AAAFConfig, AAAHConfig, ConfigError, DiameterPeer, HomeAgentRef
+from daemons.runtime.config import AAAFConfig, AAAHConfig, ConfigError, DiameterPeer, HomeAgentRef, SecurityAssociation
 from daemons.runtime.log import EventFormatter
 from daemons.runtime.secret import Secret
 from daemons.store.vpndb import open_database
@@ -78,12 +78,10 @@ def free_port() -> int:
 
 
 def rrq_bytes(nai: str = NAI, key: Secret = MN_AAA, home_address: IPv4Address = HOA, lifetime: int = 300) -> bytes:
-    rrq = mip.RegistrationRequest(home_address=home_address, home_agent=HA_ADDR, care_of_address=COA,
-                                  identification=mip.ntp_identification(time.time()), lifetime=lifetime,
-                                  extensions=[mip.NAIExtension(nai)])
-    rrq = mip.sign(rrq, mip.EXT_MN_HA_AUTH, SPI_MN_HA, MN_HA)
-    rrq = rrq.with_extensions(mip.MNFAChallengeExtension(bytes(range(16))))
-    return mip.sign(rrq, mip.EXT_GEN_AUTH, SPI_MN_AAA, key).encode()
+    return mip.registration_request(home_address=home_address, home_agent=HA_ADDR, care_of_address=COA,
+                                    identification=mip.ntp_identification(time.time()), lifetime=lifetime, nai=nai,
+                                    mn_ha=SecurityAssociation(SPI_MN_HA, MN_HA), challenge=bytes(range(16)),
+                                    mn_aaa=SecurityAssociation(SPI_MN_AAA, key)).encode()
 
 
 def amr_for(fa: DiameterNode, raw: bytes, nai: str = NAI) -> Message:

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from daemons.runtime.config import SecurityAssociation
 from daemons.runtime.secret import Secret
 from daemons.wire.mip import (
     CHAP_SPI,
@@ -32,6 +33,8 @@ from daemons.wire.mip import (
     append_authenticator,
     compute_authenticator,
     decode_message,
+    previous_fa_extension,
+    registration_request,
     sign,
     strip_after,
     verify,
@@ -287,3 +290,28 @@ def test_sign_verify_property(exts, ext_type, spi, key, data):
         assert not verify(bytes(bad), ext_type, Secret(key), spi=spi)
     except DecodeError:
         pass
+
+
+def test_registration_request_builder_orders_and_covers_as_the_rfcs_say() -> None:
+    """The one RRQ builder: NAI, the caller's extensions, MN-HA, challenge, MN-AAA; each
+    authenticator checked here with the independent HMAC-MD5 above."""
+    mn_ha, mn_aaa = SecurityAssociation(0x1000, MN_HA), SecurityAssociation(0x3000, MN_AAA)
+    extra = previous_fa_extension("198.18.2.9")
+    rrq = registration_request(home_address="198.18.1.10", home_agent="198.18.1.1", care_of_address="198.18.2.1",
+                               identification=0xDEADBEEF01234567, lifetime=600, nai="alice@example.net",
+                               extensions=[extra], mn_ha=mn_ha, challenge=CHALLENGE, mn_aaa=mn_aaa)
+    assert [type(e) for e in rrq.extensions] == [NAIExtension, type(extra), MNHAAuthExtension,
+                                                 MNFAChallengeExtension, GeneralizedAuthExtension]
+    wire = rrq.encode()
+    ha_end = len(wire) - len(rrq.extensions[-1].encode()) - len(rrq.extensions[-2].encode())
+    assert wire[ha_end - 16:ha_end] == ref_hmac(MN_HA.reveal(), wire[:ha_end - 16])
+    assert wire[-16:] == ref_hmac(MN_AAA.reveal(), wire[:-16])  # covers the challenge
+    assert rrq.find(MNFAChallengeExtension).challenge == CHALLENGE  # type: ignore[union-attr]
+    # Without a challenge (at home, or an FA without challenges): NAI and MN-HA only.
+    plain = registration_request(home_address="198.18.1.10", home_agent="198.18.1.1", care_of_address="198.18.1.10",
+                                 identification=1, lifetime=0, nai="alice@example.net", mn_ha=mn_ha)
+    assert [type(e) for e in plain.extensions] == [NAIExtension, MNHAAuthExtension]
+    assert verify(plain.encode(), EXT_MN_HA_AUTH, MN_HA, spi=0x1000)
+    with pytest.raises(ValueError, match="challenge"):
+        registration_request(home_address="198.18.1.10", home_agent="198.18.1.1", care_of_address="198.18.2.1",
+                             identification=1, lifetime=600, nai="alice@example.net", mn_ha=mn_ha, mn_aaa=mn_aaa)

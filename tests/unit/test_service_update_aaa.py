@@ -17,7 +17,7 @@ import aiohttp
 
 from daemons.aaa.aaah import HomeAAAServer
 from daemons.aaa.profileapi import ProfileApi
-from daemons.runtime.config import ProfileApiConfig
+from daemons.runtime.config import ProfileApiConfig, SecurityAssociation
 from daemons.runtime.secret import Secret
 from daemons.vpn import vpninfo
 from daemons.vpn.path import EndpointType, Qos
@@ -45,17 +45,15 @@ OTHER = "mn3@home.example"
 
 
 def rrq(coa: IPv4Address, *, previous: IPv4Address | None = None, update: int | None = None) -> bytes:
-    extensions: list[mip.Extension] = [mip.NAIExtension(NAI)]
+    extensions: list[mip.Extension] = []
     if previous is not None:
         extensions.append(mip.previous_fa_extension(previous))
     if update is not None:
         extensions.append(service_update_extension(update))
-    req = mip.RegistrationRequest(home_address=HOA, home_agent=HA_ADDR, care_of_address=coa,
-                                  identification=mip.ntp_identification(time.time()), lifetime=300,
-                                  extensions=extensions)
-    req = mip.sign(req, mip.EXT_MN_HA_AUTH, SPI_MN_HA, MN_HA)
-    req = req.with_extensions(mip.MNFAChallengeExtension(bytes(range(16))))
-    return mip.sign(req, mip.EXT_GEN_AUTH, SPI_MN_AAA, MN_AAA).encode()
+    return mip.registration_request(home_address=HOA, home_agent=HA_ADDR, care_of_address=coa,
+                                    identification=mip.ntp_identification(time.time()), lifetime=300, nai=NAI,
+                                    extensions=extensions, mn_ha=SecurityAssociation(SPI_MN_HA, MN_HA),
+                                    challenge=bytes(range(16)), mn_aaa=SecurityAssociation(SPI_MN_AAA, MN_AAA)).encode()
 
 
 async def patch(base: str, nai: str, pid: int, token: str, body: dict[str, Any]) -> tuple[int, Any]:

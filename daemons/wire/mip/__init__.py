@@ -13,6 +13,13 @@ Typical use::
     msg = decode_message(wire)                        # DecodeError on garbage
     ok = verify(wire, EXT_MN_HA_AUTH, secret, spi=256)  # on the raw bytes
 
+A mobile node's full registration (NAI, MN-HA, the FA's challenge, MN-AAA) in one call
+(``mn_ha``/``mn_aaa``: anything with ``spi`` and ``key``)::
+
+    rrq = registration_request(home_address="198.18.1.10", home_agent="198.18.1.1",
+                               care_of_address="198.18.2.1", identification=ident, lifetime=600,
+                               nai="alice@example.net", mn_ha=mn_ha, challenge=challenge, mn_aaa=mn_aaa)
+
 Binding messages (route optimisation / smooth handoff, RFC 4064 Experimental Message 255,
 Vendor-Id 32473) work the same way::
 
@@ -127,6 +134,7 @@ from .messages import (
     decode_message,
     decode_message_with_offsets,
 )
+from .registration import SpiAndKey, registration_request
 from .vendor import find_vendor_data, previous_fa, previous_fa_extension, vendor_extension
 
 __all__ = [
@@ -201,6 +209,7 @@ __all__ = [
     "RegistrationReply",
     "RegistrationRequest",
     "ReplyCode",
+    "SpiAndKey",
     "UnknownExtension",
     "UnknownExtensionError",
     "VendorExtension",
@@ -218,6 +227,7 @@ __all__ = [
     "ntp_identification",
     "previous_fa",
     "previous_fa_extension",
+    "registration_request",
     "reply_identification",
     "reply_matches_request",
     "sign",
