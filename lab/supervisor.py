@@ -32,9 +32,9 @@ from typing import Any
 log = logging.getLogger("lab.supervisor")
 
 
-def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
+def event(what: str, level: int = logging.INFO, **fields: Any) -> None:
     """One event per line with ``key=value`` fields, the way the daemons log."""
-    log.log(level, "event=%s %s", name, " ".join(f"{key}={value}" for key, value in fields.items()))
+    log.log(level, "event=%s %s", what, " ".join(f"{key}={value}" for key, value in fields.items()))
 
 STOP_GRACE_S = 3.0
 RESTART_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # back-off for a process that keeps dying
