@@ -4,7 +4,7 @@ visited domain.
 FAs dial it; it dials the home AAA server of every realm it serves visitors from and relays
 their AMRs there by the NAI's realm (RFC 6733 relay: Route-Record, new hop-by-hop id). It is
 a proxy in that it reads what it relays: from each successful AMA it caches the FA's VPN info
-per user (:class:`daemons.aaa.aaah.Session`: NAI, Diameter session, the FA it belongs to, the
+per user (:class:`daemons.aaa.sessions.Session`: NAI, Diameter session, the FA it belongs to, the
 paths) before the AMA goes on, unchanged, to the FA (claim 16). ``show sessions`` lists the
 cache without key material.
 
@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from daemons.aaa.aaah import Session, SessionStore
+from daemons.aaa.sessions import Session, SessionStore
 from daemons.diameter.node import DiameterNode, wait_for_peers
 from daemons.runtime.config import AAAFConfig, ConfigError
 from daemons.runtime.control import ControlServer

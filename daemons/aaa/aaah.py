@@ -19,12 +19,9 @@ The paths of one registration (static CN-GW, claim 16):
 * then, per dynamic CN-GW (route optimisation, claim 19), FA⇄CN-GW: home address ⇄ what the
   gateway accommodates, fresh keys; the HA passes the CN-GW's copy on in a Binding Update.
 
-A :class:`Session` is one user's cached registration (NAI, Diameter session, FA, paths); its
-paths are kept as the AAAH describes them (FA-side paths in the FA's view, the rest in the
-HA's); :meth:`Session.for_fa` / :meth:`Session.for_ha` give each receiver its copy and
-:meth:`Session.with_fa` moves the FA end (claims 7, 17, 18). The AAAF (``daemons.aaa.aaaf``)
-caches the same class. Sessions are persisted (VPN-Info AVPs as hex, like ``daemons.vpn.mavpn``:
-key material, so the file lives in the daemon's 0700 state directory).
+Each user's registration is cached as a :class:`daemons.aaa.sessions.Session` (NAI, Diameter
+session, FA, paths; the AAAF caches the same class), persisted in the daemon's private state
+directory.
 
 Result codes of the AMA (RFC 6733 §7.1, RFC 4004 §4.1, RFC 4006 §9.1):
 
@@ -40,20 +37,17 @@ Result codes of the AMA (RFC 6733 §7.1, RFC 4004 §4.1, RFC 4006 §9.1):
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import time
-from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from daemons.aaa.sessions import Session, SessionStore, path_text
 from daemons.diameter.node import DiameterError, DiameterNode, DiameterUnavailable, wait_for_peers
 from daemons.runtime.config import AAAHConfig, ConfigError, HomeAgentRef
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.secret import Secret
 from daemons.runtime.tasks import KeyedLocks
-from daemons.store.state import StateFile
 from daemons.store.vpndb import (
     CngwMode,
     Distribution,
@@ -70,7 +64,6 @@ from daemons.vpn.path import Endpoint, EndpointType, EspSuite, SecurityService, 
 from daemons.vpn.vpninfo import VpnInfo, direction_keys
 from daemons.wire import mip
 from daemons.wire.diameter import Message, ResultCode
-from daemons.wire.diameter.avp import decode_avps
 from daemons.wire.mip.vendor import requests_service_update, service_update
 
 log = EventLog("mipvpn.aaah")
@@ -83,148 +76,11 @@ FA_PATH_ID = 1
 ANY = IPv4Network("0.0.0.0/0")
 
 
-# ---- the cached VPN information of one user ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Session:
-    """One user's registration as an AAA server caches it."""
-
-    nai: str
-    session_id: str
-    fa: IPv4Address  # the FA's care-of address: the FA end of the paths
-    fa_host: str  # the FA's Diameter identity ("" if unknown)
-    home_agent: IPv4Address
-    home_address: IPv4Address
-    paths: tuple[VpnInfo, ...]  # FA-side paths in the FA's view, the others in the HA's
-    created: float = 0.0
-
-    def for_fa(self) -> list[VpnInfo]:
-        """The paths the FA installs (its own view)."""
-        return [i for i in self.paths if i.path.local.type is EndpointType.FA]
-
-    def for_ha(self) -> list[VpnInfo]:
-        """What the HAR carries: the paths the HA installs (its own view: the FA's mirrored,
-        plus its own) and, for route optimisation (F4), each FA⇄dynamic CN-GW path in the
-        CN-GW's view (Local = the CN-GW), which the HA passes on in a Binding Update."""
-        out = []
-        for info in self.paths:
-            if info.path.local.type is EndpointType.FA and info.path.remote.type in (EndpointType.HA,
-                                                                                      EndpointType.CNGW_DYNAMIC):
-                out.append(info.mirrored())
-            elif info.path.local.type is EndpointType.HA:
-                out.append(info)
-        return out
-
-    def with_fa(self, coa: IPv4Address | str, session_id: str | None = None, fa_host: str | None = None) -> Session:
-        """The same paths with the FA end moved to ``coa`` (an MN changed FA: claims 7, 17, 18)."""
-        coa = IPv4Address(coa)
-        paths = []
-        for info in self.paths:
-            if info.path.local.type is EndpointType.FA:
-                info = info.with_endpoints(local=coa)
-            elif info.path.remote.type is EndpointType.FA:
-                info = info.with_endpoints(remote=coa)
-            paths.append(info)
-        return replace(self, fa=coa, paths=tuple(paths), session_id=session_id or self.session_id,
-                       fa_host=self.fa_host if fa_host is None else fa_host)
-
-    def summary(self) -> dict[str, Any]:
-        """What ``show sessions`` lists: identities, endpoints and selectors, never keys."""
-        return {"mn": self.nai, "session": self.session_id, "fa": str(self.fa), "fa_host": self.fa_host,
-                "home_agent": str(self.home_agent), "home_address": str(self.home_address),
-                "paths": " ".join(_path_text(i) for i in self.paths),
-                "age": int(time.time() - self.created) if self.created else None}
-
-    def spis(self) -> list[tuple[str, int]]:
-        """(receiving gateway, SPI) of every manually keyed SA of this session."""
-        out = []
-        for info in self.paths:
-            sec = info.path.security
-            if sec.inbound is not None and sec.outbound is not None:
-                out += [(str(info.path.local.address), sec.inbound.spi),
-                        (str(info.path.remote.address), sec.outbound.spi)]
-        return out
-
-    # ---- persistence (VPN-Info AVPs as hex: the file holds keys, keep it private) ----------
-    def to_json(self) -> dict[str, Any]:
-        return {"nai": self.nai, "session_id": self.session_id, "fa": str(self.fa), "fa_host": self.fa_host,
-                "home_agent": str(self.home_agent), "home_address": str(self.home_address),
-                "created": self.created, "paths": [i.to_avp().encode().hex() for i in self.paths]}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Session:
-        nai = data["nai"]
-        paths = tuple(VpnInfo.from_avp(avp, nai) for h in data["paths"] for avp in decode_avps(bytes.fromhex(h)))
-        return cls(nai, data["session_id"], IPv4Address(data["fa"]), data.get("fa_host", ""),
-                   IPv4Address(data["home_agent"]), IPv4Address(data["home_address"]), paths,
-                   float(data.get("created", 0.0)))
-
-
-def _path_text(info: VpnInfo) -> str:
-    p = info.path
-    return f"{info.path_id}:{p.local.address}({p.local.type.value})<->{p.remote.address}({p.remote.type.value})"
-
-
 def _distribution(profiles: list[VpnProfile]) -> int:
     """Claim 5: the path toward a correspondent's gateway is set up on traffic only if every
     profile of the user through that gateway says ``on_traffic`` (one path per gateway)."""
     on_traffic = bool(profiles) and all(p.distribution is Distribution.ON_TRAFFIC for p in profiles)
     return vpninfo.ON_TRAFFIC if on_traffic else vpninfo.AT_REGISTRATION
-
-
-class SessionStore:
-    """Sessions by NAI, persisted on every change in a private state file."""
-
-    def __init__(self, path: os.PathLike[str] | str) -> None:
-        from pathlib import Path
-
-        self.path = Path(path)
-        self.state = StateFile(self.path)
-        self.sessions: dict[str, Session] = {}
-        self.extra: dict[str, Any] = {}  # other persisted state of the owner (e.g. SPI counters)
-
-    def load(self) -> None:
-        self._private_dir()
-        data = self.state.load()
-        for item in data.get("sessions", []):
-            try:
-                session = Session.from_json(item)
-            except (KeyError, ValueError, vpninfo.VpnInfoError) as exc:
-                log.warning("session.unreadable", mn=item.get("nai") if isinstance(item, dict) else None,
-                            reason=type(exc).__name__)
-                continue
-            self.sessions[session.nai] = session
-        self.extra = {k: v for k, v in data.items() if k != "sessions"}
-
-    def _private_dir(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(OSError):
-            self.path.parent.chmod(0o700)
-
-    def save(self) -> None:
-        self._private_dir()
-        self.state.save({**self.extra, "sessions": [s.to_json() for s in self.sessions.values()]})
-        with contextlib.suppress(OSError):
-            self.path.chmod(0o600)
-
-    def get(self, nai: str) -> Session | None:
-        return self.sessions.get(nai)
-
-    def put(self, session: Session) -> Session | None:
-        old = self.sessions.get(session.nai)
-        self.sessions[session.nai] = session
-        self.save()
-        return old
-
-    def drop(self, nai: str) -> Session | None:
-        old = self.sessions.pop(nai, None)
-        if old is not None:
-            self.save()
-        return old
-
-    def show(self) -> list[dict[str, Any]]:
-        return [s.summary() for s in sorted(self.sessions.values(), key=lambda s: s.nai)]
 
 
 # ---- SPIs --------------------------------------------------------------------------------------
@@ -591,7 +447,7 @@ class HomeAAAServer:
                                        static_esp_key(self.master, gw.address, ha.address, in_spi, gsuite)),
                     psk=pair_psk(self.master, ha.address, gw.address))), _distribution(gw_profiles)))
         infos += await self.route_optimised_paths(nai, home_address, coa, dynamic, path_id + 1)
-        log.info("vpn.built", mn=nai, paths=" ".join(_path_text(i) for i in infos), suite=suite.value)
+        log.info("vpn.built", mn=nai, paths=" ".join(path_text(i) for i in infos), suite=suite.value)
         return infos
 
     async def gateways(self, nai: str, profiles: list[VpnProfile]
@@ -639,4 +495,4 @@ class HomeAAAServer:
         return infos
 
 
-__all__ = ["AmrRejected", "HomeAAAServer", "Session", "SessionStore", "SpiAllocator"]
+__all__ = ["AmrRejected", "HomeAAAServer", "SpiAllocator"]

@@ -36,10 +36,9 @@ from daemons.store.state import StateFile
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import EndpointType
-from daemons.vpn.vpninfo import VpnInfo
+from daemons.vpn.vpninfo import VpnInfo, moved_to
 from daemons.wire import mip
-from daemons.wire.diameter import DecodeError, Message, ResultCode
-from daemons.wire.diameter.avp import decode_avps
+from daemons.wire.diameter import Message, ResultCode
 
 log = EventLog("mipvpn.ha")
 MIP_APPLICATION = 2  # RFC 4004
@@ -76,13 +75,6 @@ def by_gateway(infos: Iterable[VpnInfo]) -> dict[str, list[VpnInfo]]:
     for info in infos:
         out.setdefault(str(info.path.local.address), []).append(info)
     return out
-
-
-def moved_to(infos: Iterable[VpnInfo], coa: IPv4Address) -> list[VpnInfo]:
-    """Paths with their FA end moved to ``coa`` (F2/F5: a move the AAAF answered): ours, and
-    the CN-GWs' copies."""
-    return [i.with_endpoints(remote=coa) if i.path.remote.type is EndpointType.FA and i.path.remote.address != coa
-            else i for i in infos]
 
 
 class HomeAgent:
@@ -147,8 +139,8 @@ class HomeAgent:
                 continue
             nai = self.bindings[hoa].nai
             try:
-                self.cn_paths[hoa] = [VpnInfo.from_avp(a, nai) for h in hexes for a in decode_avps(bytes.fromhex(h))]
-            except (ValueError, TypeError, DecodeError) as exc:  # as mavpn.restore: drop it, keep starting
+                self.cn_paths[hoa] = vpninfo.from_record(hexes, nai)
+            except vpninfo.VpnInfoError as exc:  # as mavpn.restore: drop it, keep starting
                 log.warning("cngw_paths.restore_failed", mn=nai, reason=exc)
         if self.bindings:
             log.info("ha.restored", bindings=len(self.bindings), cngw_paths=len(self.cn_paths))
@@ -158,8 +150,7 @@ class HomeAgent:
                          "last_ident": self.last_ident})
 
     def persist_cn_paths(self) -> None:
-        self.cn_state.save({"paths": {hoa: [i.to_avp().encode().hex() for i in infos]
-                                      for hoa, infos in self.cn_paths.items()}})
+        self.cn_state.save({"paths": {hoa: vpninfo.to_record(infos) for hoa, infos in self.cn_paths.items()}})
 
     async def expire(self, now: float) -> None:
         expired = [b for b in self.bindings.values() if b.expires <= now]
