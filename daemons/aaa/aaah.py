@@ -21,7 +21,7 @@ The paths of one registration (static CN-GW, claim 16):
 
 Each user's registration is cached as a :class:`daemons.aaa.sessions.Session` (NAI, Diameter
 session, FA, paths; the AAAF caches the same class), persisted in the daemon's private state
-directory.
+directory. The AMR/AMA and HAR/HAA are built and parsed by ``daemons.aaa.application``.
 
 Result codes of the AMA (RFC 6733 §7.1, RFC 4004 §4.1, RFC 4006 §9.1):
 
@@ -41,6 +41,7 @@ import time
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from daemons.aaa import application
 from daemons.aaa.sessions import Session, SessionStore, path_text
 from daemons.diameter.node import DiameterError, DiameterNode, DiameterUnavailable, wait_for_peers
 from daemons.runtime.config import AAAHConfig, ConfigError, HomeAgentRef
@@ -67,10 +68,6 @@ from daemons.wire.diameter import Message, ResultCode
 from daemons.wire.mip.vendor import requests_service_update, service_update
 
 log = EventLog("mipvpn.aaah")
-MIP_APPLICATION = 2  # RFC 4004
-AMR_COMMAND = 260
-HAR_COMMAND = 262
-AUTH_SESSION_NO_STATE = 1  # Auth-Session-State NO_STATE_MAINTAINED
 FIRST_DYNAMIC_SPI = 0x10000  # below: the static paths' SPIs (daemons.vpn.keys.static_spi)
 FA_PATH_ID = 1
 ANY = IPv4Network("0.0.0.0/0")
@@ -158,8 +155,8 @@ class HomeAAAServer:
         for ha in config.home_agents:
             self.diameter.add_peer(ha.diameter_host, config.diameter_realm, str(ha.diameter_address or ha.address),
                                    ha.port)
-        self.diameter.register_handler(MIP_APPLICATION, AMR_COMMAND, self.on_amr,
-                                       required=("User-Name", "MIP-Reg-Request"))
+        self.diameter.register_handler(application.APPLICATION_ID, application.AMR_COMMAND, self.on_amr,
+                                       required=application.AMR_REQUIRED)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -240,22 +237,17 @@ class HomeAAAServer:
             self.spis.release(gw, spi)
 
     # ---- AMR ---------------------------------------------------------------------------------
-    async def on_amr(self, amr: Message, peer: Any) -> Message:
-        nai: str = amr.get("User-Name")
-        sid = amr.session_id
+    async def on_amr(self, msg: Message, peer: Any) -> Message:
         self.counters["amr"] += 1
-        raw = bytes(amr.get("MIP-Reg-Request"))
         try:
-            rrq = mip.decode_message(raw)
-        except mip.DecodeError as exc:
-            log.warning("amr.malformed", mn=nai, sid=sid, reason=exc)
-            rrq = None
-        if not isinstance(rrq, mip.RegistrationRequest):
-            raise DiameterError(ResultCode.DIAMETER_INVALID_AVP_VALUE, "MIP-Reg-Request is not a registration request",
-                                failed_avp=[("MIP-Reg-Request", raw)])
-        route = [str(a.value) for a in amr.find_all("Route-Record")]
-        log.info("amr.received", mn=nai, sid=sid, fa=amr.get("Origin-Host"), coa=rrq.care_of_address,
-                 ha=rrq.home_agent, id=hex(rrq.identification), via=",".join(route) or None)
+            amr = application.parse_amr(msg)
+        except application.ApplicationError as exc:
+            if isinstance(exc.__cause__, mip.DecodeError):
+                log.warning("amr.malformed", mn=msg.get("User-Name"), sid=msg.session_id, reason=exc.__cause__)
+            raise DiameterError(exc.result_code, str(exc), failed_avp=exc.failed_avp) from None
+        nai, sid, rrq = amr.nai, amr.session_id, amr.rrq
+        log.info("amr.received", mn=nai, sid=sid, fa=amr.origin_host, coa=rrq.care_of_address,
+                 ha=rrq.home_agent, id=hex(rrq.identification), via=",".join(amr.route_record) or None)
         if requests_service_update(rrq.extensions):
             # F7: the user changed a profile; register() reads the profiles afresh on every AMR
             # (nothing cached), so the VPN info below is rebuilt from the changed ones.
@@ -264,15 +256,16 @@ class HomeAAAServer:
             log.info("service_update.received", mn=nai, sid=sid, seq=update.sequence if update else "malformed")
         async with self.locks.hold(nai):
             try:
-                user = await self.authenticate(nai, raw, rrq)
-                return await self.register(amr, nai, raw, rrq, user)
+                user = await self.authenticate(amr)
+                return await self.register(amr, user)
             except AmrRejected as rej:
                 log.warning("ama.sent", mn=nai, sid=sid, result=rej.code, reason=rej.reason)
-                return self._ama(amr, rej.code, nai, rrq, error=rej.reason)
+                return self._ama(amr, rej.code, error=rej.reason)
 
-    async def authenticate(self, nai: str, raw: bytes, rrq: mip.RegistrationRequest) -> User:
+    async def authenticate(self, amr: application.Amr) -> User:
         """The user's record once the MN-AAA authenticator checks out (secret from the DB only)."""
         assert self.db is not None
+        nai, raw, rrq = amr.nai, amr.rrq_raw, amr.rrq
         user = await self.db.aio.user_by_nai(nai)
         if user is None:
             self.counters["unknown_user"] += 1
@@ -309,8 +302,8 @@ class HomeAAAServer:
         log.info("auth.ok", mn=nai, spi=hex(ext.spi))  # type: ignore[union-attr]
         return user
 
-    async def register(self, amr: Message, nai: str, raw: bytes, rrq: mip.RegistrationRequest,
-                       user: User) -> Message:
+    async def register(self, amr: application.Amr, user: User) -> Message:
+        nai, rrq = amr.nai, amr.rrq
         sid = amr.session_id or ""
         ha = self.home_agents.get(str(rrq.home_agent))
         if ha is None:
@@ -325,7 +318,7 @@ class HomeAAAServer:
             assert self.db is not None
             profiles = await self.db.aio.profiles_for(nai)
             paths = await self.build_paths(nai, user.home_address, rrq.care_of_address, ha, profiles)
-            session = Session(nai, sid, rrq.care_of_address, amr.get("Origin-Host", default=""), rrq.home_agent,
+            session = Session(nai, sid, rrq.care_of_address, amr.origin_host or "", rrq.home_agent,
                               user.home_address, tuple(paths), time.time())
             self._put(session)  # claim 16: cached before the HAR goes out
             ha_view = session.for_ha()
@@ -346,32 +339,20 @@ class HomeAAAServer:
             self.counters["ha_unavailable"] += 1
             raise AmrRejected(ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE,
                               f"home agent {ha.diameter_host} not connected")
-        har = Message.request("HAR", [
-            ("Session-Id", sid), ("Auth-Application-Id", MIP_APPLICATION),
-            ("Origin-Host", self.config.diameter_host), ("Origin-Realm", self.config.diameter_realm),
-            ("Destination-Realm", self.config.diameter_realm), ("Destination-Host", ha.diameter_host),
-            ("Authorization-Lifetime", rrq.lifetime), ("Auth-Session-State", AUTH_SESSION_NO_STATE),
-            ("User-Name", nai), ("MIP-Reg-Request", raw), ("MIP-Feature-Vector", amr.get("MIP-Feature-Vector",
-                                                                                         default=0)),
-            ("MIP-Home-Agent-Address", rrq.home_agent), ("MIP-Mobile-Node-Address", user.home_address),
-            *(info.to_avp() for info in ha_view)])
+        har = application.build_har(amr, origin_host=self.config.diameter_host,
+                                    origin_realm=self.config.diameter_realm,
+                                    destination_realm=self.config.diameter_realm,
+                                    destination_host=ha.diameter_host, home_address=user.home_address, vpn=ha_view)
         self.counters["har"] += 1
         log.info("har.sent", mn=nai, sid=sid, ha=ha.diameter_host, paths=len(ha_view))
         try:
-            haa = await self.diameter.request(har, timeout=self.config.har_timeout)
+            haa = application.parse_haa(await self.diameter.request(har, timeout=self.config.har_timeout))
         except DiameterUnavailable as exc:
             undo()
             self.counters["ha_unavailable"] += 1
             raise AmrRejected(ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE, f"no HAA: {exc}") from None
         code = int(haa.result_code or 0)
-        rrp_raw = haa.get("MIP-Reg-Reply")
-        accepted = False
-        if rrp_raw is not None:
-            try:
-                rrp = mip.decode_message(rrp_raw)
-                accepted = isinstance(rrp, mip.RegistrationReply) and rrp.accepted
-            except mip.DecodeError:
-                rrp_raw = None
+        rrp_raw, accepted = haa.rrp_raw, haa.accepted
         log.info("haa.received", mn=nai, sid=sid, code=code, rrp=None if rrp_raw is None else ("accepted" if accepted
                                                                                                else "refused"))
         if code == ResultCode.DIAMETER_SUCCESS and rrp_raw is not None and accepted:
@@ -380,27 +361,20 @@ class HomeAAAServer:
             self.counters["accepted"] += 1
             fa_view = session.for_fa() if session is not None else []
             log.info("ama.sent", mn=nai, sid=sid, result=code, paths=len(fa_view))
-            return self._ama(amr, ResultCode.DIAMETER_SUCCESS, nai, rrq, rrp_raw, fa_view)
+            return self._ama(amr, ResultCode.DIAMETER_SUCCESS, rrp_raw, fa_view)
         undo()
         if rrp_raw is not None:  # the HA refused: its reply goes back to the MN
             self.counters["refused"] += 1
             log.warning("ama.sent", mn=nai, sid=sid, result=int(ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE),
                         reason=f"HA answered {code}")
-            return self._ama(amr, ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE, nai, rrq, rrp_raw)
+            return self._ama(amr, ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE, rrp_raw)
         self.counters["ha_unavailable"] += 1
         raise AmrRejected(ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE, f"HAA {code} without a registration reply")
 
-    def _ama(self, amr: Message, code: int, nai: str, rrq: mip.RegistrationRequest, rrp: bytes | None = None,
-             infos: list[VpnInfo] | None = None, error: str | None = None) -> Message:
-        avps: list[Any] = [("Auth-Application-Id", MIP_APPLICATION), ("User-Name", nai)]
-        if error:
-            avps.append(("Error-Message", error))
-        if rrp is not None:
-            avps.append(("MIP-Reg-Reply", rrp))
-        avps += [("MIP-Home-Agent-Address", rrq.home_agent), ("MIP-Mobile-Node-Address", rrq.home_address)]
-        avps += [info.to_avp() for info in infos or []]
-        return amr.answer(code, [("Origin-Host", self.config.diameter_host),
-                                 ("Origin-Realm", self.config.diameter_realm), *avps])
+    def _ama(self, amr: application.Amr, code: int, rrp: bytes | None = None, infos: list[VpnInfo] | None = None,
+             error: str | None = None) -> Message:
+        return application.build_ama(amr, code, rrp_raw=rrp, vpn=infos or (), error=error,
+                                     origin_host=self.config.diameter_host, origin_realm=self.config.diameter_realm)
 
     # ---- VPN information (claims 3, 8, 16) ---------------------------------------------------------
     async def build_paths(self, nai: str, home_address: IPv4Address, coa: IPv4Address, ha: HomeAgentRef,
