@@ -16,7 +16,6 @@ again when its answer comes back.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from daemons.diameter.node import DiameterNode, wait_for_peers
 from daemons.runtime.config import AAAFConfig, ConfigError
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
+from daemons.runtime.tasks import serve
 from daemons.wire import mip
 from daemons.wire.diameter import Message, ResultCode
 from daemons.wire.mip.vendor import requests_service_update
@@ -137,11 +137,7 @@ class ForeignAAAServer:
         await self.diameter.stop()
 
     async def run(self) -> None:
-        await self.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
+        await serve(self.start, self.stop)
 
     # ---- what goes through -------------------------------------------------------------------
     @staticmethod

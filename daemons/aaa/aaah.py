@@ -36,7 +36,6 @@ Result codes of the AMA (RFC 6733 §7.1, RFC 4004 §4.1, RFC 4006 §9.1):
 
 from __future__ import annotations
 
-import asyncio
 import time
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -48,7 +47,7 @@ from daemons.runtime.config import AAAHConfig, ConfigError, HomeAgentRef
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.secret import Secret
-from daemons.runtime.tasks import KeyedLocks
+from daemons.runtime.tasks import KeyedLocks, serve
 from daemons.store.vpndb import (
     CngwMode,
     Distribution,
@@ -202,11 +201,7 @@ class HomeAAAServer:
         self.control.register("profile_api", lambda _: {"port": api.port, **api.counters})
 
     async def run(self) -> None:
-        await self.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
+        await serve(self.start, self.stop)
 
     def restore(self) -> None:
         self.store.load()

@@ -283,17 +283,13 @@ def build_ama(amr: Amr, result_code: int, *, rrp_raw: bytes | None = None, vpn: 
 def parse_ama(msg: Message, nai: str) -> Ama:
     """An AMA; the VPN-Info of a successful one as paths of ``nai``. InvalidAvp when
     MIP-Reg-Reply is not a registration reply or a VPN-Info cannot become a path."""
-    raw = msg.get("MIP-Reg-Reply")
-    rrp = None
-    if raw is not None:
-        raw = bytes(raw)
-        try:
-            reply = mip.decode_message(raw)
-        except mip.DecodeError as exc:
-            raise InvalidAvp(f"MIP-Reg-Reply: {exc}", ["MIP-Reg-Reply"]) from exc
-        if not isinstance(reply, mip.RegistrationReply):
-            raise InvalidAvp("MIP-Reg-Reply is not a registration reply", ["MIP-Reg-Reply"])
-        rrp = reply
+    try:
+        raw, reply = _reply(msg)
+    except mip.DecodeError as exc:
+        raise InvalidAvp(f"MIP-Reg-Reply: {exc}", ["MIP-Reg-Reply"]) from exc
+    if raw is not None and not isinstance(reply, mip.RegistrationReply):
+        raise InvalidAvp("MIP-Reg-Reply is not a registration reply", ["MIP-Reg-Reply"])
+    rrp = reply if isinstance(reply, mip.RegistrationReply) else None
     code = msg.result_code
     vpn = _vpn_info(msg, nai) if code == ResultCode.DIAMETER_SUCCESS else ()
     return Ama(msg.session_id, code, msg.get("User-Name"), rrp, raw, vpn, msg.get("MIP-Home-Agent-Address"),
@@ -345,17 +341,11 @@ def build_haa(har: Message, rrp_raw: bytes, accepted: bool) -> Message:
 
 def parse_haa(msg: Message) -> Haa:
     """A HAA (never raises on its content: see :class:`Haa`)."""
-    raw = msg.get("MIP-Reg-Reply")
-    rrp = None
-    if raw is not None:
-        raw = bytes(raw)
-        try:
-            reply = mip.decode_message(raw)
-        except mip.DecodeError:
-            raw = None
-        else:
-            rrp = reply if isinstance(reply, mip.RegistrationReply) else None
-    return Haa(msg.session_id, msg.result_code, rrp, raw)
+    try:
+        raw, reply = _reply(msg)
+    except mip.DecodeError:
+        raw, reply = None, None
+    return Haa(msg.session_id, msg.result_code, reply if isinstance(reply, mip.RegistrationReply) else None, raw)
 
 
 # ---- STR / STA --------------------------------------------------------------------------------------
@@ -410,6 +400,15 @@ def _registration(msg: Message) -> tuple[bytes, mip.RegistrationRequest]:
     if not isinstance(rrq, mip.RegistrationRequest):
         raise BadRegistration(raw)
     return raw, rrq
+
+
+def _reply(msg: Message) -> tuple[bytes | None, mip.Message | None]:
+    """MIP-Reg-Reply and what it decodes to ((None, None) when absent); mip.DecodeError."""
+    raw = msg.get("MIP-Reg-Reply")
+    if raw is None:
+        return None, None
+    raw = bytes(raw)
+    return raw, mip.decode_message(raw)
 
 
 def _vpn_info(msg: Message, nai: str) -> tuple[VpnInfo, ...]:

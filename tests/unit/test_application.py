@@ -53,6 +53,12 @@ def amr(raw: bytes | None = None) -> app.Amr:
     return app.parse_amr(wire(sent))
 
 
+def har_for(request: app.Amr, *vpn: VpnInfo) -> Message:
+    return app.build_har(request, origin_host="aaah.home.example", origin_realm="home.example",
+                         destination_realm="home.example", destination_host="ha.home.example", home_address=HOA,
+                         vpn=vpn)
+
+
 def test_amr_round_trip_and_wire_order() -> None:
     raw = rrq_bytes()
     rrq = mip.decode_message(raw)
@@ -125,9 +131,7 @@ def test_ama_with_an_unusable_reply_or_vpn_info_is_refused() -> None:
 def test_har_round_trip_and_wire_order() -> None:
     request = amr()
     ha_view = [info().mirrored()]
-    sent = app.build_har(request, origin_host="aaah.home.example", origin_realm="home.example",
-                         destination_realm="home.example", destination_host="ha.home.example", home_address=HOA,
-                         vpn=ha_view)
+    sent = har_for(request, *ha_view)
     assert (sent.command_code, sent.application_id, sent.flags) == (262, 2, FLAG_REQUEST | FLAG_PROXIABLE)
     assert names(sent) == ["Session-Id", "Auth-Application-Id", "Origin-Host", "Origin-Realm", "Destination-Realm",
                            "Destination-Host", "Authorization-Lifetime", "Auth-Session-State", "User-Name",
@@ -141,8 +145,7 @@ def test_har_round_trip_and_wire_order() -> None:
 
 
 def test_haa_round_trip_and_leniency() -> None:
-    har = wire(app.build_har(amr(), origin_host="a", origin_realm="home.example", destination_realm="home.example",
-                             destination_host="ha", home_address=HOA))
+    har = wire(har_for(amr()))
     ok = app.build_haa(har, rrp_bytes(), accepted=True)
     assert (ok.command_code, ok.flags & FLAG_ERROR) == (262, 0)
     assert names(ok) == ["Session-Id", "Result-Code", "MIP-Reg-Reply", "User-Name"] and ok.get("User-Name") == NAI
@@ -172,9 +175,7 @@ def test_str_sta_round_trip() -> None:
 @pytest.mark.parametrize("missing", ["User-Name", "MIP-Reg-Request"])
 def test_a_request_without_a_mandatory_avp_is_refused(missing: str) -> None:
     request = amr()
-    har = app.build_har(request, origin_host="a", origin_realm="r", destination_realm="r", destination_host="ha",
-                        home_address=HOA)
-    for msg, parse in ((request.request, app.parse_amr), (har, app.parse_har)):
+    for msg, parse in ((request.request, app.parse_amr), (har_for(request), app.parse_har)):
         msg = wire(msg)
         msg.remove(missing)
         with pytest.raises(app.MissingAvp) as e:
@@ -186,9 +187,7 @@ def test_a_request_without_a_mandatory_avp_is_refused(missing: str) -> None:
 @pytest.mark.parametrize("raw", [b"\x01\x00garbage", rrp_bytes()], ids=["truncated", "a reply"])
 def test_a_request_whose_rrq_is_none_is_refused_with_the_bytes(raw: bytes) -> None:
     request = amr()
-    har = app.build_har(request, origin_host="a", origin_realm="r", destination_realm="r", destination_host="ha",
-                        home_address=HOA)
-    for msg, parse in ((request.request, app.parse_amr), (har, app.parse_har)):
+    for msg, parse in ((request.request, app.parse_amr), (har_for(request), app.parse_har)):
         msg = wire(msg)
         msg.avps = [a if a.name != "MIP-Reg-Request" else Avp.new("MIP-Reg-Request", raw) for a in msg.avps]
         with pytest.raises(app.BadRegistration) as e:
@@ -201,8 +200,7 @@ def test_a_request_whose_rrq_is_none_is_refused_with_the_bytes(raw: bytes) -> No
 def test_har_with_unusable_vpn_info_is_refused_before_its_rrq() -> None:
     bad = info().to_avp()
     bad.value = [a for a in bad.value if a.name != "VPN-Path-Id"]
-    msg = wire(app.build_har(amr(), origin_host="a", origin_realm="r", destination_realm="r", destination_host="ha",
-                             home_address=HOA))
+    msg = wire(har_for(amr()))
     msg.avps = [a if a.name != "MIP-Reg-Request" else Avp.new("MIP-Reg-Request", b"\x01") for a in msg.avps]
     msg.add(bad)
     with pytest.raises(app.InvalidAvp) as e:
@@ -212,8 +210,7 @@ def test_har_with_unusable_vpn_info_is_refused_before_its_rrq() -> None:
 
 
 def test_parsers_refuse_another_command() -> None:
-    har = app.build_har(amr(), origin_host="a", origin_realm="r", destination_realm="r", destination_host="ha",
-                        home_address=HOA)
+    har = har_for(amr())
     with pytest.raises(app.ApplicationError, match="HAR is not a request of command 260"):
         app.parse_amr(har)
     with pytest.raises(app.ApplicationError):
