@@ -5,33 +5,34 @@ FAs dial it; it dials the home AAA server of every realm it serves visitors from
 their AMRs there by the NAI's realm (RFC 6733 relay: Route-Record, new hop-by-hop id). It is
 a proxy in that it reads what it relays, through the Diameter node's hooks on relayed
 messages (``observe``/``intercept``): from each successful AMA it caches the FA's VPN info
-per user (:class:`daemons.aaa.aaah.Session`: NAI, Diameter session, the FA it belongs to, the
+per user (:class:`daemons.aaa.sessions.Session`: NAI, Diameter session, the FA it belongs to, the
 paths) before the AMA goes on, unchanged, to the FA (claim 16). ``show sessions`` lists the
 cache without key material.
 
 The cache is keyed by NAI and remembers the FA, so that an intra-domain move (claim 17, a
-later step) can answer the new FA itself: ``session.with_fa(new_coa)``.
+later step) can answer the new FA itself: ``session.with_fa(new_coa)``. Messages are built and
+parsed by ``daemons.aaa.application``; an AMR is parsed once, when it arrives, and found
+again when its answer comes back.
 """
 
 from __future__ import annotations
 
-import asyncio
 import time
+from collections import OrderedDict
 
-from daemons.aaa.aaah import Session, SessionStore
+from daemons.aaa import application
+from daemons.aaa.sessions import Session, SessionStore
 from daemons.diameter.node import DiameterNode, wait_for_peers
 from daemons.runtime.config import AAAFConfig, ConfigError
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
-from daemons.vpn import vpninfo
+from daemons.runtime.tasks import serve
 from daemons.wire import mip
 from daemons.wire.diameter import Message, ResultCode
 from daemons.wire.mip.vendor import requests_service_update
 
 log = EventLog("mipvpn.aaaf")
-MIP_APPLICATION = 2  # RFC 4004
-AMR_COMMAND = 260
-STR_COMMAND = 275
+RELAYING_KEPT = 4096  # parsed AMRs kept until their answer comes back (the oldest go first)
 
 
 class ForeignAAAServer:
@@ -43,6 +44,8 @@ class ForeignAAAServer:
         self.counters: dict[str, int] = {"amr_relayed": 0, "ama_success": 0, "ama_failure": 0, "cached": 0,
                                          "answered_locally": 0}
         self.control = ControlServer(config.control_socket)
+        # AMRs on their way to the home AAA server, parsed, by (Origin-Host, end-to-end id)
+        self.relaying: OrderedDict[tuple[str, int], application.Amr] = OrderedDict()
         self.diameter = DiameterNode(config.diameter_host, config.diameter_realm,
                                      host_ip_addresses=(str(config.address),), listen_address=str(config.address),
                                      listen_port=config.port, relay_timeout=config.relay_timeout)
@@ -51,9 +54,10 @@ class ForeignAAAServer:
             self.diameter.add_route(server.realm, server.host)
         # Hooks on what we relay, in this order: count and log every AMR (answered here or not),
         # answer intra-domain moves and STRs ourselves, cache VPN info from each AMA.
-        self.diameter.observe(MIP_APPLICATION, AMR_COMMAND, on_request=self.on_amr, on_answer=self.on_ama)
-        self.diameter.intercept(MIP_APPLICATION, AMR_COMMAND, self.answer_intra_domain_move)
-        self.diameter.intercept(MIP_APPLICATION, STR_COMMAND, self.end_session)
+        app = application.APPLICATION_ID
+        self.diameter.observe(app, application.AMR_COMMAND, on_request=self.on_amr, on_answer=self.on_ama)
+        self.diameter.intercept(app, application.AMR_COMMAND, self.answer_intra_domain_move)
+        self.diameter.intercept(app, application.STR_COMMAND, self.end_session)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -75,61 +79,79 @@ class ForeignAAAServer:
         await self.diameter.stop()
 
     async def run(self) -> None:
-        await self.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
+        await serve(self.start, self.stop)
 
     # ---- what goes through -------------------------------------------------------------------
-    def on_amr(self, amr: Message) -> None:
-        self.counters["amr_relayed"] += 1
-        log.info("amr.received", mn=amr.get("User-Name"), sid=amr.session_id, fa=amr.get("Origin-Host"),
-                 realm=amr.get("Destination-Realm"))
+    @staticmethod
+    def relaying_key(msg: Message) -> tuple[str, int]:
+        """What identifies a request and its answer across the relay (RFC 6733 §6.1.9)."""
+        return (str(msg.get("Origin-Host", default="")).lower(), msg.end_to_end)
 
-    def on_ama(self, amr: Message, ama: Message) -> None:
+    def parsed_amr(self, msg: Message, *, done: bool) -> application.Amr:
+        """``msg`` parsed, as :meth:`on_amr` kept it (parsed now if it did not); ``done``: its
+        answer is here, forget it."""
+        key = self.relaying_key(msg)
+        amr = self.relaying.pop(key, None) if done else self.relaying.get(key)
+        return amr if amr is not None else application.parse_amr(msg)
+
+    def on_amr(self, msg: Message) -> None:
+        self.counters["amr_relayed"] += 1
+        log.info("amr.received", mn=msg.get("User-Name"), sid=msg.session_id, fa=msg.get("Origin-Host"),
+                 realm=msg.get("Destination-Realm"))
+        key = self.relaying_key(msg)
+        try:
+            self.relaying[key] = application.parse_amr(msg)
+        except application.ApplicationError:
+            self.relaying.pop(key, None)
+            return  # relayed as it is: the home AAA server answers it
+        while len(self.relaying) > RELAYING_KEPT:
+            self.relaying.popitem(last=False)
+
+    def on_ama(self, msg: Message, answer: Message) -> None:
         """Cache the FA's VPN info of a successful registration before the AMA goes on."""
-        nai = amr.get("User-Name")
-        sid = amr.session_id or ""
-        code = int(ama.result_code or 0)
+        nai = msg.get("User-Name")
+        sid = msg.session_id or ""
+        code = int(answer.result_code or 0)
         if code != ResultCode.DIAMETER_SUCCESS or not nai:
+            self.relaying.pop(self.relaying_key(msg), None)
             self.counters["ama_failure"] += 1
             log.info("ama.relayed", mn=nai, sid=sid, result=code, cached=False)
             return
         self.counters["ama_success"] += 1
         try:
-            rrq = mip.decode_message(amr.get("MIP-Reg-Request", default=b""))
-            infos = vpninfo.from_message(ama, nai)
-        except (mip.DecodeError, vpninfo.VpnInfoError) as exc:
+            amr = self.parsed_amr(msg, done=True)
+            ama = application.parse_ama(answer, nai)
+        except application.ApplicationError as exc:
             log.warning("ama.relayed", mn=nai, sid=sid, result=code, cached=False, reason=str(exc))
             return
-        if not isinstance(rrq, mip.RegistrationRequest):
-            return
+        rrq = amr.rrq
         if rrq.is_deregistration:
             self.store.drop(nai)
             log.info("ama.relayed", mn=nai, sid=sid, result=code, cached=False, reason="deregistration")
             return
-        session = Session(nai, sid, rrq.care_of_address, amr.get("Origin-Host", default=""), rrq.home_agent,
+        infos = ama.vpn
+        session = Session(nai, sid, rrq.care_of_address, amr.origin_host or "", rrq.home_agent,
                           rrq.home_address, tuple(infos), time.time())
         previous = self.store.put(session)
         self.counters["cached"] += 1
         log.info("ama.relayed", mn=nai, sid=sid, result=code, cached=True, fa=session.fa, paths=len(infos),
                  previous_fa=previous.fa if previous is not None and previous.fa != session.fa else None)
 
-    def answer_intra_domain_move(self, amr: Message) -> Message | None:
+    def answer_intra_domain_move(self, msg: Message) -> Message | None:
         """Claim 17 (flow F2): the MN moved between two FAs of our domain. Its RRQ names the
         previous FA, whose session we cached: rewrite the cached VPN info to the new FA and
         answer the new FA ourselves (no AMR reaches the home AAA server); the new FA then
         sends the RRQ straight to the HA, which rewrites its side."""
-        nai = amr.get("User-Name")
+        nai = msg.get("User-Name")
         session = self.store.sessions.get(nai) if nai else None
         if session is None:
             return None
         try:
-            rrq = mip.decode_message(amr.get("MIP-Reg-Request", default=b""))
-        except mip.DecodeError:
+            amr = self.parsed_amr(msg, done=False)
+        except application.ApplicationError:
             return None
-        if not isinstance(rrq, mip.RegistrationRequest) or rrq.is_deregistration:
+        rrq = amr.rrq
+        if rrq.is_deregistration:
             return None
         if requests_service_update(rrq.extensions):
             # F7: the user changed their profile; only the home AAA server can rebuild the VPN
@@ -144,28 +166,26 @@ class ForeignAAAServer:
         # MN retransmitted before the first answer reached it): answer both the same way.
         if session.fa not in (previous, rrq.care_of_address):
             return None
-        moved = session.with_fa(rrq.care_of_address, amr.session_id, amr.get("Origin-Host", default=""))
+        moved = session.with_fa(rrq.care_of_address, amr.session_id, amr.origin_host or "")
         self.store.put(moved)
+        self.relaying.pop(self.relaying_key(msg), None)  # answered here: no answer comes back
         self.counters["answered_locally"] += 1
         log.info("amr.answered_locally", mn=nai, sid=amr.session_id, previous_fa=session.fa,
                  fa=moved.fa, paths=len(moved.for_fa()))
-        return amr.answer(ResultCode.DIAMETER_SUCCESS,  # RFC 4004 §5.2: AMA carries Auth-Application-Id
-                          avps=[("Auth-Application-Id", amr.application_id), ("User-Name", nai),
-                                ("MIP-Home-Agent-Address", rrq.home_agent),
-                                ("MIP-Mobile-Node-Address", rrq.home_address),
-                                *(info.to_avp() for info in moved.for_fa())])
+        return application.build_ama(amr, ResultCode.DIAMETER_SUCCESS, vpn=moved.for_fa())
 
-    def end_session(self, str_: Message) -> Message:
+    def end_session(self, msg: Message) -> Message:
         """An FA's STR: the user left it. Drop our cached session if it is that one (after an
         intra-domain move the cache already belongs to the new FA's session: keep it). The
         home AAA server is not bothered: its session follows the user's latest registration."""
-        nai = str_.get("User-Name")
+        str_ = application.parse_str(msg)
+        nai = str_.nai
         session = self.store.sessions.get(nai) if nai else None
         dropped = session is not None and session.session_id == str_.session_id
         if dropped:
             self.store.drop(nai)
         log.info("session.terminated", mn=nai, sid=str_.session_id, dropped=dropped)
-        return str_.answer(ResultCode.DIAMETER_SUCCESS)
+        return application.build_sta(msg)
 
     def sessions_at(self, fa_host: str) -> list[Session]:
         """The cached sessions that belong to one FA (by its Diameter identity)."""

@@ -19,12 +19,9 @@ The paths of one registration (static CN-GW, claim 16):
 * then, per dynamic CN-GW (route optimisation, claim 19), FA⇄CN-GW: home address ⇄ what the
   gateway accommodates, fresh keys; the HA passes the CN-GW's copy on in a Binding Update.
 
-A :class:`Session` is one user's cached registration (NAI, Diameter session, FA, paths); its
-paths are kept as the AAAH describes them (FA-side paths in the FA's view, the rest in the
-HA's); :meth:`Session.for_fa` / :meth:`Session.for_ha` give each receiver its copy and
-:meth:`Session.with_fa` moves the FA end (claims 7, 17, 18). The AAAF (``daemons.aaa.aaaf``)
-caches the same class. Sessions are persisted (VPN-Info AVPs as hex, like ``daemons.vpn.mavpn``:
-key material, so the file lives in the daemon's 0700 state directory).
+Each user's registration is cached as a :class:`daemons.aaa.sessions.Session` (NAI, Diameter
+session, FA, paths; the AAAF caches the same class), persisted in the daemon's private state
+directory. The AMR/AMA and HAR/HAA are built and parsed by ``daemons.aaa.application``.
 
 Result codes of the AMA (RFC 6733 §7.1, RFC 4004 §4.1, RFC 4006 §9.1):
 
@@ -39,21 +36,18 @@ Result codes of the AMA (RFC 6733 §7.1, RFC 4004 §4.1, RFC 4006 §9.1):
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import os
 import time
-from dataclasses import dataclass, replace
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from daemons.aaa import application
+from daemons.aaa.sessions import Session, SessionStore, path_text
 from daemons.diameter.node import DiameterError, DiameterNode, DiameterUnavailable, wait_for_peers
 from daemons.runtime.config import AAAHConfig, ConfigError, HomeAgentRef
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.secret import Secret
-from daemons.runtime.tasks import KeyedLocks
-from daemons.store.state import StateFile
+from daemons.runtime.tasks import KeyedLocks, serve
 from daemons.store.vpndb import (
     CngwMode,
     Distribution,
@@ -70,100 +64,12 @@ from daemons.vpn.path import Endpoint, EndpointType, EspSuite, SecurityService, 
 from daemons.vpn.vpninfo import VpnInfo, direction_keys
 from daemons.wire import mip
 from daemons.wire.diameter import Message, ResultCode
-from daemons.wire.diameter.avp import decode_avps
 from daemons.wire.mip.vendor import requests_service_update, service_update
 
 log = EventLog("mipvpn.aaah")
-MIP_APPLICATION = 2  # RFC 4004
-AMR_COMMAND = 260
-HAR_COMMAND = 262
-AUTH_SESSION_NO_STATE = 1  # Auth-Session-State NO_STATE_MAINTAINED
 FIRST_DYNAMIC_SPI = 0x10000  # below: the static paths' SPIs (daemons.vpn.keys.static_spi)
 FA_PATH_ID = 1
 ANY = IPv4Network("0.0.0.0/0")
-
-
-# ---- the cached VPN information of one user ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Session:
-    """One user's registration as an AAA server caches it."""
-
-    nai: str
-    session_id: str
-    fa: IPv4Address  # the FA's care-of address: the FA end of the paths
-    fa_host: str  # the FA's Diameter identity ("" if unknown)
-    home_agent: IPv4Address
-    home_address: IPv4Address
-    paths: tuple[VpnInfo, ...]  # FA-side paths in the FA's view, the others in the HA's
-    created: float = 0.0
-
-    def for_fa(self) -> list[VpnInfo]:
-        """The paths the FA installs (its own view)."""
-        return [i for i in self.paths if i.path.local.type is EndpointType.FA]
-
-    def for_ha(self) -> list[VpnInfo]:
-        """What the HAR carries: the paths the HA installs (its own view: the FA's mirrored,
-        plus its own) and, for route optimisation (F4), each FA⇄dynamic CN-GW path in the
-        CN-GW's view (Local = the CN-GW), which the HA passes on in a Binding Update."""
-        out = []
-        for info in self.paths:
-            if info.path.local.type is EndpointType.FA and info.path.remote.type in (EndpointType.HA,
-                                                                                      EndpointType.CNGW_DYNAMIC):
-                out.append(info.mirrored())
-            elif info.path.local.type is EndpointType.HA:
-                out.append(info)
-        return out
-
-    def with_fa(self, coa: IPv4Address | str, session_id: str | None = None, fa_host: str | None = None) -> Session:
-        """The same paths with the FA end moved to ``coa`` (an MN changed FA: claims 7, 17, 18)."""
-        coa = IPv4Address(coa)
-        paths = []
-        for info in self.paths:
-            if info.path.local.type is EndpointType.FA:
-                info = info.with_endpoints(local=coa)
-            elif info.path.remote.type is EndpointType.FA:
-                info = info.with_endpoints(remote=coa)
-            paths.append(info)
-        return replace(self, fa=coa, paths=tuple(paths), session_id=session_id or self.session_id,
-                       fa_host=self.fa_host if fa_host is None else fa_host)
-
-    def summary(self) -> dict[str, Any]:
-        """What ``show sessions`` lists: identities, endpoints and selectors, never keys."""
-        return {"mn": self.nai, "session": self.session_id, "fa": str(self.fa), "fa_host": self.fa_host,
-                "home_agent": str(self.home_agent), "home_address": str(self.home_address),
-                "paths": " ".join(_path_text(i) for i in self.paths),
-                "age": int(time.time() - self.created) if self.created else None}
-
-    def spis(self) -> list[tuple[str, int]]:
-        """(receiving gateway, SPI) of every manually keyed SA of this session."""
-        out = []
-        for info in self.paths:
-            sec = info.path.security
-            if sec.inbound is not None and sec.outbound is not None:
-                out += [(str(info.path.local.address), sec.inbound.spi),
-                        (str(info.path.remote.address), sec.outbound.spi)]
-        return out
-
-    # ---- persistence (VPN-Info AVPs as hex: the file holds keys, keep it private) ----------
-    def to_json(self) -> dict[str, Any]:
-        return {"nai": self.nai, "session_id": self.session_id, "fa": str(self.fa), "fa_host": self.fa_host,
-                "home_agent": str(self.home_agent), "home_address": str(self.home_address),
-                "created": self.created, "paths": [i.to_avp().encode().hex() for i in self.paths]}
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> Session:
-        nai = data["nai"]
-        paths = tuple(VpnInfo.from_avp(avp, nai) for h in data["paths"] for avp in decode_avps(bytes.fromhex(h)))
-        return cls(nai, data["session_id"], IPv4Address(data["fa"]), data.get("fa_host", ""),
-                   IPv4Address(data["home_agent"]), IPv4Address(data["home_address"]), paths,
-                   float(data.get("created", 0.0)))
-
-
-def _path_text(info: VpnInfo) -> str:
-    p = info.path
-    return f"{info.path_id}:{p.local.address}({p.local.type.value})<->{p.remote.address}({p.remote.type.value})"
 
 
 def _distribution(profiles: list[VpnProfile]) -> int:
@@ -171,60 +77,6 @@ def _distribution(profiles: list[VpnProfile]) -> int:
     profile of the user through that gateway says ``on_traffic`` (one path per gateway)."""
     on_traffic = bool(profiles) and all(p.distribution is Distribution.ON_TRAFFIC for p in profiles)
     return vpninfo.ON_TRAFFIC if on_traffic else vpninfo.AT_REGISTRATION
-
-
-class SessionStore:
-    """Sessions by NAI, persisted on every change in a private state file."""
-
-    def __init__(self, path: os.PathLike[str] | str) -> None:
-        from pathlib import Path
-
-        self.path = Path(path)
-        self.state = StateFile(self.path)
-        self.sessions: dict[str, Session] = {}
-        self.extra: dict[str, Any] = {}  # other persisted state of the owner (e.g. SPI counters)
-
-    def load(self) -> None:
-        self._private_dir()
-        data = self.state.load()
-        for item in data.get("sessions", []):
-            try:
-                session = Session.from_json(item)
-            except (KeyError, ValueError, vpninfo.VpnInfoError) as exc:
-                log.warning("session.unreadable", mn=item.get("nai") if isinstance(item, dict) else None,
-                            reason=type(exc).__name__)
-                continue
-            self.sessions[session.nai] = session
-        self.extra = {k: v for k, v in data.items() if k != "sessions"}
-
-    def _private_dir(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(OSError):
-            self.path.parent.chmod(0o700)
-
-    def save(self) -> None:
-        self._private_dir()
-        self.state.save({**self.extra, "sessions": [s.to_json() for s in self.sessions.values()]})
-        with contextlib.suppress(OSError):
-            self.path.chmod(0o600)
-
-    def get(self, nai: str) -> Session | None:
-        return self.sessions.get(nai)
-
-    def put(self, session: Session) -> Session | None:
-        old = self.sessions.get(session.nai)
-        self.sessions[session.nai] = session
-        self.save()
-        return old
-
-    def drop(self, nai: str) -> Session | None:
-        old = self.sessions.pop(nai, None)
-        if old is not None:
-            self.save()
-        return old
-
-    def show(self) -> list[dict[str, Any]]:
-        return [s.summary() for s in sorted(self.sessions.values(), key=lambda s: s.nai)]
 
 
 # ---- SPIs --------------------------------------------------------------------------------------
@@ -302,8 +154,8 @@ class HomeAAAServer:
         for ha in config.home_agents:
             self.diameter.add_peer(ha.diameter_host, config.diameter_realm, str(ha.diameter_address or ha.address),
                                    ha.port)
-        self.diameter.register_handler(MIP_APPLICATION, AMR_COMMAND, self.on_amr,
-                                       required=("User-Name", "MIP-Reg-Request"))
+        self.diameter.register_handler(application.APPLICATION_ID, application.AMR_COMMAND, self.on_amr,
+                                       required=application.AMR_REQUIRED)
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -349,11 +201,7 @@ class HomeAAAServer:
         self.control.register("profile_api", lambda _: {"port": api.port, **api.counters})
 
     async def run(self) -> None:
-        await self.start()
-        try:
-            await asyncio.Event().wait()
-        finally:
-            await self.stop()
+        await serve(self.start, self.stop)
 
     def restore(self) -> None:
         self.store.load()
@@ -384,22 +232,17 @@ class HomeAAAServer:
             self.spis.release(gw, spi)
 
     # ---- AMR ---------------------------------------------------------------------------------
-    async def on_amr(self, amr: Message, peer: Any) -> Message:
-        nai: str = amr.get("User-Name")
-        sid = amr.session_id
+    async def on_amr(self, msg: Message, peer: Any) -> Message:
         self.counters["amr"] += 1
-        raw = bytes(amr.get("MIP-Reg-Request"))
         try:
-            rrq = mip.decode_message(raw)
-        except mip.DecodeError as exc:
-            log.warning("amr.malformed", mn=nai, sid=sid, reason=exc)
-            rrq = None
-        if not isinstance(rrq, mip.RegistrationRequest):
-            raise DiameterError(ResultCode.DIAMETER_INVALID_AVP_VALUE, "MIP-Reg-Request is not a registration request",
-                                failed_avp=[("MIP-Reg-Request", raw)])
-        route = [str(a.value) for a in amr.find_all("Route-Record")]
-        log.info("amr.received", mn=nai, sid=sid, fa=amr.get("Origin-Host"), coa=rrq.care_of_address,
-                 ha=rrq.home_agent, id=hex(rrq.identification), via=",".join(route) or None)
+            amr = application.parse_amr(msg)
+        except application.ApplicationError as exc:
+            if isinstance(exc.__cause__, mip.DecodeError):
+                log.warning("amr.malformed", mn=msg.get("User-Name"), sid=msg.session_id, reason=exc.__cause__)
+            raise DiameterError(exc.result_code, str(exc), failed_avp=exc.failed_avp) from None
+        nai, sid, rrq = amr.nai, amr.session_id, amr.rrq
+        log.info("amr.received", mn=nai, sid=sid, fa=amr.origin_host, coa=rrq.care_of_address,
+                 ha=rrq.home_agent, id=hex(rrq.identification), via=",".join(amr.route_record) or None)
         if requests_service_update(rrq.extensions):
             # F7: the user changed a profile; register() reads the profiles afresh on every AMR
             # (nothing cached), so the VPN info below is rebuilt from the changed ones.
@@ -408,15 +251,16 @@ class HomeAAAServer:
             log.info("service_update.received", mn=nai, sid=sid, seq=update.sequence if update else "malformed")
         async with self.locks.hold(nai):
             try:
-                user = await self.authenticate(nai, raw, rrq)
-                return await self.register(amr, nai, raw, rrq, user)
+                user = await self.authenticate(amr)
+                return await self.register(amr, user)
             except AmrRejected as rej:
                 log.warning("ama.sent", mn=nai, sid=sid, result=rej.code, reason=rej.reason)
-                return self._ama(amr, rej.code, nai, rrq, error=rej.reason)
+                return self._ama(amr, rej.code, error=rej.reason)
 
-    async def authenticate(self, nai: str, raw: bytes, rrq: mip.RegistrationRequest) -> User:
+    async def authenticate(self, amr: application.Amr) -> User:
         """The user's record once the MN-AAA authenticator checks out (secret from the DB only)."""
         assert self.db is not None
+        nai, raw, rrq = amr.nai, amr.rrq_raw, amr.rrq
         user = await self.db.aio.user_by_nai(nai)
         if user is None:
             self.counters["unknown_user"] += 1
@@ -453,8 +297,8 @@ class HomeAAAServer:
         log.info("auth.ok", mn=nai, spi=hex(ext.spi))  # type: ignore[union-attr]
         return user
 
-    async def register(self, amr: Message, nai: str, raw: bytes, rrq: mip.RegistrationRequest,
-                       user: User) -> Message:
+    async def register(self, amr: application.Amr, user: User) -> Message:
+        nai, rrq = amr.nai, amr.rrq
         sid = amr.session_id or ""
         ha = self.home_agents.get(str(rrq.home_agent))
         if ha is None:
@@ -469,7 +313,7 @@ class HomeAAAServer:
             assert self.db is not None
             profiles = await self.db.aio.profiles_for(nai)
             paths = await self.build_paths(nai, user.home_address, rrq.care_of_address, ha, profiles)
-            session = Session(nai, sid, rrq.care_of_address, amr.get("Origin-Host", default=""), rrq.home_agent,
+            session = Session(nai, sid, rrq.care_of_address, amr.origin_host or "", rrq.home_agent,
                               user.home_address, tuple(paths), time.time())
             self._put(session)  # claim 16: cached before the HAR goes out
             ha_view = session.for_ha()
@@ -490,32 +334,20 @@ class HomeAAAServer:
             self.counters["ha_unavailable"] += 1
             raise AmrRejected(ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE,
                               f"home agent {ha.diameter_host} not connected")
-        har = Message.request("HAR", [
-            ("Session-Id", sid), ("Auth-Application-Id", MIP_APPLICATION),
-            ("Origin-Host", self.config.diameter_host), ("Origin-Realm", self.config.diameter_realm),
-            ("Destination-Realm", self.config.diameter_realm), ("Destination-Host", ha.diameter_host),
-            ("Authorization-Lifetime", rrq.lifetime), ("Auth-Session-State", AUTH_SESSION_NO_STATE),
-            ("User-Name", nai), ("MIP-Reg-Request", raw), ("MIP-Feature-Vector", amr.get("MIP-Feature-Vector",
-                                                                                         default=0)),
-            ("MIP-Home-Agent-Address", rrq.home_agent), ("MIP-Mobile-Node-Address", user.home_address),
-            *(info.to_avp() for info in ha_view)])
+        har = application.build_har(amr, origin_host=self.config.diameter_host,
+                                    origin_realm=self.config.diameter_realm,
+                                    destination_realm=self.config.diameter_realm,
+                                    destination_host=ha.diameter_host, home_address=user.home_address, vpn=ha_view)
         self.counters["har"] += 1
         log.info("har.sent", mn=nai, sid=sid, ha=ha.diameter_host, paths=len(ha_view))
         try:
-            haa = await self.diameter.request(har, timeout=self.config.har_timeout)
+            haa = application.parse_haa(await self.diameter.request(har, timeout=self.config.har_timeout))
         except DiameterUnavailable as exc:
             undo()
             self.counters["ha_unavailable"] += 1
             raise AmrRejected(ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE, f"no HAA: {exc}") from None
         code = int(haa.result_code or 0)
-        rrp_raw = haa.get("MIP-Reg-Reply")
-        accepted = False
-        if rrp_raw is not None:
-            try:
-                rrp = mip.decode_message(rrp_raw)
-                accepted = isinstance(rrp, mip.RegistrationReply) and rrp.accepted
-            except mip.DecodeError:
-                rrp_raw = None
+        rrp_raw, accepted = haa.rrp_raw, haa.accepted
         log.info("haa.received", mn=nai, sid=sid, code=code, rrp=None if rrp_raw is None else ("accepted" if accepted
                                                                                                else "refused"))
         if code == ResultCode.DIAMETER_SUCCESS and rrp_raw is not None and accepted:
@@ -524,27 +356,20 @@ class HomeAAAServer:
             self.counters["accepted"] += 1
             fa_view = session.for_fa() if session is not None else []
             log.info("ama.sent", mn=nai, sid=sid, result=code, paths=len(fa_view))
-            return self._ama(amr, ResultCode.DIAMETER_SUCCESS, nai, rrq, rrp_raw, fa_view)
+            return self._ama(amr, ResultCode.DIAMETER_SUCCESS, rrp_raw, fa_view)
         undo()
         if rrp_raw is not None:  # the HA refused: its reply goes back to the MN
             self.counters["refused"] += 1
             log.warning("ama.sent", mn=nai, sid=sid, result=int(ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE),
                         reason=f"HA answered {code}")
-            return self._ama(amr, ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE, nai, rrq, rrp_raw)
+            return self._ama(amr, ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE, rrp_raw)
         self.counters["ha_unavailable"] += 1
         raise AmrRejected(ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE, f"HAA {code} without a registration reply")
 
-    def _ama(self, amr: Message, code: int, nai: str, rrq: mip.RegistrationRequest, rrp: bytes | None = None,
-             infos: list[VpnInfo] | None = None, error: str | None = None) -> Message:
-        avps: list[Any] = [("Auth-Application-Id", MIP_APPLICATION), ("User-Name", nai)]
-        if error:
-            avps.append(("Error-Message", error))
-        if rrp is not None:
-            avps.append(("MIP-Reg-Reply", rrp))
-        avps += [("MIP-Home-Agent-Address", rrq.home_agent), ("MIP-Mobile-Node-Address", rrq.home_address)]
-        avps += [info.to_avp() for info in infos or []]
-        return amr.answer(code, [("Origin-Host", self.config.diameter_host),
-                                 ("Origin-Realm", self.config.diameter_realm), *avps])
+    def _ama(self, amr: application.Amr, code: int, rrp: bytes | None = None, infos: list[VpnInfo] | None = None,
+             error: str | None = None) -> Message:
+        return application.build_ama(amr, code, rrp_raw=rrp, vpn=infos or (), error=error,
+                                     origin_host=self.config.diameter_host, origin_realm=self.config.diameter_realm)
 
     # ---- VPN information (claims 3, 8, 16) ---------------------------------------------------------
     async def build_paths(self, nai: str, home_address: IPv4Address, coa: IPv4Address, ha: HomeAgentRef,
@@ -591,7 +416,7 @@ class HomeAAAServer:
                                        static_esp_key(self.master, gw.address, ha.address, in_spi, gsuite)),
                     psk=pair_psk(self.master, ha.address, gw.address))), _distribution(gw_profiles)))
         infos += await self.route_optimised_paths(nai, home_address, coa, dynamic, path_id + 1)
-        log.info("vpn.built", mn=nai, paths=" ".join(_path_text(i) for i in infos), suite=suite.value)
+        log.info("vpn.built", mn=nai, paths=" ".join(path_text(i) for i in infos), suite=suite.value)
         return infos
 
     async def gateways(self, nai: str, profiles: list[VpnProfile]
@@ -639,4 +464,4 @@ class HomeAAAServer:
         return infos
 
 
-__all__ = ["AmrRejected", "HomeAAAServer", "Session", "SessionStore", "SpiAllocator"]
+__all__ = ["AmrRejected", "HomeAAAServer", "SpiAllocator"]

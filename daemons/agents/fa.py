@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+from daemons.aaa import application
 from daemons.agents.advertiser import Advertiser
 from daemons.agents.binding import BindingClient, BindingEvents, BindingPeers, Retransmit
 from daemons.agents.datagrams import dispatch
@@ -30,12 +31,11 @@ from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import Capability, EndpointType, PathError
 from daemons.wire import mip
-from daemons.wire.diameter import Avp, Message, ResultCode
+from daemons.wire.diameter import Message, ResultCode
 from daemons.wire.diameter.constants import TerminationCause
 
 log = EventLog("mipvpn.fa")
 Code = mip.ReplyCode
-MIP_APPLICATION = 2  # RFC 4004
 # What the MN hears when the AAA says no without a registration reply from the HA.
 AAA_DENIALS = {
     ResultCode.DIAMETER_AUTHENTICATION_REJECTED: Code.FA_MN_FAILED_AUTHENTICATION,
@@ -168,13 +168,10 @@ class ForeignAgent:
     async def end_session(self, visitor: Visitor, cause: TerminationCause) -> None:
         """Tell our AAAF the session is over (STR, RFC 6733 §8.4), so that no stale VPN
         info stays cached for a user who is gone from here."""
-        assert self.diameter is not None and visitor.nai
-        str_ = Message.request("STR", application_id=MIP_APPLICATION, avps=[
-            ("Session-Id", visitor.session_id), ("Destination-Realm", visitor.nai.split("@", 1)[-1]),
-            ("Auth-Application-Id", MIP_APPLICATION), ("User-Name", visitor.nai),
-            ("Termination-Cause", cause)])
+        assert self.diameter is not None and visitor.nai and visitor.session_id
+        str_ = application.build_str(visitor.session_id, visitor.nai, cause)
         try:
-            sta = await self.diameter.request(str_, timeout=3.0)
+            sta = application.parse_sta(await self.diameter.request(str_, timeout=3.0))
             log.info("session.ended", mn=visitor.nai, sid=visitor.session_id, result=sta.result_code)
         except DiameterUnavailable as exc:
             log.warning("session.end_failed", mn=visitor.nai, sid=visitor.session_id, reason=exc)
@@ -275,23 +272,7 @@ class ForeignAgent:
         if nai is None or "@" not in nai:
             self._fail(key, Code.FA_MISSING_NAI, "no NAI: the AAA cannot route the request")
             return
-        challenge = rrq.find(mip.MNFAChallengeExtension)
-        auth = rrq.find(mip.GeneralizedAuthExtension)
-        location = mip.authenticator_location(raw, mip.EXT_GEN_AUTH)
-        avps: list[Any] = [
-            ("Auth-Application-Id", MIP_APPLICATION), ("Destination-Realm", nai.split("@", 1)[1]),
-            ("User-Name", nai), ("MIP-Reg-Request", raw),
-            ("MIP-Mobile-Node-Address", rrq.home_address), ("MIP-Home-Agent-Address", rrq.home_agent),
-            ("MIP-Feature-Vector", 0)]
-        if challenge is not None:
-            avps.append(("MIP-FA-Challenge", challenge.challenge))
-        if auth is not None and location is not None:
-            covered, offset, length = location
-            avps.append(("MIP-MN-AAA-Auth", [Avp.new("MIP-MN-AAA-SPI", auth.spi),
-                                             Avp.new("MIP-Auth-Input-Data-Length", covered),
-                                             Avp.new("MIP-Authenticator-Length", length),
-                                             Avp.new("MIP-Authenticator-Offset", offset)]))
-        amr = Message.request("AMR", avps=[("Session-Id", self.diameter.session_id(nai)), *avps])
+        amr = application.build_amr(self.diameter.session_id(nai), nai, rrq, raw)
         pending.session_id = amr.session_id
         log.info("amr.sent", mn=nai, sid=amr.session_id, id=hex(rrq.identification))
         self.counters["relayed"] += 1
@@ -303,44 +284,34 @@ class ForeignAgent:
             return
         await self.on_ama(key, ama)
 
-    async def on_ama(self, key: tuple[str, int], ama: Message) -> None:
+    async def on_ama(self, key: tuple[str, int], msg: Message) -> None:
         pending = self.pending.get(key)
         if pending is None:
             return  # timed out meanwhile: the MN was answered already
-        result = ama.result_code
-        rrp_raw = ama.get("MIP-Reg-Reply")
-        log.info("ama.received", mn=pending.nai, sid=ama.session_id, result=result,
-                 paths=len(ama.find_all("VPN-Info")))
-        if rrp_raw is None and result == ResultCode.DIAMETER_SUCCESS and ama.find("VPN-Info") is not None:
+        try:
+            ama = application.parse_ama(msg, pending.nai or "")
+        except application.ApplicationError as exc:
+            log.info("ama.received", mn=pending.nai, sid=msg.session_id, result=msg.result_code)
+            self._fail(key, Code.FA_POORLY_FORMED_REPLY, f"unusable AMA: {exc}")
+            return
+        log.info("ama.received", mn=pending.nai, sid=ama.session_id, result=ama.result_code, paths=len(ama.vpn))
+        if ama.answered_locally:
             # Claim 17 (F2): our local AAA server answered an intra-domain move itself with
             # the rewritten VPN info; the RRQ goes straight to the HA, our paths follow its yes.
-            try:
-                pending.vpn = vpninfo.from_message(ama, pending.nai or "")
-            except vpninfo.VpnInfoError as exc:
-                self._fail(key, Code.FA_POORLY_FORMED_REPLY, f"unusable AMA: {exc}")
-                return
+            pending.vpn = list(ama.vpn)
             log.info("rrq.direct_to_ha", mn=pending.nai, reason="answered by the local AAA (intra-domain move)")
             self.start_handoff(pending)  # F6 runs while the HA is asked
             self.relay_to_ha(pending.rrq, pending.raw)
             return
-        if rrp_raw is None:
-            code = AAA_DENIALS.get(int(result or 0), Code.FA_REASON_UNSPECIFIED)
-            self._fail(key, code, f"AAA answered {result} without a registration reply")
-            return
-        try:
-            rrp = mip.decode_message(rrp_raw)
-            infos = vpninfo.from_message(ama, pending.nai or "") if result == 2001 else []
-        except (mip.DecodeError, vpninfo.VpnInfoError) as exc:
-            self._fail(key, Code.FA_POORLY_FORMED_REPLY, f"unusable AMA: {exc}")
-            return
-        if not isinstance(rrp, mip.RegistrationReply):
-            self._fail(key, Code.FA_POORLY_FORMED_REPLY, "MIP-Reg-Reply is not a registration reply")
+        if ama.rrp is None or ama.rrp_raw is None:
+            code = AAA_DENIALS.get(int(ama.result_code or 0), Code.FA_REASON_UNSPECIFIED)
+            self._fail(key, code, f"AAA answered {ama.result_code} without a registration reply")
             return
         self.pending.pop(key, None)
         if pending.timer:
             pending.timer.cancel()
-        pending.vpn = infos
-        await self.complete(pending, rrp, rrp_raw)
+        pending.vpn = list(ama.vpn)
+        await self.complete(pending, ama.rrp, ama.rrp_raw)
 
     def _fail(self, key: tuple[str, int], code: Code, reason: str) -> None:
         pending = self.pending.pop(key, None)

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
+from daemons.aaa import application
 from daemons.agents.advertiser import Advertiser
 from daemons.agents.binding import BindingClient, BindingEvents, BindingPeers, Retransmit
 from daemons.agents.routing import HomeLink
@@ -37,14 +38,11 @@ from daemons.store.state import StateFile
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import EndpointType
-from daemons.vpn.vpninfo import VpnInfo
+from daemons.vpn.vpninfo import VpnInfo, moved_to
 from daemons.wire import mip
-from daemons.wire.diameter import DecodeError, Message, ResultCode
-from daemons.wire.diameter.avp import decode_avps
+from daemons.wire.diameter import Message, ResultCode
 
 log = EventLog("mipvpn.ha")
-MIP_APPLICATION = 2  # RFC 4004
-HAR_COMMAND = 262
 Code = mip.ReplyCode
 
 
@@ -77,13 +75,6 @@ def by_gateway(infos: Iterable[VpnInfo]) -> dict[str, list[VpnInfo]]:
     for info in infos:
         out.setdefault(str(info.path.local.address), []).append(info)
     return out
-
-
-def moved_to(infos: Iterable[VpnInfo], coa: IPv4Address) -> list[VpnInfo]:
-    """Paths with their FA end moved to ``coa`` (F2/F5: a move the AAAF answered): ours, and
-    the CN-GWs' copies."""
-    return [i.with_endpoints(remote=coa) if i.path.remote.type is EndpointType.FA and i.path.remote.address != coa
-            else i for i in infos]
 
 
 class HomeAgent:
@@ -152,8 +143,8 @@ class HomeAgent:
                 continue
             nai = self.bindings[hoa].nai
             try:
-                self.cn_paths[hoa] = [VpnInfo.from_avp(a, nai) for h in hexes for a in decode_avps(bytes.fromhex(h))]
-            except (ValueError, TypeError, DecodeError) as exc:  # as mavpn.restore: drop it, keep starting
+                self.cn_paths[hoa] = vpninfo.from_record(hexes, nai)
+            except vpninfo.VpnInfoError as exc:  # as mavpn.restore: drop it, keep starting
                 log.warning("cngw_paths.restore_failed", mn=nai, reason=exc)
         if self.bindings:
             log.info("ha.restored", bindings=len(self.bindings), cngw_paths=len(self.cn_paths))
@@ -163,8 +154,7 @@ class HomeAgent:
                          "last_ident": self.last_ident})
 
     def persist_cn_paths(self) -> None:
-        self.cn_state.save({"paths": {hoa: [i.to_avp().encode().hex() for i in infos]
-                                      for hoa, infos in self.cn_paths.items()}})
+        self.cn_state.save({"paths": {hoa: vpninfo.to_record(infos) for hoa, infos in self.cn_paths.items()}})
 
     async def expire(self, now: float) -> None:
         expired = [b for b in self.bindings.values() if b.expires <= now]
@@ -187,26 +177,29 @@ class HomeAgent:
         self.diameter = DiameterNode(self.config.diameter_host, self.config.diameter_realm,
                                      host_ip_addresses=(str(self.config.address),),
                                      listen_address=str(self.config.address))
-        self.diameter.register_handler(MIP_APPLICATION, HAR_COMMAND, self.on_har,
-                                       required=("User-Name", "MIP-Reg-Request"))
+        self.diameter.register_handler(application.APPLICATION_ID, application.HAR_COMMAND, self.on_har,
+                                       required=application.HAR_REQUIRED)
         await self.diameter.start()
 
-    async def on_har(self, har: Message, peer: object) -> Message:
+    async def on_har(self, msg: Message, peer: object) -> Message:
         """Claim 16: take the RRQ and the VPN info from the HAR, install our paths, answer
         HAA with the registration reply (the paths are up before the reply leaves)."""
-        nai = har.get("User-Name")
+        source = f"aaa:{msg.get('Origin-Host')}"
         try:
-            infos = vpninfo.from_message(har, nai)
-        except vpninfo.VpnInfoError as exc:
-            raise DiameterError(ResultCode.DIAMETER_INVALID_AVP_VALUE, str(exc)) from None
-        log.info("har.received", mn=nai, sid=har.session_id, paths=len(infos))
-        rrp = await self.process_request(har.get("MIP-Reg-Request"), f"aaa:{har.get('Origin-Host')}", infos)
+            har = application.parse_har(msg)
+        except application.BadRegistration as exc:
+            # Not a registration request: answered as one on UDP 434 would be (RFC 5944 §3.8.2.1).
+            rrp = await self.process_request(exc.raw, source)
+        except application.ApplicationError as exc:
+            raise DiameterError(exc.result_code, str(exc), failed_avp=exc.failed_avp) from None
+        else:
+            log.info("har.received", mn=har.nai, sid=har.session_id, paths=len(har.vpn))
+            rrp = await self.process_request(har.rrq_raw, source, list(har.vpn), har.rrq)
         if rrp is None:
             raise DiameterError(ResultCode.DIAMETER_INVALID_AVP_VALUE, "MIP-Reg-Request is not a valid RRQ",
                                 failed_avp=["MIP-Reg-Request"])
-        reply = mip.decode_message(rrp)
-        code = ResultCode.DIAMETER_SUCCESS if reply.accepted else ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE
-        return har.answer(code, avps=[("MIP-Reg-Reply", rrp), ("User-Name", nai)])
+        reply = mip.decode_message(rrp)  # our own reply: a RegistrationReply
+        return application.build_haa(msg, rrp, accepted=reply.accepted)
 
     # ---- registration ------------------------------------------------------------------
     def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -227,12 +220,14 @@ class HomeAgent:
         if reply is not None and self.udp:
             self.udp.send(reply, addr)
 
-    async def process_request(self, raw: bytes, source: str, vpn: list[VpnInfo] | None = None) -> bytes | None:
+    async def process_request(self, raw: bytes, source: str, vpn: list[VpnInfo] | None = None,
+                              decoded: mip.RegistrationRequest | None = None) -> bytes | None:
         """Handle one raw RRQ; the raw RRP to send back, or None to drop silently. ``vpn``:
-        the paths the AAAH distributed with it, installed when the registration is accepted."""
+        the paths the AAAH distributed with it, installed when the registration is accepted;
+        ``decoded``: ``raw`` already decoded (a HAR's, by its parser)."""
         self.counters["received"] += 1
         try:
-            rrq = mip.decode_message(raw)
+            rrq = decoded if decoded is not None else mip.decode_message(raw)
         except mip.UnknownExtensionError as exc:
             # RFC 5944 §3.8.2.1: an unknown non-skippable extension is a poorly formed
             # request; we can only answer if the fixed part is readable.

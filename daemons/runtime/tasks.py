@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any
 
 from daemons.runtime.log import EventLog
@@ -25,6 +25,16 @@ def _finished(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         exc = task.exception()
         log.error("task.failed", task=task.get_coro().__qualname__, error=f"{type(exc).__name__}: {exc}")
+
+
+async def serve(start: Callable[[], Awaitable[None]], stop: Callable[[], Awaitable[None]]) -> None:
+    """A service's whole life as a daemon's main task: started, then kept until the task is
+    cancelled (the daemon is told to stop), then stopped."""
+    await start()
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await stop()
 
 
 class KeyedLocks:

@@ -26,9 +26,7 @@ from daemons.runtime.tasks import background
 from daemons.store.state import StateFile
 from daemons.vpn.factory import make_backend
 from daemons.vpn.path import Capability, EndpointType, PathBackend, PathStatus, VpnPath
-from daemons.vpn.vpninfo import ON_TRAFFIC, STATIC_OWNER, VpnInfo, from_static
-from daemons.wire.diameter import DecodeError
-from daemons.wire.diameter.avp import decode_avps
+from daemons.vpn.vpninfo import ON_TRAFFIC, STATIC_OWNER, VpnInfo, VpnInfoError, from_record, from_static, to_record
 
 log = EventLog("mipvpn.mavpn")
 
@@ -66,15 +64,14 @@ class MavpnControl:
         brings it again."""
         for nai, hexes in self.state.load().get("vpn", {}).items():
             try:
-                infos = [VpnInfo.from_avp(avp, nai) for h in hexes for avp in decode_avps(bytes.fromhex(h))]
-            except (ValueError, TypeError, DecodeError) as exc:  # VpnInfoError is a ValueError
+                infos = from_record(hexes, nai)
+            except VpnInfoError as exc:
                 log.warning("vpn.restore_failed", mn=nai, reason=exc)
                 continue
             self.cache[nai] = {i.path_id: i for i in infos}
 
     def persist(self) -> None:
-        self.state.save({"vpn": {nai: [i.to_avp().encode().hex() for i in infos.values()]
-                                 for nai, infos in self.cache.items()}})
+        self.state.save({"vpn": {nai: to_record(infos.values()) for nai, infos in self.cache.items()}})
 
     def wanted(self) -> list[VpnInfo]:
         return [info for infos in self.cache.values() for info in infos.values()]

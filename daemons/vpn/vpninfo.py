@@ -10,7 +10,7 @@ CVSE (vendor 32473, type VPN_INFO) in Binding Updates, so there is one codec for
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
@@ -155,6 +155,39 @@ def direction_keys(suite: EspSuite, spi: int, material: Secret) -> DirectionKeys
 def from_message(container, nai: str) -> list[VpnInfo]:
     """Every VPN-Info at the top level of a Diameter message."""
     return [VpnInfo.from_avp(avp, nai) for avp in container.find_all("VPN-Info")]
+
+
+def moved_to(infos: Iterable[VpnInfo], coa: IPv4Address | str) -> list[VpnInfo]:
+    """The paths with their FA end moved to the care-of address ``coa`` (an MN changed FA:
+    claims 7, 17, 18, 20, 21): the local end of a path the FA installs, else the remote end
+    of a path to an FA; paths without an FA end, or already there, are kept as they are."""
+    coa = IPv4Address(coa)
+    out = []
+    for info in infos:
+        local, remote = info.path.local, info.path.remote
+        if local.type is EndpointType.FA:
+            if local.address != coa:
+                info = info.with_endpoints(local=coa)
+        elif remote.type is EndpointType.FA and remote.address != coa:
+            info = info.with_endpoints(remote=coa)
+        out.append(info)
+    return out
+
+
+# ---- persistence: what a state file holds (key material: the file must be private) ----------
+def to_record(infos: Iterable[VpnInfo]) -> list[str]:
+    """Paths as a state file keeps them: each VPN-Info AVP, keys included, in hex."""
+    return [info.to_avp().encode().hex() for info in infos]
+
+
+def from_record(record: Iterable[str], nai: str) -> list[VpnInfo]:
+    """The paths of :func:`to_record`; VpnInfoError when the record is not one."""
+    try:
+        return [VpnInfo.from_avp(avp, nai) for h in record for avp in decode_avps(bytes.fromhex(h))]
+    except VpnInfoError:
+        raise
+    except (ValueError, TypeError, KeyError) as exc:  # DecodeError is a ValueError
+        raise VpnInfoError(f"stored VPN info of {nai}: {type(exc).__name__}: {exc}") from None
 
 
 def encode_for_mip(infos: list[VpnInfo], with_secrets: bool = True) -> bytes:

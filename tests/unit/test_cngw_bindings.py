@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 
 from daemons.agents.cngw import BindingTable, CorrespondentGateway, check_vpn_info
-from daemons.agents.ha import Binding, HomeAgent, by_gateway, moved_to, split_paths
+from daemons.agents.ha import Binding, HomeAgent, by_gateway, split_paths
 from daemons.runtime.config import CNGWConfig, HAConfig, PeerAgent
 from daemons.runtime.secret import Secret
 from daemons.vpn import vpninfo
 from daemons.vpn.path import DirectionKeys, Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
-from daemons.vpn.vpninfo import VpnInfo
+from daemons.vpn.vpninfo import VpnInfo, moved_to
 from daemons.wire import mip
 
 NAI = "mn1@home.example"

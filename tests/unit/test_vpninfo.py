@@ -16,6 +16,9 @@ from daemons.vpn.vpninfo import (
     encode_for_mip,
     forward_copy,
     forward_security,
+    from_record,
+    moved_to,
+    to_record,
 )
 from daemons.wire.diameter import Avp
 
@@ -69,3 +72,31 @@ def test_forward_copy_crosses_the_wire_without_secrets_and_both_fas_agree() -> N
         decode_from_mip(wire, NAI)
     other = decode_from_mip(wire, NAI, forward_security(Secret(secrets.token_bytes(16))))[0]
     assert other.path.security.psk != sec.psk
+
+
+def test_moved_to_moves_the_fa_end_of_each_view() -> None:
+    """One function for the AAA servers' sessions (the FA's view: Local = the FA) and the
+    HA's paths (Remote = the FA); a path already there, or without an FA end, is kept."""
+    new_fa = IPv4Address("198.18.0.22")
+    fa_view = info()
+    ha_view = fa_view.mirrored()
+    static = VpnInfo(NAI, 2, VpnPath(VpnInfo.path_name(NAI, 2), Endpoint("198.18.100.1", EndpointType.HA),
+                                     Endpoint("198.18.9.1", EndpointType.CNGW_STATIC), ("198.18.100.0/24",),
+                                     ("198.18.101.0/24",), fa_view.path.security))
+    moved_fa, moved_ha, kept = moved_to([fa_view, ha_view, static], str(new_fa))
+    assert (moved_fa.path.local.address, moved_fa.path.remote.address) == (new_fa, fa_view.path.remote.address)
+    assert (moved_ha.path.local.address, moved_ha.path.remote.address) == (ha_view.path.local.address, new_fa)
+    assert moved_fa.path.security == fa_view.path.security and moved_fa.path_id == fa_view.path_id
+    assert kept is static
+    again = moved_to([moved_fa, moved_ha], new_fa)
+    assert again[0] is moved_fa and again[1] is moved_ha
+
+
+def test_record_round_trip_and_unreadable_records() -> None:
+    paths = [info(), info().mirrored()]
+    record = to_record(paths)
+    assert all(isinstance(h, str) for h in record) and from_record(record, NAI) == paths
+    assert from_record([], NAI) == []
+    for bad in (["00zz"], [record[0][:-8]], [5], "nothex"):
+        with pytest.raises(VpnInfoError):
+            from_record(bad, NAI)  # type: ignore[arg-type]

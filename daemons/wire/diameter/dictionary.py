@@ -226,14 +226,14 @@ _VPN: list[AvpDef] = [
 
 _COMMANDS: list[tuple[int, str, str, int | None, bool]] = [
     # code, name (+ "-Request"/"-Answer"), abbreviation stem (+ "R"/"A"), application, proxiable
-    (257, "Capabilities-Exchange", "CE", c.APP_COMMON, False),
-    (258, "Re-Auth", "RA", None, True),
-    (274, "Abort-Session", "AS", None, True),
-    (275, "Session-Termination", "ST", None, True),
-    (280, "Device-Watchdog", "DW", c.APP_COMMON, False),
-    (282, "Disconnect-Peer", "DP", c.APP_COMMON, False),
-    (260, "AA-Mobile-Node", "AM", c.APP_MOBILE_IPV4, True),
-    (262, "Home-Agent-MIP", "HA", c.APP_MOBILE_IPV4, True),
+    (c.CMD_CAPABILITIES_EXCHANGE, "Capabilities-Exchange", "CE", c.APP_COMMON, False),
+    (c.CMD_RE_AUTH, "Re-Auth", "RA", None, True),
+    (c.CMD_ABORT_SESSION, "Abort-Session", "AS", None, True),
+    (c.CMD_SESSION_TERMINATION, "Session-Termination", "ST", None, True),
+    (c.CMD_DEVICE_WATCHDOG, "Device-Watchdog", "DW", c.APP_COMMON, False),
+    (c.CMD_DISCONNECT_PEER, "Disconnect-Peer", "DP", c.APP_COMMON, False),
+    (c.CMD_AA_MOBILE_NODE, "AA-Mobile-Node", "AM", c.APP_MOBILE_IPV4, True),
+    (c.CMD_HOME_AGENT_MIP, "Home-Agent-MIP", "HA", c.APP_MOBILE_IPV4, True),
 ]
 
 for _d in (*_BASE, *_MIP4, *_VPN):

@@ -1,0 +1,158 @@
+"""The registrations an AAA server caches (claims 7, 16-18): one :class:`Session` per user,
+kept by a :class:`SessionStore` that persists every change.
+
+The home AAA server (``daemons.aaa.aaah``) caches what it built and distributed; the local one
+(``daemons.aaa.aaaf``) caches what it relayed, to answer an intra-domain move itself. A
+session's paths are kept as the AAAH describes them (FA-side paths in the FA's view, the rest
+in the HA's); :meth:`Session.for_fa` / :meth:`Session.for_ha` give each receiver its copy and
+:meth:`Session.with_fa` moves the FA end. Sessions are persisted with their VPN-Info AVPs as
+hex (``daemons.vpn.vpninfo.to_record``, as ``daemons.vpn.mavpn`` does): key material, so the
+file lives in the daemon's 0700 state directory and is 0600 itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, replace
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from daemons.runtime.log import EventLog
+from daemons.store.state import StateFile
+from daemons.vpn import vpninfo
+from daemons.vpn.path import EndpointType
+from daemons.vpn.vpninfo import VpnInfo
+
+log = EventLog("mipvpn.sessions")
+
+
+def path_text(info: VpnInfo) -> str:
+    """One path for logs and ``show``: id, endpoints and their types, never keys."""
+    p = info.path
+    return f"{info.path_id}:{p.local.address}({p.local.type.value})<->{p.remote.address}({p.remote.type.value})"
+
+
+@dataclass(frozen=True)
+class Session:
+    """One user's registration as an AAA server caches it."""
+
+    nai: str
+    session_id: str
+    fa: IPv4Address  # the FA's care-of address: the FA end of the paths
+    fa_host: str  # the FA's Diameter identity ("" if unknown)
+    home_agent: IPv4Address
+    home_address: IPv4Address
+    paths: tuple[VpnInfo, ...]  # FA-side paths in the FA's view, the others in the HA's
+    created: float = 0.0
+
+    def for_fa(self) -> list[VpnInfo]:
+        """The paths the FA installs (its own view)."""
+        return [i for i in self.paths if i.path.local.type is EndpointType.FA]
+
+    def for_ha(self) -> list[VpnInfo]:
+        """What the HAR carries: the paths the HA installs (its own view: the FA's mirrored,
+        plus its own) and, for route optimisation (F4), each FA⇄dynamic CN-GW path in the
+        CN-GW's view (Local = the CN-GW), which the HA passes on in a Binding Update."""
+        out = []
+        for info in self.paths:
+            if info.path.local.type is EndpointType.FA and info.path.remote.type in (EndpointType.HA,
+                                                                                      EndpointType.CNGW_DYNAMIC):
+                out.append(info.mirrored())
+            elif info.path.local.type is EndpointType.HA:
+                out.append(info)
+        return out
+
+    def with_fa(self, coa: IPv4Address | str, session_id: str | None = None, fa_host: str | None = None) -> Session:
+        """The same paths with the FA end moved to ``coa`` (an MN changed FA: claims 7, 17, 18)."""
+        coa = IPv4Address(coa)
+        return replace(self, fa=coa, paths=tuple(vpninfo.moved_to(self.paths, coa)),
+                       session_id=session_id or self.session_id,
+                       fa_host=self.fa_host if fa_host is None else fa_host)
+
+    def summary(self) -> dict[str, Any]:
+        """What ``show sessions`` lists: identities, endpoints and selectors, never keys."""
+        return {"mn": self.nai, "session": self.session_id, "fa": str(self.fa), "fa_host": self.fa_host,
+                "home_agent": str(self.home_agent), "home_address": str(self.home_address),
+                "paths": " ".join(path_text(i) for i in self.paths),
+                "age": int(time.time() - self.created) if self.created else None}
+
+    def spis(self) -> list[tuple[str, int]]:
+        """(receiving gateway, SPI) of every manually keyed SA of this session."""
+        out = []
+        for info in self.paths:
+            sec = info.path.security
+            if sec.inbound is not None and sec.outbound is not None:
+                out += [(str(info.path.local.address), sec.inbound.spi),
+                        (str(info.path.remote.address), sec.outbound.spi)]
+        return out
+
+    # ---- persistence (VPN-Info AVPs as hex: the file holds keys, keep it private) ----------
+    def to_json(self) -> dict[str, Any]:
+        return {"nai": self.nai, "session_id": self.session_id, "fa": str(self.fa), "fa_host": self.fa_host,
+                "home_agent": str(self.home_agent), "home_address": str(self.home_address),
+                "created": self.created, "paths": vpninfo.to_record(self.paths)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Session:
+        nai = data["nai"]
+        return cls(nai, data["session_id"], IPv4Address(data["fa"]), data.get("fa_host", ""),
+                   IPv4Address(data["home_agent"]), IPv4Address(data["home_address"]),
+                   tuple(vpninfo.from_record(data["paths"], nai)), float(data.get("created", 0.0)))
+
+
+class SessionStore:
+    """Sessions by NAI, persisted on every change in a private state file."""
+
+    def __init__(self, path: os.PathLike[str] | str) -> None:
+        self.path = Path(path)
+        self.state = StateFile(self.path)
+        self.sessions: dict[str, Session] = {}
+        self.extra: dict[str, Any] = {}  # other persisted state of the owner (e.g. SPI counters)
+
+    def load(self) -> None:
+        self._private_dir()
+        data = self.state.load()
+        for item in data.get("sessions", []):
+            try:
+                session = Session.from_json(item)
+            except (KeyError, ValueError, vpninfo.VpnInfoError) as exc:
+                log.warning("session.unreadable", mn=item.get("nai") if isinstance(item, dict) else None,
+                            reason=type(exc).__name__)
+                continue
+            self.sessions[session.nai] = session
+        self.extra = {k: v for k, v in data.items() if k != "sessions"}
+
+    def _private_dir(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with contextlib.suppress(OSError):
+            self.path.parent.chmod(0o700)
+
+    def save(self) -> None:
+        self._private_dir()
+        self.state.save({**self.extra, "sessions": [s.to_json() for s in self.sessions.values()]})
+        with contextlib.suppress(OSError):
+            self.path.chmod(0o600)
+
+    def get(self, nai: str) -> Session | None:
+        return self.sessions.get(nai)
+
+    def put(self, session: Session) -> Session | None:
+        old = self.sessions.get(session.nai)
+        self.sessions[session.nai] = session
+        self.save()
+        return old
+
+    def drop(self, nai: str) -> Session | None:
+        old = self.sessions.pop(nai, None)
+        if old is not None:
+            self.save()
+        return old
+
+    def show(self) -> list[dict[str, Any]]:
+        return [s.summary() for s in sorted(self.sessions.values(), key=lambda s: s.nai)]
+
+
+__all__ = ["Session", "SessionStore", "path_text"]

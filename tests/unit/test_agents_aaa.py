@@ -1,0 +1,208 @@
+"""The Diameter sides of the FA (AMR out, AMA in, STR) and of the HA (HAR in, HAA out), in
+process with fake sockets, routes and Diameter node: what each sends for each kind of answer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv4Network
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from daemons.aaa import application as app
+from daemons.agents.fa import ForeignAgent, Pending, Visitor
+from daemons.agents.ha import HomeAgent
+from daemons.diameter.node import DiameterError
+from daemons.runtime.config import FAConfig, HAConfig, MobileNodeEntry, PeerAgent
+from daemons.runtime.secret import Secret
+from daemons.vpn.path import EndpointType
+from daemons.wire import mip
+from daemons.wire.diameter import Message, ResultCode, TerminationCause
+from tests.unit.test_vpninfo import NAI, info
+
+HOA, HA, COA = IPv4Address("198.18.100.10"), IPv4Address("198.18.100.1"), IPv4Address("198.18.0.14")
+MN_HA, FA_HA = Secret(b"mn-ha-key-of-mn1"), Secret(b"fa-ha-key-123456")
+SID = "fa1.visit-a.example;1;1"
+Code = mip.ReplyCode
+
+
+def rrq_bytes(ha_key: Secret = MN_HA) -> bytes:
+    rrq = mip.RegistrationRequest(home_address=HOA, home_agent=HA, care_of_address=COA,
+                                  identification=mip.ntp_identification(time.time()), lifetime=300,
+                                  extensions=[mip.NAIExtension(NAI)])
+    rrq = mip.sign(rrq, mip.EXT_MN_HA_AUTH, 0x1000, ha_key)
+    rrq = rrq.with_extensions(mip.MNFAChallengeExtension(bytes(range(16))))
+    return mip.sign(rrq, mip.EXT_GEN_AUTH, 0x3000, Secret(b"mn-aaa-secret-of-mn1!")).encode()
+
+
+class Udp:
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, tuple[str, int]]] = []
+
+    def send(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.sent.append((bytes(data), addr))
+
+
+class NoRoutes:
+    async def add(self, hoa: str) -> None: ...
+    async def remove(self, hoa: str) -> None: ...
+    async def intercept(self, hoa: str) -> None: ...
+    async def release(self, hoa: str) -> None: ...
+
+
+class Diameter:
+    """The FA's node: records requests, answers with ``answer(request)``."""
+
+    def __init__(self, answer: Callable[[Message], Message]) -> None:
+        self.answer = answer
+        self.requests: list[Message] = []
+
+    def session_id(self, *parts: object) -> str:
+        return SID
+
+    async def request(self, msg: Message, timeout: float = 0) -> Message:  # noqa: ASYNC109
+        msg.hop_by_hop, msg.end_to_end = 7, 8
+        self.requests.append(msg)
+        return Message.decode(self.answer(Message.decode(msg.encode())).encode())
+
+
+def fa_with(tmp: Path, answer: Callable[[Message], Message]) -> ForeignAgent:
+    fa = ForeignAgent(FAConfig(node="fa1", role="fa", state_dir=tmp / "fa", control_socket=tmp / "fa.sock",
+                               care_of_address=COA, access_address=IPv4Address("198.18.20.1"), challenge=False,
+                               home_agents=[PeerAgent(HA, 0x2000, FA_HA)]))
+    fa.routes, fa.udp, fa.diameter = NoRoutes(), Udp(), Diameter(answer)  # type: ignore[assignment]
+    return fa
+
+
+async def register_through_aaa(fa: ForeignAgent, raw: bytes) -> Pending | None:
+    rrq = mip.decode_message(raw)
+    assert isinstance(rrq, mip.RegistrationRequest)
+    key = (str(HOA), rrq.identification & 0xFFFFFFFF)
+    fa.pending[key] = Pending(rrq, raw, NAI, 434, time.monotonic())
+    await fa.ask_aaa(rrq, raw)
+    await asyncio.sleep(0)
+    return fa.pending.get(key)
+
+
+def reply_for(raw: bytes, code: int = 0) -> bytes:
+    rrq = mip.decode_message(raw)
+    rrp = mip.RegistrationReply(code=code, home_address=HOA, home_agent=HA, identification=rrq.identification,
+                                lifetime=300 if code == 0 else 0)
+    return mip.sign(rrp, mip.EXT_MN_HA_AUTH, 0x1000, MN_HA).encode()
+
+
+def test_fa_sends_the_amr_and_relays_the_home_answer(tmp_path: Path) -> None:
+    raw = rrq_bytes()
+    rrp = reply_for(raw)
+    fa = fa_with(tmp_path, lambda amr: amr.answer(2001, [("MIP-Reg-Reply", rrp), info().to_avp()]))
+    assert asyncio.run(register_through_aaa(fa, raw)) is None  # answered
+    (amr,) = fa.diameter.requests  # type: ignore[attr-defined]
+    parsed = app.parse_amr(amr)
+    assert parsed.session_id == SID and parsed.rrq_raw == raw and parsed.mn_aaa is not None
+    assert amr.get("Destination-Realm") == "home.example"
+    assert fa.udp.sent == [(rrp, (str(HOA), 434))]  # type: ignore[union-attr]  # no MN-HA-covered bytes cut
+    assert fa.visitors[str(HOA)].session_id == SID and fa.counters["accepted"] == 1
+
+
+def test_fa_sends_the_rrq_to_the_ha_when_the_local_aaa_answered(tmp_path: Path) -> None:
+    raw = rrq_bytes()
+    path = info()
+    fa = fa_with(tmp_path, lambda amr: amr.answer(2001, [("Auth-Application-Id", 2), path.to_avp()]))
+    pending = asyncio.run(register_through_aaa(fa, raw))
+    assert pending is not None and pending.vpn == [path]
+    ((relayed, to),) = fa.udp.sent  # type: ignore[union-attr]
+    assert to == (str(HA), 434) and mip.verify(relayed, mip.EXT_FA_HA_AUTH, FA_HA, spi=0x2000)
+
+
+@pytest.mark.parametrize(("answer", "code"), [
+    (lambda amr: amr.answer(4001, [("Error-Message", "MN-AAA authentication failed")]),
+     Code.FA_MN_FAILED_AUTHENTICATION),
+    (lambda amr: amr.answer(4006), Code.FA_HA_UNREACHABLE),
+    (lambda amr: amr.answer(2001), Code.FA_REASON_UNSPECIFIED),  # success without a reply or VPN info
+    (lambda amr: amr.answer(2001, [("MIP-Reg-Reply", b"\x03\x00")]), Code.FA_POORLY_FORMED_REPLY),
+    (lambda amr: amr.answer(2001, [("MIP-Reg-Reply", amr.get("MIP-Reg-Request"))]), Code.FA_POORLY_FORMED_REPLY),
+], ids=["4001", "4006", "2001-empty", "garbage-reply", "not-a-reply"])
+def test_fa_denies_what_the_aaa_refused_or_garbled(tmp_path: Path, answer: Callable[[Message], Message],
+                                                   code: Code) -> None:
+    fa = fa_with(tmp_path, answer)
+    assert asyncio.run(register_through_aaa(fa, rrq_bytes())) is None
+    ((denial, to),) = fa.udp.sent  # type: ignore[union-attr]
+    rrp = mip.decode_message(denial)
+    assert to == (str(HOA), 434) and isinstance(rrp, mip.RegistrationReply) and rrp.code == code
+    assert fa.visitors == {}
+
+
+def test_fa_ends_the_session_with_an_str(tmp_path: Path) -> None:
+    fa = fa_with(tmp_path, lambda req: req.answer(2001))
+    visitor = Visitor(NAI, str(HOA), str(HA), 434, 300, time.time() + 300, 1, SID)
+    asyncio.run(fa.end_session(visitor, TerminationCause.DIAMETER_USER_MOVED))
+    (str_,) = fa.diameter.requests  # type: ignore[attr-defined]
+    assert app.parse_str(str_) == app.Str(SID, NAI, TerminationCause.DIAMETER_USER_MOVED)
+    assert str_.application_id == 2 and str_.get("Destination-Realm") == "home.example"
+
+
+# ---- the HA --------------------------------------------------------------------------------------
+
+
+def ha_with(tmp: Path) -> HomeAgent:
+    ha = HomeAgent(HAConfig(node="ha", role="ha", state_dir=tmp / "ha", control_socket=tmp / "ha.sock", address=HA,
+                            home_prefix=IPv4Network("198.18.100.0/24"),
+                            mobile_nodes=[MobileNodeEntry(NAI, HOA, 0x1000, MN_HA)]))
+    ha.home_link, ha.udp = NoRoutes(), Udp()  # type: ignore[assignment]
+    return ha
+
+
+def har(raw: bytes, *vpn: Any) -> Message:
+    msg = Message.request("HAR", [("Session-Id", "s;1"), ("Auth-Application-Id", 2), ("Origin-Host", "aaah.home"),
+                                  ("Origin-Realm", "home"), ("User-Name", NAI), ("MIP-Reg-Request", raw), *vpn],
+                          hop_by_hop=1, end_to_end=2)
+    return Message.decode(msg.encode())
+
+
+def on_har(ha: HomeAgent, msg: Message) -> Message:
+    return asyncio.run(ha.on_har(msg, None))
+
+
+def test_ha_answers_a_har_with_its_reply(tmp_path: Path) -> None:
+    ha = ha_with(tmp_path)
+    ha_view = info().mirrored()
+    assert ha_view.path.local.type is EndpointType.HA
+    haa = on_har(ha, har(rrq_bytes(), ha_view.to_avp()))
+    got = app.parse_haa(haa)
+    assert got.result_code == ResultCode.DIAMETER_SUCCESS and got.accepted and haa.get("User-Name") == NAI
+    assert [a.name for a in haa.avps] == ["Session-Id", "Result-Code", "MIP-Reg-Reply", "User-Name"]
+    assert ha.bindings[str(HOA)].relayed_by == "aaa:aaah.home" and ha.counters["accepted"] == 1
+
+
+def test_ha_refusal_goes_back_in_a_4005(tmp_path: Path) -> None:
+    haa = app.parse_haa(on_har(ha_with(tmp_path), har(rrq_bytes(ha_key=Secret(b"not-the-mn-ha-key")))))
+    assert haa.result_code == ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE and haa.rrp is not None
+    assert haa.rrp.code == Code.HA_MN_FAILED_AUTHENTICATION
+
+
+def test_ha_answers_an_rrq_with_an_unknown_extension_as_poorly_formed(tmp_path: Path) -> None:
+    """RFC 5944 §3.8.2.1, as on UDP 434: the parser refuses the RRQ, the HA still answers it."""
+    raw = rrq_bytes()
+    ha = ha_with(tmp_path)
+    haa = app.parse_haa(on_har(ha, har(raw[:24] + bytes([50, 2, 0, 0]) + raw[24:])))
+    assert haa.result_code == ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE and haa.rrp is not None
+    assert haa.rrp.code == Code.HA_POORLY_FORMED_REQUEST and ha.counters["malformed"] == 1
+
+
+@pytest.mark.parametrize(("raw", "vpn", "message"), [
+    (b"\x01\x02", False, "MIP-Reg-Request is not a valid RRQ"),
+    (mip.RegistrationReply(code=0, home_address=HOA, home_agent=HA, identification=1).encode(), False,
+     "MIP-Reg-Request is not a valid RRQ"),
+    (b"\x01", True, "VPN-Info: unknown VPN-ESP-Suite None"),  # VPN info is checked first
+], ids=["garbage", "a-reply", "bad-vpn-info"])
+def test_ha_refuses_an_unusable_har(tmp_path: Path, raw: bytes, vpn: bool, message: str) -> None:
+    bad = info().to_avp()
+    bad.value = [a for a in bad.value if a.name != "VPN-ESP-Suite"]
+    ha = ha_with(tmp_path)
+    with pytest.raises(DiameterError) as e:
+        on_har(ha, har(raw, *([bad] if vpn else [])))
+    assert e.value.result_code == ResultCode.DIAMETER_INVALID_AVP_VALUE and e.value.error_message == message
+    assert ha.bindings == {}
