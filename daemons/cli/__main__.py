@@ -1,4 +1,4 @@
-"""`python -m daemons.cli.main`: the same command line as `mipvpn`."""
+"""`python -m daemons.cli`: the same command line as `mipvpn`."""
 
 from daemons.cli.main import main
 
