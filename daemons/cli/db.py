@@ -53,7 +53,7 @@ def _db(url: str, create: bool = False) -> Iterator[VpnDatabase]:
         db.close()
 
 
-def _table(rows: list[dict[str, Any]], empty: str) -> str:
+def table(rows: list[dict[str, Any]], empty: str) -> str:
     if not rows:
         return empty
     cols = list(rows[0])
@@ -65,7 +65,7 @@ def _table(rows: list[dict[str, Any]], empty: str) -> str:
 
 
 def _emit(rows: list[dict[str, Any]], as_json: bool, empty: str) -> None:
-    click.echo(json.dumps(rows, indent=2) if as_json else _table(rows, empty))
+    click.echo(json.dumps(rows, indent=2) if as_json else table(rows, empty))
 
 
 def _read_secret(path: Path, option: str) -> Secret:

@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import click
 
-from daemons.cli.db import _table, profile_changes, profile_options, profile_row
+from daemons.cli.db import profile_changes, profile_options, profile_row, table
 from daemons.provision.configs import control_socket
 from daemons.runtime import control
 from daemons.store.vpndb import token_owner
@@ -111,7 +111,7 @@ def profile_list(client: ApiClient, as_json: bool) -> None:
     """List your profiles."""
     profiles = client.call("GET", client.profiles_url())["profiles"]
     rows = [profile_row(p, with_nai=False) for p in profiles]
-    click.echo(json.dumps(profiles, indent=2) if as_json else _table(rows, "no profiles"))
+    click.echo(json.dumps(profiles, indent=2) if as_json else table(rows, "no profiles"))
 
 
 @profile_group.command("show")
@@ -161,7 +161,7 @@ def profile_delete(client: ApiClient, profile_id: int) -> None:
 @click.pass_obj
 def profile_gateways(client: ApiClient) -> None:
     """The correspondent gateways a profile may name."""
-    click.echo(_table(client.call("GET", "/v1/gateways")["gateways"], "no gateways"))
+    click.echo(table(client.call("GET", "/v1/gateways")["gateways"], "no gateways"))
 
 
 # ---- the mobile node's side ------------------------------------------------------------------

@@ -50,3 +50,34 @@ def test_no_module_imports_a_private_name_of_another_package() -> None:
                 if private and source_package != own:
                     found.append(f"{path.relative_to(ROOT)}:{line} imports {', '.join(private)} from {module}")
     assert not found, found
+
+
+def constants(path: Path) -> dict[str, object]:
+    """Module-level names bound to a literal."""
+    tree = ast.parse(path.read_text(), str(path))
+    return {target.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+            and isinstance(node.value, ast.Constant) for target in node.targets if isinstance(target, ast.Name)}
+
+
+ROLE_MODULES = [p for p in modules("daemons/agents") + modules("daemons/aaa") if p.name != "application.py"]
+
+
+def test_no_role_module_defines_a_diameter_application_or_command_code() -> None:
+    found = [f"{path.relative_to(ROOT)}: {name}" for path in ROLE_MODULES for name, value in constants(path).items()
+             if isinstance(value, int) and ("APPLICATION" in name or "COMMAND" in name or "CMD" in name)]
+    assert not found, found
+
+
+def test_nothing_above_the_path_api_names_a_backend() -> None:
+    """Agents and AAA ask a backend's capabilities (daemons.vpn.path.Capability), never its name."""
+    found = []
+    for path in [*ROLE_MODULES, ROOT / "daemons/vpn/mavpn.py"]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Compare):
+                literals = [c.value for c in [node.left, *node.comparators] if isinstance(c, ast.Constant)]
+                if any(value in ("xfrm", "strongswan") for value in literals):
+                    found.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "getattr" and \
+                    any(isinstance(a, ast.Constant) and a.value in ("name", "wait_ready") for a in node.args):
+                found.append(f"{path.relative_to(ROOT)}:{node.lineno} getattr")
+    assert not found, found
