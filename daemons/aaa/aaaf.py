@@ -11,14 +11,13 @@ cache without key material.
 
 The cache is keyed by NAI and remembers the FA, so that an intra-domain move (claim 17, a
 later step) can answer the new FA itself: ``session.with_fa(new_coa)``. Messages are built and
-parsed by ``daemons.aaa.application``; an AMR is parsed once, when it arrives, and found
-again when its answer comes back.
+parsed by ``daemons.aaa.application``; the hooks are handed the AMR itself (the answer hook
+the relayed copy) and parse it where they need it.
 """
 
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 
 from daemons.aaa import application
 from daemons.aaa.sessions import Session, SessionStore
@@ -32,7 +31,6 @@ from daemons.wire.diameter import Message, ResultCode
 from daemons.wire.mip.vendor import requests_service_update
 
 log = EventLog("mipvpn.aaaf")
-RELAYING_KEPT = 4096  # parsed AMRs kept until their answer comes back (the oldest go first)
 
 
 class ForeignAAAServer:
@@ -44,8 +42,6 @@ class ForeignAAAServer:
         self.counters: dict[str, int] = {"amr_relayed": 0, "ama_success": 0, "ama_failure": 0, "cached": 0,
                                          "answered_locally": 0}
         self.control = ControlServer(config.control_socket)
-        # AMRs on their way to the home AAA server, parsed, by (Origin-Host, end-to-end id)
-        self.relaying: OrderedDict[tuple[str, int], application.Amr] = OrderedDict()
         self.diameter = DiameterNode(config.diameter_host, config.diameter_realm,
                                      host_ip_addresses=(str(config.address),), listen_address=str(config.address),
                                      listen_port=config.port, relay_timeout=config.relay_timeout)
@@ -82,30 +78,10 @@ class ForeignAAAServer:
         await serve(self.start, self.stop)
 
     # ---- what goes through -------------------------------------------------------------------
-    @staticmethod
-    def relaying_key(msg: Message) -> tuple[str, int]:
-        """What identifies a request and its answer across the relay (RFC 6733 §6.1.9)."""
-        return (str(msg.get("Origin-Host", default="")).lower(), msg.end_to_end)
-
-    def parsed_amr(self, msg: Message, *, done: bool) -> application.Amr:
-        """``msg`` parsed, as :meth:`on_amr` kept it (parsed now if it did not); ``done``: its
-        answer is here, forget it."""
-        key = self.relaying_key(msg)
-        amr = self.relaying.pop(key, None) if done else self.relaying.get(key)
-        return amr if amr is not None else application.parse_amr(msg)
-
     def on_amr(self, msg: Message) -> None:
         self.counters["amr_relayed"] += 1
         log.info("amr.received", mn=msg.get("User-Name"), sid=msg.session_id, fa=msg.get("Origin-Host"),
                  realm=msg.get("Destination-Realm"))
-        key = self.relaying_key(msg)
-        try:
-            self.relaying[key] = application.parse_amr(msg)
-        except application.ApplicationError:
-            self.relaying.pop(key, None)
-            return  # relayed as it is: the home AAA server answers it
-        while len(self.relaying) > RELAYING_KEPT:
-            self.relaying.popitem(last=False)
 
     def on_ama(self, msg: Message, answer: Message) -> None:
         """Cache the FA's VPN info of a successful registration before the AMA goes on."""
@@ -113,13 +89,12 @@ class ForeignAAAServer:
         sid = msg.session_id or ""
         code = int(answer.result_code or 0)
         if code != ResultCode.DIAMETER_SUCCESS or not nai:
-            self.relaying.pop(self.relaying_key(msg), None)
             self.counters["ama_failure"] += 1
             log.info("ama.relayed", mn=nai, sid=sid, result=code, cached=False)
             return
         self.counters["ama_success"] += 1
         try:
-            amr = self.parsed_amr(msg, done=True)
+            amr = application.parse_amr(msg)
             ama = application.parse_ama(answer, nai)
         except application.ApplicationError as exc:
             log.warning("ama.relayed", mn=nai, sid=sid, result=code, cached=False, reason=str(exc))
@@ -147,7 +122,7 @@ class ForeignAAAServer:
         if session is None:
             return None
         try:
-            amr = self.parsed_amr(msg, done=False)
+            amr = application.parse_amr(msg)
         except application.ApplicationError:
             return None
         rrq = amr.rrq
@@ -168,7 +143,6 @@ class ForeignAAAServer:
             return None
         moved = session.with_fa(rrq.care_of_address, amr.session_id, amr.origin_host or "")
         self.store.put(moved)
-        self.relaying.pop(self.relaying_key(msg), None)  # answered here: no answer comes back
         self.counters["answered_locally"] += 1
         log.info("amr.answered_locally", mn=nai, sid=amr.session_id, previous_fa=session.fa,
                  fa=moved.fa, paths=len(moved.for_fa()))
