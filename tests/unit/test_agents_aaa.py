@@ -16,7 +16,7 @@ from daemons.aaa import application as app
 from daemons.agents.fa import ForeignAgent, Pending, Visitor
 from daemons.agents.ha import HomeAgent
 from daemons.diameter.node import DiameterError
-from daemons.runtime.config import FAConfig, HAConfig, MobileNodeEntry, PeerAgent
+from daemons.runtime.config import FAConfig, HAConfig, MobileNodeEntry, PeerAgent, SecurityAssociation
 from daemons.runtime.secret import Secret
 from daemons.vpn.path import EndpointType
 from daemons.wire import mip
@@ -30,12 +30,10 @@ Code = mip.ReplyCode
 
 
 def rrq_bytes(ha_key: Secret = MN_HA) -> bytes:
-    rrq = mip.RegistrationRequest(home_address=HOA, home_agent=HA, care_of_address=COA,
-                                  identification=mip.ntp_identification(time.time()), lifetime=300,
-                                  extensions=[mip.NAIExtension(NAI)])
-    rrq = mip.sign(rrq, mip.EXT_MN_HA_AUTH, 0x1000, ha_key)
-    rrq = rrq.with_extensions(mip.MNFAChallengeExtension(bytes(range(16))))
-    return mip.sign(rrq, mip.EXT_GEN_AUTH, 0x3000, Secret(b"mn-aaa-secret-of-mn1!")).encode()
+    return mip.registration_request(home_address=HOA, home_agent=HA, care_of_address=COA,
+                                    identification=mip.ntp_identification(time.time()), lifetime=300, nai=NAI,
+                                    mn_ha=SecurityAssociation(0x1000, ha_key), challenge=bytes(range(16)),
+                                    mn_aaa=SecurityAssociation(0x3000, Secret(b"mn-aaa-secret-of-mn1!"))).encode()
 
 
 class Udp:

@@ -11,6 +11,7 @@ from ipaddress import IPv4Address
 import pytest
 
 from daemons.aaa import application as app
+from daemons.runtime.config import SecurityAssociation
 from daemons.runtime.secret import Secret
 from daemons.vpn.vpninfo import VpnInfo
 from daemons.wire import mip
@@ -22,16 +23,14 @@ SID = "fa1.visit-a.example;1;1"
 CHALLENGE = bytes(range(16))
 
 
-def rrq_bytes(lifetime: int = 300, challenge: bool = True, mn_aaa: bool = True) -> bytes:
-    rrq = mip.RegistrationRequest(home_address=HOA, home_agent=HA, care_of_address=COA,
-                                  identification=mip.ntp_identification(time.time()), lifetime=lifetime,
-                                  extensions=[mip.NAIExtension(NAI)])
-    rrq = mip.sign(rrq, mip.EXT_MN_HA_AUTH, 0x1000, Secret(b"mn-ha-key-of-mn1"))
-    if challenge:
-        rrq = rrq.with_extensions(mip.MNFAChallengeExtension(CHALLENGE))
-    if mn_aaa:
-        rrq = mip.sign(rrq, mip.EXT_GEN_AUTH, 0x3000, Secret(b"mn-aaa-secret-of-mn1!"))
-    return rrq.encode()
+def rrq_bytes(challenge: bool = True) -> bytes:
+    """An MN's RRQ; with the FA's challenge, answered and MN-AAA-authenticated."""
+    return mip.registration_request(home_address=HOA, home_agent=HA, care_of_address=COA,
+                                    identification=mip.ntp_identification(time.time()), lifetime=300, nai=NAI,
+                                    mn_ha=SecurityAssociation(0x1000, Secret(b"mn-ha-key-of-mn1")),
+                                    challenge=CHALLENGE if challenge else None,
+                                    mn_aaa=SecurityAssociation(0x3000, Secret(b"mn-aaa-secret-of-mn1!"))
+                                    if challenge else None).encode()
 
 
 def rrp_bytes(code: int = 0) -> bytes:
@@ -77,7 +76,7 @@ def test_amr_round_trip_and_wire_order() -> None:
 
 
 def test_amr_without_challenge_or_mn_aaa_leaves_those_avps_out() -> None:
-    raw = rrq_bytes(challenge=False, mn_aaa=False)
+    raw = rrq_bytes(challenge=False)
     sent = app.build_amr(SID, NAI, mip.decode_message(raw), raw)  # type: ignore[arg-type]
     assert "MIP-FA-Challenge" not in names(sent) and "MIP-MN-AAA-Auth" not in names(sent)
     got = app.parse_amr(wire(sent))
