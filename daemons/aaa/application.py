@@ -102,16 +102,6 @@ class BadRegistration(InvalidAvp):
 
 
 @dataclass(frozen=True)
-class MnAaaAuth:
-    """MIP-MN-AAA-Auth (RFC 4004 §7.6): where the MN-AAA authenticator sits in the RRQ."""
-
-    spi: int
-    input_length: int  # MIP-Auth-Input-Data-Length: the bytes it covers
-    authenticator_length: int
-    authenticator_offset: int
-
-
-@dataclass(frozen=True)
 class Amr:
     """An AA-Mobile-Node-Request (RFC 4004 §5.1)."""
 
@@ -119,12 +109,9 @@ class Amr:
     session_id: str | None
     nai: str  # User-Name
     origin_host: str | None
-    destination_realm: str | None
     rrq: mip.RegistrationRequest  # MIP-Reg-Request, decoded
     rrq_raw: bytes  # ... as the MN sent it (its authenticators cover these bytes)
-    feature_vector: int = 0  # MIP-Feature-Vector (0 when absent)
-    fa_challenge: bytes | None = None  # MIP-FA-Challenge
-    mn_aaa: MnAaaAuth | None = None  # MIP-MN-AAA-Auth
+    feature_vector: int = 0  # MIP-Feature-Vector (0 when absent), passed on in the HAR
     route_record: tuple[str, ...] = ()  # the relays it passed (RFC 6733 §6.7.1)
 
 
@@ -135,13 +122,9 @@ class Ama:
 
     session_id: str | None
     result_code: int | None
-    nai: str | None
     rrp: mip.RegistrationReply | None  # MIP-Reg-Reply, decoded (None: the answer has none)
     rrp_raw: bytes | None
     vpn: tuple[VpnInfo, ...] = ()
-    home_agent: IPv4Address | None = None  # MIP-Home-Agent-Address
-    home_address: IPv4Address | None = None  # MIP-Mobile-Node-Address
-    error_message: str | None = None
 
     @property
     def success(self) -> bool:
@@ -158,17 +141,11 @@ class Ama:
 class Har:
     """A Home-Agent-MIP-Request (RFC 4004 §5.3), with the VPN info for the HA (claim 16)."""
 
-    request: Message = field(repr=False, compare=False)
     session_id: str | None
     nai: str
-    origin_host: str | None
     rrq: mip.RegistrationRequest
     rrq_raw: bytes
     vpn: tuple[VpnInfo, ...] = ()
-    feature_vector: int = 0
-    home_agent: IPv4Address | None = None  # MIP-Home-Agent-Address
-    home_address: IPv4Address | None = None  # MIP-Mobile-Node-Address
-    lifetime: int | None = None  # Authorization-Lifetime
 
 
 @dataclass(frozen=True)
@@ -195,7 +172,6 @@ class Str:
 
     session_id: str | None
     nai: str | None
-    termination_cause: int | None
 
 
 @dataclass(frozen=True)
@@ -243,17 +219,8 @@ def parse_amr(msg: Message) -> Amr:
     _expect(msg, AMR_COMMAND)
     _require(msg, AMR_REQUIRED)
     raw, rrq = _registration(msg)
-    auth = msg.find("MIP-MN-AAA-Auth")
-    mn_aaa = None
-    if auth is not None and auth.get("MIP-MN-AAA-SPI") is not None:
-        mn_aaa = MnAaaAuth(int(auth.get("MIP-MN-AAA-SPI")), int(auth.get("MIP-Auth-Input-Data-Length", default=0)),
-                           int(auth.get("MIP-Authenticator-Length", default=0)),
-                           int(auth.get("MIP-Authenticator-Offset", default=0)))
-    challenge = msg.get("MIP-FA-Challenge")
-    return Amr(msg, msg.session_id, msg.get("User-Name"), msg.get("Origin-Host"), msg.get("Destination-Realm"),
-               rrq, raw, int(msg.get("MIP-Feature-Vector", default=0)),
-               None if challenge is None else bytes(challenge), mn_aaa,
-               tuple(str(a.value) for a in msg.find_all("Route-Record")))
+    return Amr(msg, msg.session_id, msg.get("User-Name"), msg.get("Origin-Host"), rrq, raw,
+               int(msg.get("MIP-Feature-Vector", default=0)), tuple(str(a.value) for a in msg.find_all("Route-Record")))
 
 
 # ---- AMA ------------------------------------------------------------------------------------------
@@ -292,8 +259,7 @@ def parse_ama(msg: Message, nai: str) -> Ama:
     rrp = reply if isinstance(reply, mip.RegistrationReply) else None
     code = msg.result_code
     vpn = _vpn_info(msg, nai) if code == ResultCode.DIAMETER_SUCCESS else ()
-    return Ama(msg.session_id, code, msg.get("User-Name"), rrp, raw, vpn, msg.get("MIP-Home-Agent-Address"),
-               msg.get("MIP-Mobile-Node-Address"), msg.get("Error-Message"))
+    return Ama(msg.session_id, code, rrp, raw, vpn)
 
 
 # ---- HAR ------------------------------------------------------------------------------------------
@@ -323,10 +289,7 @@ def parse_har(msg: Message) -> Har:
     nai = msg.get("User-Name")
     vpn = _vpn_info(msg, nai)
     raw, rrq = _registration(msg)
-    lifetime = msg.get("Authorization-Lifetime")
-    return Har(msg, msg.session_id, nai, msg.get("Origin-Host"), rrq, raw, vpn,
-               int(msg.get("MIP-Feature-Vector", default=0)), msg.get("MIP-Home-Agent-Address"),
-               msg.get("MIP-Mobile-Node-Address"), None if lifetime is None else int(lifetime))
+    return Har(msg.session_id, nai, rrq, raw, vpn)
 
 
 # ---- HAA ------------------------------------------------------------------------------------------
@@ -361,8 +324,7 @@ def build_str(session_id: str, nai: str, cause: TerminationCause) -> Message:
 def parse_str(msg: Message) -> Str:
     """An STR (its AVPs may be absent: the receiver then has no session to end)."""
     _expect(msg, STR_COMMAND)
-    cause = msg.get("Termination-Cause")
-    return Str(msg.session_id, msg.get("User-Name"), None if cause is None else int(cause))
+    return Str(msg.session_id, msg.get("User-Name"))
 
 
 def build_sta(str_: Message) -> Message:
@@ -433,7 +395,6 @@ __all__ = [
     "Har",
     "InvalidAvp",
     "MissingAvp",
-    "MnAaaAuth",
     "Sta",
     "Str",
     "build_ama",
