@@ -49,9 +49,6 @@ class BindingPeers:
         self.peers = peers
         self.port = port
 
-    def get(self, address: str) -> PeerAgent | None:
-        return self.peers.get(address)
-
     def __contains__(self, address: object) -> bool:
         return address in self.peers
 
