@@ -136,6 +136,17 @@ def test_fa_denies_what_the_aaa_refused_or_garbled(tmp_path: Path, answer: Calla
     assert fa.visitors == {}
 
 
+def test_fa_logs_every_ama_it_receives_with_its_vpn_info_count(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """``ama.received`` comes before the answer is judged, also for one it cannot use."""
+    fa = fa_with(tmp_path, lambda amr: amr.answer(2001, [("MIP-Reg-Reply", b"\x03\x00"), info().to_avp()]))
+    with caplog.at_level(logging.INFO, logger="mipvpn.fa"):
+        assert asyncio.run(register_through_aaa(fa, rrq_bytes())) is None
+    (fields,) = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "event=ama.received"]
+    assert fields == {"mn": NAI, "sid": SID, "result": 2001, "paths": 1}
+    assert mip.decode_message(fa.udp.sent[0][0]).code == Code.FA_POORLY_FORMED_REPLY  # type: ignore[union-attr]
+
+
 def test_fa_ends_the_session_with_an_str(tmp_path: Path) -> None:
     fa = fa_with(tmp_path, lambda req: req.answer(2001))
     visitor = Visitor(NAI, str(HOA), str(HA), 434, 300, time.time() + 300, 1, SID)
