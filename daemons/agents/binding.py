@@ -118,7 +118,6 @@ class BindingEvents:
     unacknowledged_id: bool = False  # bu.unacknowledged names the identification
     sent_counter: str | None = None  # counted per Binding Update sent (each try)
     ack_counter: str | None = None  # counted per authentic acknowledgement someone waited for
-    rejected_counter: str = "malformed"  # counted per acknowledgement ignored
 
 
 class BindingClient:
@@ -179,10 +178,11 @@ class BindingClient:
     def on_ack(self, ack: mip.BindingAcknowledge, raw: bytes, addr: tuple[str, int]) -> None:
         """A Binding Acknowledge (``raw`` as received from ``addr``): it ends the transaction
         waiting for its identification with that peer if it is authentic; otherwise it is
-        counted, logged and ignored."""
+        counted (``malformed``, as every agent counts a datagram it cannot use), logged and
+        ignored."""
         waiter = self.waiting.get((addr[0], ack.identification))
         if waiter is None or self.peers.authentic(raw, addr[0]) is None:
-            self.counters[self.events.rejected_counter] += 1
+            self.counters["malformed"] += 1
             self.log.warning("ba.rejected", src=addr[0], id=hex(ack.identification))
             return
         if self.events.ack_counter:
