@@ -35,11 +35,6 @@ from daemons.wire import mip
 __all__ = ["BindingClient", "BindingEvents", "BindingPeers", "Retransmit"]
 
 
-def now_identification() -> int:
-    """A fresh identification: the NTP timestamp of now (RFC 5944 §5.7)."""
-    return mip.ntp_identification(time.time())
-
-
 class BindingPeers:
     """One agent's binding security associations, by peer address (e.g. the FA's neighbouring
     FAs, the HA's dynamic CN-GWs, the CN-GW's home agents), and the messages sent and checked
@@ -125,13 +120,11 @@ class BindingClient:
     agent's datagram handler passes every Binding Acknowledge to :meth:`on_ack`."""
 
     def __init__(self, peers: BindingPeers, log: EventLog, counters: dict[str, int],
-                 events: BindingEvents | None = None,
-                 identification: Callable[[], int] = now_identification) -> None:
+                 events: BindingEvents | None = None) -> None:
         self.peers = peers
         self.log = log
         self.counters = counters
         self.events = events or BindingEvents()
-        self.identification = identification
         self.waiting: dict[tuple[str, int], asyncio.Future[mip.BindingAcknowledge]] = {}
 
     async def update(self, udp: UdpEndpoint, peer: str, build: Callable[[int], mip.BindingUpdate],
@@ -149,7 +142,7 @@ class BindingClient:
                 if ident is None or retransmit.fresh_identification:
                     if ident is not None:  # the previous try's acknowledgement no longer counts
                         self.waiting.pop((peer, ident), None)
-                    ident = self.identification()
+                    ident = mip.ntp_identification(time.time())  # RFC 5944 §5.7: the NTP timestamp of now
                     wire = self.peers.sign(build(ident), peer)
                     waiter = asyncio.get_running_loop().create_future()
                     self.waiting[(peer, ident)] = waiter
