@@ -35,11 +35,6 @@ from daemons.wire import mip
 __all__ = ["BindingClient", "BindingEvents", "BindingPeers", "Retransmit"]
 
 
-def now_identification() -> int:
-    """A fresh identification: the NTP timestamp of now (RFC 5944 §5.7)."""
-    return mip.ntp_identification(time.time())
-
-
 class BindingPeers:
     """One agent's binding security associations, by peer address (e.g. the FA's neighbouring
     FAs, the HA's dynamic CN-GWs, the CN-GW's home agents), and the messages sent and checked
@@ -48,9 +43,6 @@ class BindingPeers:
     def __init__(self, peers: Mapping[str, PeerAgent], port: int = mip.MIP_UDP_PORT) -> None:
         self.peers = peers
         self.port = port
-
-    def get(self, address: str) -> PeerAgent | None:
-        return self.peers.get(address)
 
     def __contains__(self, address: object) -> bool:
         return address in self.peers
@@ -121,7 +113,6 @@ class BindingEvents:
     unacknowledged_id: bool = False  # bu.unacknowledged names the identification
     sent_counter: str | None = None  # counted per Binding Update sent (each try)
     ack_counter: str | None = None  # counted per authentic acknowledgement someone waited for
-    rejected_counter: str = "malformed"  # counted per acknowledgement ignored
 
 
 class BindingClient:
@@ -129,13 +120,11 @@ class BindingClient:
     agent's datagram handler passes every Binding Acknowledge to :meth:`on_ack`."""
 
     def __init__(self, peers: BindingPeers, log: EventLog, counters: dict[str, int],
-                 events: BindingEvents | None = None,
-                 identification: Callable[[], int] = now_identification) -> None:
+                 events: BindingEvents | None = None) -> None:
         self.peers = peers
         self.log = log
         self.counters = counters
         self.events = events or BindingEvents()
-        self.identification = identification
         self.waiting: dict[tuple[str, int], asyncio.Future[mip.BindingAcknowledge]] = {}
 
     async def update(self, udp: UdpEndpoint, peer: str, build: Callable[[int], mip.BindingUpdate],
@@ -153,7 +142,7 @@ class BindingClient:
                 if ident is None or retransmit.fresh_identification:
                     if ident is not None:  # the previous try's acknowledgement no longer counts
                         self.waiting.pop((peer, ident), None)
-                    ident = self.identification()
+                    ident = mip.ntp_identification(time.time())  # RFC 5944 §5.7: the NTP timestamp of now
                     wire = self.peers.sign(build(ident), peer)
                     waiter = asyncio.get_running_loop().create_future()
                     self.waiting[(peer, ident)] = waiter
@@ -182,10 +171,11 @@ class BindingClient:
     def on_ack(self, ack: mip.BindingAcknowledge, raw: bytes, addr: tuple[str, int]) -> None:
         """A Binding Acknowledge (``raw`` as received from ``addr``): it ends the transaction
         waiting for its identification with that peer if it is authentic; otherwise it is
-        counted, logged and ignored."""
+        counted (``malformed``, as every agent counts a datagram it cannot use), logged and
+        ignored."""
         waiter = self.waiting.get((addr[0], ack.identification))
         if waiter is None or self.peers.authentic(raw, addr[0]) is None:
-            self.counters[self.events.rejected_counter] += 1
+            self.counters["malformed"] += 1
             self.log.warning("ba.rejected", src=addr[0], id=hex(ack.identification))
             return
         if self.events.ack_counter:

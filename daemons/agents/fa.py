@@ -288,13 +288,13 @@ class ForeignAgent:
         pending = self.pending.get(key)
         if pending is None:
             return  # timed out meanwhile: the MN was answered already
+        log.info("ama.received", mn=pending.nai, sid=msg.session_id, result=msg.result_code,
+                 paths=len(msg.find_all("VPN-Info")))
         try:
             ama = application.parse_ama(msg, pending.nai or "")
         except application.ApplicationError as exc:
-            log.info("ama.received", mn=pending.nai, sid=msg.session_id, result=msg.result_code)
             self._fail(key, Code.FA_POORLY_FORMED_REPLY, f"unusable AMA: {exc}")
             return
-        log.info("ama.received", mn=pending.nai, sid=ama.session_id, result=ama.result_code, paths=len(ama.vpn))
         if ama.answered_locally:
             # Claim 17 (F2): our local AAA server answered an intra-domain move itself with
             # the rewritten VPN info; the RRQ goes straight to the HA, our paths follow its yes.

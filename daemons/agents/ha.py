@@ -189,6 +189,7 @@ class HomeAgent:
             har = application.parse_har(msg)
         except application.BadRegistration as exc:
             # Not a registration request: answered as one on UDP 434 would be (RFC 5944 §3.8.2.1).
+            log.info("har.received", mn=msg.get("User-Name"), sid=msg.session_id, paths=len(msg.find_all("VPN-Info")))
             rrp = await self.process_request(exc.raw, source)
         except application.ApplicationError as exc:
             raise DiameterError(exc.result_code, str(exc), failed_avp=exc.failed_avp) from None

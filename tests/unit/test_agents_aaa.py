@@ -4,6 +4,7 @@ process with fake sockets, routes and Diameter node: what each sends for each ki
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
@@ -133,6 +134,17 @@ def test_fa_denies_what_the_aaa_refused_or_garbled(tmp_path: Path, answer: Calla
     assert fa.visitors == {}
 
 
+def test_fa_logs_every_ama_it_receives_with_its_vpn_info_count(tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """``ama.received`` comes before the answer is judged, also for one it cannot use."""
+    fa = fa_with(tmp_path, lambda amr: amr.answer(2001, [("MIP-Reg-Reply", b"\x03\x00"), info().to_avp()]))
+    with caplog.at_level(logging.INFO, logger="mipvpn.fa"):
+        assert asyncio.run(register_through_aaa(fa, rrq_bytes())) is None
+    (fields,) = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "event=ama.received"]
+    assert fields == {"mn": NAI, "sid": SID, "result": 2001, "paths": 1}
+    assert mip.decode_message(fa.udp.sent[0][0]).code == Code.FA_POORLY_FORMED_REPLY  # type: ignore[union-attr]
+
+
 def test_fa_ends_the_session_with_an_str(tmp_path: Path) -> None:
     fa = fa_with(tmp_path, lambda req: req.answer(2001))
     visitor = Visitor(NAI, str(HOA), str(HA), 434, 300, time.time() + 300, 1, SID)
@@ -182,13 +194,19 @@ def test_ha_refusal_goes_back_in_a_4005(tmp_path: Path) -> None:
     assert haa.rrp.code == Code.HA_MN_FAILED_AUTHENTICATION
 
 
-def test_ha_answers_an_rrq_with_an_unknown_extension_as_poorly_formed(tmp_path: Path) -> None:
-    """RFC 5944 §3.8.2.1, as on UDP 434: the parser refuses the RRQ, the HA still answers it."""
+def test_ha_answers_an_rrq_with_an_unknown_extension_as_poorly_formed(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """RFC 5944 §3.8.2.1, as on UDP 434: the parser refuses the RRQ, the HA still answers it
+    (and logs the HAR's arrival, as for any other HAR)."""
     raw = rrq_bytes()
     ha = ha_with(tmp_path)
-    haa = app.parse_haa(on_har(ha, har(raw[:24] + bytes([50, 2, 0, 0]) + raw[24:])))
+    with caplog.at_level(logging.INFO, logger="mipvpn.ha"):
+        haa = app.parse_haa(on_har(ha, har(raw[:24] + bytes([50, 2, 0, 0]) + raw[24:], info().mirrored().to_avp())))
     assert haa.result_code == ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE and haa.rrp is not None
     assert haa.rrp.code == Code.HA_POORLY_FORMED_REQUEST and ha.counters["malformed"] == 1
+    events = [(r.getMessage(), getattr(r, "fields", {})) for r in caplog.records]
+    assert [m for m, _ in events][:2] == ["event=har.received", "event=rrq.unknown_extension"]
+    assert events[0][1] == {"mn": NAI, "sid": "s;1", "paths": 1}
 
 
 @pytest.mark.parametrize(("raw", "vpn", "message"), [
