@@ -20,7 +20,6 @@ from daemons.runtime import config as cfg
 @dataclass(frozen=True)
 class Role:
     name: str
-    title: str
     config: type[cfg.Common]
     daemon: str  # "module:Class"; the class takes the config and has ``async run()``
     required: tuple[str, ...]  # configuration fields a file for this role must name
@@ -34,17 +33,17 @@ class Role:
 
 # In start order.
 ROLES: dict[str, Role] = {role.name: role for role in (
-    Role("ha", "home agent", cfg.HAConfig, "daemons.agents.ha:HomeAgent", ("address", "home_prefix"),
+    Role("ha", cfg.HAConfig, "daemons.agents.ha:HomeAgent", ("address", "home_prefix"),
          terminates_paths=True, diameter=True),
-    Role("cngw", "correspondent gateway", cfg.CNGWConfig, "daemons.agents.cngw:CorrespondentGateway", ("address",),
+    Role("cngw", cfg.CNGWConfig, "daemons.agents.cngw:CorrespondentGateway", ("address",),
          terminates_paths=True),
-    Role("aaah", "home AAA server", cfg.AAAHConfig, "daemons.aaa.aaah:HomeAAAServer",
+    Role("aaah", cfg.AAAHConfig, "daemons.aaa.aaah:HomeAAAServer",
          ("diameter_host", "diameter_realm", "address", "db_url", "master_secret", "home_agents"), diameter=True),
-    Role("aaaf", "local AAA server", cfg.AAAFConfig, "daemons.aaa.aaaf:ForeignAAAServer",
+    Role("aaaf", cfg.AAAFConfig, "daemons.aaa.aaaf:ForeignAAAServer",
          ("diameter_host", "diameter_realm", "address", "home_servers"), diameter=True),
-    Role("fa", "foreign agent", cfg.FAConfig, "daemons.agents.fa:ForeignAgent", ("access_address", "care_of_address"),
+    Role("fa", cfg.FAConfig, "daemons.agents.fa:ForeignAgent", ("access_address", "care_of_address"),
          terminates_paths=True, diameter=True),
-    Role("mn", "mobile node", cfg.MNConfig, "daemons.agents.mn:MobileNode",
+    Role("mn", cfg.MNConfig, "daemons.agents.mn:MobileNode",
          ("nai", "home_address", "home_prefix", "home_agent", "mn_ha")),
 )}
 

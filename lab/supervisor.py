@@ -33,8 +33,25 @@ log = logging.getLogger("lab.supervisor")
 
 
 def event(what: str, level: int = logging.INFO, **fields: Any) -> None:
-    """One event per line with ``key=value`` fields, the way the daemons log."""
-    log.log(level, "event=%s %s", what, " ".join(f"{key}={value}" for key, value in fields.items()))
+    """One event per line with ``key=value`` fields, the way the daemons log (a value with a
+    space, quote or ``=`` in double quotes, None left out)."""
+    log.log(level, "event=%s%s", what, "".join(f" {key}={_value(value)}" for key, value in fields.items()
+                                              if value is not None))
+
+
+def formatter() -> logging.Formatter:
+    """Lines as the daemons write them: ``2026-11-27T07:05:01.123Z INFO node=supervisor event=...``."""
+    fmt = logging.Formatter("%(asctime)s.%(msecs)03dZ %(levelname)s node=supervisor %(message)s", "%Y-%m-%dT%H:%M:%S")
+    fmt.converter = time.gmtime
+    return fmt
+
+
+def _value(value: Any) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' "='):
+        return '"' + text.replace('"', "'") + '"'
+    return text
+
 
 STOP_GRACE_S = 3.0
 RESTART_DELAYS_S = (0.2, 0.5, 1.0, 2.0, 5.0)  # back-off for a process that keeps dying
@@ -248,8 +265,9 @@ def request(run_dir: Path, message: dict[str, Any], timeout: float = 10.0) -> di
 
 def main() -> None:
     run_dir = Path(sys.argv[1])
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s node=supervisor %(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(formatter())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
     asyncio.run(Supervisor(run_dir).run())
 
 

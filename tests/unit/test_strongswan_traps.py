@@ -54,7 +54,7 @@ def nflog_packet(prefix: bytes) -> bytes:
     return struct.pack("IHHII", 16 + len(body), 4 << 8, 0, 0, 0) + body
 
 
-def testnflog_tokens() -> None:
+def test_nflog_tokens() -> None:
     data = nflog_packet(f"{NFLOG_PREFIX}7 ".encode()) + nflog_packet(b"somebody else 3") + \
         nflog_packet(f"{NFLOG_PREFIX}12 ".encode())
     assert nflog_tokens(data) == [7, 12]
