@@ -57,9 +57,10 @@ class ForeignAAAServer:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        self.store.load()
-        if self.store.sessions:
-            log.info("aaaf.restored", sessions=len(self.store.sessions))
+        self.store.load()  # record by record: one that cannot be read is dropped and logged
+        self.counters["state_dropped"] = self.store.state.dropped
+        if self.store.sessions or self.store.state.dropped:
+            log.info("aaaf.restored", sessions=len(self.store.sessions), dropped=self.store.state.dropped)
         await self.diameter.start()
         self.control.register("sessions", lambda _: self.store.show())
         self.control.register("counters", lambda _: {**self.counters, **self.diameter.stats()})

@@ -48,6 +48,7 @@ from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.secret import Secret
 from daemons.runtime.tasks import KeyedLocks, serve
+from daemons.store.state import int_record
 from daemons.store.vpndb import (
     CngwMode,
     Distribution,
@@ -204,13 +205,17 @@ class HomeAAAServer:
         await serve(self.start, self.stop)
 
     def restore(self) -> None:
+        """Sessions and SPI counters from the state file, record by record (one that cannot be
+        read is dropped and logged: ``daemons.store.state``)."""
         self.store.load()
-        self.spis = SpiAllocator({k: int(v) for k, v in self.store.extra.get("spi_next", {}).items()})
+        self.spis = SpiAllocator(self.store.state.records(self.store.extra, "spi_next", lambda _, v: int_record(v)))
         for session in self.store.sessions.values():
             for gw, spi in session.spis():
                 self.spis.claim(gw, spi)
-        if self.store.sessions:
-            log.info("aaah.restored", sessions=len(self.store.sessions))
+        dropped = self.store.state.dropped
+        self.counters["state_dropped"] = dropped
+        if self.store.sessions or dropped:
+            log.info("aaah.restored", sessions=len(self.store.sessions), dropped=dropped)
 
     def _save_counters(self) -> None:
         self.store.extra["spi_next"] = dict(self.spis.next)

@@ -97,8 +97,11 @@ class Session:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Session:
-        nai = data["nai"]
-        return cls(nai, data["session_id"], IPv4Address(data["fa"]), data.get("fa_host", ""),
+        """TypeError/KeyError/ValueError (VpnInfoError) for a record that is not a session."""
+        nai, session_id, fa_host = data["nai"], data["session_id"], data.get("fa_host", "")
+        if not all(isinstance(v, str) for v in (nai, session_id, fa_host)):
+            raise TypeError("nai, session_id and fa_host must be strings")
+        return cls(nai, session_id, IPv4Address(data["fa"]), fa_host,
                    IPv4Address(data["home_agent"]), IPv4Address(data["home_address"]),
                    tuple(vpninfo.from_record(data["paths"], nai)), float(data.get("created", 0.0)))
 
@@ -113,17 +116,15 @@ class SessionStore:
         self.extra: dict[str, Any] = {}  # other persisted state of the owner (e.g. SPI counters)
 
     def load(self) -> None:
+        """The sessions from the state file, record by record: one that cannot be read (a
+        changed schema, a corrupt entry) is dropped and logged (``daemons.store.state``)."""
         self._private_dir()
         data = self.state.load()
-        for item in data.get("sessions", []):
-            try:
-                session = Session.from_json(item)
-            except (KeyError, ValueError, vpninfo.VpnInfoError) as exc:
-                log.warning("session.unreadable", mn=item.get("nai") if isinstance(item, dict) else None,
-                            reason=type(exc).__name__)
-                continue
-            self.sessions[session.nai] = session
+        restored = self.state.records(data, "sessions", lambda _, item: Session.from_json(item))
+        self.sessions = {s.nai: s for s in restored.values()}
         self.extra = {k: v for k, v in data.items() if k != "sessions"}
+        if self.state.dropped:  # the file says what we hold, and a bad record warns once
+            self.save()
 
     def _private_dir(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
