@@ -11,14 +11,16 @@ talks to.
   that posted it a Binding Request (at most one per ``binding_request_interval``); a Binding
   Update in answer renews it, and without one the binding and its paths go at expiry (F8).
 
-Bindings are persisted (wall-clock expiry) so that a restarted gateway expires the paths it
-restores; the paths themselves are the MAVPN cache's.
+Bindings are persisted (wall-clock expiry); a restarted gateway keeps the paths of the bindings
+still live and removes the others (``MavpnControl.reconcile``); the paths themselves are the
+MAVPN cache's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address
 from typing import Any
@@ -29,12 +31,12 @@ from daemons.runtime.config import CNGWConfig, PeerAgent
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import UdpEndpoint
-from daemons.runtime.tasks import KeyedLocks, background
-from daemons.store.state import StateFile
+from daemons.runtime.tasks import KeyedLocks
+from daemons.store.state import StateFile, dataclass_record
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import EndpointType
-from daemons.vpn.vpninfo import STATIC_OWNER, VpnInfo
+from daemons.vpn.vpninfo import VpnInfo
 from daemons.wire import mip
 
 log = EventLog("mipvpn.cngw")
@@ -104,11 +106,15 @@ class BindingTable:
     def to_json(self) -> dict[str, Any]:
         return {hoa: asdict(b) for hoa, b in self.bindings.items()}
 
-    def load(self, data: dict[str, Any], now: float) -> None:
-        for hoa, item in data.items():
-            binding = CnBinding(**item)
+    def load(self, bindings: Iterable[CnBinding], now: float) -> int:
+        """Restored bindings, those that ran out by ``now`` left out; returns how many were."""
+        expired = 0
+        for binding in bindings:
             if binding.expires > now:
-                self.bindings[hoa] = binding
+                self.bindings[binding.home_address] = binding
+            else:
+                expired += 1
+        return expired
 
 
 def check_vpn_info(infos: list[VpnInfo], me: IPv4Address, bu: mip.BindingUpdate) -> str | None:
@@ -142,8 +148,11 @@ class CorrespondentGateway:
                                          "expired": 0, "malformed": 0}
 
     async def run(self) -> None:
-        self.mavpn = await MavpnControl.start(self.config)
         self.restore()
+        self.mavpn = await MavpnControl.start(self.config)
+        if self.mavpn is not None:  # the paths of bindings that ran out while we were down go
+            self.mavpn.reconcile(self.live_users())
+            self.counters["state_dropped"] += self.mavpn.state.dropped
         self.control.register("paths", lambda _: self.show_paths())
         self.control.register("bindings", lambda _: self.show_bindings())
         self.control.register("counters", lambda _: dict(self.counters))
@@ -159,15 +168,21 @@ class CorrespondentGateway:
 
     # ---- persistence -------------------------------------------------------------------------
     def restore(self) -> None:
-        self.table.load(self.state.load().get("bindings", {}), time.time())
-        if self.mavpn is None:
-            return
-        bound = {b.nai for b in self.table.bindings.values()}
-        stale = [nai for nai in self.mavpn.cache if nai != STATIC_OWNER and nai not in bound]
-        for nai in stale:  # paths whose binding ran out while we were down
-            background(self.mavpn.remove_user(nai))
-        if self.table.bindings or stale:
-            log.info("cngw.restored", bindings=len(self.table.bindings), stale=len(stale))
+        """Bindings from the state file, record by record (one that cannot be read is dropped
+        and logged: ``daemons.store.state``); those that ran out while we were down are
+        dropped, and their paths with them (:meth:`MavpnControl.reconcile`)."""
+        records = self.state.load_records({"bindings": lambda _, r: dataclass_record(CnBinding, r)})["bindings"]
+        expired = self.table.load(records.values(), time.time())
+        if expired or self.state.dropped:  # the file says what we hold, and a bad record warns once
+            self.persist()
+        self.counters["state_dropped"] = self.state.dropped
+        if self.table.bindings or expired or self.state.dropped:
+            log.info("cngw.restored", bindings=len(self.table.bindings), expired=expired, dropped=self.state.dropped)
+
+    def live_users(self) -> set[str]:
+        """The users whose paths this gateway keeps: those with a binding (static paths are
+        the configuration's)."""
+        return {b.nai for b in self.table.bindings.values()}
 
     def persist(self) -> None:
         self.state.save({"bindings": self.table.to_json()})

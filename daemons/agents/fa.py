@@ -26,7 +26,7 @@ from daemons.runtime.log import EventLog
 from daemons.runtime.net import UdpEndpoint
 from daemons.runtime.secret import Secret
 from daemons.runtime.tasks import background
-from daemons.store.state import StateFile
+from daemons.store.state import StateFile, dataclass_record, float_record
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import Capability, EndpointType, PathError
@@ -77,6 +77,7 @@ class ForeignAgent:
         self.config = config
         self.visitors: dict[str, Visitor] = {}
         self.forwards: dict[str, float] = {}  # nai -> when its F6 forwarding path goes (wall clock)
+        self.lapsed_forwards: set[str] = set()  # restored: forwarding paths that ran out while we were down
         self.handoff_enabled = config.smooth_handoff  # switchable at run time (the handover benchmark)
         self.pending: dict[tuple[str, int], Pending] = {}  # (home address, low 32 bits of id)
         self.advertiser = Advertiser(config.access_interface, config.access_address,
@@ -103,6 +104,9 @@ class ForeignAgent:
         self.restore()
         await self.routes.reconcile(list(self.visitors))
         self.mavpn = await MavpnControl.start(self.config, access_interface=self.config.access_interface)
+        if self.mavpn is not None:  # the paths of visitors that ran out while we were down go
+            self.mavpn.reconcile(self.live_users(), [(nai, vpninfo.FORWARD_PATH_ID) for nai in self.lapsed_forwards])
+            self.counters["state_dropped"] += self.mavpn.state.dropped
         if self.mavpn is not None and Capability.ROUTE_BASED in self.mavpn.backend.capabilities:
             await AccessGuard(self.config.access_interface).install()
         self.udp = await UdpEndpoint.open(self.on_datagram, "0.0.0.0", mip.MIP_UDP_PORT)
@@ -118,15 +122,27 @@ class ForeignAgent:
         await asyncio.gather(self.advertiser.run(), self.expire_loop())
 
     def restore(self) -> None:
+        """Visitors and F6 forwarding paths from the state file, record by record (one that
+        cannot be read is dropped and logged: ``daemons.store.state``); those that ran out
+        while we were down are dropped."""
         now = time.time()
-        state = self.state.load()
-        for hoa, data in state.get("visitors", {}).items():
-            visitor = Visitor(**data)
-            if visitor.expires > now:
-                self.visitors[hoa] = visitor
-        self.forwards = dict(state.get("forwards", {}))  # the expiry sweep removes the overdue
-        if self.visitors:
-            log.info("fa.restored", visitors=len(self.visitors))
+        saved = self.state.load_records({"visitors": lambda _, r: dataclass_record(Visitor, r),
+                                         "forwards": lambda _, v: float_record(v)})
+        self.visitors = {v.home_address: v for v in saved["visitors"].values() if v.expires > now}
+        self.forwards = {nai: t for nai, t in saved["forwards"].items() if t > now}
+        # A live visitor's forwarding path that ran out: the path goes, the visitor stays.
+        self.lapsed_forwards = {nai for nai in saved["forwards"] if nai not in self.forwards}
+        expired = len(saved["visitors"]) - len(self.visitors) + len(self.lapsed_forwards)
+        if expired or self.state.dropped:  # the file says what we hold, and a bad record warns once
+            self.persist()
+        self.counters["state_dropped"] = self.state.dropped
+        if self.visitors or expired or self.state.dropped:
+            log.info("fa.restored", visitors=len(self.visitors), forwards=len(self.forwards), expired=expired,
+                     dropped=self.state.dropped)
+
+    def live_users(self) -> set[str]:
+        """The users whose paths this FA keeps: its visitors and those it forwards for (F6)."""
+        return {v.nai for v in self.visitors.values() if v.nai} | set(self.forwards)
 
     def persist(self) -> None:
         self.state.save({"visitors": {k: asdict(v) for k, v in self.visitors.items()}, "forwards": self.forwards})

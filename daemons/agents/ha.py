@@ -34,7 +34,7 @@ from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import UdpEndpoint
 from daemons.runtime.tasks import background
-from daemons.store.state import StateFile
+from daemons.store.state import StateFile, dataclass_record, int_record
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import EndpointType
@@ -113,6 +113,9 @@ class HomeAgent:
         self.restore()
         await self.home_link.reconcile(list(self.bindings))
         self.mavpn = await MavpnControl.start(self.config)
+        if self.mavpn is not None:  # the paths of bindings that ran out while we were down go
+            self.mavpn.reconcile(self.live_users())
+            self.counters["state_dropped"] += self.mavpn.state.dropped
         if self.config.diameter_host:
             await self.start_diameter()
         # Bound to the home agent address: replies then come from the address the FA and
@@ -131,23 +134,36 @@ class HomeAgent:
             await self.expire(time.time())
 
     def restore(self) -> None:
-        saved = self.state.load()
+        """Bindings, identifications and CN-GW paths from the state files, record by record
+        (one that cannot be read is dropped and logged: ``daemons.store.state``); a binding
+        that ran out while we were down is dropped, with its CN-GW paths."""
         now = time.time()
-        for hoa, data in saved.get("bindings", {}).items():
-            binding = Binding(**data)
-            if binding.expires > now:
-                self.bindings[hoa] = binding
-        self.last_ident = {k: int(v) for k, v in saved.get("last_ident", {}).items()}
-        for hoa, hexes in self.cn_state.load().get("paths", {}).items():
-            if hoa not in self.bindings:
-                continue
-            nai = self.bindings[hoa].nai
-            try:
-                self.cn_paths[hoa] = vpninfo.from_record(hexes, nai)
-            except vpninfo.VpnInfoError as exc:  # as mavpn.restore: drop it, keep starting
-                log.warning("cngw_paths.restore_failed", mn=nai, reason=exc)
-        if self.bindings:
-            log.info("ha.restored", bindings=len(self.bindings), cngw_paths=len(self.cn_paths))
+        saved = self.state.load_records({"bindings": lambda _, r: dataclass_record(Binding, r),
+                                         "last_ident": lambda _, v: int_record(v)})
+        live = [b for b in saved["bindings"].values() if b.expires > now]
+        self.bindings = {b.home_address: b for b in live}
+        self.last_ident = saved["last_ident"]
+        expired = len(saved["bindings"]) - len(live)
+
+        def cn_paths(hoa: str, hexes: object) -> list[VpnInfo] | None:
+            binding = self.bindings.get(hoa)
+            return None if binding is None else vpninfo.from_record(hexes, binding.nai)  # type: ignore[arg-type]
+
+        cn = self.cn_state.load_records({"paths": cn_paths})["paths"]
+        self.cn_paths = {hoa: infos for hoa, infos in cn.items() if infos is not None}
+        dropped = self.state.dropped + self.cn_state.dropped
+        if expired or dropped:  # the files say what we hold, and a bad record warns once
+            self.persist()
+        if dropped or len(cn) > len(self.cn_paths):
+            self.persist_cn_paths()
+        self.counters["state_dropped"] = dropped
+        if self.bindings or expired or dropped:
+            log.info("ha.restored", bindings=len(self.bindings), expired=expired, cngw_paths=len(self.cn_paths),
+                     dropped=dropped)
+
+    def live_users(self) -> set[str]:
+        """The users whose paths this HA keeps: those with a binding."""
+        return {b.nai for b in self.bindings.values()}
 
     def persist(self) -> None:
         self.state.save({"bindings": {k: asdict(b) for k, b in self.bindings.items()},

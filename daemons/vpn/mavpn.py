@@ -2,7 +2,8 @@
 
 It keeps, per user, the VPN info the node was given (its "VPN cache"), installs and removes
 paths through whichever backend the node runs (xfrm or strongswan: the agents never care
-which), and persists the cache so a restarted agent reconciles its paths. The cache file
+which), and persists the cache so a restarted agent reconciles its paths: against the users
+its daemon says are still live (:meth:`MavpnControl.reconcile`), never the whole cache. The cache file
 holds key material: it lives in the daemon's private state directory (0700, files 0600),
 like the configuration files that hold the Mobile IP keys.
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Iterable
 from dataclasses import replace
 from typing import Any
 
@@ -26,7 +28,7 @@ from daemons.runtime.tasks import background
 from daemons.store.state import StateFile
 from daemons.vpn.factory import make_backend
 from daemons.vpn.path import Capability, EndpointType, PathBackend, PathStatus, VpnPath
-from daemons.vpn.vpninfo import ON_TRAFFIC, STATIC_OWNER, VpnInfo, VpnInfoError, from_record, from_static, to_record
+from daemons.vpn.vpninfo import ON_TRAFFIC, STATIC_OWNER, VpnInfo, from_record, from_static, to_record
 
 log = EventLog("mipvpn.mavpn")
 
@@ -42,7 +44,9 @@ class MavpnControl:
     @classmethod
     async def start(cls, config: Common, access_interface: str | None = None) -> MavpnControl | None:
         """The node's path control on the backend its configuration names (None: no IPsec),
-        with the configured static paths installed and the cached ones reconciled."""
+        with its cache restored and the configured static paths added. Nothing is installed
+        yet: the daemon that owns the bindings calls :meth:`reconcile` with the users whose
+        binding is still live."""
         if config.ipsec_backend == "none":
             return None
         backend = make_backend(config.ipsec_backend, config.node, config.run_dir or config.state_dir)
@@ -52,23 +56,15 @@ class MavpnControl:
         static = [from_static(p) for p in config.static_paths]
         if static:
             control.cache[STATIC_OWNER] = {i.path_id: i for i in static}
-        # In the background: a path whose peer is not up yet may take seconds to give up,
-        # and the daemon must serve meanwhile (the path comes up when the peer installs it).
-        background(control.reconcile())
         return control
 
     # ---- persistence -----------------------------------------------------------------------
     def restore(self) -> None:
-        """The cached VPN info from the state file; a user whose entry cannot be read is
-        dropped (logged) rather than keeping the agent from starting: the next registration
-        brings it again."""
-        for nai, hexes in self.state.load().get("vpn", {}).items():
-            try:
-                infos = from_record(hexes, nai)
-            except VpnInfoError as exc:
-                log.warning("vpn.restore_failed", mn=nai, reason=exc)
-                continue
-            self.cache[nai] = {i.path_id: i for i in infos}
+        """The cached VPN info from the state file, user by user; a user whose entry cannot
+        be read is dropped (``state.record_dropped``) rather than keeping the agent from
+        starting: the next registration brings it again."""
+        restored = self.state.load_records({"vpn": lambda nai, hexes: from_record(hexes, nai)})["vpn"]
+        self.cache = {nai: {i.path_id: i for i in infos} for nai, infos in restored.items()}
 
     def persist(self) -> None:
         self.state.save({"vpn": {nai: to_record(infos.values()) for nai, infos in self.cache.items()}})
@@ -76,13 +72,49 @@ class MavpnControl:
     def wanted(self) -> list[VpnInfo]:
         return [info for infos in self.cache.values() for info in infos.values()]
 
-    async def reconcile(self) -> None:
-        """After a (re)start: installed paths become exactly the cached ones."""
+    def reconcile(self, live_users: Iterable[str], lapsed: Iterable[tuple[str, int]] = ()) -> asyncio.Task[None]:
+        """After a (re)start: the cache keeps only the users the caller says are live (their
+        binding, visitor or session did not run out while the daemon was down) and the
+        configured static paths; ``lapsed``: (user, path id) of paths of a live user that
+        ran out meanwhile (an FA's F6 forwarding path). The MAVPN does not judge liveness:
+        the daemon that owns the bindings does.
+
+        The cache is cut at once (persisted before this returns, so no later :meth:`apply`
+        sees the dead users); the backend is brought to exactly the cached paths in the
+        background (a path whose peer is not up yet may take seconds to give up, and the
+        daemon must serve meanwhile): paths of the dropped users are removed, the others
+        installed, strays removed. Returns that task (await it to wait for the backend)."""
+        live = {*live_users, STATIC_OWNER}
+        gone = {(nai, path_id) for nai, path_id in lapsed if nai in live and path_id in self.cache.get(nai, {})}
+        owned = self._owned_home_addresses()
+        before = self.backend_paths()
+        dropped = {nai: len(infos) for nai, infos in self.cache.items() if nai not in live}
+        for nai in dropped:
+            del self.cache[nai]
+        for nai, path_id in gone:
+            del self.cache[nai][path_id]
+            if not self.cache[nai]:
+                del self.cache[nai]
+        for nai, paths in dropped.items():
+            log.info("paths.dropped", mn=nai, paths=paths, reason="no live binding")
+        for nai, path_id in sorted(gone):
+            log.info("paths.dropped", mn=nai, path=path_id, reason="lapsed")
+        if dropped or gone:
+            self.persist()
+        stale = [path_id for path_id in before if path_id not in self.backend_paths()]
+        return background(self._reconcile_backend(stale, owned))
+
+    async def _reconcile_backend(self, stale: list[str], owned: set[str]) -> None:
         async with self.lock:
+            stale = [path_id for path_id in stale if path_id not in self.backend_paths()]  # not re-applied since
+            for path_id in stale:  # the backend's reconcile would too; a log line per path
+                await self.backend.remove(path_id)
+                log.info("path.removed", path=path_id, reason="not live")
+            await self._release(owned - self._owned_home_addresses())
             for info in self.wanted():
                 await self._prepare(info)
             await self.backend.reconcile(list(self.backend_paths().values()))
-        log.info("paths.reconciled", paths=len(self.wanted()))
+        log.info("paths.reconciled", paths=len(self.wanted()), removed=len(stale))
 
     # ---- per user ----------------------------------------------------------------------------
     async def apply(self, nai: str, infos: list[VpnInfo]) -> None:

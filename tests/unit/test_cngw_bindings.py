@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from daemons.agents.cngw import BindingTable, CorrespondentGateway, check_vpn_info
+from daemons.agents.cngw import BindingTable, CnBinding, CorrespondentGateway, check_vpn_info
 from daemons.agents.ha import Binding, HomeAgent, by_gateway, split_paths
 from daemons.runtime.config import CNGWConfig, HAConfig, PeerAgent
 from daemons.runtime.secret import Secret
@@ -76,10 +76,10 @@ def test_bindings_expire_and_persist() -> None:
     table.update(NAI, str(HOA), str(FA1), str(HA), 20, 1, 1000.0)
     assert table.expired(1019.9) == []
     copy = BindingTable(8, 1)
-    copy.load(table.to_json(), 1010.0)
+    assert copy.load([CnBinding(**r) for r in table.to_json().values()], 1010.0) == 0
     assert copy.bindings == table.bindings
     late = BindingTable(8, 1)
-    late.load(table.to_json(), 1030.0)  # ran out while we were down
+    assert late.load([CnBinding(**r) for r in table.to_json().values()], 1030.0) == 1  # ran out while we were down
     assert late.bindings == {}
     (gone,) = table.expired(1020.0)
     assert gone.nai == NAI and table.bindings == {}
