@@ -57,10 +57,7 @@ class ForeignAAAServer:
 
     # ---- lifecycle ---------------------------------------------------------------------------
     async def start(self) -> None:
-        self.store.load()  # record by record: one that cannot be read is dropped and logged
-        self.counters["state_dropped"] = self.store.state.dropped
-        if self.store.sessions or self.store.state.dropped:
-            log.info("aaaf.restored", sessions=len(self.store.sessions), dropped=self.store.state.dropped)
+        self.restore()
         await self.diameter.start()
         self.control.register("sessions", lambda _: self.store.show())
         self.control.register("counters", lambda _: {**self.counters, **self.diameter.stats()})
@@ -70,6 +67,14 @@ class ForeignAAAServer:
         log.info("aaaf.ready", host=self.config.diameter_host, realm=self.config.diameter_realm,
                  port=self.diameter.port, realms=",".join(s.realm for s in self.config.home_servers),
                  sessions=len(self.store.sessions))
+
+    def restore(self) -> None:
+        """The cached sessions, record by record (one that cannot be read is dropped and
+        logged: ``daemons.store.state``)."""
+        self.store.load()
+        self.counters["state_dropped"] = self.store.state.dropped
+        if self.store.sessions or self.store.state.dropped:
+            log.info("aaaf.restored", sessions=len(self.store.sessions), dropped=self.store.state.dropped)
 
     async def stop(self) -> None:
         await self.control.stop()

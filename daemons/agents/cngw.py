@@ -149,10 +149,7 @@ class CorrespondentGateway:
 
     async def run(self) -> None:
         self.restore()
-        self.mavpn = await MavpnControl.start(self.config)
-        if self.mavpn is not None:  # the paths of bindings that ran out while we were down go
-            self.mavpn.reconcile(self.live_users())
-            self.counters["state_dropped"] += self.mavpn.state.dropped
+        await self.start_paths()
         self.control.register("paths", lambda _: self.show_paths())
         self.control.register("bindings", lambda _: self.show_bindings())
         self.control.register("counters", lambda _: dict(self.counters))
@@ -183,6 +180,16 @@ class CorrespondentGateway:
         """The users whose paths this gateway keeps: those with a binding (static paths are
         the configuration's)."""
         return {b.nai for b in self.table.bindings.values()}
+
+    async def start_paths(self) -> asyncio.Task[None] | None:
+        """After :meth:`restore`: the path control with the static paths, and the cached ones
+        reconciled against the live bindings (those that ran out while we were down go).
+        Returns the backend's reconciliation, which runs in the background."""
+        self.mavpn = await MavpnControl.start(self.config)
+        if self.mavpn is None:
+            return None
+        self.counters["state_dropped"] = self.counters.get("state_dropped", 0) + self.mavpn.state.dropped
+        return self.mavpn.reconcile(self.live_users())
 
     def persist(self) -> None:
         self.state.save({"bindings": self.table.to_json()})

@@ -103,10 +103,7 @@ class ForeignAgent:
     async def run(self) -> None:
         self.restore()
         await self.routes.reconcile(list(self.visitors))
-        self.mavpn = await MavpnControl.start(self.config, access_interface=self.config.access_interface)
-        if self.mavpn is not None:  # the paths of visitors that ran out while we were down go
-            self.mavpn.reconcile(self.live_users(), [(nai, vpninfo.FORWARD_PATH_ID) for nai in self.lapsed_forwards])
-            self.counters["state_dropped"] += self.mavpn.state.dropped
+        await self.start_paths()
         if self.mavpn is not None and Capability.ROUTE_BASED in self.mavpn.backend.capabilities:
             await AccessGuard(self.config.access_interface).install()
         self.udp = await UdpEndpoint.open(self.on_datagram, "0.0.0.0", mip.MIP_UDP_PORT)
@@ -143,6 +140,18 @@ class ForeignAgent:
     def live_users(self) -> set[str]:
         """The users whose paths this FA keeps: its visitors and those it forwards for (F6)."""
         return {v.nai for v in self.visitors.values() if v.nai} | set(self.forwards)
+
+    async def start_paths(self) -> asyncio.Task[None] | None:
+        """After :meth:`restore`: the path control, its cached paths reconciled against the
+        live visitors and forwards (those that ran out while we were down go). Returns the
+        backend's reconciliation, which runs in the background."""
+        self.mavpn = await MavpnControl.start(self.config, access_interface=self.config.access_interface)
+        if self.mavpn is None:
+            return None
+        self.counters["state_dropped"] = self.counters.get("state_dropped", 0) + self.mavpn.state.dropped
+        lapsed = [(nai, vpninfo.FORWARD_PATH_ID) for nai in self.lapsed_forwards]
+        self.lapsed_forwards = set()
+        return self.mavpn.reconcile(self.live_users(), lapsed)
 
     def persist(self) -> None:
         self.state.save({"visitors": {k: asdict(v) for k, v in self.visitors.items()}, "forwards": self.forwards})

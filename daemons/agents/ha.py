@@ -112,10 +112,7 @@ class HomeAgent:
     async def run(self) -> None:
         self.restore()
         await self.home_link.reconcile(list(self.bindings))
-        self.mavpn = await MavpnControl.start(self.config)
-        if self.mavpn is not None:  # the paths of bindings that ran out while we were down go
-            self.mavpn.reconcile(self.live_users())
-            self.counters["state_dropped"] += self.mavpn.state.dropped
+        await self.start_paths()
         if self.config.diameter_host:
             await self.start_diameter()
         # Bound to the home agent address: replies then come from the address the FA and
@@ -164,6 +161,16 @@ class HomeAgent:
     def live_users(self) -> set[str]:
         """The users whose paths this HA keeps: those with a binding."""
         return {b.nai for b in self.bindings.values()}
+
+    async def start_paths(self) -> asyncio.Task[None] | None:
+        """After :meth:`restore`: the path control, its cached paths reconciled against the
+        live bindings (those of bindings that ran out while we were down go). Returns the
+        backend's reconciliation, which runs in the background."""
+        self.mavpn = await MavpnControl.start(self.config)
+        if self.mavpn is None:
+            return None
+        self.counters["state_dropped"] = self.counters.get("state_dropped", 0) + self.mavpn.state.dropped
+        return self.mavpn.reconcile(self.live_users())
 
     def persist(self) -> None:
         self.state.save({"bindings": {k: asdict(b) for k, b in self.bindings.items()},
