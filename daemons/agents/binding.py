@@ -15,15 +15,25 @@ the :class:`Retransmit` schedule until the Binding Acknowledge with the same ide
 arrives from that peer, authenticated, or the last wait runs out. What differs between the
 agents (the schedule, a new identification per try or the same update again, counters, the
 fields of the log lines) are parameters; the messages are built by the caller.
+
+What a receiver reads of a binding message is what its authenticator covers
+(:meth:`BindingPeers.authenticate`): our messages end with the authenticator, so one with
+extensions after it is refused, never partly used. :class:`ReplayWindow` is every receiver's
+replay protection: the RFC 5944 §5.7 timestamp check of ``wire/mip/identification.py`` plus
+the last identification accepted per peer and home address, kept after the binding itself
+is gone, so a captured message can be neither replayed nor re-used; a duplicate of the last
+accepted message (a retransmission) is recognised and answered as before, changing nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import enum
+import hashlib
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +42,18 @@ from daemons.runtime.log import EventLog
 from daemons.runtime.net import UdpEndpoint
 from daemons.wire import mip
 
-__all__ = ["BindingClient", "BindingEvents", "BindingPeers", "Retransmit"]
+__all__ = ["Authentic", "BindingClient", "BindingEvents", "BindingPeers", "Fresh", "ReplayWindow", "Retransmit"]
+
+
+@dataclass(frozen=True)
+class Authentic:
+    """A binding message that passed its peer's authenticator. ``message``: what the
+    authenticator covers, the only part to read; ``trailing``: how many extensions followed
+    the authenticator (not authenticated: an on-path attacker may have appended them)."""
+
+    peer: PeerAgent
+    message: mip.BindingMessage
+    trailing: int
 
 
 class BindingPeers:
@@ -50,10 +71,20 @@ class BindingPeers:
     def authentic(self, raw: bytes, src: str) -> PeerAgent | None:
         """The peer ``raw`` (as received from ``src``) is authenticated by; None if ``src`` is
         no peer of ours or the authenticator or SPI does not match."""
+        checked = self.authenticate(raw, src)
+        return checked.peer if checked is not None else None
+
+    def authenticate(self, raw: bytes, src: str) -> Authentic | None:
+        """``raw`` (as received from ``src``) checked against our key for that peer: the peer
+        and the message as far as the authenticator covers it (see :class:`Authentic`); None
+        if ``src`` is no peer of ours or the authenticator or SPI does not match."""
         peer = self.peers.get(src)
-        if peer is None or not mip.verify(raw, mip.EXT_BINDING_AUTH, peer.key, spi=peer.spi):
+        if peer is None:
             return None
-        return peer
+        msg = mip.authenticated(raw, mip.EXT_BINDING_AUTH, peer.key, spi=peer.spi)
+        if not isinstance(msg, mip.BindingMessage):
+            return None
+        return Authentic(peer, msg, len(mip.decode_message(raw).extensions) - len(msg.extensions))
 
     def sign(self, msg: mip.BindingMessage, address: str) -> bytes:
         """``msg`` with our authenticator for the peer at ``address`` (KeyError: no such peer)."""
@@ -77,6 +108,110 @@ class BindingPeers:
             ack = mip.sign(ack, mip.EXT_BINDING_AUTH, peer.spi, peer.key)
         udp.send(ack.encode(), addr)
         return ack
+
+
+class Fresh(enum.Enum):
+    """What :meth:`ReplayWindow.check` says of a message's identification."""
+
+    FRESH = "fresh"  # act on it, then :meth:`ReplayWindow.accept` it
+    DUPLICATE = "duplicate"  # the last accepted message again, byte for byte: answer as then, change nothing
+    MISSING = "missing"  # no identification at all
+    CLOCK = "clock"  # its timestamp is outside the window around our clock (too old: a late replay)
+    REPLAY = "replay"  # not later than the last one accepted from that peer for that key
+    FULL = "full"  # a new key while ``limit`` live keys are remembered: refuse rather than forget one
+
+
+@dataclass
+class _Seen:
+    identification: int
+    digest: bytes  # of the message as received: a duplicate is the same bytes (memory only)
+    answer: tuple[int, int] | None  # (status, lifetime) it was answered with (memory only)
+
+
+class ReplayWindow:
+    """A receiver's replay protection for binding messages, per key (the sending peer and the
+    home address): an identification is acceptable when its NTP timestamp lies within
+    ``window_s`` of our clock and it is later than the last one accepted for that key
+    (``mip.identification_acceptable``, as the HA checks registrations, RFC 5944 §5.7).
+
+    The record of a key outlives the binding it created (a deletion or expiry does not reopen
+    the door to the last update) and goes only once the window alone refuses everything up
+    to it (``mip.identification_expired``): the table holds what arrived within the last
+    ``window_s`` seconds, at most ``limit`` keys. What survives a restart
+    (:meth:`to_json`/:meth:`load`) is the identifications: no digests, no answers."""
+
+    def __init__(self, window_s: float, limit: int = 4096) -> None:
+        self.window_s = window_s
+        self.limit = limit
+        self.seen: dict[tuple[str, str], _Seen] = {}  # in order of acceptance (oldest first)
+
+    @staticmethod
+    def digest(raw: bytes) -> bytes:
+        return hashlib.sha256(raw).digest()[:16]
+
+    def check(self, key: tuple[str, str], identification: int | None, raw: bytes,
+              now: float) -> tuple[Fresh, tuple[int, int] | None]:
+        """What to do with a message (``raw``, already authenticated) for ``key``; for a
+        DUPLICATE also the (status, lifetime) it was answered with."""
+        self.prune(now)
+        last = self.seen.get(key)
+        if identification is None:
+            return Fresh.MISSING, None
+        if last is not None and last.identification == identification and last.answer is not None \
+                and last.digest == self.digest(raw):
+            return Fresh.DUPLICATE, last.answer
+        if not mip.identification_acceptable(None, identification, now, self.window_s):
+            return Fresh.CLOCK, None
+        if last is not None and not mip.identification_acceptable(last.identification, identification, now,
+                                                                   self.window_s):
+            return Fresh.REPLAY, None
+        if last is None and len(self.seen) >= self.limit:
+            return Fresh.FULL, None
+        return Fresh.FRESH, None
+
+    def accept(self, key: tuple[str, str], identification: int, raw: bytes,
+               answer: tuple[int, int] | None = None) -> None:
+        """Record ``identification`` as the last accepted for ``key`` (``answer``: how it was
+        answered, for its duplicates; None: not answered yet, see :meth:`answered`)."""
+        self.seen.pop(key, None)
+        self.seen[key] = _Seen(identification, self.digest(raw), answer)
+
+    def answered(self, key: tuple[str, str], identification: int, status: int, lifetime: int) -> None:
+        """The message accepted for ``key`` with ``identification`` was answered so."""
+        last = self.seen.get(key)
+        if last is not None and last.identification == identification:
+            last.answer = (int(status), lifetime)
+
+    def prune(self, now: float) -> None:
+        """Forget what the time window refuses anyway: from the oldest, while expired; all
+        of them when the table is full."""
+        for key in list(self.seen):
+            if mip.identification_expired(self.seen[key].identification, now, self.window_s):
+                del self.seen[key]
+            elif len(self.seen) < self.limit:
+                break
+
+    def __len__(self) -> int:
+        return len(self.seen)
+
+    def to_json(self) -> list[list[Any]]:
+        return [[peer, hoa, seen.identification] for (peer, hoa), seen in self.seen.items()]
+
+    @staticmethod
+    def record(item: object) -> tuple[str, str, int]:
+        """One entry :meth:`to_json` saved, checked (a builder for ``StateFile.load_records``:
+        raises TypeError for an entry that is not one)."""
+        if isinstance(item, list) and len(item) == 3 and all(isinstance(x, str) for x in item[:2]) \
+                and type(item[2]) is int and 0 <= item[2] < 1 << 64:
+            return item[0], item[1], item[2]
+        raise TypeError("not a [peer, home address, identification] entry")
+
+    def load(self, entries: Iterable[tuple[str, str, int]], now: float) -> None:
+        """The identifications :meth:`to_json` saved (each checked by :meth:`record`); what has
+        expired meanwhile is dropped."""
+        for peer, hoa, identification in entries:
+            self.seen[(peer, hoa)] = _Seen(identification, b"", None)
+        self.prune(now)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address
 from typing import Any
 
-from daemons.agents.binding import BindingPeers
+from daemons.agents.binding import BindingPeers, Fresh, ReplayWindow
 from daemons.agents.datagrams import dispatch
 from daemons.runtime.config import CNGWConfig, PeerAgent
 from daemons.runtime.control import ControlServer
@@ -141,11 +141,14 @@ class CorrespondentGateway:
         self.ha_keys: dict[str, PeerAgent] = {str(ha.address): ha for ha in config.home_agents}
         self.ha_peers = BindingPeers(self.ha_keys)
         self.table = BindingTable(config.binding_request_threshold, config.binding_request_interval)
+        # The last Binding Update identification accepted per (HA, home address), kept after the binding goes.
+        self.bu_seen = ReplayWindow(config.replay_window)
         self.state = StateFile(config.state_dir / "bindings.json")
         self.locks = KeyedLocks()  # one registration/binding update per user at a time
         self.udp: UdpEndpoint | None = None
         self.counters: dict[str, int] = {"bu_received": 0, "bu_accepted": 0, "bu_rejected": 0, "br_sent": 0,
-                                         "expired": 0, "malformed": 0}
+                                         "expired": 0, "malformed": 0, "bu_replayed": 0, "bu_duplicate": 0,
+                                         "bu_unauthenticated_extensions": 0}
 
     async def run(self) -> None:
         self.restore()
@@ -168,8 +171,10 @@ class CorrespondentGateway:
         """Bindings from the state file, record by record (one that cannot be read is dropped
         and logged: ``daemons.store.state``); those that ran out while we were down are
         dropped, and their paths with them (:meth:`MavpnControl.reconcile`)."""
-        records = self.state.load_records({"bindings": lambda _, r: dataclass_record(CnBinding, r)})["bindings"]
-        expired = self.table.load(records.values(), time.time())
+        saved = self.state.load_records({"bindings": lambda _, r: dataclass_record(CnBinding, r),
+                                         "binding_ids": lambda _, r: ReplayWindow.record(r)})
+        expired = self.table.load(saved["bindings"].values(), time.time())
+        self.bu_seen.load(saved["binding_ids"].values(), time.time())
         if expired or self.state.dropped:  # the file says what we hold, and a bad record warns once
             self.persist()
         self.counters["state_dropped"] = self.state.dropped
@@ -192,7 +197,7 @@ class CorrespondentGateway:
         return self.mavpn.reconcile(self.live_users())
 
     def persist(self) -> None:
-        self.state.save({"bindings": self.table.to_json()})
+        self.state.save({"bindings": self.table.to_json(), "binding_ids": self.bu_seen.to_json()})
 
     # ---- binding lifetime (F8) ---------------------------------------------------------------
     async def lifetime_loop(self) -> None:
@@ -244,28 +249,50 @@ class CorrespondentGateway:
         self.answer(bu, status, addr, lifetime)
 
     async def process_update(self, bu: mip.BindingUpdate, raw: bytes, src: str) -> tuple[Status, int]:
+        """Check and apply one Binding Update (``raw`` as received from ``src``); the answer
+        (status, lifetime). Only what the HA's authenticator covers is read, and only an
+        update that covers all of it (134 otherwise) with a fresh identification (133) is
+        applied; a duplicate of the last one accepted from that HA for that home address (a
+        retransmission, byte for byte) gets the same answer again and changes nothing."""
         hoa = str(bu.home_address)
+        checked = self.ha_peers.authenticate(raw, src)
+        if checked is None:
+            nai_ext = bu.find(mip.NAIExtension)  # not authenticated: for the log line only
+            log.warning("bu.auth_failed", src=src, mn=nai_ext.nai if nai_ext else hoa)
+            return Status.AUTHENTICATION_FAILED, 0
+        assert isinstance(checked.message, mip.BindingUpdate)
+        bu = checked.message  # from here on: nothing the authenticator does not cover
         nai_ext = bu.find(mip.NAIExtension)
         nai = nai_ext.nai if nai_ext else hoa
-        if self.ha_peers.authentic(raw, src) is None:
-            log.warning("bu.auth_failed", src=src, mn=nai)
-            return Status.AUTHENTICATION_FAILED, 0
+        if checked.trailing:
+            self.counters["bu_unauthenticated_extensions"] += 1
+            log.warning("bu.unauthenticated_extensions", src=src, mn=nai, id=hex(bu.identification or 0),
+                        extensions=checked.trailing)
+            return Status.POORLY_FORMED_UPDATE, 0
         now = time.time()
-        current = self.table.bindings.get(hoa)
-        if current is not None and current.home_agent == src and current.identification == bu.identification:
-            log.info("bu.duplicate", mn=nai, id=hex(bu.identification or 0))  # a retransmission: same answer
-            return Status.ACCEPTED, bu.lifetime
-        last = current.identification if current is not None and current.home_agent == src else None
-        if bu.identification is None or not mip.identification_acceptable(last, bu.identification, now,
-                                                                            self.config.replay_window):
-            log.warning("bu.replay_or_clock", mn=nai, src=src, id=hex(bu.identification or 0))
+        key = (src, hoa)
+        fresh, answer = self.bu_seen.check(key, bu.identification, raw, now)
+        if fresh is Fresh.DUPLICATE:
+            assert answer is not None
+            self.counters["bu_duplicate"] += 1
+            log.info("bu.duplicate", mn=nai, src=src, id=hex(bu.identification or 0), status=answer[0])
+            return Status(answer[0]), answer[1]
+        if fresh is Fresh.FULL:
+            log.warning("bu.refused", mn=nai, src=src, reason="replay window full")
+            return Status.INSUFFICIENT_RESOURCES, 0
+        if fresh is not Fresh.FRESH or bu.identification is None:
+            self.counters["bu_replayed"] += 1
+            log.warning("bu.replay_or_clock", mn=nai, src=src, id=hex(bu.identification or 0), reason=fresh.value)
             return Status.IDENTIFICATION_MISMATCH, 0
         if bu.flags & (mip.BUFlag.M | mip.BUFlag.G):
             return Status.ENCAPSULATION_UNAVAILABLE, 0
         log.info("bu.received", mn=nai, src=src, hoa=hoa, coa=bu.care_of_address, lifetime=bu.lifetime,
                  id=hex(bu.identification))
+        current = self.table.bindings.get(hoa)
         if bu.is_deletion:
             old = self.table.remove(hoa)
+            # Spent, and kept after the binding: the deleted binding's updates cannot come back.
+            self.bu_seen.accept(key, bu.identification, raw, (Status.ACCEPTED, 0))
             self.persist()
             if self.mavpn is not None:
                 await self.mavpn.remove_user(old.nai if old else nai)
@@ -289,9 +316,13 @@ class CorrespondentGateway:
                 await self.mavpn.apply(nai, infos)  # a new FA: the path to the old one goes
             except Exception as exc:  # the backend's failure is the HA's answer, not our crash
                 log.error("bu.path_failed", mn=nai, reason=type(exc).__name__)
+                # Acted on (paths may have changed): spent, its retransmissions get this answer.
+                self.bu_seen.accept(key, bu.identification, raw, (Status.PATH_SETUP_FAILED, 0))
+                self.persist()
                 return Status.PATH_SETUP_FAILED, 0
         previous = current
         binding = self.table.update(nai, hoa, str(bu.care_of_address), src, bu.lifetime, bu.identification, now)
+        self.bu_seen.accept(key, bu.identification, raw, (Status.ACCEPTED, bu.lifetime))
         self.persist()
         log.info("binding.updated" if previous else "binding.created", mn=nai, hoa=hoa, coa=binding.care_of_address,
                  lifetime=bu.lifetime, ha=src,

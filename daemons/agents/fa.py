@@ -16,7 +16,7 @@ from typing import Any
 
 from daemons.aaa import application
 from daemons.agents.advertiser import Advertiser
-from daemons.agents.binding import BindingClient, BindingEvents, BindingPeers, Retransmit
+from daemons.agents.binding import BindingClient, BindingEvents, BindingPeers, Fresh, ReplayWindow, Retransmit
 from daemons.agents.datagrams import dispatch
 from daemons.agents.routing import AccessGuard, VisitorRoutes
 from daemons.diameter.node import DiameterNode, DiameterTimeout, DiameterUnavailable, wait_for_peers
@@ -25,7 +25,7 @@ from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import UdpEndpoint
 from daemons.runtime.secret import Secret
-from daemons.runtime.tasks import background
+from daemons.runtime.tasks import KeyedLocks, background
 from daemons.store.state import StateFile, dataclass_record, float_record
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
@@ -88,8 +88,12 @@ class ForeignAgent:
         self.ha_keys = {str(ha.address): ha for ha in config.home_agents}
         self.fa_keys = {str(fa.address): fa for fa in config.peer_agents}
         self.fa_peers = BindingPeers(self.fa_keys)
+        # Binding Updates from the neighbouring FAs: the last identification per (FA, home address).
+        self.bu_seen = ReplayWindow(config.replay_window)
+        self.bu_locks = KeyedLocks()
         self.counters: dict[str, int] = {"received": 0, "malformed": 0, "relayed": 0, "accepted": 0,
-                                         "denied": 0}
+                                         "denied": 0, "bu_received": 0, "bu_accepted": 0, "bu_rejected": 0,
+                                         "bu_replayed": 0, "bu_duplicate": 0, "bu_unauthenticated_extensions": 0}
         # F6 Binding Updates to the previous FA: log lines name it "to" (sent) and "src" (acknowledged).
         self.binding = BindingClient(self.fa_peers, log, self.counters, BindingEvents(peer="to", ack_peer="src"))
         self.state = StateFile(config.state_dir / "visitors.json")
@@ -124,7 +128,9 @@ class ForeignAgent:
         while we were down are dropped."""
         now = time.time()
         saved = self.state.load_records({"visitors": lambda _, r: dataclass_record(Visitor, r),
-                                         "forwards": lambda _, v: float_record(v)})
+                                         "forwards": lambda _, v: float_record(v),
+                                         "binding_ids": lambda _, r: ReplayWindow.record(r)})
+        self.bu_seen.load(saved["binding_ids"].values(), now)
         self.visitors = {v.home_address: v for v in saved["visitors"].values() if v.expires > now}
         self.forwards = {nai: t for nai, t in saved["forwards"].items() if t > now}
         # A live visitor's forwarding path that ran out: the path goes, the visitor stays.
@@ -154,7 +160,8 @@ class ForeignAgent:
         return self.mavpn.reconcile(self.live_users(), lapsed)
 
     def persist(self) -> None:
-        self.state.save({"visitors": {k: asdict(v) for k, v in self.visitors.items()}, "forwards": self.forwards})
+        self.state.save({"visitors": {k: asdict(v) for k, v in self.visitors.items()}, "forwards": self.forwards,
+                         "binding_ids": self.bu_seen.to_json()})
 
     async def expire_loop(self) -> None:
         while True:
@@ -445,8 +452,10 @@ class ForeignAgent:
 
     # ---- the previous FA (smooth handoff, F6) --------------------------------------------
     def previous_agent(self, pending: Pending) -> str | None:
-        """The FA the MN names as its previous one, if that is another FA we share a key with."""
-        previous = mip.previous_fa(pending.rrq.extensions)
+        """The FA the MN names as its previous one, if that is another FA we share a key with.
+        Read only where the MN-HA authenticator covers it (the MN puts it there; the HA
+        verifies it): one appended after the authenticators is nobody's word."""
+        previous = mip.previous_fa(mip.covered(pending.rrq, mip.EXT_MN_HA_AUTH).extensions)
         if previous is None or previous == self.config.care_of_address:
             return None
         if str(previous) not in self.fa_keys:
@@ -520,27 +529,71 @@ class ForeignAgent:
 
     async def on_binding_update(self, bu: mip.BindingUpdate, raw: bytes, addr: tuple[str, int]) -> None:
         """The MN moved on to the FA that sends this: forget it here (and, with VPN paths,
-        forward to the new FA for a short while: F6)."""
-        peer = self.fa_peers.authentic(raw, addr[0])
+        forward to the new FA for a short while: F6). Acted on only when a neighbouring FA's
+        authenticator covers all of it (else 131, or 134 for extensions after it) and its
+        identification is fresh (else 133); a duplicate of the last update accepted from that
+        FA for that home address is answered as it was and changes nothing."""
+        self.counters["bu_received"] += 1
+        src, hoa = addr[0], str(bu.home_address)
+        checked = self.fa_peers.authenticate(raw, src)
+        lifetime = bu.lifetime
+        if checked is None:
+            nai_ext = bu.find(mip.NAIExtension)  # not authenticated: for the log line only
+            log.warning("bu.auth_failed", src=src, mn=nai_ext.nai if nai_ext else None)
+            status: mip.BindingStatus | int = mip.BindingStatus.AUTHENTICATION_FAILED
+        elif checked.trailing:
+            nai_ext = checked.message.find(mip.NAIExtension)
+            self.counters["bu_unauthenticated_extensions"] += 1
+            log.warning("bu.unauthenticated_extensions", src=src, mn=nai_ext.nai if nai_ext else None,
+                        id=hex(bu.identification or 0), extensions=checked.trailing)
+            status = mip.BindingStatus.POORLY_FORMED_UPDATE
+        else:
+            assert isinstance(checked.message, mip.BindingUpdate)
+            async with self.bu_locks.hold(hoa):  # one update per home address at a time: checked, then recorded
+                status, lifetime = await self.take_binding_update(checked.message, checked.peer.key, raw, src)
+        self.counters["bu_accepted" if status == mip.BindingStatus.ACCEPTED else "bu_rejected"] += 1
+        assert self.udp is not None
+        self.fa_peers.acknowledge(self.udp, bu, status, addr, lifetime=lifetime)
+
+    async def take_binding_update(self, bu: mip.BindingUpdate, fa_fa_key: Secret, raw: bytes,
+                                  src: str) -> tuple[mip.BindingStatus | int, int]:
+        """An authenticated Binding Update (only what its authenticator covers) from the FA at
+        ``src``: replay check, then act on it. Returns the answer: (status, lifetime)."""
         nai_ext = bu.find(mip.NAIExtension)
         nai = nai_ext.nai if nai_ext else None
-        if peer is None:
-            log.warning("bu.auth_failed", src=addr[0], mn=nai)
-            status = mip.BindingStatus.AUTHENTICATION_FAILED
-        else:
-            log.info("bu.received", src=addr[0], mn=nai, hoa=bu.home_address, new_coa=bu.care_of_address)
-            # A registration of that MN still in flight here (a late retransmission) is void:
-            # the MN is gone; its answer must not bring the visitor back.
-            for key in [k for k in self.pending if k[0] == str(bu.home_address)]:
-                stale = self.pending.pop(key)
-                if stale.timer:
-                    stale.timer.cancel()
-                log.info("rrq.abandoned", mn=stale.nai, id=hex(stale.rrq.identification), reason="MN moved on")
-            status = await self.forward_for(bu, nai, peer.key, addr[0])
-            await self.remove_visitor(str(bu.home_address), f"moved to {bu.care_of_address}",
-                                      keep_paths=status is mip.BindingStatus.ACCEPTED and nai in self.forwards)
-        assert self.udp is not None
-        self.fa_peers.acknowledge(self.udp, bu, status, addr, lifetime=bu.lifetime)
+        hoa = str(bu.home_address)
+        key = (src, hoa)
+        fresh, answer = self.bu_seen.check(key, bu.identification, raw, time.time())
+        if fresh is Fresh.DUPLICATE:
+            assert answer is not None
+            self.counters["bu_duplicate"] += 1
+            log.info("bu.duplicate", src=src, mn=nai, id=hex(bu.identification or 0), status=answer[0])
+            return answer
+        if fresh is Fresh.FULL:
+            log.warning("bu.refused", src=src, mn=nai, reason="replay window full")
+            return mip.BindingStatus.INSUFFICIENT_RESOURCES, bu.lifetime
+        if fresh is not Fresh.FRESH or bu.identification is None:
+            self.counters["bu_replayed"] += 1
+            log.warning("bu.replay_or_clock", src=src, mn=nai, id=hex(bu.identification or 0), reason=fresh.value)
+            return mip.BindingStatus.IDENTIFICATION_MISMATCH, bu.lifetime
+        # Spent before anything changes (it is persisted with the visitors, below or by remove_visitor).
+        self.bu_seen.accept(key, bu.identification, raw)
+        had_visitor = hoa in self.visitors
+        log.info("bu.received", src=src, mn=nai, hoa=bu.home_address, new_coa=bu.care_of_address)
+        # A registration of that MN still in flight here (a late retransmission) is void:
+        # the MN is gone; its answer must not bring the visitor back.
+        for pending_key in [k for k in self.pending if k[0] == hoa]:
+            stale = self.pending.pop(pending_key)
+            if stale.timer:
+                stale.timer.cancel()
+            log.info("rrq.abandoned", mn=stale.nai, id=hex(stale.rrq.identification), reason="MN moved on")
+        status = await self.forward_for(bu, nai, fa_fa_key, src)
+        await self.remove_visitor(hoa, f"moved to {bu.care_of_address}",
+                                  keep_paths=status is mip.BindingStatus.ACCEPTED and nai in self.forwards)
+        self.bu_seen.answered(key, bu.identification, status, bu.lifetime)
+        if not had_visitor:  # remove_visitor saved nothing: the identification must survive a restart too
+            self.persist()
+        return status, bu.lifetime
 
     async def forward_for(self, bu: mip.BindingUpdate, nai: str | None, fa_fa_key: Secret,
                           new_fa: str) -> mip.BindingStatus:

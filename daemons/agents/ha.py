@@ -26,7 +26,7 @@ from typing import Any
 
 from daemons.aaa import application
 from daemons.agents.advertiser import Advertiser
-from daemons.agents.binding import BindingClient, BindingEvents, BindingPeers, Retransmit
+from daemons.agents.binding import BindingClient, BindingEvents, BindingPeers, Fresh, ReplayWindow, Retransmit
 from daemons.agents.routing import HomeLink
 from daemons.diameter.node import DiameterError, DiameterNode
 from daemons.runtime.config import HAConfig, MobileNodeEntry, PeerAgent
@@ -89,10 +89,14 @@ class HomeAgent:
         self.cn_paths: dict[str, list[VpnInfo]] = {}
         self.cn_state = StateFile(config.state_dir / "cngw-paths.json")
         self.cngw_peers = BindingPeers(self.cngw_keys)
+        # Binding Requests: the last identification per (CN-GW, home address). Not persisted: a
+        # request replayed across our restart only gets the binding as it stands.
+        self.br_seen = ReplayWindow(config.replay_window)
         self.bindings: dict[str, Binding] = {}
         self.last_ident: dict[str, int] = {}  # per home address: replay protection
         self.counters: dict[str, int] = {"received": 0, "malformed": 0, "accepted": 0, "denied": 0, "bu_sent": 0,
-                                         "ba_received": 0, "br_received": 0}
+                                         "ba_received": 0, "br_received": 0, "br_replayed": 0,
+                                         "br_unauthenticated_extensions": 0}
         # Binding Updates to the dynamic CN-GWs: log lines name the gateway "cngw".
         self.binding = BindingClient(self.cngw_peers, log, self.counters, BindingEvents(
             peer="cngw", ack_peer="cngw", ack_lifetime=True, unacknowledged_id=True, sent_counter="bu_sent",
@@ -264,7 +268,9 @@ class HomeAgent:
             self.counters["malformed"] += 1
             log.warning("rrq.unexpected", src=source, type=type(rrq).__name__)
             return None
-        nai_ext = rrq.find(mip.NAIExtension)
+        # Only what the MN-HA authenticator covers is the MN's word (RFC 5944 §3.6.1.3: what the
+        # HA uses precedes it; what follows is the FA's or nobody's): the NAI is read there.
+        nai_ext = mip.covered(rrq, mip.EXT_MN_HA_AUTH).find(mip.NAIExtension)
         nai = nai_ext.nai if nai_ext else None
         entry = self.by_nai.get(nai) if nai else None
         entry = entry or self.by_hoa.get(str(rrq.home_address))
@@ -409,16 +415,32 @@ class HomeAgent:
 
     async def on_binding_request(self, br: mip.BindingRequest, raw: bytes, addr: tuple[str, int]) -> None:
         """F8: a CN-GW's binding is running out. Still bound: a Binding Update with what is left
-        of the registration; otherwise no answer (the CN-GW drops the paths at expiry)."""
+        of the registration; otherwise no answer (the CN-GW drops the paths at expiry). A
+        request is answered only if the CN-GW's authenticator covers all of it and its
+        identification is fresh (later than the last one from that CN-GW for that home
+        address, within the window): anything else is dropped and counted (no message
+        answers a Binding Request's refusal)."""
         gateway = addr[0]
-        now = time.time()
-        if self.cngw_peers.authentic(raw, gateway) is None \
-                or not mip.identification_acceptable(None, br.identification, now, self.config.replay_window):
-            self.counters["malformed"] += 1
-            log.warning("br.rejected", src=gateway, hoa=br.home_address)
-            return
-        self.counters["br_received"] += 1
         hoa = str(br.home_address)
+        now = time.time()
+        checked = self.cngw_peers.authenticate(raw, gateway)
+        if checked is None:
+            self.counters["malformed"] += 1
+            log.warning("br.rejected", src=gateway, hoa=hoa)
+            return
+        if checked.trailing:
+            self.counters["br_unauthenticated_extensions"] += 1
+            log.warning("br.unauthenticated_extensions", src=gateway, hoa=hoa, id=hex(br.identification),
+                        extensions=checked.trailing)
+            return
+        key = (gateway, hoa)
+        fresh, _ = self.br_seen.check(key, br.identification, raw, now)
+        if fresh is not Fresh.FRESH:  # a duplicate too: the CN-GW never sends the same request twice
+            self.counters["br_replayed"] += 1
+            log.warning("br.replay_or_clock", src=gateway, hoa=hoa, id=hex(br.identification), reason=fresh.value)
+            return
+        self.br_seen.accept(key, br.identification, raw)
+        self.counters["br_received"] += 1
         binding = self.bindings.get(hoa)
         infos = by_gateway(self.cn_paths.get(hoa, [])).get(gateway, [])
         remaining = binding.remaining(now) if binding is not None else 0

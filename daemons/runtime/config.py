@@ -123,6 +123,7 @@ class FAConfig(Common):
     care_of_address: ipaddress.IPv4Address = NO_ADDRESS
     advertisement_interval: float = 1.0
     max_lifetime: int = 300
+    replay_window: float = 7.0  # seconds, as the HA's: Binding Update timestamps from other FAs (RFC 5944 §5.7)
     challenge: bool = True
     challenge_window: int = 8  # how many recent advertisement challenges are accepted
     registration_timeout: float = 5.0  # no reply from the HA (or AAA) by then: code 78

@@ -31,7 +31,9 @@ from daemons.wire.mip import (
     RegistrationRequest,
     ReplyCode,
     append_authenticator,
+    authenticated,
     compute_authenticator,
+    covered,
     decode_message,
     previous_fa_extension,
     registration_request,
@@ -228,6 +230,28 @@ def test_fa_relay_flow_on_raw_bytes():
     assert strip_after(relayed, EXT_MN_HA_AUTH) == wire[: 24 + 19 + 10 + 22]
     with pytest.raises(ValueError):
         strip_after(base_rrq().encode(), EXT_MN_HA_AUTH)
+
+
+def test_authenticated_and_covered_leave_out_what_follows_the_authenticator():
+    """RFC 5944 §3.5: an authenticator covers what precedes it. What an attacker appends after
+    it does not break verification (the covered bytes are intact) and must not be read:
+    ``authenticated`` returns the message only as far as the authenticator."""
+    wire = full_chain()  # NAI, challenge, MN-HA, MN-AAA, MN-FA
+    appended = wire + previous_fa_extension("198.18.0.99").encode() + NAIExtension("mallory@x").encode()
+    assert verify(appended, EXT_MN_HA_AUTH, MN_HA)  # still true: say what is covered, not only "ok"
+    mine = authenticated(appended, EXT_MN_HA_AUTH, MN_HA)
+    assert mine is not None and [type(e) for e in mine.extensions] == [
+        NAIExtension, MNFAChallengeExtension, MNHAAuthExtension]
+    assert mine.encode() == strip_after(wire, EXT_MN_HA_AUTH)  # exactly the covered bytes
+    assert authenticated(appended, EXT_MN_HA_AUTH, Secret(b"wrong")) is None
+    assert authenticated(appended, EXT_MN_HA_AUTH, MN_HA, spi=0xBAD) is None
+    whole = authenticated(appended, EXT_MN_FA_AUTH, MN_FA)
+    assert whole is not None and len(whole.extensions) == 5 == len(decode_message(appended).extensions) - 2
+    # covered(): the same cut without a key (the HA looks the NAI up before it verifies).
+    msg = decode_message(appended)
+    assert covered(msg, EXT_MN_HA_AUTH) == mine and len(msg.extensions) == 7  # the original is left alone
+    assert covered(msg, EXT_FA_HA_AUTH).extensions == []  # no such authenticator: nothing is covered
+    assert covered(msg, EXT_GEN_AUTH).extensions[-1] == decode_message(wire).extensions[3]
 
 
 def test_append_equals_sign():

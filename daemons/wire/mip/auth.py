@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import struct
+from dataclasses import replace
 from typing import TypeVar
 
 from daemons.runtime.secret import Secret
@@ -63,8 +64,10 @@ from .messages import Message, decode_message_with_offsets
 __all__ = [
     "AUTH_EXTENSION_TYPES",
     "append_authenticator",
+    "authenticated",
     "authenticator_location",
     "compute_authenticator",
+    "covered",
     "sign",
     "strip_after",
     "verify",
@@ -165,20 +168,57 @@ def sign(
     return message.with_extensions(cls(spi=spi, authenticator=auth))  # type: ignore[call-arg]
 
 
+def _index(extensions: list[Extension], ext_type: int) -> int | None:
+    """Index of the first authentication extension of ``ext_type`` in ``extensions``."""
+    want = AUTH_EXTENSION_TYPES.get(ext_type)
+    if want is None:
+        raise ValueError(f"{ext_type} is not an authentication extension type")
+    for i, ext in enumerate(extensions):
+        if type(ext) is want and (
+            not isinstance(ext, GeneralizedAuthExtension) or ext.subtype == GEN_AUTH_SUBTYPE_MN_AAA
+        ):
+            return i
+    return None
+
+
 def _locate(
     raw: bytes, ext_type: int
 ) -> tuple[Message, int, int] | None:
     """(message, index, offset) of the first authentication extension of ``ext_type``."""
     msg, offsets = decode_message_with_offsets(raw)
-    want = AUTH_EXTENSION_TYPES.get(ext_type)
-    if want is None:
-        raise ValueError(f"{ext_type} is not an authentication extension type")
-    for i, (ext, off) in enumerate(zip(msg.extensions, offsets, strict=True)):
-        if type(ext) is want and (
-            not isinstance(ext, GeneralizedAuthExtension) or ext.subtype == GEN_AUTH_SUBTYPE_MN_AAA
-        ):
-            return msg, i, off
-    return None
+    index = _index(msg.extensions, ext_type)
+    return None if index is None else (msg, index, offsets[index])
+
+
+def _verified(
+    raw: bytes,
+    ext_type: int,
+    key: Secret,
+    spi: int | None,
+    challenge: bytes | None,
+) -> tuple[Message, int] | None:
+    """(message, index of the authentication extension) if it verifies, else None."""
+    found = _locate(raw, ext_type)
+    if found is None:
+        return None
+    msg, index, off = found
+    ext = msg.extensions[index]
+    if not isinstance(ext, AuthExtension | GeneralizedAuthExtension):  # pragma: no cover
+        return None
+    if spi is not None and ext.spi != spi:
+        return None
+    if challenge is None and ext_type == EXT_GEN_AUTH and ext.spi == CHAP_SPI:
+        challenge = _last_challenge(msg, index)
+        if challenge is None:
+            return None
+    covered_bytes = raw[: off + ext.HEADER_LEN + 4]
+    try:
+        expected = compute_authenticator(
+            covered_bytes, key, ext_type=ext_type, spi=ext.spi, challenge=challenge
+        )
+    except ValueError:
+        return None
+    return (msg, index) if hmac.compare_digest(expected, ext.authenticator) else None
 
 
 def verify(
@@ -194,29 +234,45 @@ def verify(
     False if that extension is absent, its SPI differs from ``spi`` (when given), or the
     authenticator does not match. Raises DecodeError if ``raw`` is not a valid message.
     For MN-AAA with CHAP_SPI the challenge defaults to the MN-FA Challenge preceding it.
+
+    True says nothing about extensions *after* the authentication extension: they are not
+    covered. Read what a verified message says from :func:`authenticated` (or
+    :func:`covered`), never from the whole decoded message.
     """
-    raw = bytes(raw)
-    found = _locate(raw, ext_type)
+    return _verified(bytes(raw), ext_type, key, spi, challenge) is not None
+
+
+def covered(message: MsgT, ext_type: int) -> MsgT:
+    """``message`` with only the extensions its first authentication extension of ``ext_type``
+    covers (RFC 5944 §3.5: everything before it), that extension included; what follows
+    is left out. Without such an extension nothing is covered: no extensions at all.
+
+    For a receiver that reads a message whose authenticator someone else checks (the FA
+    reading what the MN-HA authenticator covers, which the HA verifies), or that looks up the
+    key by a field of the message before verifying (the HA reading the NAI): once that
+    authenticator verifies, exactly these extensions are authentic."""
+    index = _index(message.extensions, ext_type)
+    return replace(message, extensions=[] if index is None else message.extensions[: index + 1])  # type: ignore[type-var]
+
+
+def authenticated(
+    raw: bytes,
+    ext_type: int,
+    key: Secret,
+    *,
+    spi: int | None = None,
+    challenge: bytes | None = None,
+) -> Message | None:
+    """The message in the raw received bytes as its first authenticator of ``ext_type``
+    vouches for it: decoded, with the extensions up to and including that authentication
+    extension only (whatever followed it is not authenticated and is left out), or None when
+    :func:`verify` would be False. Compare its extensions with the whole message's to tell
+    whether anything followed the authenticator."""
+    found = _verified(bytes(raw), ext_type, key, spi, challenge)
     if found is None:
-        return False
-    msg, index, off = found
-    ext = msg.extensions[index]
-    if not isinstance(ext, AuthExtension | GeneralizedAuthExtension):  # pragma: no cover
-        return False
-    if spi is not None and ext.spi != spi:
-        return False
-    if challenge is None and ext_type == EXT_GEN_AUTH and ext.spi == CHAP_SPI:
-        challenge = _last_challenge(msg, index)
-        if challenge is None:
-            return False
-    covered = raw[: off + ext.HEADER_LEN + 4]
-    try:
-        expected = compute_authenticator(
-            covered, key, ext_type=ext_type, spi=ext.spi, challenge=challenge
-        )
-    except ValueError:
-        return False
-    return hmac.compare_digest(expected, ext.authenticator)
+        return None
+    msg, index = found
+    return replace(msg, extensions=msg.extensions[: index + 1])  # type: ignore[type-var]
 
 
 def strip_after(raw: bytes, ext_type: int) -> bytes:

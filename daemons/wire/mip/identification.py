@@ -15,6 +15,7 @@ __all__ = [
     "NTP_UNIX_OFFSET",
     "clock_offset",
     "identification_acceptable",
+    "identification_expired",
     "identification_time",
     "ntp_identification",
     "reply_identification",
@@ -59,6 +60,14 @@ def identification_acceptable(
     if abs(t - now) > window_s:
         return False
     return last is None or _ticks(new, now) > _ticks(last, now)
+
+
+def identification_expired(last: int, now: float, window_s: float = 7.0) -> bool:
+    """True once :func:`identification_acceptable` refuses, on the time window alone, every
+    Identification not later than ``last``: ``last``'s timestamp lies more than ``window_s``
+    seconds before ``now``. From then on a receiver need not remember ``last`` (its record of
+    the last accepted Identification can go: replays of it or of anything earlier are stale)."""
+    return identification_time(last, now) + window_s < now
 
 
 def reply_identification(request_ident: int, now: float, *, accepted: bool = True) -> int:
