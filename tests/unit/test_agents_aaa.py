@@ -159,7 +159,7 @@ def test_fa_ends_the_session_with_an_str(tmp_path: Path) -> None:
 # ---- the HA --------------------------------------------------------------------------------------
 
 
-AAAH_PEER = Peer("aaah.home", "home", sources=(IPv4Network("198.18.0.6/32"),))  # as the engine identified it
+AAAH_PEER = Peer("aaah.home", "home")  # the connection's peer, as the Diameter engine identified it
 
 
 def ha_with(tmp: Path) -> HomeAgent:

@@ -37,9 +37,9 @@ OTHER = "127.0.0.2"  # another source address on the loopback interface
 AAAH, FA1, FA2, AGENT = "aaah.home.example", "fa1.visit-a.example", "fa2.visit-a.example", "aaaf.visit-a.example"
 
 
-async def raw_from(source: str, port: int) -> RawPeer:
-    """A raw peer whose connection comes from ``source``."""
-    return RawPeer(*await asyncio.open_connection(LO, port, local_addr=(source, 0)))
+async def raw_from(source: str, port: int, to: str = LO) -> RawPeer:
+    """A raw peer whose connection (to ``to``:``port``) comes from ``source``."""
+    return RawPeer(*await asyncio.open_connection(to, port, local_addr=(source, 0)))
 
 
 async def closed_soon(raw: RawPeer, timeout: float = 2.0) -> bool:  # noqa: ASYNC109
