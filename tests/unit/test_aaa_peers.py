@@ -21,14 +21,21 @@ from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from daemons.aaa.aaaf import ForeignAAAServer
 from daemons.aaa.aaah import HomeAAAServer
 from daemons.agents.ha import HomeAgent
 from daemons.diameter.node import DiameterNode
+from daemons.diameter.setup import diameter_node
+from daemons.roles import load_config
 from daemons.runtime.config import (
     AAAFConfig,
     AcceptedPeer,
+    ConfigError,
+    DiameterLimits,
     DiameterPeer,
+    FAConfig,
     HAConfig,
     MobileNodeEntry,
     SecurityAssociation,
@@ -268,3 +275,57 @@ def test_aaaf_takes_amrs_only_from_its_fas(tmp_path: Path) -> None:
                 await aaaf.stop()
 
     run(main())
+
+
+# ---- configuration ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("change", "field", "problem"), [
+    ({"accept_peers": [AcceptedPeer(AAAF_HOST, VISIT, [])]}, "accept_peers[0].addresses", "at least one address"),
+    ({"accept_peers": [AcceptedPeer(AAAF_HOST, VISIT, LOOPBACK), AcceptedPeer(AAAF_HOST.upper(), VISIT, LOOPBACK)]},
+     "accept_peers[1].host", "already configured as accept_peers[0]"),
+    ({"accept_peers": [AcceptedPeer(HA_HOST, HOME, LOOPBACK)]}, "accept_peers[0].host",
+     "already configured as home_agents[0]"),
+    ({"accept_peers": [AcceptedPeer(AAAH_HOST, HOME, LOOPBACK)]}, "accept_peers[0].host", "own Diameter identity"),
+    ({"diameter_limits": DiameterLimits(max_message=1000)}, "diameter_limits.max_message", "between 4096"),
+    ({"diameter_limits": DiameterLimits(pending_per_peer=0)}, "diameter_limits.pending_per_peer", "at least 1"),
+    ({"diameter_limits": DiameterLimits(connections_per_source=0)}, "diameter_limits.connections_per_source",
+     "at least 1"),
+], ids=["no-address", "twice", "also-dialled", "itself", "tiny-message", "no-pending", "no-connection"])
+def test_diameter_peer_configuration_errors_name_the_field(tmp_path: Path, change: dict[str, Any], field: str,
+                                                            problem: str) -> None:
+    config = dataclasses.replace(aaah_config(tmp_path, "sqlite:///x.db", 3868), **change)
+    with pytest.raises(ConfigError) as err:
+        HomeAAAServer(config)
+    assert str(err.value).startswith(f"aaah (aaah): {field}: "), str(err.value)
+    assert problem in str(err.value)
+
+
+def test_an_fa_accepts_no_diameter_peer_and_files_load_the_new_fields(tmp_path: Path) -> None:
+    path = tmp_path / "aaaf.yaml"
+    path.write_text("role: aaaf\nnode: aaaf1\nstate_dir: /tmp/x\ncontrol_socket: /tmp/x.sock\n"
+                    "diameter_host: aaaf1.visit-a.example\ndiameter_realm: visit-a.example\naddress: 127.0.0.1\n"
+                    "home_servers: [{host: core.relay.example, realm: relay.example, address: 198.18.0.1,\n"
+                    "                source_addresses: [198.18.0.9], routes: [home.example]}]\n"
+                    "accept_peers: [{host: fa1.visit-a.example, realm: visit-a.example,\n"
+                    "                addresses: [198.18.0.14, 198.18.101.0/24]}]\n"
+                    "diameter_limits: {max_message: 8192}\n")
+    config = load_config(path)
+    assert isinstance(config, AAAFConfig)
+    (fa,) = config.accept_peers
+    assert [str(a) for a in fa.addresses] == ["198.18.0.14/32", "198.18.101.0/24"] and not fa.agent
+    assert config.home_servers[0].routes == ["home.example"] and config.diameter_limits.max_message == 8192
+    assert not config.diameter_accept_unknown_peers
+    aaaf = ForeignAAAServer(dataclasses.replace(config, state_dir=tmp_path / "s", control_socket=tmp_path / "c"))
+    relay = aaaf.diameter.peers["core.relay.example"]
+    assert relay.may_connect_from(IPv4Address("198.18.0.9")) and relay.may_connect_from(IPv4Address("198.18.0.1"))
+    assert not relay.may_connect_from(IPv4Address("198.18.0.10"))
+    assert aaaf.diameter.settings.max_frame == 8192
+    path.write_text(path.read_text().replace("addresses: [198.18.0.14, 198.18.101.0/24]", "addresses: [nope]"))
+    with pytest.raises(ConfigError, match=r"accept_peers\[0\]\.addresses\[0\]: malformed"):
+        load_config(path)
+    fa_config = FAConfig(node="fa1", role="fa", state_dir=tmp_path / "fa", control_socket=tmp_path / "fa.sock",
+                         diameter_host=FA_HOST, diameter_realm=VISIT, care_of_address=IPv4Address(LO),
+                         accept_peers=[AcceptedPeer(AAAF_HOST, VISIT, LOOPBACK)])
+    with pytest.raises(ConfigError, match=r"fa1 \(fa\): accept_peers: the fa does not listen"):
+        diameter_node(fa_config, host_ip_addresses=[LO])
