@@ -21,7 +21,9 @@ import time
 
 from daemons.aaa import application
 from daemons.aaa.sessions import Session, SessionStore
-from daemons.diameter.node import DiameterNode, wait_for_peers
+from daemons.diameter.node import wait_for_peers
+from daemons.diameter.peer import Peer
+from daemons.diameter.setup import Dial, diameter_node
 from daemons.runtime.config import AAAFConfig, ConfigError
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
@@ -40,17 +42,22 @@ class ForeignAAAServer:
         self.config = config
         self.store = SessionStore(config.state_dir / "sessions.json")
         self.counters: dict[str, int] = {"amr_relayed": 0, "ama_success": 0, "ama_failure": 0, "cached": 0,
-                                         "answered_locally": 0}
+                                         "answered_locally": 0, "request_refused": 0}
         self.control = ControlServer(config.control_socket)
-        self.diameter = DiameterNode(config.diameter_host, config.diameter_realm,
-                                     host_ip_addresses=(str(config.address),), listen_address=str(config.address),
-                                     listen_port=config.port, relay_timeout=config.relay_timeout)
+        # We dial the home AAA servers (or relays); the FAs of accept_peers dial us, nobody else.
+        self.diameter = diameter_node(
+            config, host_ip_addresses=(str(config.address),), listen_address=str(config.address),
+            listen_port=config.port, relay_timeout=config.relay_timeout,
+            dial=[Dial.of(f"home_servers[{i}]", s) for i, s in enumerate(config.home_servers)])
         for server in config.home_servers:
-            self.diameter.add_peer(server.host, server.realm, str(server.address), server.port)
-            self.diameter.add_route(server.realm, server.host)
-        # Hooks on what we relay, in this order: count and log every AMR (answered here or not),
-        # answer intra-domain moves and STRs ourselves, cache VPN info from each AMA.
+            for realm in server.routes or [server.realm]:
+                self.diameter.add_route(realm, server.host)
+        self.fa_peers = {p.host.lower() for p in config.accept_peers if not p.agent}
+        # Hooks on what we relay, in this order: refuse AMRs and STRs from anyone but our FAs,
+        # count and log every AMR (answered here or not), answer intra-domain moves and STRs
+        # ourselves, cache VPN info from each AMA.
         app = application.APPLICATION_ID
+        self.diameter.add_forward_hook(self.refuse_unless_from_fa, application_id=app)
         self.diameter.observe(app, application.AMR_COMMAND, on_request=self.on_amr, on_answer=self.on_ama)
         self.diameter.intercept(app, application.AMR_COMMAND, self.answer_intra_domain_move)
         self.diameter.intercept(app, application.STR_COMMAND, self.end_session)
@@ -65,7 +72,8 @@ class ForeignAAAServer:
         await wait_for_peers(self.diameter, [s.host for s in self.config.home_servers])
         await self.control.start()
         log.info("aaaf.ready", host=self.config.diameter_host, realm=self.config.diameter_realm,
-                 port=self.diameter.port, realms=",".join(s.realm for s in self.config.home_servers),
+                 port=self.diameter.port,
+                 realms=",".join(r for s in self.config.home_servers for r in s.routes or [s.realm]),
                  sessions=len(self.store.sessions))
 
     def restore(self) -> None:
@@ -84,6 +92,16 @@ class ForeignAAAServer:
         await serve(self.start, self.stop)
 
     # ---- what goes through -------------------------------------------------------------------
+    def refuse_unless_from_fa(self, msg: Message, peer: Peer) -> Message | None:
+        """AMRs and STRs come from our FAs (accept_peers), on their own connection: from any other
+        peer (a home server or relay we dial) they are answered 5003 and go no further."""
+        if not peer.dynamic and peer.key in self.fa_peers:
+            return None
+        self.counters["request_refused"] += 1
+        log.warning("request.refused", cmd=msg.name, mn=msg.get("User-Name"), sid=msg.session_id, peer=peer.host,
+                    reason="not an FA of this AAAF")
+        return msg.answer(ResultCode.DIAMETER_AUTHORIZATION_REJECTED, [("Error-Message", "not an FA of this AAAF")])
+
     def on_amr(self, msg: Message) -> None:
         self.counters["amr_relayed"] += 1
         log.info("amr.received", mn=msg.get("User-Name"), sid=msg.session_id, fa=msg.get("Origin-Host"),

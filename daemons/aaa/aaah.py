@@ -42,7 +42,8 @@ from typing import Any
 
 from daemons.aaa import application
 from daemons.aaa.sessions import Session, SessionStore, path_text
-from daemons.diameter.node import DiameterError, DiameterNode, DiameterUnavailable, wait_for_peers
+from daemons.diameter.node import DiameterError, DiameterUnavailable, wait_for_peers
+from daemons.diameter.setup import Dial, diameter_node
 from daemons.runtime.config import AAAHConfig, ConfigError, HomeAgentRef
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
@@ -146,15 +147,16 @@ class HomeAAAServer:
         self.spis = SpiAllocator()
         self.locks = KeyedLocks()  # one registration/binding update per user at a time
         self.counters: dict[str, int] = {"amr": 0, "auth_failed": 0, "unknown_user": 0, "har": 0, "accepted": 0,
-                                         "refused": 0, "ha_unavailable": 0, "service_updates": 0}
+                                         "refused": 0, "ha_unavailable": 0, "service_updates": 0, "amr_refused": 0}
         self.control = ControlServer(config.control_socket)
         self.profile_api: Any = None  # daemons.aaa.profileapi.ProfileApi when configured (claim 24)
-        self.diameter = DiameterNode(config.diameter_host, config.diameter_realm,
-                                     host_ip_addresses=(str(config.address),), listen_address=str(config.address),
-                                     listen_port=config.port)
-        for ha in config.home_agents:
-            self.diameter.add_peer(ha.diameter_host, config.diameter_realm, str(ha.diameter_address or ha.address),
-                                   ha.port)
+        # We dial the HAs; the AAAFs (or the relay in front of us) of accept_peers dial us, nobody else.
+        self.diameter = diameter_node(
+            config, host_ip_addresses=(str(config.address),), listen_address=str(config.address),
+            listen_port=config.port,
+            dial=[Dial(f"home_agents[{i}]", ha.diameter_host, ha.diameter_realm or config.diameter_realm,
+                       str(ha.diameter_address or ha.address), ha.port) for i, ha in enumerate(config.home_agents)])
+        self.amr_peers = {p.host.lower() for p in config.accept_peers}
         self.diameter.register_handler(application.APPLICATION_ID, application.AMR_COMMAND, self.on_amr,
                                        required=application.AMR_REQUIRED)
 
@@ -239,6 +241,12 @@ class HomeAAAServer:
     # ---- AMR ---------------------------------------------------------------------------------
     async def on_amr(self, msg: Message, peer: Any) -> Message:
         self.counters["amr"] += 1
+        if peer is None or peer.dynamic or peer.key not in self.amr_peers:
+            # Only the AAAFs and relays of accept_peers send us AMRs (an HA we dial does not).
+            self.counters["amr_refused"] += 1
+            log.warning("amr.refused", mn=msg.get("User-Name"), sid=msg.session_id,
+                        peer=None if peer is None else peer.host, reason="not a peer that may send AMRs")
+            raise DiameterError(ResultCode.DIAMETER_AUTHORIZATION_REJECTED, "not a peer of this AAAH for AMRs")
         try:
             amr = application.parse_amr(msg)
         except application.ApplicationError as exc:

@@ -20,6 +20,7 @@ from daemons.agents.binding import BindingClient, BindingEvents, BindingPeers, F
 from daemons.agents.datagrams import dispatch
 from daemons.agents.routing import AccessGuard, VisitorRoutes
 from daemons.diameter.node import DiameterNode, DiameterTimeout, DiameterUnavailable, wait_for_peers
+from daemons.diameter.setup import Dial, diameter_node
 from daemons.runtime.config import DiameterPeer, FAConfig
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
@@ -114,7 +115,8 @@ class ForeignAgent:
         if self.config.aaa is not None:
             await self.start_diameter(self.config.aaa)
         self.control.register("visitors", lambda _: self.show_visitors())
-        self.control.register("counters", lambda _: {**self.counters, **self.advertiser.counters})
+        self.control.register("counters", lambda _: {**self.counters, **self.advertiser.counters,
+                                                     **({"diameter": self.diameter.stats()} if self.diameter else {})})
         self.control.register("paths", lambda _: self.mavpn.show() if self.mavpn else [])
         self.control.register("smooth-handoff", self.set_smooth_handoff)
         await self.control.start()
@@ -286,10 +288,11 @@ class ForeignAgent:
 
     # ---- AAA (RFC 4004 AMR/AMA through the local AAA server) ------------------------------
     async def start_diameter(self, aaa: DiameterPeer) -> None:
-        """We dial our AAAF (FA → AAAF → AAAH → HA) and send every realm its way."""
-        self.diameter = DiameterNode(self.config.diameter_host, self.config.diameter_realm,
-                                     host_ip_addresses=(str(self.config.care_of_address),))
-        self.diameter.add_peer(aaa.host, aaa.realm, str(aaa.address), aaa.port)
+        """We dial our AAAF (FA → AAAF → AAAH → HA) and send every realm its way. Nobody dials
+        us, and an answer is only taken on the connection its request went out on (the engine
+        matches it to that request there): an AMA reaches us from our AAAF or not at all."""
+        self.diameter = diameter_node(self.config, host_ip_addresses=(str(self.config.care_of_address),),
+                                      dial=[Dial.of("aaa", aaa)])
         self.diameter.add_default_route(aaa.host)
         await self.diameter.start()
         await wait_for_peers(self.diameter, [aaa.host])
@@ -322,6 +325,10 @@ class ForeignAgent:
             return  # timed out meanwhile: the MN was answered already
         log.info("ama.received", mn=pending.nai, sid=msg.session_id, result=msg.result_code,
                  paths=len(msg.find_all("VPN-Info")))
+        if msg.session_id != pending.session_id:
+            self.counters["ama_refused"] = self.counters.get("ama_refused", 0) + 1
+            self._fail(key, Code.FA_POORLY_FORMED_REPLY, f"AMA for session {msg.session_id}, not {pending.session_id}")
+            return
         try:
             ama = application.parse_ama(msg, pending.nai or "")
         except application.ApplicationError as exc:

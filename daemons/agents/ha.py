@@ -29,6 +29,8 @@ from daemons.agents.advertiser import Advertiser
 from daemons.agents.binding import BindingClient, BindingEvents, BindingPeers, Fresh, ReplayWindow, Retransmit
 from daemons.agents.routing import HomeLink
 from daemons.diameter.node import DiameterError, DiameterNode
+from daemons.diameter.peer import Peer
+from daemons.diameter.setup import diameter_node
 from daemons.runtime.config import HAConfig, MobileNodeEntry, PeerAgent
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
@@ -123,7 +125,8 @@ class HomeAgent:
         # the MN know us by (and authenticate us by), whatever interface they leave from.
         self.udp = await UdpEndpoint.open(self.on_datagram, str(self.config.address), mip.MIP_UDP_PORT)
         self.control.register("bindings", lambda _: self.show_bindings())
-        self.control.register("counters", lambda _: dict(self.counters))
+        self.control.register("counters", lambda _: {**self.counters,
+                                                     **({"diameter": self.diameter.stats()} if self.diameter else {})})
         self.control.register("paths", lambda _: self.mavpn.show() if self.mavpn else [])
         await self.control.start()
         log.info("ha.ready", address=self.config.address, bindings=len(self.bindings))
@@ -200,18 +203,32 @@ class HomeAgent:
 
     # ---- Diameter: registrations from the home AAA server (RFC 4004 HAR/HAA) ---------------
     async def start_diameter(self) -> None:
-        """The AAAH dials us (FA → AAAF → AAAH → HA): we only listen."""
-        self.diameter = DiameterNode(self.config.diameter_host, self.config.diameter_realm,
-                                     host_ip_addresses=(str(self.config.address),),
-                                     listen_address=str(self.config.address))
+        """The AAAH dials us (FA → AAAF → AAAH → HA): we only listen, for the home AAA servers
+        of ``accept_peers`` (nobody else may connect, RFC 6733 §5.3)."""
+        self.counters.setdefault("har_refused", 0)
+        self.diameter = diameter_node(self.config, host_ip_addresses=(str(self.config.address),),
+                                      listen_address=str(self.config.address))
         self.diameter.register_handler(application.APPLICATION_ID, application.HAR_COMMAND, self.on_har,
                                        required=application.HAR_REQUIRED)
         await self.diameter.start()
 
-    async def on_har(self, msg: Message, peer: object) -> Message:
+    def home_aaa(self, peer: Peer | None) -> bool:
+        """Whether the connection a request came on is one of our home AAA servers' (the peer
+        the Diameter engine identified, not what the request claims)."""
+        return peer is not None and not peer.dynamic and \
+            peer.key in {p.host.lower() for p in self.config.accept_peers if not p.agent}
+
+    async def on_har(self, msg: Message, peer: Peer | None) -> Message:
         """Claim 16: take the RRQ and the VPN info from the HAR, install our paths, answer
-        HAA with the registration reply (the paths are up before the reply leaves)."""
-        source = f"aaa:{msg.get('Origin-Host')}"
+        HAA with the registration reply (the paths are up before the reply leaves). Only from
+        our home AAA server(s): from any other peer, 5003 and nothing is touched."""
+        if not self.home_aaa(peer):
+            self.counters["har_refused"] = self.counters.get("har_refused", 0) + 1
+            log.warning("har.refused", mn=msg.get("User-Name"), sid=msg.session_id,
+                        peer=peer.host if peer is not None else None, reason="not a home AAA server of this HA")
+            raise DiameterError(ResultCode.DIAMETER_AUTHORIZATION_REJECTED, "not a home AAA server of this HA")
+        assert peer is not None
+        source = f"aaa:{peer.host}"
         try:
             har = application.parse_har(msg)
         except application.BadRegistration as exc:

@@ -9,15 +9,17 @@ its :class:`Pending` requests; it knows bytes and frames, not the peer state mac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from daemons.wire.diameter.errors import DecodeError
-from daemons.wire.diameter.message import Header, Identifiers, Message, message_length
+from daemons.wire.diameter.message import MAX_MESSAGE_LENGTH, Header, Identifiers, Message, message_length
 
 if TYPE_CHECKING:
     from .peer import Peer
+    from .routing import Remembered
 
 HEADER_REST = 16  # header bytes after the 4 that carry version and length
 
@@ -29,12 +31,16 @@ class Pending:
     ``future`` is set for requests this node originated (``DiameterNode.request``);
     ``origin``/``origin_hbh`` for relayed ones (where the answer goes back to).
     ``tried`` holds the peers it was sent to (failover never picks them again).
+    A relayed one also holds the peer it came from (``origin_peer``: one request less in
+    flight for it once done) and where its answer is remembered for duplicates (``remembered``).
     """
 
     msg: Message
     future: asyncio.Future[Message] | None = None
     origin: Connection | None = None
     origin_hbh: int = 0
+    origin_peer: str | None = None
+    remembered: Remembered | None = None
     tried: set[str] = field(default_factory=set)
     conn: Connection | None = None
     timer: asyncio.TimerHandle | None = None
@@ -43,13 +49,15 @@ class Pending:
 class FramingError(Exception):
     """The byte stream cannot be split into messages any more (the connection must close).
 
-    ``decode_error`` says why; ``header`` is the 20-byte header when it could be read.
+    ``decode_error`` says why; ``header`` is the 20-byte header when it could be read;
+    ``oversized``: the length field is valid but above the limit the caller gave.
     """
 
-    def __init__(self, decode_error: DecodeError, header: Header | None) -> None:
+    def __init__(self, decode_error: DecodeError, header: Header | None, oversized: bool = False) -> None:
         super().__init__(str(decode_error))
         self.decode_error = decode_error
         self.header = header
+        self.oversized = oversized
 
 
 class Connection:
@@ -66,6 +74,8 @@ class Connection:
         self.dpa: asyncio.Future[Message] | None = None
         self.dwr_outstanding = False
         self.watchdog_deadline = 0.0
+        self.heard = asyncio.Event()  # set by every message received (a liveness probe clears it)
+        self.cer_pending = False  # an incoming CER is being decided (its CEA not sent yet)
         self.closed = asyncio.Event()
         self.opened_at = time.time()
         peername = writer.get_extra_info("peername")
@@ -98,25 +108,31 @@ class Connection:
             except (ConnectionError, OSError):
                 self.close()
 
-    async def read_frame(self, header_timeout: float = 1.0) -> bytes:
-        """The bytes of the next message.
+    async def read_frame(self, max_length: int = MAX_MESSAGE_LENGTH, header_timeout: float = 1.0,
+                         read_header: bool = True) -> bytes:
+        """The bytes of the next message, at most ``max_length`` of them.
 
         Raises ``asyncio.IncompleteReadError``/``ConnectionError`` at end of stream and
-        :class:`FramingError` when the length field is unusable (then it tries, for at most
-        ``header_timeout``, to read the rest of the header so that an error answer can be
-        built).
+        :class:`FramingError` when the length field is unusable or above ``max_length`` (then,
+        if ``read_header``, it tries for at most ``header_timeout`` to read the rest of the
+        header so that an error answer can be built). Nothing beyond the header of a message
+        that is too long is read.
         """
         head = await self.reader.readexactly(4)
         try:
-            length = message_length(head)
+            length = message_length(head, max_length)
         except DecodeError as e:
+            oversized = False
+            with contextlib.suppress(DecodeError):
+                oversized = message_length(head) > max_length
             header = None
-            try:
-                rest = await asyncio.wait_for(self.reader.readexactly(HEADER_REST), header_timeout)
-                header = Header.decode(head + rest)
-            except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, DecodeError):
-                pass
-            raise FramingError(e, header) from None
+            if read_header:
+                try:
+                    rest = await asyncio.wait_for(self.reader.readexactly(HEADER_REST), header_timeout)
+                    header = Header.decode(head + rest)
+                except (TimeoutError, asyncio.IncompleteReadError, ConnectionError, DecodeError):
+                    pass
+            raise FramingError(e, header, oversized) from None
         return head + await self.reader.readexactly(length - 4)
 
     def close(self, abort: bool = False) -> None:

@@ -5,14 +5,23 @@ answers to the router.
 A request goes to the handlers when it is addressed to this node: Destination-Host is this
 node, or there is no Destination-Realm, or it is not proxiable, or its Destination-Realm is
 one of :attr:`LocalNode.local_realms` without Destination-Host. Every other request is
-relayed. Before either, a request with the T flag that duplicates one this node answered gets
-the same answer again, one without Origin-Host/Origin-Realm is answered 5005, and one with
-this node in its Route-Record 3005 (loop).
+relayed. Before either, in this order:
+
+* a peer with ``max_pending_per_peer`` requests in flight gets 3004 DIAMETER_TOO_BUSY (checked
+  before a task is made for the request);
+* a duplicate of a request of the same peer (T flag or not: same Origin-Host, end-to-end id and
+  Session-Id) gets the first one's answer again, once there is one, and runs nothing;
+* a request without Origin-Host/Origin-Realm is answered 5005;
+* a request from a peer that is not an agent must be its own: Origin-Host its identity,
+  Origin-Realm its realm, else 5004 DIAMETER_INVALID_AVP_VALUE naming that AVP (only an agent
+  — an AAAF, a relay — forwards requests of others);
+* a request with this node in its Route-Record is answered 3005 (loop).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING
 
@@ -22,7 +31,7 @@ from daemons.wire.diameter.message import Message
 from .connection import Connection
 from .errors import DiameterError, require
 from .local import LocalNode, hex_id, log
-from .routing import Router
+from .routing import Remembered, Router
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -47,42 +56,61 @@ class Dispatcher:
 
     def receive(self, conn: Connection, peer: Peer, msg: Message) -> None:
         """An application message from an open peer (the peer table's ``deliver``)."""
-        if msg.is_request:
-            self.local.spawn(self._on_request(conn, peer, msg))
-        else:
+        if not msg.is_request:
             self.router.on_answer(conn, msg)
+            return
+        if not self.router.admit(peer):
+            self.local.counters["too_busy"] += 1
+            limit = self.local.settings.max_pending_per_peer
+            log.warning("request.too_busy", peer=peer.host, cmd=msg.name, hbh=hex_id(msg.hop_by_hop),
+                        e2e=hex_id(msg.end_to_end), in_flight=limit)
+            err = DiameterError(ResultCode.DIAMETER_TOO_BUSY, f"{limit} requests of this peer in flight")
+            self.local.send(conn, self.local.error_answer(msg, err))
+            return
+        self.local.spawn(self._on_request(conn, peer, msg))
 
     async def _on_request(self, conn: Connection, peer: Peer, req: Message) -> None:
+        relayed = False
         try:
-            await self._serve(conn, peer, req)
+            relayed = await self._serve(conn, peer, req)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # a bug: answer 5012 rather than leave the peer waiting
             log.error("request.failed", peer=peer.host, cmd=req.name, hbh=hex_id(req.hop_by_hop), error=repr(e))
             err = DiameterError(ResultCode.DIAMETER_UNABLE_TO_COMPLY)
             self.router.answer(conn, req, self.local.error_answer(req, err))
+        finally:
+            if not relayed:  # a relayed request is released when its answer goes back
+                self.router.release(peer.key)
 
-    async def _serve(self, conn: Connection, peer: Peer, req: Message) -> None:
+    async def _serve(self, conn: Connection, peer: Peer, req: Message) -> bool:
+        """Serve, relay or refuse one request; True when it was relayed (and is still in flight)."""
         local, router = self.local, self.router
-        if req.retransmit:
-            cached = router.cached_answer(req)
-            if cached is not None:
-                ans = cached.copy()
-                ans.hop_by_hop = req.hop_by_hop
-                local.counters["duplicates"] += 1
-                log.info("request.duplicate", peer=peer.host, cmd=req.name, e2e=hex_id(req.end_to_end))
-                local.send(conn, ans)
-                return
+        seen = router.begin(peer, req)
+        if seen is not None:
+            await self._answer_duplicate(conn, peer, req, seen)
+            return False
         missing = [n for n in ("Origin-Host", "Origin-Realm") if req.find(n) is None]
         if missing:
             router.answer(conn, req, local.error_answer(req, DiameterError.missing(*missing)))
-            return
+            return False
+        if not peer.agent and not peer.dynamic:
+            for name, own in (("Origin-Host", peer.host), ("Origin-Realm", peer.realm)):
+                claimed = str(req.get(name))
+                if claimed.lower() != own.lower():
+                    local.counters["origin_mismatch"] += 1
+                    log.warning("request.origin_mismatch", peer=peer.host, cmd=req.name, e2e=hex_id(req.end_to_end),
+                                avp=name, claimed=claimed, own=own)
+                    err = DiameterError(ResultCode.DIAMETER_INVALID_AVP_VALUE, f"{name} is not the peer's own",
+                                        failed_avp=[req.find(name)])
+                    router.answer(conn, req, local.error_answer(req, err))
+                    return False
         me = local.origin_host.lower()
         if any(str(a.value).lower() == me for a in req.find_all("Route-Record")):
             local.counters["loops"] += 1
             router.answer(conn, req, local.error_answer(
                 req, DiameterError(ResultCode.DIAMETER_LOOP_DETECTED, "own identity in Route-Record")))
-            return
+            return False
         dh = req.get("Destination-Host")
         dr = req.get("Destination-Realm")
         here = (
@@ -92,9 +120,24 @@ class Dispatcher:
             or (dr.lower() in local.local_realms and dh is None)
         )
         if not here:
-            router.relay(conn, peer, req)
-            return
+            return router.relay(conn, peer, req)
         await self._serve_locally(conn, peer, req)
+        return False
+
+    async def _answer_duplicate(self, conn: Connection, peer: Peer, req: Message, seen: Remembered) -> None:
+        """The same request again from the same peer: the first one's answer, nothing run again."""
+        self.local.counters["duplicates"] += 1
+        log.info("request.duplicate", peer=peer.host, cmd=req.name, e2e=hex_id(req.end_to_end), sid=req.session_id,
+                 flags="T" if req.retransmit else None, answered=seen.ready.is_set())
+        if not seen.ready.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(seen.ready.wait(), self.local.settings.relay_timeout)
+        if seen.answer is None:
+            log.warning("request.duplicate.unanswered", peer=peer.host, cmd=req.name, e2e=hex_id(req.end_to_end))
+            return
+        ans = seen.answer.copy()
+        ans.hop_by_hop = req.hop_by_hop
+        self.local.send(conn, ans)
 
     async def _serve_locally(self, conn: Connection, peer: Peer, req: Message) -> None:
         key = (req.application_id, req.command_code)

@@ -50,8 +50,20 @@ class Settings:
     cer_timeout: float = 5.0  # connection accepted, no CER: close
     dpa_timeout: float = 2.0  # DPR sent, no DPA: close anyway
     relay_timeout: float = 30.0  # relayed request without answer: 3002 back
-    accept_unknown_peers: bool = True  # CER from a host not added as a peer: accept (else 3010)
-    answer_cache_size: int = 1024  # answers remembered for duplicate (T flag) detection
+    # Who may connect (RFC 6733 §5.3): a CER from a host that is not a configured peer, or from a
+    # source address that is not that peer's, is answered 3010. True only for tests and tools:
+    # unknown hosts then become ``dynamic`` peers, forgotten dynamic_peer_ttl after they leave.
+    accept_unknown_peers: bool = False
+    dynamic_peer_ttl: float = 300.0
+    peer_probe_timeout: float = 2.0  # CER for a peer already open: its live connection must answer a DWR by then
+    # Duplicate detection (RFC 6733 §3, §6.1): answers by (peer, end-to-end id, Session-Id).
+    answer_cache_size: int = 1024
+    answer_cache_ttl: float = 240.0  # end-to-end ids are unique for at least 4 minutes (RFC 6733 §3)
+    # Limits
+    max_frame_before_cer: int = 4096  # bytes of a message before the capabilities exchange is done
+    max_frame: int = 65536  # bytes of a message from an open peer
+    max_connections_per_source: int = 8  # transport connections from one source address
+    max_pending_per_peer: int = 256  # requests from one peer being served or relayed at once (3004 beyond)
 
 
 class LocalNode:

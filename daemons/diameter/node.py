@@ -6,6 +6,7 @@ failover and dispatch of requests to handlers. No Mobile IP logic.
     node = DiameterNode("aaaf1.visit-a.example", "visit-a.example", ["198.18.1.2"],
                         listen_address="198.18.1.2")
     node.add_peer("aaah.home.example", "home.example", "198.18.0.2")   # we dial it
+    node.add_peer("fa1.visit-a.example", "visit-a.example", sources=["198.18.0.14"])  # it dials us
     node.add_route("home.example", "aaah.home.example")
     node.register_handler(2, 260, handle_amr)                          # async (req, peer) -> answer
     node.observe(2, 260, on_answer=cache_vpn_info)                     # AMAs it relays
@@ -50,7 +51,8 @@ class DiameterNode:
     """A Diameter peer, agent and server on asyncio TCP. See the module docstring.
 
     The timers and limits given here are :attr:`settings` (:class:`~daemons.diameter.local.Settings`),
-    read when used.
+    read when used. Only peers added with :meth:`add_peer` may connect (from their addresses):
+    ``accept_unknown_peers`` lets any host in under any name, for tests and tools only.
     """
 
     def __init__(
@@ -72,15 +74,21 @@ class DiameterNode:
         cer_timeout: float = 5.0,
         dpa_timeout: float = 2.0,
         relay_timeout: float = 30.0,
-        accept_unknown_peers: bool = True,
+        accept_unknown_peers: bool = False,
         origin_state_id: int | None = None,
         answer_cache_size: int = 1024,
+        **limits: Any,
     ) -> None:
+        """``limits``: any other :class:`~daemons.diameter.local.Settings` field by name
+        (``max_frame``, ``max_connections_per_source``, ``max_pending_per_peer``, ...)."""
+        unknown = sorted(set(limits) - set(Settings.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"unknown Diameter setting {unknown[0]!r}")
         settings = Settings(
             watchdog_interval=watchdog_interval, reconnect_min=reconnect_min, reconnect_max=reconnect_max,
             connect_timeout=connect_timeout, cea_timeout=cea_timeout, cer_timeout=cer_timeout,
             dpa_timeout=dpa_timeout, relay_timeout=relay_timeout, accept_unknown_peers=accept_unknown_peers,
-            answer_cache_size=answer_cache_size)
+            answer_cache_size=answer_cache_size, **limits)
         osi = int(time.time()) & 0xFFFFFFFF if origin_state_id is None else origin_state_id
         self._local = LocalNode(origin_host, origin_realm, host_ip_addresses, applications, product_name,
                                 vendor_id, osi, settings)
@@ -167,12 +175,19 @@ class DiameterNode:
         *,
         connect: bool | None = None,
         watchdog_interval: float | None = None,
+        sources: Iterable[str] = (),
+        agent: bool = False,
     ) -> Peer:
         """Add a peer; with an ``address`` (and ``connect`` not False) the node dials it.
 
+        It may connect to this node from ``sources`` (addresses or prefixes, e.g. the relay that
+        also dials us from another interface) and from ``address``; a peer with neither is
+        refused. ``agent``: it forwards requests of others (an AAAF, a relay agent), whose
+        Origin-Host is not its own; any other peer's requests must carry its own identity.
         The peer's realm is routed to it implicitly (after explicit :meth:`add_route` entries).
         """
-        return self._table.add(host, realm, address, port, connect=connect, watchdog_interval=watchdog_interval)
+        return self._table.add(host, realm, address, port, connect=connect, watchdog_interval=watchdog_interval,
+                               sources=sources, agent=agent)
 
     def add_route(self, realm: str, peer_host: str) -> None:
         """Route requests for ``realm`` to ``peer_host`` (tried in the order routes were added).

@@ -1,23 +1,39 @@
 """Diameter peers (RFC 6733 §2.1, §5): the peer table and the peer state machine.
 
 A :class:`Peer` is an entry of the peer table: its identity, realm, where to dial it (if we
-dial it) and its run-time state. :class:`PeerTable` keeps the transport connections to the
-peers: it listens and dials (re-dialling with back-off), runs the capabilities exchange
-(CER/CEA, with the election of §5.6.4 when both sides dial), reads every connection, answers
-the base protocol's messages and disconnects (DPR/DPA). It hands the watchdog's messages
-(DWR/DWA) to :mod:`daemons.diameter.watchdog` and every other message of an open peer to the
-``deliver`` callback (the node's dispatcher).
+dial it), where it may connect from, and its run-time state. :class:`PeerTable` keeps the
+transport connections to the peers: it listens and dials (re-dialling with back-off), runs the
+capabilities exchange (CER/CEA, with the election of §5.6.4 when both sides dial), reads every
+connection, answers the base protocol's messages and disconnects (DPR/DPA). It hands the
+watchdog's messages (DWR/DWA) to :mod:`daemons.diameter.watchdog` and every other message of an
+open peer to the ``deliver`` callback (the node's dispatcher).
 
+* Who a connection's peer is, is decided in one place, :meth:`PeerTable.identify`: for an
+  incoming connection, its CER names a configured peer (Origin-Host and Origin-Realm) and the
+  connection comes from one of that peer's addresses (``sources``, and the address we dial it
+  at); for one we dialled, the CEA names the peer we dialled. Anything else is refused: a CER
+  with 3010 DIAMETER_UNKNOWN_PEER (RFC 6733 §5.3; the same answer for an unknown name, a wrong
+  realm and a wrong source address, so that nobody learns which names are configured), a CEA by
+  closing the connection. TLS (RFC 6733 §13) will bind the identity to the peer's certificate
+  there.
+* Unknown peers are refused unless ``accept_unknown_peers`` (tests and tools only; a warning at
+  start): they then become ``dynamic`` peers, not bound to any address, forgotten
+  ``dynamic_peer_ttl`` after their connection closed.
 * Connection set-up: configure dialling on one side only (FA -> AAAF -> AAAH -> HA); the
-  other side adds the peer without an address (or accepts unknown peers). A dialled peer is
-  never dialled while it has a connection. If both sides dial anyway, the election keeps one
-  connection: the higher Origin-Host keeps the connection it accepted (4003
-  DIAMETER_ELECTION_LOST for the other CER, or the later-opened duplicate is closed). A peer
-  that comes back over a new incoming connection (e.g. after a restart, before our watchdog
-  noticed) replaces its old incoming connection.
-* Unknown peers (not in the table) may connect when ``accept_unknown_peers`` is true
-  (default); otherwise their CER is answered with 3010. They stay in the table as
-  ``dynamic`` peers.
+  other side adds the peer without an address, with the ``sources`` it connects from. A dialled
+  peer is never dialled while it has a connection. If both sides dial anyway, the election
+  (§5.6.4) keeps one connection while our own is still waiting for its CEA: the higher
+  Origin-Host keeps the connection it accepted (4003 DIAMETER_ELECTION_LOST for the other CER,
+  or the later-opened duplicate is closed).
+* A CER for a peer that is already open never replaces its connection on a name alone (§5.6:
+  R-Conn-CER in R-Open/I-Open is R-Reject): the live connection is probed with a DWR, and only
+  if it stays silent for ``peer_probe_timeout`` (the peer restarted before our watchdog noticed)
+  does the new connection take over; otherwise the CER is answered 5012
+  DIAMETER_UNABLE_TO_COMPLY and its connection closed.
+* Limits: a message before the capabilities exchange is done may be ``max_frame_before_cer``
+  bytes long, after it ``max_frame`` (longer: the connection is closed); at most
+  ``max_connections_per_source`` connections from one source address (more are closed at once).
+  Every refusal is counted (``LocalNode.counters``) and logged.
 """
 
 from __future__ import annotations
@@ -28,7 +44,7 @@ import enum
 import ipaddress
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -76,13 +92,40 @@ class PeerState(enum.Enum):
 
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+def source_address(conn: Connection) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a connection comes from (an IPv4-mapped IPv6 address as IPv4)."""
+    if conn.remote is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(conn.remote[0])
+    except ValueError:
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    return ip
+
+
+@dataclass
+class Refusal:
+    """Why :meth:`PeerTable.identify` refused a connection's claimed identity."""
+
+    result_code: int | None  # the CEA's Result-Code (None: a CEA we got, the connection is closed)
+    counter: str  # the counter it is counted under
+    reason: str  # for the log (never sent)
+
+
 @dataclass(eq=False)
 class Peer:
     """One entry of the peer table.
 
     ``connect`` peers are dialled (and re-dialled with back-off); the others only accept an
-    incoming connection. ``dynamic`` peers were not configured but connected to us
-    (``accept_unknown_peers``).
+    incoming connection, from one of their ``sources`` (or the ``address`` we would dial).
+    ``agent`` peers relay requests of others (an AAAF, a relay agent): their requests may carry
+    another node's Origin-Host; every other peer's requests must carry its own. ``dynamic`` peers
+    were not configured but connected to us (``accept_unknown_peers``).
     """
 
     host: str
@@ -91,6 +134,8 @@ class Peer:
     port: int = DIAMETER_PORT
     connect: bool = False
     watchdog_interval: float | None = None  # None: the node's default
+    sources: tuple[Network, ...] = ()
+    agent: bool = False
     dynamic: bool = False
     # run-time state
     state: PeerState = PeerState.CLOSED
@@ -103,10 +148,21 @@ class Peer:
     backoff: float = 0.0
     opened: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[Any] | None = None
+    expiry: asyncio.TimerHandle | None = None  # a dynamic peer without connection is forgotten then
 
     @property
     def key(self) -> str:
         return self.host.lower()
+
+    def may_connect_from(self, ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
+        """Whether a connection from ``ip`` may be this peer's (its sources and dial address)."""
+        if ip is None:
+            return False
+        if self.address is not None:
+            with contextlib.suppress(ValueError):
+                if ipaddress.ip_address(self.address) == ip:
+                    return True
+        return any(ip.version == net.version and ip in net for net in self.sources)
 
     @property
     def is_open(self) -> bool:
@@ -131,6 +187,9 @@ class Peer:
             "state": self.state.value,
             "realm": self.realm,
             "address": None if self.address is None else f"{self.address}:{self.port}",
+            "sources": [str(n) for n in self.sources] or None,
+            "agent": self.agent,
+            "dynamic": self.dynamic,
             "connected": None if self.conn is None else self.conn.remote_text,
             "direction": None if self.conn is None else ("in" if self.conn.incoming else "out"),
             "applications": sorted(self.applications),
@@ -163,17 +222,32 @@ class PeerTable:
         *,
         connect: bool | None = None,
         watchdog_interval: float | None = None,
+        sources: Iterable[str] = (),
+        agent: bool = False,
     ) -> Peer:
-        """Add a peer; with an ``address`` (and ``connect`` not False) it is dialled."""
+        """Add a peer; with an ``address`` (and ``connect`` not False) it is dialled. It may
+        connect to us from ``sources`` (addresses or prefixes) and from ``address``."""
         if host.lower() == self.local.origin_host.lower():
             raise ValueError("a node cannot be its own peer")
-        if host.lower() in self.peers:
+        old = self.peers.get(host.lower())
+        if old is not None and not old.dynamic:
             raise ValueError(f"peer {host} already configured")
         if connect is None:
             connect = address is not None
         if connect and address is None:
             raise ValueError(f"peer {host}: connect needs an address")
-        peer = Peer(host, realm, address, port, connect=connect, watchdog_interval=watchdog_interval)
+        nets: list[Network] = []
+        for src in sources:
+            try:
+                nets.append(ipaddress.ip_network(str(src), strict=False))
+            except ValueError:
+                raise ValueError(f"peer {host}: source {src!r} is not an address or prefix") from None
+        if address is None and not nets:
+            raise ValueError(f"peer {host}: neither an address to dial nor sources it may connect from")
+        peer = Peer(host, realm, address, port, connect=connect, watchdog_interval=watchdog_interval,
+                    sources=tuple(nets), agent=agent)
+        if old is not None:  # a dynamic entry of the same name: configuration wins
+            self._forget(old)
         self.peers[peer.key] = peer
         if self.local.running and connect:
             self._start_dialler(peer)
@@ -183,9 +257,14 @@ class PeerTable:
 
     async def start(self) -> None:
         """Listen (when a listen address is set) and dial every peer to be dialled."""
+        if self.local.settings.accept_unknown_peers:
+            log.warning("diameter.unknown_peers_accepted", host=self.local.origin_host,
+                        why="accept_unknown_peers is on: any host may connect, under any name (tests and tools only)")
         if self.listen_address is not None:
             self._server = await asyncio.start_server(self._accept, self.listen_address, self.listen_port)
-            log.info("diameter.listen", host=self.local.origin_host, address=self.listen_address, port=self.port)
+            log.info("diameter.listen", host=self.local.origin_host, address=self.listen_address, port=self.port,
+                     peers=",".join(sorted(p.host for p in self.peers.values() if not p.dynamic and
+                                           (p.sources or p.address))) or None)
         for peer in self.peers.values():
             if peer.connect:
                 self._start_dialler(peer)
@@ -204,6 +283,9 @@ class PeerTable:
         for peer in self.peers.values():
             if peer.task is not None:
                 peer.task.cancel()
+            if peer.expiry is not None:
+                peer.expiry.cancel()
+                peer.expiry = None
         await asyncio.gather(*(self._disconnect(c, cause) for c in list(self.conns)), return_exceptions=True)
         for c in list(self.conns):
             c.close(abort=True)
@@ -280,7 +362,6 @@ class PeerTable:
             return False
         rc = cea.result_code
         common = self._common_applications(cea)
-        theirs = cea.get("Origin-Host")
         if rc != ResultCode.DIAMETER_SUCCESS or not common:
             log.warning("peer.cea.rejected", peer=peer.host, rc=None if rc is None else int(rc),
                         common=",".join(map(str, sorted(common))) or None)
@@ -288,8 +369,14 @@ class PeerTable:
             conn.close()
             await asyncio.gather(reader_task, return_exceptions=True)
             return False
-        if theirs and theirs.lower() != peer.key:
-            log.warning("peer.identity.mismatch", peer=peer.host, origin_host=theirs)
+        _, refusal = self.identify(conn, cea, dialled=peer)
+        if refusal is not None:
+            self.local.counters[refusal.counter] += 1
+            log.warning("peer.cea.refused", peer=peer.host, address=conn.remote_text, reason=refusal.reason)
+            self._dial_state(peer, PeerState.CLOSED)
+            conn.close(abort=True)
+            await asyncio.gather(reader_task, return_exceptions=True)
+            return False
         old = peer.conn
         if old is not None and not old.is_closed:
             # both sides dialled and the peer's connection opened first: election (RFC 6733 §5.6.4)
@@ -342,8 +429,45 @@ class PeerTable:
             return frozenset(theirs)
         return frozenset(ours & theirs)
 
+    # -- who is this connection's peer ------------------------------------------------------
+
+    def identify(self, conn: Connection, msg: Message,
+                 dialled: Peer | None = None) -> tuple[Peer | None, Refusal | None]:
+        """The one place that decides who a connection's peer is (RFC 6733 §5.3, §13).
+
+        ``msg`` is the CER of an incoming connection (``dialled`` None) or the CEA on a
+        connection we dialled to ``dialled``. Returns the peer (for an unknown host with
+        ``accept_unknown_peers``, a new dynamic peer not yet in the table) or why not.
+        Incoming: Origin-Host names a configured peer, Origin-Realm is its realm, and the
+        connection comes from one of its addresses. Dialled: the CEA names the peer we dialled
+        (its address is where we dialled). A TLS certificate naming the peer will be checked here.
+        """
+        host = str(msg.get("Origin-Host") or "")
+        realm = str(msg.get("Origin-Realm") or "")
+        if dialled is not None:
+            if host.lower() != dialled.key or realm.lower() != dialled.realm.lower():
+                return None, Refusal(None, "cea_identity_mismatch", f"CEA from {host or '-'} ({realm or '-'}), "
+                                     f"dialled {dialled.host} ({dialled.realm})")
+            return dialled, None
+        peer = self.peers.get(host.lower())
+        if peer is None or peer.dynamic:
+            if not self.local.settings.accept_unknown_peers:
+                return None, Refusal(ResultCode.DIAMETER_UNKNOWN_PEER, "cer_unknown_peer", "not a configured peer")
+            if peer is None:
+                peer = Peer(host, realm, dynamic=True)
+            elif realm.lower() != peer.realm.lower():
+                peer.realm = realm
+            return peer, None
+        if realm.lower() != peer.realm.lower():
+            return None, Refusal(ResultCode.DIAMETER_UNKNOWN_PEER, "cer_unknown_peer",
+                                 f"Origin-Realm {realm} is not its configured realm {peer.realm}")
+        if not peer.may_connect_from(source_address(conn)):
+            return None, Refusal(ResultCode.DIAMETER_UNKNOWN_PEER, "cer_address_refused",
+                                 "not one of the peer's addresses")
+        return peer, None
+
     def _on_cer(self, conn: Connection, cer: Message) -> None:
-        if conn.peer is not None or not conn.incoming:
+        if conn.peer is not None or not conn.incoming or conn.cer_pending:
             log.warning("peer.protocol", peer=conn.peer.host if conn.peer else conn.remote_text,
                         error="CER on an open connection")
             self.local.send(conn, self.local.base_answer(cer, rc=ResultCode.DIAMETER_UNABLE_TO_COMPLY))
@@ -354,13 +478,12 @@ class PeerTable:
         if missing:
             self._reject_cer(conn, cer, ResultCode.DIAMETER_MISSING_AVP, failed=[example_avp(n) for n in missing])
             return
-        peer = self.peers.get(host.lower())
-        if peer is None:
-            if not self.local.settings.accept_unknown_peers:
-                self._reject_cer(conn, cer, ResultCode.DIAMETER_UNKNOWN_PEER, host=host)
-                return
-            peer = Peer(host, realm, dynamic=True)
-            self.peers[peer.key] = peer
+        peer, refusal = self.identify(conn, cer)
+        if refusal is not None or peer is None:
+            assert refusal is not None and refusal.result_code is not None
+            self.local.counters[refusal.counter] += 1
+            self._reject_cer(conn, cer, refusal.result_code, host=host, reason=refusal.reason)
+            return
         common = self._common_applications(cer)
         if not common:
             self._reject_cer(conn, cer, ResultCode.DIAMETER_NO_COMMON_APPLICATION, host=host)
@@ -370,13 +493,57 @@ class PeerTable:
             if not old.incoming and not self._keeps_incoming(host):
                 self._reject_cer(conn, cer, ResultCode.DIAMETER_ELECTION_LOST, host=host)
                 return
-            log.info("peer.replaced", peer=peer.host, old=old.remote_text, new=conn.remote_text)
-            old.close()
+            conn.cer_pending = True  # answered once the live connection has shown whether it is alive
+            self.local.spawn(self._contest(conn, cer, peer, common, old))
+            return
+        self._accept_cer(conn, cer, peer, common)
+
+    async def _contest(self, conn: Connection, cer: Message, peer: Peer, common: frozenset[int],
+                       old: Connection) -> None:
+        """A CER for a peer that has an open connection: keep the live one, unless it is dead."""
+        alive = await self._probe(old)
+        if conn.is_closed:
+            return
+        current = peer.conn
+        if current is not None and not current.is_closed and (alive or current is not old):
+            self.local.counters["cer_already_connected"] += 1
+            self._reject_cer(conn, cer, ResultCode.DIAMETER_UNABLE_TO_COMPLY, host=peer.host,
+                             reason=f"already connected ({current.remote_text}), that connection answered")
+            return
+        if current is old:
+            log.info("peer.replaced", peer=peer.host, old=old.remote_text, new=conn.remote_text,
+                     why=f"no answer to a DWR within {self.local.settings.peer_probe_timeout} s")
+            old.close(abort=True)
             self._connection_lost(old)
-        if realm.lower() != peer.realm.lower():
-            log.warning("peer.realm.mismatch", peer=peer.host, configured=peer.realm, cer=realm)
-            if peer.dynamic:
-                peer.realm = realm
+        conn.cer_pending = False
+        self._accept_cer(conn, cer, peer, common)
+
+    async def _probe(self, conn: Connection) -> bool:
+        """Whether ``conn`` shows it is alive: any message on it within ``peer_probe_timeout``
+        after a DWR (RFC 3539's watchdog, asked early)."""
+        if conn.is_closed:
+            return False
+        conn.heard.clear()
+        if not conn.dwr_outstanding:
+            self.watchdog.send_dwr(conn)
+        heard = asyncio.ensure_future(conn.heard.wait())
+        closed = asyncio.ensure_future(conn.closed.wait())
+        try:
+            await asyncio.wait({heard, closed}, timeout=self.local.settings.peer_probe_timeout,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            heard.cancel()
+            closed.cancel()
+        return conn.heard.is_set() and not conn.is_closed
+
+    def _accept_cer(self, conn: Connection, cer: Message, peer: Peer, common: frozenset[int]) -> None:
+        if peer.dynamic and self.peers.get(peer.key) is not peer:
+            if (other := self.peers.get(peer.key)) is not None:
+                self._forget(other)
+            self.peers[peer.key] = peer
+        if peer.expiry is not None:
+            peer.expiry.cancel()
+            peer.expiry = None
         self.local.send(conn, self.local.base_answer(cer, self._capabilities(conn)[2:]))  # [2:]: Origin-* added there
         self._open(peer, conn, cer, common)
 
@@ -386,8 +553,8 @@ class PeerTable:
         return self.local.origin_host.lower() > peer_host.lower()
 
     def _reject_cer(self, conn: Connection, cer: Message, rc: int, host: str | None = None,
-                    failed: list[Avp] | None = None) -> None:
-        log.warning("peer.cer.rejected", peer=host or conn.remote_text, rc=int(rc))
+                    failed: list[Avp] | None = None, reason: str | None = None) -> None:
+        log.warning("peer.cer.rejected", peer=host or "-", address=conn.remote_text, rc=int(rc), reason=reason)
         extra: list[Any] = self._capabilities(conn)[2:]
         if failed:
             extra.append(("Failed-AVP", failed))
@@ -423,6 +590,14 @@ class PeerTable:
         if self.local.stopping:
             conn.close(abort=True)
             return
+        src = source_address(conn)
+        limit = self.local.settings.max_connections_per_source
+        if sum(1 for c in self.conns if c.incoming and source_address(c) == src) >= limit:
+            self.local.counters["connections_refused"] += 1
+            log.warning("peer.connection.refused", address=conn.remote_text,
+                        why=f"already {limit} connections from {src}")
+            conn.close(abort=True)
+            return
         self.conns.add(conn)
         log.info("peer.accepted", address=conn.remote_text)
         timer = asyncio.get_running_loop().call_later(self.local.settings.cer_timeout, self._cer_timeout, conn)
@@ -437,10 +612,14 @@ class PeerTable:
             conn.close(abort=True)
 
     async def _read_loop(self, conn: Connection) -> None:
+        settings = self.local.settings
         try:
             while True:
+                opened = conn.peer is not None
                 try:
-                    data = await conn.read_frame()
+                    # before the capabilities exchange a few KiB, and nothing read beyond a long header
+                    data = await conn.read_frame(settings.max_frame if opened else settings.max_frame_before_cer,
+                                                 read_header=opened)
                 except FramingError as e:
                     self._framing_error(conn, e)
                     break
@@ -463,9 +642,15 @@ class PeerTable:
         self._connection_lost(conn)
 
     def _framing_error(self, conn: Connection, e: FramingError) -> None:
-        self.local.counters["malformed"] += 1
-        log.warning("msg.malformed", peer=conn.peer.host if conn.peer else conn.remote_text,
-                    error=str(e.decode_error), rc=e.decode_error.result_code, action="close")
+        if e.oversized:
+            self.local.counters["oversized_frames"] += 1
+            log.warning("msg.oversized", peer=conn.peer.host if conn.peer else conn.remote_text,
+                        error=str(e.decode_error), limit=self.local.settings.max_frame if conn.peer is not None
+                        else self.local.settings.max_frame_before_cer, action="close")
+        else:
+            self.local.counters["malformed"] += 1
+            log.warning("msg.malformed", peer=conn.peer.host if conn.peer else conn.remote_text,
+                        error=str(e.decode_error), rc=e.decode_error.result_code, action="close")
         if e.header is not None and e.header.is_request and e.decode_error.result_code is not None:
             self.local.send(conn, self._error_from_header(e.header, e.decode_error))
 
@@ -496,6 +681,7 @@ class PeerTable:
 
     def _receive(self, conn: Connection, msg: Message) -> None:
         """One decoded message: the base protocol's here, the rest to the watchdog or ``deliver``."""
+        conn.heard.set()
         peer = conn.peer
         if peer is not None and peer.conn is conn:
             self.watchdog.heard(peer, conn)
@@ -542,9 +728,27 @@ class PeerTable:
             peer.conn = None
             peer.state = PeerState.CLOSED
             peer.opened.clear()
-            # dynamic peers keep their entry (for `show`); it is reused when they come back
             log.info("peer.closed", peer=peer.host, address=conn.remote_text, pending=len(conn.pending))
+            if peer.dynamic and not self.local.stopping:
+                # dynamic peers keep their entry a while (for `show`, reused when they come back), then go
+                peer.expiry = asyncio.get_running_loop().call_later(
+                    self.local.settings.dynamic_peer_ttl, self._expire_dynamic, peer)
         self.watchdog.failover(conn, "connection closed")
+
+    def _expire_dynamic(self, peer: Peer) -> None:
+        peer.expiry = None
+        if peer.conn is None and self.peers.get(peer.key) is peer:
+            self._forget(peer)
+            self.local.counters["dynamic_peers_expired"] += 1
+            log.info("peer.expired", peer=peer.host, after_s=self.local.settings.dynamic_peer_ttl)
+
+    def _forget(self, peer: Peer) -> None:
+        """Remove a dynamic peer's entry."""
+        if peer.expiry is not None:
+            peer.expiry.cancel()
+            peer.expiry = None
+        if self.peers.get(peer.key) is peer:
+            del self.peers[peer.key]
 
     # -- disconnect (DPR/DPA) --------------------------------------------------------------
 

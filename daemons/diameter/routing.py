@@ -11,9 +11,15 @@ generated for duplicate detection.
   Destination-Realm, else the default route (realm ``"*"``). Only OPEN peers that advertised
   the request's application (or the relay application) are used. No table entry at all: no
   route (3003); entries but none usable: unavailable (3002).
-* Duplicate detection: answers this node generated are remembered by (Origin-Host,
-  end-to-end id); a request with the T flag that matches one gets that answer again
-  (:meth:`Router.cached_answer`).
+* Duplicate detection (RFC 6733 §3, §6.1): every request a peer sends is remembered by
+  (the connection's peer — who :meth:`PeerTable.identify` says it is, not what the request
+  claims —, Origin-Host, end-to-end id, Session-Id) with the answer it got, whether this node
+  answered it or relayed it; the same request again, T flag or not, gets that answer again
+  (waiting for it if the first is still being served) and is neither served nor relayed twice
+  (:meth:`Router.begin`). Another peer sending the same ids gets nothing of it. At most
+  ``answer_cache_size`` requests for ``answer_cache_ttl`` seconds are remembered.
+* In flight: at most ``max_pending_per_peer`` requests of one peer are served or relayed at a
+  time (:meth:`Router.admit`); the dispatcher answers 3004 DIAMETER_TOO_BUSY beyond.
 
 Hooks (modelled on freeDiameter's ``fd_rt_fwd_register``), in the order added, each
 optionally limited to one application and/or command code:
@@ -41,9 +47,10 @@ returning something that is not an answer) is logged (``hook.failed``) and count
 from __future__ import annotations
 
 import asyncio
-from collections import OrderedDict
+import time
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from daemons.wire.diameter.constants import ResultCode
@@ -62,6 +69,28 @@ AnswerHook = Callable[[Message, Message], None]
 """``hook(relayed_request, answer)``: the answer to a relayed request, before it goes back."""
 
 H = TypeVar("H", bound=Callable[..., Any])
+
+DuplicateKey = tuple[str, str, int, str]
+"""(peer, Origin-Host, end-to-end id, Session-Id) of a request, the peer as identified."""
+
+
+def duplicate_key(peer: Peer, req: Message) -> DuplicateKey:
+    return (peer.key, str(req.get("Origin-Host") or "").lower(), req.end_to_end, req.session_id or "")
+
+
+@dataclass(eq=False)
+class Remembered:
+    """A request seen from a peer: its answer once there is one (``ready`` is set then, or when
+    the entry is dropped without one)."""
+
+    at: float  # time.monotonic() when the request came
+    answer: Message | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def settle(self, answer: Message | None) -> None:
+        if not self.ready.is_set():
+            self.answer = None if answer is None else answer.copy()
+            self.ready.set()
 
 
 @dataclass(frozen=True)
@@ -90,7 +119,8 @@ class Router:
         self.routes: dict[str, list[str]] = {}  # realm (lower-case, "*" = default) -> peer keys
         self.forward_hooks: list[Hook[ForwardHook]] = []
         self.answer_hooks: list[Hook[AnswerHook]] = []
-        self._answer_cache: OrderedDict[tuple[str, int], Message] = OrderedDict()
+        self._answer_cache: OrderedDict[DuplicateKey, Remembered] = OrderedDict()
+        self.inflight: Counter[str] = Counter()  # requests being served or relayed, by peer key
 
     # -- configuration ---------------------------------------------------------------------
 
@@ -167,6 +197,7 @@ class Router:
             req.hop_by_hop = pend.origin_hbh
             req.retransmit = False
             ans = self.local.error_answer(req, DiameterError(ResultCode.DIAMETER_UNABLE_TO_DELIVER, why))
+            self._relayed_done(pend, ans)
             self.local.send(pend.origin, ans)
 
     # -- this node's requests --------------------------------------------------------------
@@ -197,8 +228,10 @@ class Router:
 
     # -- relaying --------------------------------------------------------------------------
 
-    def relay(self, conn: Connection, peer: Peer, req: Message) -> None:
-        """Relay a request that came from ``peer`` on ``conn`` (after the forward hooks)."""
+    def relay(self, conn: Connection, peer: Peer, req: Message) -> bool:
+        """Relay a request that came from ``peer`` on ``conn`` (after the forward hooks). True
+        when it went on (its answer, or its failure, completes it), False when it was answered
+        here."""
         for hook in self.forward_hooks:
             if not hook.wants(req):
                 continue
@@ -212,10 +245,10 @@ class Router:
             answer.hop_by_hop, answer.end_to_end = req.hop_by_hop, req.end_to_end
             self.local.fill_answer_origin(answer)
             self.answer(conn, req, answer)
-            return
-        self._forward(conn, peer, req)
+            return False
+        return self._forward(conn, peer, req)
 
-    def _forward(self, conn: Connection, peer: Peer, req: Message) -> None:
+    def _forward(self, conn: Connection, peer: Peer, req: Message) -> bool:
         fwd = req.copy()
         fwd.add("Route-Record", peer.host)
         target, known = self.route(fwd)
@@ -225,13 +258,15 @@ class Router:
                         dest=dest_text(req), rc=int(rc))
             err = DiameterError(rc, f"cannot route to {dest_text(req)}")
             self.answer(conn, req, self.local.error_answer(req, err))
-            return
-        pend = Pending(fwd, origin=conn, origin_hbh=req.hop_by_hop)
+            return False
+        pend = Pending(fwd, origin=conn, origin_hbh=req.hop_by_hop, origin_peer=peer.key,
+                       remembered=self._answer_cache.get(duplicate_key(peer, req)))
         pend.timer = asyncio.get_running_loop().call_later(self.local.settings.relay_timeout, self._relay_expired, pend)
         self.local.counters["relayed"] += 1
         log.info("request.relay", cmd=req.name, sid=req.session_id, e2e=hex_id(req.end_to_end),
                  src=peer.host, dst=target.host, hbh_in=hex_id(req.hop_by_hop))
         self.send_pending(target, pend)
+        return True
 
     def _relay_expired(self, pend: Pending) -> None:
         pend.timer = None
@@ -242,20 +277,54 @@ class Router:
 
     # -- answers ---------------------------------------------------------------------------
 
+    # -- in flight and duplicates ----------------------------------------------------------
+
+    def admit(self, peer: Peer) -> bool:
+        """Take one more request of ``peer`` in (False: it has ``max_pending_per_peer`` already)."""
+        if self.inflight[peer.key] >= self.local.settings.max_pending_per_peer:
+            return False
+        self.inflight[peer.key] += 1
+        return True
+
+    def release(self, peer_key: str) -> None:
+        """One request of that peer is done (answered here or its relayed answer went back)."""
+        self.inflight[peer_key] -= 1
+        if self.inflight[peer_key] <= 0:
+            del self.inflight[peer_key]
+
+    def begin(self, peer: Peer, req: Message) -> Remembered | None:
+        """A request from ``peer``: the earlier one it duplicates (answered, or still being
+        served), or None — then it is remembered from now on, and its answer with it."""
+        settings = self.local.settings
+        key = duplicate_key(peer, req)
+        now = time.monotonic()
+        seen = self._answer_cache.get(key)
+        if seen is not None and now - seen.at <= settings.answer_cache_ttl:
+            return seen
+        cache = self._answer_cache
+        cache.pop(key, None)
+        while cache and (len(cache) >= settings.answer_cache_size or now - next(iter(cache.values())).at >
+                         settings.answer_cache_ttl):
+            _, old = cache.popitem(last=False)
+            old.settle(None)  # a duplicate still waiting for it gets nothing
+        cache[key] = Remembered(now)
+        return None
+
     def answer(self, conn: Connection, req: Message, ans: Message) -> None:
         """Send an answer this node generated for ``req``, remembering it for duplicate detection."""
-        origin = req.get("Origin-Host")
-        if origin:
-            self._answer_cache[(origin.lower(), req.end_to_end)] = ans
-            while len(self._answer_cache) > self.local.settings.answer_cache_size:
-                self._answer_cache.popitem(last=False)
+        if conn.peer is not None and (seen := self._answer_cache.get(duplicate_key(conn.peer, req))) is not None:
+            seen.settle(ans)
         if not self.local.send(conn, ans):
             log.warning("answer.dropped", cmd=ans.name, hbh=hex_id(ans.hop_by_hop), reason="connection closed")
 
-    def cached_answer(self, req: Message) -> Message | None:
-        """The answer this node gave to the same request (by Origin-Host and end-to-end id), if remembered."""
-        origin = req.get("Origin-Host")
-        return self._answer_cache.get((origin.lower(), req.end_to_end)) if origin else None
+    def _relayed_done(self, pend: Pending, ans: Message) -> None:
+        """A relayed request is complete: its answer is remembered, its peer has one less in flight."""
+        if pend.remembered is not None:
+            pend.remembered.settle(ans)
+            pend.remembered = None
+        if pend.origin_peer is not None:
+            self.release(pend.origin_peer)
+            pend.origin_peer = None
 
     def on_answer(self, conn: Connection, ans: Message) -> None:
         """An answer from a peer: to this node's request waiting for it, or back where a relayed one came from."""
@@ -280,6 +349,7 @@ class Router:
                 if hook.wants(ans):
                     self._call(hook, pend.msg, ans)
             ans.hop_by_hop = pend.origin_hbh
+            self._relayed_done(pend, ans)
             self.local.counters["relayed_answers"] += 1
             if not self.local.send(pend.origin, ans):
                 log.warning("answer.dropped", cmd=ans.name, hbh=hex_id(ans.hop_by_hop), reason="origin gone")
@@ -293,4 +363,4 @@ class Router:
             return None
 
 
-__all__ = ["AnswerHook", "ForwardHook", "Hook", "Router"]
+__all__ = ["AnswerHook", "DuplicateKey", "ForwardHook", "Hook", "Remembered", "Router", "duplicate_key"]

@@ -74,12 +74,7 @@ class Watchdog:
                 await asyncio.sleep(wait)
                 continue
             if peer.state is PeerState.OPEN and not conn.dwr_outstanding:
-                dwr = Message.request("DWR", [("Origin-Host", local.origin_host), ("Origin-Realm", local.origin_realm),
-                                              ("Origin-State-Id", local.origin_state_id)],
-                                      end_to_end=local.next_end_to_end())
-                dwr.hop_by_hop = conn.next_hop_by_hop()
-                conn.dwr_outstanding = True
-                local.send(conn, dwr)
+                self.send_dwr(conn)
             elif peer.state is PeerState.OPEN:
                 peer.state = PeerState.SUSPECT
                 peer.opened.clear()
@@ -94,6 +89,15 @@ class Watchdog:
                 return False
             self.arm(peer, conn)
         return False
+
+    def send_dwr(self, conn: Connection) -> None:
+        """Send a DWR on ``conn`` (its DWA, like any message, restarts the peer's timer)."""
+        local = self.local
+        dwr = Message.request("DWR", [("Origin-Host", local.origin_host), ("Origin-Realm", local.origin_realm),
+                                      ("Origin-State-Id", local.origin_state_id)], end_to_end=local.next_end_to_end())
+        dwr.hop_by_hop = conn.next_hop_by_hop()
+        conn.dwr_outstanding = True
+        local.send(conn, dwr)
 
     def failover(self, conn: Connection, reason: str) -> None:
         """Move every request pending on ``conn`` to an alternate peer, or fail it."""

@@ -116,8 +116,20 @@ class Plan:
         link = self.topo.link_between(node, up) if up else None
         return link.address_of(node) if link else self.topo.addresses(node)[0][1].ip
 
+    def owned(self, node: str) -> list[ipaddress.IPv4Network]:
+        """Every address of the node (as /32s): where its Diameter connections may come from."""
+        return [ipaddress.ip_network(iface.ip) for _, iface in self.topo.addresses(node)]
+
     def aaa_servers(self) -> set[str]:
         return {spec["aaa"] for spec in self.topo.domains.values() if spec.get("aaa")}
+
+    def served(self, role: str) -> list[str]:
+        """The AAA nodes of ``role`` that some domain uses (those that get a configuration)."""
+        return [n for n in self.role(role) if n in self.aaa_servers()]
+
+    def accepted(self, node: str, *, agent: bool = False) -> cfg.AcceptedPeer:
+        """``node`` as a Diameter peer that may connect to another (from any of its addresses)."""
+        return cfg.AcceptedPeer(self.identity(node), self.realm(node), self.owned(node), agent=agent)
 
     def aaa_of(self, node: str) -> str | None:
         domain = self.topo.nodes[node].domain
@@ -154,6 +166,7 @@ class Plan:
         assert seg is not None
         return cfg.HAConfig(
             **self.common(node), address=seg.address, home_prefix=seg.prefix,
+            accept_peers=[self.accepted(aaah) for aaah in self.served("aaah")],  # every AAAH dials every HA
             mobile_nodes=[cfg.MobileNodeEntry(u.nai, u.home_address, SPI_MN_HA, self.mn_keys[u.nai][0])
                           for u in self.topo.users if u.home_agent == node],
             foreign_agents=[cfg.PeerAgent(self.address(fa), SPI_FA_HA, key)
@@ -202,23 +215,41 @@ class Plan:
         for ha in self.role("ha"):
             seg = self.topo.segment_of(ha)
             assert seg is not None
-            home_agents.append(cfg.HomeAgentRef(seg.address, self.identity(ha), seg.prefix))
+            home_agents.append(cfg.HomeAgentRef(seg.address, self.identity(ha), seg.prefix,
+                                                diameter_realm="" if self.realm(ha) == self.realm(node)
+                                                else self.realm(ha)))
+        # Who dials us: the relay in front of us, or else every AAAF (each reaches every home realm).
+        relay = self.relay_of(node)
+        accept = [cfg.AcceptedPeer(fdrelay.identity(relay), fdrelay.RELAY_REALM, self.owned(relay), agent=True)] \
+            if relay is not None else [self.accepted(aaaf, agent=True) for aaaf in self.served("aaaf")]
         return cfg.AAAHConfig(**self.common(node), address=self.address(node), db_url=f"sqlite:///{db_path}",
+                              accept_peers=accept,
                               master_secret=self.master, home_agents=home_agents, static_suite=STATIC_SUITE.value,
                               profile_api=cfg.ProfileApiConfig(self.address(node), PROFILE_API_PORT))
 
     def aaaf(self, node: str) -> cfg.AAAFConfig:
         homes = [aaa for aaa in (spec.get("aaa") for spec in self.topo.domains.values())
                  if aaa and self.topo.nodes[aaa].role == "aaah"]
+        fas = [fa for fa in self.fas if self.aaa_of(fa) == node]  # they dial us
         return cfg.AAAFConfig(**self.common(node), address=self.address(node),
-                              home_servers=[self.home_server(h) for h in homes])
+                              home_servers=self.home_servers(homes), accept_peers=[self.accepted(fa) for fa in fas])
 
-    def home_server(self, aaah: str) -> cfg.DiameterPeer:
-        """How an AAAF reaches a home AAA server: directly, or through its domain's relay."""
-        relay = self.relay_of(aaah)
-        if relay is not None:
-            return cfg.DiameterPeer(fdrelay.identity(relay), self.realm(aaah), self.address(relay), fdrelay.RELAY_PORT)
-        return cfg.DiameterPeer(self.identity(aaah), self.realm(aaah), self.address(aaah))
+    def home_servers(self, homes: list[str]) -> list[cfg.DiameterPeer]:
+        """How an AAAF reaches the home AAA servers: directly, or through their domain's relay
+        (one peer per relay, routed every realm behind it; the relay also dials the AAAF, from
+        whichever of its addresses faces it)."""
+        out: list[cfg.DiameterPeer] = []
+        relays: dict[str, list[str]] = {}
+        for aaah in homes:
+            relay = self.relay_of(aaah)
+            if relay is None:
+                out.append(cfg.DiameterPeer(self.identity(aaah), self.realm(aaah), self.address(aaah)))
+            else:
+                relays.setdefault(relay, []).append(self.realm(aaah))
+        for relay, realms in relays.items():
+            out.append(cfg.DiameterPeer(fdrelay.identity(relay), fdrelay.RELAY_REALM, self.address(relay),
+                                        fdrelay.RELAY_PORT, source_addresses=self.owned(relay), routes=realms))
+        return out
 
     # ---- the optional Diameter relay (topology ``domains: {REALM: {aaa: AAAH, relay: NODE}}``) ----
     def relay_of(self, aaah: str) -> str | None:

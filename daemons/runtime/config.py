@@ -81,10 +81,39 @@ class StaticPath:
 
 @dataclass(frozen=True)
 class DiameterPeer:
-    host: str  # Diameter identity
-    realm: str
+    """A Diameter peer we dial (and that may also connect to us, from ``address`` or
+    ``source_addresses``)."""
+
+    host: str  # Diameter identity: the Origin-Host its CEA/CER must carry
+    realm: str  # its own realm: the Origin-Realm its CEA/CER must carry
     address: ipaddress.IPv4Address
     port: int = 3868
+    # Other addresses it may connect to us from (e.g. a relay that also dials us, from the interface
+    # that faces us); its own connections from anywhere else are refused (RFC 6733 §5.3: 3010).
+    source_addresses: list[ipaddress.IPv4Network] = field(default_factory=list)
+    # Realms whose requests we send it (an AAAF: the home realms behind a relay); empty: its realm.
+    routes: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class AcceptedPeer:
+    """A Diameter peer that may connect to us (RFC 6733 §5.3: a CER from anyone else is answered
+    3010 DIAMETER_UNKNOWN_PEER): its identity and realm, and the addresses its connections come
+    from (hosts or prefixes; a TLS certificate will bind the identity later)."""
+
+    host: str
+    realm: str
+    addresses: list[ipaddress.IPv4Network] = field(default_factory=list)  # at least one
+    agent: bool = False  # it forwards others' requests (an AAAF, a relay): their Origin-Host is not its own
+
+
+@dataclass(frozen=True)
+class DiameterLimits:
+    """What one peer may cost us (the Diameter engine's limits, daemons.diameter.local.Settings)."""
+
+    max_message: int = 65536  # bytes of a message after the capabilities exchange (before: 4096)
+    connections_per_source: int = 8  # transport connections from one source address
+    pending_per_peer: int = 256  # requests of one peer in flight; beyond: 3004 DIAMETER_TOO_BUSY
 
 
 @dataclass(frozen=True)
@@ -98,7 +127,13 @@ class Common:
     run_dir: Path | None = None  # strongswan: where the node's charon keeps its VICI socket
     diameter_host: str = ""  # our Diameter identity, when we speak Diameter
     diameter_realm: str = ""
-    aaa: DiameterPeer | None = None  # the AAA server we ask (FA: its AAAF; HA: its AAAH)
+    aaa: DiameterPeer | None = None  # the AAA server we ask (FA: its AAAF)
+    # The Diameter peers that may connect to us (HA: its AAAH(s); AAAF: its FAs; AAAH: its AAAFs or
+    # relay). Nobody else gets in, unless diameter_accept_unknown_peers (tests and tools only: any
+    # host, under any name; warned about at start).
+    accept_peers: list[AcceptedPeer] = field(default_factory=list)
+    diameter_accept_unknown_peers: bool = False
+    diameter_limits: DiameterLimits = field(default_factory=DiameterLimits)
     static_paths: list[StaticPath] = field(default_factory=list)
 
 
@@ -168,6 +203,7 @@ class HomeAgentRef:
     home_prefix: ipaddress.IPv4Network  # its side of the static HA-CN-GW tunnel
     port: int = 3868
     diameter_address: ipaddress.IPv4Address | None = None  # where to dial it, if not at ``address``
+    diameter_realm: str = ""  # its realm (its CEA's Origin-Realm), if not ours
 
 
 @dataclass(frozen=True)
@@ -228,6 +264,8 @@ def dump(config: Any) -> dict[str, Any]:
         value = getattr(config, f.name)
         if f.default is not dataclasses.MISSING and value == f.default:
             continue  # leave defaults out: the file says only what differs
+        if f.default_factory is not dataclasses.MISSING and value == f.default_factory():
+            continue
         out[f.name] = _dump_value(value)
     return out
 

@@ -28,7 +28,15 @@ from daemons.aaa.aaaf import ForeignAAAServer
 from daemons.aaa.aaah import FIRST_DYNAMIC_SPI, HomeAAAServer
 from daemons.diameter.node import DiameterNode
 from daemons.runtime import control
-from daemons.runtime.config import AAAFConfig, AAAHConfig, ConfigError, DiameterPeer, HomeAgentRef, SecurityAssociation
+from daemons.runtime.config import (
+    AAAFConfig,
+    AAAHConfig,
+    AcceptedPeer,
+    ConfigError,
+    DiameterPeer,
+    HomeAgentRef,
+    SecurityAssociation,
+)
 from daemons.runtime.log import EventFormatter
 from daemons.runtime.secret import Secret
 from daemons.store.vpndb import open_database
@@ -141,11 +149,16 @@ class World:
         return control.call(self.tmp / f"{who}.sock", what)
 
 
+LOOPBACK = [IPv4Network(f"{LO}/32")]
+
+
 def aaah_config(tmp: Path, url: str, ha_port: int, har_timeout: float = 2.0) -> AAAHConfig:
+    """The AAAH: it dials the HA, and the AAAF (an agent: it relays the FA's AMRs) dials it."""
     return AAAHConfig(node="aaah", role="aaah", state_dir=tmp / "aaah-state", control_socket=tmp / "aaah.sock",
                       diameter_host=AAAH_HOST, diameter_realm=HOME, address=IPv4Address(LO), port=0, db_url=url,
                       master_secret=MASTER, har_timeout=har_timeout,
-                      home_agents=[HomeAgentRef(HA_ADDR, HA_HOST, HOME_PREFIX, ha_port, IPv4Address(LO))])
+                      home_agents=[HomeAgentRef(HA_ADDR, HA_HOST, HOME_PREFIX, ha_port, IPv4Address(LO))],
+                      accept_peers=[AcceptedPeer(AAAF_HOST, VISIT, LOOPBACK, agent=True)])
 
 
 @contextlib.asynccontextmanager
@@ -157,6 +170,7 @@ async def world(tmp: Path, ha_mode: str = "accept", ha_up: bool = True) -> Async
     async with stack:
         if ha_up:
             ha_node = DiameterNode(HA_HOST, HOME, [LO], listen_address=LO, listen_port=0)
+            ha_node.add_peer(AAAH_HOST, HOME, sources=[LO])  # the AAAH dials it
             ha_node.register_handler(2, 262, ha, required=("User-Name", "MIP-Reg-Request"))
             await ha_node.start()
             stack.push_async_callback(ha_node.stop)
@@ -176,7 +190,8 @@ async def world(tmp: Path, ha_mode: str = "accept", ha_up: bool = True) -> Async
         aaaf = ForeignAAAServer(AAAFConfig(
             node="aaaf1", role="aaaf", state_dir=tmp / "aaaf-state", control_socket=tmp / "aaaf.sock",
             diameter_host=AAAF_HOST, diameter_realm=VISIT, address=IPv4Address(LO), port=0,
-            home_servers=[DiameterPeer(AAAH_HOST, HOME, IPv4Address(LO), aaah.diameter.port)]))
+            home_servers=[DiameterPeer(AAAH_HOST, HOME, IPv4Address(LO), aaah.diameter.port)],
+            accept_peers=[AcceptedPeer(FA_HOST, VISIT, LOOPBACK)]))
         await aaaf.start()
         stack.push_async_callback(aaaf.stop)
         await aaaf.diameter.wait_open(AAAH_HOST, 5)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -22,10 +23,23 @@ import pytest
 
 from daemons.aaa.aaah import HomeAAAServer
 from daemons.diameter.node import DiameterNode
+from daemons.runtime.config import AcceptedPeer
 from daemons.runtime.secret import Secret
 from daemons.wire import mip
 from daemons.wire.diameter import ResultCode
-from tests.unit.test_aaa import HA_ADDR, HA_HOST, HOA, HOME, LO, NAI, FakeHA, aaah_config, rrq_bytes, seed
+from tests.unit.test_aaa import (
+    HA_ADDR,
+    HA_HOST,
+    HOA,
+    HOME,
+    LO,
+    LOOPBACK,
+    NAI,
+    FakeHA,
+    aaah_config,
+    rrq_bytes,
+    seed,
+)
 
 pd_node = pytest.importorskip("diameter.node", reason="python-diameter (PyPI python-diameter) is not installed")
 pd_app = pytest.importorskip("diameter.node.application")
@@ -65,10 +79,14 @@ async def home(tmp: Path) -> AsyncIterator[tuple[HomeAAAServer, FakeHA]]:
     ha = FakeHA("accept")
     async with contextlib.AsyncExitStack() as stack:
         ha_node = DiameterNode(HA_HOST, HOME, [LO], listen_address=LO, listen_port=0)
+        ha_node.add_peer(AAAH_HOST, HOME, sources=[LO])  # the AAAH dials it
         ha_node.register_handler(2, 262, ha, required=("User-Name", "MIP-Reg-Request"))
         await ha_node.start()
         stack.push_async_callback(ha_node.stop)
-        aaah = HomeAAAServer(aaah_config(tmp, url, ha_node.port))
+        # python-diameter's node is the configured peer that dials the AAAH (sending its own AMRs)
+        config = dataclasses.replace(aaah_config(tmp, url, ha_node.port),
+                                     accept_peers=[AcceptedPeer(THEIRS, THEIR_REALM, LOOPBACK)])
+        aaah = HomeAAAServer(config)
         aaah.diameter.watchdog_interval = 0.3  # our DWRs to python-diameter come quickly
         await aaah.start()
         stack.push_async_callback(aaah.stop)

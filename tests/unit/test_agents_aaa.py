@@ -17,7 +17,8 @@ from daemons.aaa import application as app
 from daemons.agents.fa import ForeignAgent, Pending, Visitor
 from daemons.agents.ha import HomeAgent
 from daemons.diameter.node import DiameterError
-from daemons.runtime.config import FAConfig, HAConfig, MobileNodeEntry, PeerAgent, SecurityAssociation
+from daemons.diameter.peer import Peer
+from daemons.runtime.config import AcceptedPeer, FAConfig, HAConfig, MobileNodeEntry, PeerAgent, SecurityAssociation
 from daemons.runtime.secret import Secret
 from daemons.vpn.path import EndpointType
 from daemons.wire import mip
@@ -158,10 +159,14 @@ def test_fa_ends_the_session_with_an_str(tmp_path: Path) -> None:
 # ---- the HA --------------------------------------------------------------------------------------
 
 
+AAAH_PEER = Peer("aaah.home", "home")  # the connection's peer, as the Diameter engine identified it
+
+
 def ha_with(tmp: Path) -> HomeAgent:
     ha = HomeAgent(HAConfig(node="ha", role="ha", state_dir=tmp / "ha", control_socket=tmp / "ha.sock", address=HA,
                             home_prefix=IPv4Network("198.18.100.0/24"),
-                            mobile_nodes=[MobileNodeEntry(NAI, HOA, 0x1000, MN_HA)]))
+                            mobile_nodes=[MobileNodeEntry(NAI, HOA, 0x1000, MN_HA)],
+                            accept_peers=[AcceptedPeer("aaah.home", "home", [IPv4Network("198.18.0.6/32")])]))
     ha.home_link, ha.udp = NoRoutes(), Udp()  # type: ignore[assignment]
     return ha
 
@@ -173,8 +178,8 @@ def har(raw: bytes, *vpn: Any) -> Message:
     return Message.decode(msg.encode())
 
 
-def on_har(ha: HomeAgent, msg: Message) -> Message:
-    return asyncio.run(ha.on_har(msg, None))
+def on_har(ha: HomeAgent, msg: Message, peer: Peer | None = AAAH_PEER) -> Message:
+    return asyncio.run(ha.on_har(msg, peer))
 
 
 def test_ha_answers_a_har_with_its_reply(tmp_path: Path) -> None:

@@ -69,11 +69,29 @@ def serving(host: str, realm: str = HOME, **kw: Any) -> tuple[DiameterNode, AmrS
     return n, h
 
 
+def allow(n: DiameterNode, host: str, realm: str, *, agent: bool = False) -> None:
+    """Configure ``host`` as a peer that may connect to ``n`` from loopback (RFC 6733 §5.3)."""
+    if host.lower() not in n.peers:
+        n.add_peer(host, realm, sources=[LO], agent=agent)
+
+
+RAW_HOST, RAW_REALM = "raw.test.example", "test.example"
+
+
+def allow_raw(n: DiameterNode) -> DiameterNode:
+    """Let the RawPeer (its default CER) connect to ``n``."""
+    allow(n, RAW_HOST, RAW_REALM)
+    return n
+
+
 def client(host: str, realm: str, *peers: tuple[DiameterNode | int, str, str], **kw: Any) -> DiameterNode:
-    """A node that dials ``peers`` (node or port, host, realm) and routes their realms to them."""
+    """A node that dials ``peers`` (node or port, host, realm) and routes their realms to them;
+    each node dialled has it configured as a peer that may connect."""
     c = node(host, realm, listen=False, **kw)
     for target, phost, prealm in peers:
         port = target if isinstance(target, int) else target.port
+        if isinstance(target, DiameterNode):
+            allow(target, host, realm)
         c.add_peer(phost, prealm, LO, port)
         c.add_route(prealm, phost)
     return c
@@ -167,11 +185,13 @@ def test_cer_cea_between_two_nodes() -> None:
                 back = await server.wait_open("aaaf.visit-a.example", 5)
                 assert p.state is PeerState.OPEN and p.applications == {2}
                 assert p.product_name == "mipvpn" and p.origin_state_id == server.origin_state_id
-                assert back.dynamic and back.realm == VISIT and back.origin_state_id == 77
+                assert not back.dynamic and back.realm == VISIT and back.origin_state_id == 77
                 (st,) = c.peers_status()
                 assert st["peer"] == "aaah.home.example" and st["state"] == "open" and st["realm"] == HOME
                 assert st["address"] == f"{LO}:{server.port}" and st["pending"] == 0 and st["last_watchdog"]
-                assert server.peers_status()[0]["direction"] == "in"
+                (back_st,) = server.peers_status()
+                assert back_st["direction"] == "in" and back_st["address"] is None
+                assert back_st["sources"] == [f"{LO}/32"]
 
     run(main())
 
@@ -179,6 +199,7 @@ def test_cer_cea_between_two_nodes() -> None:
 def test_cer_without_common_application_is_answered_5010() -> None:
     async def main() -> None:
         server, _ = serving("aaah.home.example")
+        allow_raw(server)
         async with server:
             raw = await RawPeer.connect(server.port)
             cea = await raw.cer(apps=(5,))
@@ -194,14 +215,24 @@ def test_cer_without_common_application_is_answered_5010() -> None:
     run(main())
 
 
-def test_unknown_peer_rejected_when_configured() -> None:
+def test_unknown_peers_accepted_only_when_asked(caplog: pytest.LogCaptureFixture) -> None:
+    """``accept_unknown_peers`` (tests and tools): any name gets in, as a dynamic peer that is
+    forgotten a while after it left; the node warns at start."""
+    caplog.set_level(logging.INFO, logger="daemons.diameter")
+
     async def main() -> None:
-        server, _ = serving("aaah.home.example", accept_unknown_peers=False)
+        server, _ = serving("aaah.home.example", accept_unknown_peers=True, dynamic_peer_ttl=0.2)
         async with server:
             raw = await RawPeer.connect(server.port)
-            assert (await raw.cer()).result_code == ResultCode.DIAMETER_UNKNOWN_PEER
+            assert (await raw.cer()).result_code == 2001
+            peer = server.peers[RAW_HOST]
+            assert peer.dynamic and peer.realm == RAW_REALM
+            raw.close()
+            await eventually(lambda: RAW_HOST not in server.peers)
+            assert server.counters["dynamic_peers_expired"] == 1
 
     run(main())
+    assert "event=diameter.unknown_peers_accepted" in [r.getMessage() for r in caplog.records]
 
 
 # -- requests and answers ------------------------------------------------------------------------
@@ -249,6 +280,7 @@ def test_relay_adds_route_record_and_maps_answer_back() -> None:
         async with home:
             relay = node("aaaf.visit-a.example", VISIT)
             relay.add_peer("aaah.home.example", HOME, LO, home.port)
+            allow(home, "aaaf.visit-a.example", VISIT, agent=True)
             async with relay:
                 c = client("fa1.visit-a.example", VISIT, (relay, "aaaf.visit-a.example", VISIT))
                 c.add_route(HOME, "aaaf.visit-a.example")
@@ -276,6 +308,7 @@ def test_forward_and_answer_hooks_on_a_relay(caplog: pytest.LogCaptureFixture) -
         async with home:
             relay = node("aaaf.visit-a.example", VISIT)
             relay.add_peer("aaah.home.example", HOME, LO, home.port)
+            allow(home, "aaaf.visit-a.example", VISIT, agent=True)
             calls: list[str] = []
             answers: list[tuple[Message, Message]] = []
 
@@ -338,10 +371,10 @@ def test_loop_detected_3005() -> None:
     async def main() -> None:
         a = node("a.one.example", "one.example")
         b = node("b.two.example", "two.example")
-        b.add_peer("a.one.example", "one.example")  # passive: a dials b
+        b.add_peer("a.one.example", "one.example", sources=[LO], agent=True)  # passive: a dials b
         b.add_route("x.example", "a.one.example")
         async with b:
-            a.add_peer("b.two.example", "two.example", LO, b.port)
+            a.add_peer("b.two.example", "two.example", LO, b.port, agent=True)
             a.add_route("x.example", "b.two.example")
             async with a:
                 c = client("c.three.example", "three.example", (a, "a.one.example", "one.example"))
@@ -362,6 +395,7 @@ def test_unknown_realm_3003() -> None:
         relay = node("aaaf.visit-a.example", VISIT)
         async with relay:
             c = node("fa1.visit-a.example", VISIT, listen=False)
+            allow(relay, "fa1.visit-a.example", VISIT)
             c.add_peer("aaaf.visit-a.example", VISIT, LO, relay.port)
             c.add_default_route("aaaf.visit-a.example")
             async with c:
@@ -375,6 +409,7 @@ def test_unknown_realm_3003() -> None:
 def test_unsupported_application_3007_and_command_3001() -> None:
     async def main() -> None:
         server, _ = serving("aaah.home.example")
+        allow_raw(server)
         async with server:
             raw = await RawPeer.connect(server.port)
             assert (await raw.cer()).result_code == 2001
@@ -497,6 +532,7 @@ def test_dpr_dpa_on_stop(caplog: pytest.LogCaptureFixture) -> None:
 
     async def main() -> None:
         server, _ = serving("aaah.home.example")
+        allow_raw(server)
         async with server:
             # our node sends DPR to a raw peer on stop and closes after the DPA
             raw = await RawPeer.connect(server.port)
@@ -525,6 +561,7 @@ def test_dpr_dpa_on_stop(caplog: pytest.LogCaptureFixture) -> None:
 def test_malformed_bytes_answered_or_closed_node_keeps_serving() -> None:
     async def main() -> None:
         server, _ = serving("aaah.home.example")
+        allow_raw(server)
         async with server:
             c = client("fa1.visit-a.example", VISIT, (server, "aaah.home.example", HOME))
             async with c:
@@ -563,6 +600,7 @@ def test_malformed_bytes_answered_or_closed_node_keeps_serving() -> None:
 def test_duplicate_t_flag_request_gets_cached_answer() -> None:
     async def main() -> None:
         server, h = serving("aaah.home.example")
+        allow_raw(server)
         async with server:
             raw = await RawPeer.connect(server.port)
             assert (await raw.cer()).result_code == 2001
@@ -622,8 +660,10 @@ def test_both_sides_dial_election_keeps_one_connection() -> None:
             sa, = a.peers_status()
             sb, = b.peers_status()
             assert sa["state"] == sb["state"] == "open"
-            # the kept connection is the one the lower identity (a) dialled
-            assert sa["direction"] == "out" and sb["direction"] == "in"
+            # Both ends keep the same one connection. When the CERs cross while both are still waiting
+            # for their CEA, the election keeps the one the lower identity (a) dialled; if b's had
+            # already opened at b, a's CER is refused (RFC 6733 §5.6, R-Reject) and b's is kept.
+            assert {sa["direction"], sb["direction"]} == {"out", "in"}
             assert len(a.connections) == len(b.connections) == 1
 
     run(main())

@@ -42,6 +42,7 @@ def test_python_diameter_peer(caplog: pytest.LogCaptureFixture) -> None:
 
     async def main() -> dict[str, Any]:
         ours = DiameterNode(OURS, HOME, [LO], listen_address=LO, listen_port=0, watchdog_interval=0.3)
+        ours.add_peer(THEIRS, "pd.example", sources=[LO])  # python-diameter dials us: a configured peer
         ours.register_handler(2, 260, amr, required=("User-Name", "MIP-Reg-Request"))
         async with ours:
             theirs = pd_node.Node(THEIRS, "pd.example")
