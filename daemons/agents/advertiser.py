@@ -1,9 +1,11 @@
 """Agent Advertisement and Solicitation handling (RFC 5944 §2), shared by FA and HA.
 
 Advertises every ``interval`` seconds on one interface and at once when a solicitation
-arrives; with ``challenge`` on, each advertisement carries a fresh RFC 3012 challenge and
-the last few are remembered for checking registrations. :func:`read_icmp` is how both sides
-(the agents here, the mobile node for advertisements) read their raw ICMP sockets.
+arrives; with ``challenge`` on, each advertisement carries a fresh RFC 3012 challenge from
+:class:`daemons.agents.challenges.ChallengeWindow`, which checks registrations' challenges
+without a list of what was advertised (so solicitations cannot push one out). :func:`read_icmp`
+is how both sides (the agents here, the mobile node for advertisements) read their raw ICMP
+sockets.
 """
 
 from __future__ import annotations
@@ -12,10 +14,9 @@ import asyncio
 import contextlib
 import ipaddress
 import os
-import secrets
 import socket
-from collections import deque
 
+from daemons.agents.challenges import ChallengeWindow
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import icmp_socket
 from daemons.wire import mip
@@ -23,7 +24,6 @@ from daemons.wire import mip
 log = EventLog("mipvpn.advertiser")
 ALL_SYSTEMS = "224.0.0.1"
 ALL_ROUTERS = "224.0.0.2"
-CHALLENGE_LEN = 16  # RFC 3012 §2: at least 4 octets; 16 keeps guessing hopeless
 
 
 def read_icmp(sock: socket.socket, icmp_type: int) -> tuple[ipaddress.IPv4Address, bytes] | None:
@@ -50,8 +50,7 @@ class Advertiser:
         self.care_of_addresses = care_of_addresses
         self.registration_lifetime = registration_lifetime
         self.interval = interval
-        self.challenge = challenge
-        self.challenges: deque[bytes] = deque(maxlen=challenge_window)
+        self.challenges = ChallengeWindow(interval, challenge_window) if challenge else None
         self.sequence = 0
         self.counters = {"advertisements": 0, "solicitations": 0, "malformed_solicitations": 0}
         self.sock: socket.socket | None = None
@@ -62,10 +61,8 @@ class Advertiser:
         exts: list[mip.Extension] = [mip.MobilityAgentAdvExtension(
             sequence=self.sequence, registration_lifetime=self.registration_lifetime,
             flags=self.flags, care_of_addresses=self.care_of_addresses)]
-        if self.challenge:
-            value = secrets.token_bytes(CHALLENGE_LEN)
-            self.challenges.append(value)
-            exts.append(mip.AdvChallengeExtension(value))
+        if self.challenges is not None:
+            exts.append(mip.AdvChallengeExtension(self.challenges.issue()))
         lifetime = max(3, int(3 * self.interval))  # RFC 1256: three times the interval
         return mip.AgentAdvertisement(lifetime=lifetime, addresses=[(self.address, 0)], extensions=exts,
                                       code=mip.ADV_CODE_MOBILITY_ONLY)

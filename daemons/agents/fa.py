@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import deque
 from dataclasses import asdict, dataclass
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from daemons.aaa import application
 from daemons.agents.advertiser import Advertiser
 from daemons.agents.binding import BindingClient, BindingEvents, BindingPeers, Retransmit
+from daemons.agents.challenges import Verdict
 from daemons.agents.datagrams import dispatch
 from daemons.agents.routing import AccessGuard, VisitorRoutes
 from daemons.diameter.node import DiameterNode, DiameterTimeout, DiameterUnavailable, wait_for_peers
@@ -83,7 +83,6 @@ class ForeignAgent:
                                      mip.AdvFlag.R | mip.AdvFlag.F, (config.care_of_address,),
                                      config.max_lifetime, config.advertisement_interval, config.challenge,
                                      config.challenge_window)
-        self.used_challenges: deque[bytes] = deque(maxlen=1024)
         self.ha_keys = {str(ha.address): ha for ha in config.home_agents}
         self.fa_keys = {str(fa.address): fa for fa in config.peer_agents}
         self.fa_peers = BindingPeers(self.fa_keys)
@@ -219,14 +218,14 @@ class ForeignAgent:
             return Code.FA_INVALID_CARE_OF_ADDRESS
         if rrq.find(mip.MNHAAuthExtension) is None:
             return Code.FA_POORLY_FORMED_REQUEST
-        if self.config.challenge:
+        if self.advertiser.challenges is not None:
             ext = rrq.find(mip.MNFAChallengeExtension)
             if ext is None:
                 return Code.FA_MISSING_CHALLENGE
-            if ext.challenge in self.used_challenges:
-                return Code.FA_STALE_CHALLENGE  # a replayed request
-            if ext.challenge not in self.advertiser.challenges:
-                return Code.FA_UNKNOWN_CHALLENGE
+            verdict = self.advertiser.challenges.check(ext.challenge, str(rrq.home_address))
+            if verdict is not Verdict.FRESH:
+                # STALE: ours but too old; SPENT: a replay of a request it already registered.
+                return Code.FA_UNKNOWN_CHALLENGE if verdict is Verdict.UNKNOWN else Code.FA_STALE_CHALLENGE
             if rrq.find(mip.GeneralizedAuthExtension) is None and rrq.find(mip.MNFAAuthExtension) is None:
                 return Code.FA_MN_FAILED_AUTHENTICATION  # §3.2: the challenge must be answered
         return Code.ACCEPTED
@@ -390,10 +389,10 @@ class ForeignAgent:
         elif pending.handoff is not None:
             pending.handoff.cancel()
         challenge = pending.rrq.find(mip.MNFAChallengeExtension)
-        if rrp.accepted and challenge is not None:
+        if rrp.accepted and challenge is not None and self.advertiser.challenges is not None:
             # Spent only once it bought a registration: a retransmission after a lost reply
             # may still use it, a replay of the accepted request may not.
-            self.used_challenges.append(challenge.challenge)
+            self.advertiser.challenges.spend(challenge.challenge, str(pending.rrq.home_address))
         if rrp.accepted and rrp.lifetime > 0:
             self.visitors[hoa] = Visitor(pending.nai, hoa, str(pending.rrq.home_agent), pending.mn_port,
                                          rrp.lifetime, time.time() + rrp.lifetime, rrp.identification,

@@ -124,7 +124,9 @@ class FAConfig(Common):
     advertisement_interval: float = 1.0
     max_lifetime: int = 300
     challenge: bool = True
-    challenge_window: int = 8  # how many recent advertisement challenges are accepted
+    # A challenge is accepted for (window - 1) .. window advertisement intervals after it was advertised
+    # (daemons.agents.challenges: no list, so solicitations cannot push one out).
+    challenge_window: int = 8
     registration_timeout: float = 5.0  # no reply from the HA (or AAA) by then: code 78
     home_agents: list[PeerAgent] = field(default_factory=list)
     # Neighbouring FAs (by care-of address) we exchange Binding Updates with when an MN moves.
