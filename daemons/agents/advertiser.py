@@ -6,6 +6,11 @@ arrives; with ``challenge`` on, each advertisement carries a fresh RFC 3012 chal
 without a list of what was advertised (so solicitations cannot push one out). :func:`read_icmp`
 is how both sides (the agents here, the mobile node for advertisements) read their raw ICMP
 sockets.
+
+Solicitations are answered at once (a handover waits on the answer), with two limits: per
+source (``solicitation_limit``, a token bucket: the excess is dropped and counted) and at most
+one solicited advertisement per ``MIN_SOLICITED_GAP``. The answer is multicast, so a real MN
+hears the one its solicitation asked for even when its own source was flooded in its name.
 """
 
 from __future__ import annotations
@@ -19,11 +24,15 @@ import socket
 from daemons.agents.challenges import ChallengeWindow
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import icmp_socket
+from daemons.runtime.ratelimit import Limit, RateLimiter
 from daemons.wire import mip
 
 log = EventLog("mipvpn.advertiser")
 ALL_SYSTEMS = "224.0.0.1"
 ALL_ROUTERS = "224.0.0.2"
+# Solicited advertisements at most this often (200 a second): solicitations from many (forged)
+# sources cannot make the agent flood the link; a real MN waits at most this long for the answer.
+MIN_SOLICITED_GAP = 0.005
 
 
 def read_icmp(sock: socket.socket, icmp_type: int) -> tuple[ipaddress.IPv4Address, bytes] | None:
@@ -43,7 +52,8 @@ def read_icmp(sock: socket.socket, icmp_type: int) -> tuple[ipaddress.IPv4Addres
 class Advertiser:
     def __init__(self, interface: str, address: ipaddress.IPv4Address, flags: mip.AdvFlag,
                  care_of_addresses: tuple[ipaddress.IPv4Address, ...], registration_lifetime: int,
-                 interval: float, challenge: bool, challenge_window: int = 8) -> None:
+                 interval: float, challenge: bool, challenge_window: int = 8,
+                 solicitation_limit: RateLimiter | None = None) -> None:
         self.interface = interface
         self.address = address
         self.flags = flags
@@ -51,8 +61,10 @@ class Advertiser:
         self.registration_lifetime = registration_lifetime
         self.interval = interval
         self.challenges = ChallengeWindow(interval, challenge_window) if challenge else None
+        self.solicitation_limit = solicitation_limit
         self.sequence = 0
-        self.counters = {"advertisements": 0, "solicitations": 0, "malformed_solicitations": 0}
+        self.counters = {"advertisements": 0, "solicitations": 0, "malformed_solicitations": 0,
+                         "solicitations_rate_limited": 0}
         self.sock: socket.socket | None = None
         self.now = asyncio.Event()
 
@@ -69,12 +81,16 @@ class Advertiser:
 
     async def run(self) -> None:
         self.sock = icmp_socket(self.interface, join=[ALL_ROUTERS], local=str(self.address))
-        asyncio.get_running_loop().add_reader(self.sock.fileno(), self.on_icmp)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.sock.fileno(), self.on_icmp)
         while True:
+            self.now.clear()  # what was solicited so far, this advertisement answers
             self.send()
+            sent = loop.time()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.now.wait(), self.interval)
-            self.now.clear()
+            if self.now.is_set() and (gap := MIN_SOLICITED_GAP - (loop.time() - sent)) > 0:
+                await asyncio.sleep(gap)
 
     def send(self) -> None:
         assert self.sock is not None
@@ -94,6 +110,11 @@ class Advertiser:
         if got is None:
             return  # only solicitations matter
         src, icmp = got
+        if self.solicitation_limit is not None and (limit := self.solicitation_limit.check(str(src))) is not Limit.PASS:
+            self.counters["solicitations_rate_limited"] += 1
+            if limit is Limit.FIRST_DROP:
+                log.warning("solicitation.rate_limited", src=src, interface=self.interface)
+            return
         try:
             mip.decode_icmp(icmp)
         except mip.DecodeError as exc:

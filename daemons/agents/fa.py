@@ -24,6 +24,7 @@ from daemons.runtime.config import DiameterPeer, FAConfig
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import UdpEndpoint
+from daemons.runtime.ratelimit import Limit, RateLimiter
 from daemons.runtime.secret import Secret
 from daemons.runtime.tasks import background
 from daemons.store.state import StateFile
@@ -36,6 +37,7 @@ from daemons.wire.diameter.constants import TerminationCause
 
 log = EventLog("mipvpn.fa")
 Code = mip.ReplyCode
+_RRQ = bytes([mip.RegistrationRequest.TYPE])  # the first octet of a Registration Request
 # What the MN hears when the AAA says no without a registration reply from the HA.
 AAA_DENIALS = {
     ResultCode.DIAMETER_AUTHENTICATION_REJECTED: Code.FA_MN_FAILED_AUTHENTICATION,
@@ -82,12 +84,15 @@ class ForeignAgent:
         self.advertiser = Advertiser(config.access_interface, config.access_address,
                                      mip.AdvFlag.R | mip.AdvFlag.F, (config.care_of_address,),
                                      config.max_lifetime, config.advertisement_interval, config.challenge,
-                                     config.challenge_window)
+                                     config.challenge_window,
+                                     RateLimiter(config.solicitation_rate, config.solicitation_burst,
+                                                 config.rate_limit_sources))
+        self.rrq_limit = RateLimiter(config.rrq_rate, config.rrq_burst, config.rate_limit_sources)
         self.ha_keys = {str(ha.address): ha for ha in config.home_agents}
         self.fa_keys = {str(fa.address): fa for fa in config.peer_agents}
         self.fa_peers = BindingPeers(self.fa_keys)
         self.counters: dict[str, int] = {"received": 0, "malformed": 0, "relayed": 0, "accepted": 0,
-                                         "denied": 0}
+                                         "denied": 0, "rrq_rate_limited": 0}
         # F6 Binding Updates to the previous FA: log lines name it "to" (sent) and "src" (acknowledged).
         self.binding = BindingClient(self.fa_peers, log, self.counters, BindingEvents(peer="to", ack_peer="src"))
         self.state = StateFile(config.state_dir / "visitors.json")
@@ -178,6 +183,12 @@ class ForeignAgent:
     # ---- registration --------------------------------------------------------------------
     def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
         self.counters["received"] += 1
+        if data[:1] == _RRQ and (limit := self.rrq_limit.check(addr[0])) is not Limit.PASS:
+            # Before decoding: a flood costs a table look-up per datagram, and no reply.
+            self.counters["rrq_rate_limited"] += 1
+            if limit is Limit.FIRST_DROP:
+                log.warning("rrq.rate_limited", src=addr[0])
+            return
         dispatch(data, addr, {mip.RegistrationRequest: self.on_request, mip.RegistrationReply: self.on_reply,
                               mip.BindingUpdate: self.on_binding_update, mip.BindingAcknowledge: self.binding.on_ack},
                  self.counters, log, self.poorly_formed)

@@ -197,3 +197,155 @@ def test_the_window_is_counted_in_advertisement_intervals(tmp_path: Path, window
     assert cw.spent == 0  # forgotten once stale: the table holds only the window's registrations
     assert cw.check(c[:15], "mn") is Verdict.UNKNOWN and cw.check(bytes([c[0] ^ 1]) + c[1:], "mn") is Verdict.UNKNOWN
     assert ChallengeWindow(2.0, window).check(c, "mn") is Verdict.UNKNOWN  # another daemon's (or before a restart)
+
+
+# ---- per-source rate limits ------------------------------------------------------------------------
+
+
+def test_an_rrq_flood_from_one_source_is_dropped_and_counted_and_others_get_through(tmp_path: Path) -> None:
+    async def main() -> None:
+        fa = fa_with(tmp_path)
+        flooder = IPv4Address("198.18.101.66")
+        for _ in range(200):
+            fa.on_datagram(rrq(bytes(16), hoa=flooder), (str(flooder), 434))
+        await settle()
+        # The default burst (10) was handled (each refused: a made-up challenge); the rest dropped unanswered.
+        assert len(denials(fa, flooder)) == 10
+        assert fa.counters["rrq_rate_limited"] == 190
+        await from_mn(fa, rrq(fa.advertiser.advertisement().challenge))  # the real MN, meanwhile
+        assert denials(fa) == [] and len(relayed(fa)) == 1
+
+    run(main)
+
+
+def test_a_real_mns_retransmissions_are_never_limited(tmp_path: Path) -> None:
+    """RFC 5944 §3.6.3 back-off (1 s doubling) plus a 133 resynchronisation and a few re-registrations."""
+    async def main() -> None:
+        fa = fa_with(tmp_path)
+        now = [0.0]
+        fa.rrq_limit.clock = fa.advertiser.challenges.clock = lambda: now[0]  # type: ignore[union-attr,attr-defined]
+        for at in (0.0, 0.0, 1.0, 3.0, 7.0, 15.0, 15.0, 16.0, 17.0, 17.5, 18.0, 18.5, 19.0):
+            now[0] = at
+            await from_mn(fa, rrq(fa.advertiser.advertisement().challenge))
+        assert fa.counters["rrq_rate_limited"] == 0 and len(relayed(fa)) == 13
+
+    run(main)
+
+
+class Raw:
+    """The advertiser's raw ICMP socket: hands out queued IPv4 packets, records advertisements sent."""
+
+    def __init__(self) -> None:
+        self.inbox: list[bytes] = []
+        self.sent: list[float] = []
+        self._pair = __import__("socket").socketpair()
+
+    def fileno(self) -> int:
+        return self._pair[0].fileno()
+
+    def recvfrom(self, size: int) -> tuple[bytes, Any]:
+        if not self.inbox:
+            raise BlockingIOError
+        return self.inbox.pop(0), None
+
+    def sendto(self, data: bytes, addr: Any) -> int:
+        self.sent.append(time.monotonic())
+        return len(data)
+
+    def close(self) -> None:
+        for s in self._pair:
+            s.close()
+
+
+def solicitation_from(src: IPv4Address) -> bytes:
+    import struct
+
+    icmp = mip.AgentSolicitation().encode()
+    header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 0, 0, 1, 1, 0, src.packed,
+                         IPv4Address("224.0.0.2").packed)
+    header = header[:10] + struct.pack("!H", mip.internet_checksum(header)) + header[12:]
+    return header + icmp
+
+
+def test_a_solicitation_flood_from_one_source_is_dropped_and_counted(tmp_path: Path) -> None:
+    fa = fa_with(tmp_path)
+    adv = fa.advertiser
+    adv.sock = Raw()  # type: ignore[assignment]
+    flooder, mn = IPv4Address("198.18.101.66"), HOA
+    try:
+        for _ in range(300):
+            adv.sock.inbox.append(solicitation_from(flooder))  # type: ignore[attr-defined]
+            adv.on_icmp()
+        assert (adv.counters["solicitations"], adv.counters["solicitations_rate_limited"]) == (20, 280)
+        adv.now.clear()
+        adv.sock.inbox.append(solicitation_from(mn))  # type: ignore[attr-defined]
+        adv.on_icmp()
+        assert adv.counters["solicitations"] == 21 and adv.now.is_set()  # answered at once
+    finally:
+        adv.sock.close()  # type: ignore[attr-defined]
+
+
+def test_solicited_advertisements_are_spaced_whatever_the_sources(tmp_path: Path, monkeypatch: Any) -> None:
+    """Solicitations from ever new (forged) sources pass every per-source bucket: the agent still
+    sends at most one solicited advertisement per MIN_SOLICITED_GAP (an upper bound: a slower
+    machine only sends fewer)."""
+    from daemons.agents import advertiser as advertiser_module
+
+    raw = Raw()
+    monkeypatch.setattr(advertiser_module, "icmp_socket", lambda *a, **k: raw)
+
+    async def main() -> tuple[int, float]:
+        adv = fa_with(tmp_path).advertiser
+        task = asyncio.create_task(adv.run())
+        await asyncio.sleep(0.01)
+        started, before = time.monotonic(), len(raw.sent)
+        while time.monotonic() - started < 0.3:
+            adv.now.set()  # what on_icmp does for each solicitation that passes
+            await asyncio.sleep(0)
+        elapsed, count = time.monotonic() - started, len(raw.sent) - before
+        task.cancel()
+        asyncio.get_running_loop().remove_reader(raw.fileno())
+        return count, elapsed
+
+    try:
+        count, elapsed = asyncio.run(main())
+    finally:
+        raw.close()
+    assert 1 <= count <= elapsed / advertiser_module.MIN_SOLICITED_GAP + 2
+
+
+def test_rate_limits_are_configured_and_checked(tmp_path: Path) -> None:
+    from daemons.roles import load_config
+    from daemons.runtime.config import ConfigError
+
+    def load(**fields: Any) -> Any:
+        path = tmp_path / "fa.yaml"
+        base = {"node": "fa1", "role": "fa", "state_dir": str(tmp_path), "control_socket": str(tmp_path / "s"),
+                "access_address": "198.18.101.1", "care_of_address": "198.18.0.14"}
+        path.write_text(__import__("yaml").safe_dump({**base, **fields}))
+        return load_config(path)
+
+    cfg = load()
+    assert (cfg.rrq_rate, cfg.rrq_burst, cfg.solicitation_rate, cfg.solicitation_burst, cfg.rate_limit_sources) \
+        == (2.0, 10, 20.0, 20, 4096)
+    assert load(rrq_rate=0.5, rrq_burst=3).rrq_burst == 3
+    for field, value, problem in (("rrq_rate", 0, "must be greater than 0"), ("solicitation_burst", 0, "at least 1"),
+                                  ("rate_limit_sources", 0, "at least 1"), ("challenge_window", 0, "at least 1"),
+                                  ("advertisement_interval", 0, "greater than 0")):
+        with pytest.raises(ConfigError, match=f"fa.yaml: {field}: .*{problem}"):
+            load(**{field: value})
+
+
+def test_the_limiter_table_stays_bounded_and_forgets_only_into_full_buckets() -> None:
+    from daemons.runtime.ratelimit import Limit, RateLimiter
+
+    now = [0.0]
+    lim = RateLimiter(rate=1.0, burst=2, max_sources=3, clock=lambda: now[0])
+    assert [lim.check("a") for _ in range(3)] == [Limit.PASS, Limit.PASS, Limit.FIRST_DROP]
+    assert lim.check("a") is Limit.DROP and lim.dropped == 2
+    for src in ("b", "c", "d", "e"):  # "d" and "e" find the table full: they share one bucket
+        lim.check(src)
+    assert len(lim) == 3 and lim.overflowed == 2
+    assert lim.check("f") is Limit.FIRST_DROP  # the shared bucket is empty
+    now[0] += 2.0  # every bucket full again: entries go, a returning source starts with a full bucket
+    assert [lim.check("a") for _ in range(2)] == [Limit.PASS, Limit.PASS] and len(lim) <= 3
