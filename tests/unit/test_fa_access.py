@@ -349,3 +349,119 @@ def test_the_limiter_table_stays_bounded_and_forgets_only_into_full_buckets() ->
     assert lim.check("f") is Limit.FIRST_DROP  # the shared bucket is empty
     now[0] += 2.0  # every bucket full again: entries go, a returning source starts with a full bucket
     assert [lim.check("a") for _ in range(2)] == [Limit.PASS, Limit.PASS] and len(lim) <= 3
+
+
+# ---- no route before the checks; replies on the link ----------------------------------------------
+
+AAAF = IPv4Address("198.18.0.10")
+
+
+def aaa_fa(tmp: Path) -> ForeignAgent:
+    """An FA with an AAAF configured (not dialled: without a Diameter node it relays to the HA)."""
+    from daemons.runtime.config import DiameterPeer
+
+    return fa_with(tmp, aaa=DiameterPeer("aaaf1.visit-a.example", "visit-a.example", AAAF))
+
+
+@pytest.mark.parametrize("claimed", [HA, AAAF, COA, ACCESS, IPv4Address("224.0.0.1"), IPv4Address("0.0.0.0")],
+                         ids=["home-agent", "aaaf", "care-of", "access", "multicast", "unspecified"])
+def test_an_rrq_claiming_an_infrastructure_address_adds_no_route(tmp_path: Path, claimed: IPv4Address) -> None:
+    """Sent from the claimed address itself (an on-link attacker can), with a genuine challenge."""
+    async def main() -> None:
+        fa = aaa_fa(tmp_path)
+        await from_mn(fa, rrq(fa.advertiser.advertisement().challenge, hoa=claimed), src=claimed)
+        assert fa.routes.calls == []  # type: ignore[attr-defined]
+        assert not any(isinstance(mip.decode_message(d), mip.RegistrationRequest)  # not relayed
+                       for d, _, _ in fa.udp.sent)  # type: ignore[union-attr]
+        assert denials(fa, claimed) == [Code.FA_ADMINISTRATIVELY_PROHIBITED]
+        ((_, (to, _port), ifindex),) = fa.udp.sent  # type: ignore[union-attr]
+        assert (to, ifindex) == (str(claimed), 7)  # on the access link, no route needed
+        assert fa.counters["refused_by_policy"] == 1 and fa.pending == {}
+
+    run(main)
+
+
+def test_an_rrq_must_come_from_the_home_address_it_claims(tmp_path: Path) -> None:
+    async def main() -> None:
+        fa = fa_with(tmp_path)
+        other = IPv4Address("198.18.101.50")
+        await from_mn(fa, rrq(fa.advertiser.advertisement().challenge), src=other)
+        assert relayed(fa) == [] and fa.routes.calls == []  # type: ignore[attr-defined]
+        assert denials(fa, other) == [Code.FA_ADMINISTRATIVELY_PROHIBITED]  # answered where it came from
+
+    run(main)
+
+
+def test_refused_requests_leave_the_routes_alone_and_their_denials_go_on_the_link(tmp_path: Path) -> None:
+    async def main() -> None:
+        fa = fa_with(tmp_path, registration_timeout=0.05)
+        # Refused by us (a made-up challenge), by the HA (131), and by nobody answering (78).
+        await from_mn(fa, rrq(bytes(16)))
+        request = rrq(fa.advertiser.advertisement().challenge)
+        await from_mn(fa, request)
+        assert fa.routes.calls == []  # type: ignore[attr-defined]  # relayed, no route yet
+        await from_ha(fa, ha_reply(request, code=Code.HA_MN_FAILED_AUTHENTICATION))
+        await from_mn(fa, rrq(fa.advertiser.advertisement().challenge))
+        await asyncio.sleep(0.1)
+        await settle()
+        assert fa.routes.calls == [] and fa.visitors == {}  # type: ignore[attr-defined]
+        to_mn = [(mip.decode_message(d).code, ifindex) for d, (h, _), ifindex in fa.udp.sent  # type: ignore[union-attr]
+                 if h == str(HOA)]
+        assert to_mn == [(Code.FA_UNKNOWN_CHALLENGE, 7), (Code.HA_MN_FAILED_AUTHENTICATION, 7),
+                         (Code.FA_REGISTRATION_TIMEOUT, 7)]
+
+    run(main)
+
+
+def test_the_route_comes_with_the_home_agents_yes(tmp_path: Path) -> None:
+    async def main() -> None:
+        fa = fa_with(tmp_path)
+        request = rrq(fa.advertiser.advertisement().challenge)
+        await from_mn(fa, request)
+        (pending,) = fa.pending.values()
+        assert (pending.source, pending.lladdr) == (str(HOA), "02:00:00:00:00:01")
+        assert fa.routes.calls == []  # type: ignore[attr-defined]
+        reply = ha_reply(request)
+        await from_ha(fa, reply)
+        assert fa.routes.calls == [("add", str(HOA))] and str(HOA) in fa.visitors  # type: ignore[attr-defined]
+        (data, addr, ifindex) = fa.udp.sent[-1]  # type: ignore[union-attr]
+        assert mip.decode_message(data).code == 0 and (addr, ifindex) == ((str(HOA), 434), 7)  # type: ignore[union-attr]
+
+    run(main)
+
+
+def test_rrqs_that_come_in_from_the_core_are_dropped_and_counted(tmp_path: Path) -> None:
+    async def main() -> None:
+        fa = fa_with(tmp_path)
+        await from_mn(fa, rrq(fa.advertiser.advertisement().challenge), ifindex=3)  # not the access link (7)
+        assert fa.counters["rrq_not_on_access"] == 1
+        assert fa.udp.sent == [] and fa.routes.calls == [] and fa.pending == {}  # type: ignore[union-attr,attr-defined]
+        await from_mn(fa, rrq(fa.advertiser.advertisement().challenge), ifindex=7)
+        assert len(relayed(fa)) == 1
+
+    run(main)
+
+
+def test_a_nai_cannot_forge_an_fa_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from daemons.runtime.log import EventFormatter
+
+    forged = "x@home.example\n2026-01-01T00:00:00.000Z INFO node=fa1 event=visitor.added mn=victim@home.example"
+
+    async def main() -> None:
+        fa = fa_with(tmp_path)
+        await from_mn(fa, rrq(bytes(16), nai=forged))
+
+    with caplog.at_level(logging.INFO, logger="mipvpn.fa"):
+        run(main)
+    from daemons.provision.demo import FIELD, LOG_LINE
+
+    lines = "\n".join(EventFormatter().format(r) for r in caplog.records).splitlines()
+    events = []
+    for line in lines:  # read as `mipvpn lab demo` reads the daemons' logs
+        m = LOG_LINE.match(line)
+        assert m is not None, line
+        fields = dict(FIELD.findall(m.group(4)))
+        events.append(fields["event"])
+    assert events == ["rrq.received", "rrp.denied"]  # one line each, no visitor.added
