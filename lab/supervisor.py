@@ -33,8 +33,8 @@ log = logging.getLogger("lab.supervisor")
 
 
 def event(what: str, level: int = logging.INFO, **fields: Any) -> None:
-    """One event per line with ``key=value`` fields, the way the daemons log (a value with a
-    space, quote or ``=`` in double quotes, None left out)."""
+    """One event per line with ``key=value`` fields, the way the daemons log (control characters
+    escaped, a value with a space, quote or ``=`` in double quotes, None left out)."""
     log.log(level, "event=%s%s", what, "".join(f" {key}={_value(value)}" for key, value in fields.items()
                                               if value is not None))
 
@@ -48,6 +48,8 @@ def formatter() -> logging.Formatter:
 
 def _value(value: Any) -> str:
     text = str(value)
+    if not text.isprintable() or "\\" in text:  # one line whatever the value holds (as the daemons')
+        text = text.encode("unicode_escape").decode("ascii")
     if not text or any(c in text for c in ' "='):
         return '"' + text.replace('"', "'") + '"'
     return text

@@ -1,9 +1,16 @@
 """Agent Advertisement and Solicitation handling (RFC 5944 §2), shared by FA and HA.
 
 Advertises every ``interval`` seconds on one interface and at once when a solicitation
-arrives; with ``challenge`` on, each advertisement carries a fresh RFC 3012 challenge and
-the last few are remembered for checking registrations. :func:`read_icmp` is how both sides
-(the agents here, the mobile node for advertisements) read their raw ICMP sockets.
+arrives; with ``challenge`` on, each advertisement carries a fresh RFC 3012 challenge from
+:class:`daemons.agents.challenges.ChallengeWindow`, which checks registrations' challenges
+without a list of what was advertised (so solicitations cannot push one out). :func:`read_icmp`
+is how both sides (the agents here, the mobile node for advertisements) read their raw ICMP
+sockets.
+
+Solicitations are answered at once (a handover waits on the answer), with two limits: per
+source (``solicitation_limit``, a token bucket: the excess is dropped and counted) and at most
+one solicited advertisement per ``MIN_SOLICITED_GAP``. The answer is multicast, so a real MN
+hears the one its solicitation asked for even when its own source was flooded in its name.
 """
 
 from __future__ import annotations
@@ -12,18 +19,20 @@ import asyncio
 import contextlib
 import ipaddress
 import os
-import secrets
 import socket
-from collections import deque
 
+from daemons.agents.challenges import ChallengeWindow
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import icmp_socket
+from daemons.runtime.ratelimit import Limit, RateLimiter
 from daemons.wire import mip
 
 log = EventLog("mipvpn.advertiser")
 ALL_SYSTEMS = "224.0.0.1"
 ALL_ROUTERS = "224.0.0.2"
-CHALLENGE_LEN = 16  # RFC 3012 §2: at least 4 octets; 16 keeps guessing hopeless
+# Solicited advertisements at most this often (200 a second): solicitations from many (forged)
+# sources cannot make the agent flood the link; a real MN waits at most this long for the answer.
+MIN_SOLICITED_GAP = 0.005
 
 
 def read_icmp(sock: socket.socket, icmp_type: int) -> tuple[ipaddress.IPv4Address, bytes] | None:
@@ -43,17 +52,19 @@ def read_icmp(sock: socket.socket, icmp_type: int) -> tuple[ipaddress.IPv4Addres
 class Advertiser:
     def __init__(self, interface: str, address: ipaddress.IPv4Address, flags: mip.AdvFlag,
                  care_of_addresses: tuple[ipaddress.IPv4Address, ...], registration_lifetime: int,
-                 interval: float, challenge: bool, challenge_window: int = 8) -> None:
+                 interval: float, challenge: bool, challenge_window: int = 8,
+                 solicitation_limit: RateLimiter | None = None) -> None:
         self.interface = interface
         self.address = address
         self.flags = flags
         self.care_of_addresses = care_of_addresses
         self.registration_lifetime = registration_lifetime
         self.interval = interval
-        self.challenge = challenge
-        self.challenges: deque[bytes] = deque(maxlen=challenge_window)
+        self.challenges = ChallengeWindow(interval, challenge_window) if challenge else None
+        self.solicitation_limit = solicitation_limit
         self.sequence = 0
-        self.counters = {"advertisements": 0, "solicitations": 0, "malformed_solicitations": 0}
+        self.counters = {"advertisements": 0, "solicitations": 0, "malformed_solicitations": 0,
+                         "solicitations_rate_limited": 0}
         self.sock: socket.socket | None = None
         self.now = asyncio.Event()
 
@@ -62,22 +73,24 @@ class Advertiser:
         exts: list[mip.Extension] = [mip.MobilityAgentAdvExtension(
             sequence=self.sequence, registration_lifetime=self.registration_lifetime,
             flags=self.flags, care_of_addresses=self.care_of_addresses)]
-        if self.challenge:
-            value = secrets.token_bytes(CHALLENGE_LEN)
-            self.challenges.append(value)
-            exts.append(mip.AdvChallengeExtension(value))
+        if self.challenges is not None:
+            exts.append(mip.AdvChallengeExtension(self.challenges.issue()))
         lifetime = max(3, int(3 * self.interval))  # RFC 1256: three times the interval
         return mip.AgentAdvertisement(lifetime=lifetime, addresses=[(self.address, 0)], extensions=exts,
                                       code=mip.ADV_CODE_MOBILITY_ONLY)
 
     async def run(self) -> None:
         self.sock = icmp_socket(self.interface, join=[ALL_ROUTERS], local=str(self.address))
-        asyncio.get_running_loop().add_reader(self.sock.fileno(), self.on_icmp)
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.sock.fileno(), self.on_icmp)
         while True:
+            self.now.clear()  # what was solicited so far, this advertisement answers
             self.send()
+            sent = loop.time()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.now.wait(), self.interval)
-            self.now.clear()
+            if self.now.is_set() and (gap := MIN_SOLICITED_GAP - (loop.time() - sent)) > 0:
+                await asyncio.sleep(gap)
 
     def send(self) -> None:
         assert self.sock is not None
@@ -97,6 +110,11 @@ class Advertiser:
         if got is None:
             return  # only solicitations matter
         src, icmp = got
+        if self.solicitation_limit is not None and (limit := self.solicitation_limit.check(str(src))) is not Limit.PASS:
+            self.counters["solicitations_rate_limited"] += 1
+            if limit is Limit.FIRST_DROP:
+                log.warning("solicitation.rate_limited", src=src, interface=self.interface)
+            return
         try:
             mip.decode_icmp(icmp)
         except mip.DecodeError as exc:

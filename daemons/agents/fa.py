@@ -8,15 +8,17 @@ with an AMR to the local AAA server without touching the rest.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
-from collections import deque
 from dataclasses import asdict, dataclass
+from functools import partial
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
 from daemons.aaa import application
 from daemons.agents.advertiser import Advertiser
 from daemons.agents.binding import BindingClient, BindingEvents, BindingPeers, Fresh, ReplayWindow, Retransmit
+from daemons.agents.challenges import Verdict
 from daemons.agents.datagrams import dispatch
 from daemons.agents.routing import AccessGuard, VisitorRoutes
 from daemons.diameter.node import DiameterNode, DiameterTimeout, DiameterUnavailable, wait_for_peers
@@ -24,7 +26,8 @@ from daemons.diameter.setup import Dial, diameter_node
 from daemons.runtime.config import DiameterPeer, FAConfig
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
-from daemons.runtime.net import UdpEndpoint
+from daemons.runtime.net import LinkUdpEndpoint
+from daemons.runtime.ratelimit import Limit, RateLimiter
 from daemons.runtime.secret import Secret
 from daemons.runtime.tasks import KeyedLocks, background
 from daemons.store.state import StateFile, dataclass_record, float_record
@@ -37,6 +40,7 @@ from daemons.wire.diameter.constants import TerminationCause
 
 log = EventLog("mipvpn.fa")
 Code = mip.ReplyCode
+_RRQ = bytes([mip.RegistrationRequest.TYPE])  # the first octet of a Registration Request
 # What the MN hears when the AAA says no without a registration reply from the HA.
 AAA_DENIALS = {
     ResultCode.DIAMETER_AUTHENTICATION_REJECTED: Code.FA_MN_FAILED_AUTHENTICATION,
@@ -71,6 +75,13 @@ class Pending:
     vpn: list[vpninfo.VpnInfo] | None = None  # paths the local AAA gave us, installed on the HA's yes
     session_id: str | None = None  # the Diameter session of this registration
     handoff: asyncio.Task[vpninfo.VpnInfo | None] | None = None  # F6 with the previous FA, if any
+    # Where the request came from, to answer on the link without a route (RFC 5944 §3.7.1,
+    # §3.7.2.3): its IP source, the interface it came in on, the link-layer address the kernel
+    # holds for that source (for the record: the kernel resolves the reply itself).
+    source: str | None = None
+    ifindex: int | None = None
+    lladdr: str | None = None
+    routed: bool = False  # we put a host route toward it before its registration was accepted (F6)
 
 
 class ForeignAgent:
@@ -84,8 +95,10 @@ class ForeignAgent:
         self.advertiser = Advertiser(config.access_interface, config.access_address,
                                      mip.AdvFlag.R | mip.AdvFlag.F, (config.care_of_address,),
                                      config.max_lifetime, config.advertisement_interval, config.challenge,
-                                     config.challenge_window)
-        self.used_challenges: deque[bytes] = deque(maxlen=1024)
+                                     config.challenge_window,
+                                     RateLimiter(config.solicitation_rate, config.solicitation_burst,
+                                                 config.rate_limit_sources))
+        self.rrq_limit = RateLimiter(config.rrq_rate, config.rrq_burst, config.rate_limit_sources)
         self.ha_keys = {str(ha.address): ha for ha in config.home_agents}
         self.fa_keys = {str(fa.address): fa for fa in config.peer_agents}
         self.fa_peers = BindingPeers(self.fa_keys)
@@ -94,12 +107,14 @@ class ForeignAgent:
         self.bu_locks = KeyedLocks()
         self.counters: dict[str, int] = {"received": 0, "malformed": 0, "relayed": 0, "accepted": 0,
                                          "denied": 0, "bu_received": 0, "bu_accepted": 0, "bu_rejected": 0,
-                                         "bu_replayed": 0, "bu_duplicate": 0, "bu_unauthenticated_extensions": 0}
+                                         "bu_replayed": 0, "bu_duplicate": 0, "bu_unauthenticated_extensions": 0,
+                                         "rrq_rate_limited": 0, "rrq_not_on_access": 0, "refused_by_policy": 0}
         # F6 Binding Updates to the previous FA: log lines name it "to" (sent) and "src" (acknowledged).
         self.binding = BindingClient(self.fa_peers, log, self.counters, BindingEvents(peer="to", ack_peer="src"))
         self.state = StateFile(config.state_dir / "visitors.json")
         self.routes = VisitorRoutes(config.access_interface)
-        self.udp: UdpEndpoint | None = None
+        self.udp: LinkUdpEndpoint | None = None
+        self.access_ifindex: int | None = None  # where RRQs must come in and replies to MNs go out
         self.control = ControlServer(config.control_socket)
         self.mavpn: MavpnControl | None = None
         self.diameter: DiameterNode | None = None
@@ -111,11 +126,13 @@ class ForeignAgent:
         await self.start_paths()
         if self.mavpn is not None and Capability.ROUTE_BASED in self.mavpn.backend.capabilities:
             await AccessGuard(self.config.access_interface).install()
-        self.udp = await UdpEndpoint.open(self.on_datagram, "0.0.0.0", mip.MIP_UDP_PORT)
+        self.access_ifindex = socket.if_nametoindex(self.config.access_interface)
+        self.udp = await LinkUdpEndpoint.open(self.on_datagram, "0.0.0.0", mip.MIP_UDP_PORT)
         if self.config.aaa is not None:
             await self.start_diameter(self.config.aaa)
         self.control.register("visitors", lambda _: self.show_visitors())
         self.control.register("counters", lambda _: {**self.counters, **self.advertiser.counters,
+                                                     "send_failed": self.udp.dropped if self.udp else 0,
                                                      **({"diameter": self.diameter.stats()} if self.diameter else {})})
         self.control.register("paths", lambda _: self.mavpn.show() if self.mavpn else [])
         self.control.register("smooth-handoff", self.set_smooth_handoff)
@@ -211,32 +228,53 @@ class ForeignAgent:
             log.warning("session.end_failed", mn=visitor.nai, sid=visitor.session_id, reason=exc)
 
     # ---- registration --------------------------------------------------------------------
-    def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:
+    def on_datagram(self, data: bytes, addr: tuple[str, int], ifindex: int | None = None) -> None:
+        """A UDP 434 datagram from ``addr`` that came in on interface ``ifindex`` (None: the
+        endpoint cannot tell, e.g. a test double; taken for the access link)."""
         self.counters["received"] += 1
-        dispatch(data, addr, {mip.RegistrationRequest: self.on_request, mip.RegistrationReply: self.on_reply,
-                              mip.BindingUpdate: self.on_binding_update, mip.BindingAcknowledge: self.binding.on_ack},
-                 self.counters, log, self.poorly_formed)
+        if data[:1] == _RRQ:
+            if (limit := self.rrq_limit.check(addr[0])) is not Limit.PASS:
+                # Before decoding: a flood costs a table look-up per datagram, and no reply.
+                self.counters["rrq_rate_limited"] += 1
+                if limit is Limit.FIRST_DROP:
+                    log.warning("rrq.rate_limited", src=addr[0])
+                return
+            if ifindex is not None and self.access_ifindex is not None and ifindex != self.access_ifindex:
+                # We relay for mobile nodes on our access link only: not for one on the core.
+                self.counters["rrq_not_on_access"] += 1
+                log.warning("rrq.not_on_access", src=addr[0], ifindex=ifindex)
+                return
+        dispatch(data, addr, {mip.RegistrationRequest: partial(self.on_request, ifindex=ifindex),
+                              mip.RegistrationReply: self.on_reply, mip.BindingUpdate: self.on_binding_update,
+                              mip.BindingAcknowledge: self.binding.on_ack},
+                 self.counters, log, partial(self.poorly_formed, ifindex=ifindex))
 
-    def poorly_formed(self, partial: mip.Message, addr: tuple[str, int]) -> None:
+    def poorly_formed(self, partial_rrq: mip.Message, addr: tuple[str, int], ifindex: int | None = None) -> None:
         """An RRQ with an unknown non-skippable extension: refused with 70 (RFC 5944 §3.7.2.1)."""
-        if isinstance(partial, mip.RegistrationRequest):
-            background(self.refuse(partial, addr[1], Code.FA_POORLY_FORMED_REQUEST, None))
+        if isinstance(partial_rrq, mip.RegistrationRequest):
+            self.refuse(partial_rrq, addr, Code.FA_POORLY_FORMED_REQUEST, None, ifindex)
 
-    async def on_request(self, rrq: mip.RegistrationRequest, raw: bytes, addr: tuple[str, int]) -> None:
+    async def on_request(self, rrq: mip.RegistrationRequest, raw: bytes, addr: tuple[str, int],
+                         ifindex: int | None = None) -> None:
         nai_ext = rrq.find(mip.NAIExtension)
         nai = nai_ext.nai if nai_ext else None
+        lladdr = await self.routes.neighbour(addr[0])
         log.info("rrq.received", mn=nai or rrq.home_address, id=hex(rrq.identification), ha=rrq.home_agent,
-                 lifetime=rrq.lifetime)
+                 lifetime=rrq.lifetime, src=addr[0], lladdr=lladdr)
         code = self.check_request(rrq)
+        if code == Code.ACCEPTED and (why := self.refused_by_policy(rrq, addr[0])) is not None:
+            self.counters["refused_by_policy"] += 1
+            log.warning("rrq.refused_by_policy", mn=nai or rrq.home_address, hoa=rrq.home_address, src=addr[0],
+                        lladdr=lladdr, reason=why)
+            code = Code.FA_ADMINISTRATIVELY_PROHIBITED
         if code != Code.ACCEPTED:
-            await self.refuse(rrq, addr[1], code, nai)
+            self.refuse(rrq, addr, code, nai, ifindex)
             return
-        # The reply must reach the MN on the access link whatever the outcome: its home
-        # address is on no prefix of ours, so without this route it would go to the core.
+        # No route toward the home address yet: the request has passed our checks, not its
+        # home's. Replies reach the MN on the link (``to_mn``); the route comes with the yes.
         hoa = str(rrq.home_address)
-        await self.routes.add(hoa)
         key = (hoa, rrq.identification & 0xFFFFFFFF)
-        pending = Pending(rrq, raw, nai, addr[1], time.monotonic())
+        pending = Pending(rrq, raw, nai, addr[1], time.monotonic(), source=addr[0], ifindex=ifindex, lladdr=lladdr)
         pending.timer = asyncio.get_running_loop().call_later(
             self.config.registration_timeout, lambda: background(self.timeout(key)))
         old = self.pending.pop(key, None)
@@ -244,6 +282,30 @@ class ForeignAgent:
             old.timer.cancel()
         self.pending[key] = pending
         await self.forward_request(rrq, raw)
+
+    def refused_by_policy(self, rrq: mip.RegistrationRequest, source: str) -> str | None:
+        """FA-side policy on the claimed home address, which would become a host route onto the
+        access link once accepted: why not, or None. Never an address of the infrastructure
+        (ours, a home agent's, a peer FA's, the AAA server's, a static path's end) nor one no
+        host can own; and the request must come from that address (RFC 5944 §3.6.1.1: an MN
+        registering through an FA sends from its home address)."""
+        hoa = rrq.home_address
+        if hoa.is_unspecified or hoa.is_multicast or hoa.is_loopback or hoa.is_link_local or hoa.is_reserved:
+            return "not a unicast host address"
+        if hoa in self.infrastructure_addresses() or hoa == rrq.home_agent:
+            return "an address of the infrastructure"
+        if source != str(hoa):
+            return "not sent from the home address it claims"
+        return None
+
+    def infrastructure_addresses(self) -> set[IPv4Address]:
+        c = self.config
+        found = {c.care_of_address, c.access_address, *(a.address for a in (*c.home_agents, *c.peer_agents))}
+        if c.aaa is not None:
+            found.add(c.aaa.address)
+        for path in c.static_paths:
+            found |= {path.local, path.remote}
+        return found
 
     def check_request(self, rrq: mip.RegistrationRequest) -> Code:
         """The FA's checks (RFC 5944 §3.7.2.1, RFC 3012 §3.2)."""
@@ -253,14 +315,14 @@ class ForeignAgent:
             return Code.FA_INVALID_CARE_OF_ADDRESS
         if rrq.find(mip.MNHAAuthExtension) is None:
             return Code.FA_POORLY_FORMED_REQUEST
-        if self.config.challenge:
+        if self.advertiser.challenges is not None:
             ext = rrq.find(mip.MNFAChallengeExtension)
             if ext is None:
                 return Code.FA_MISSING_CHALLENGE
-            if ext.challenge in self.used_challenges:
-                return Code.FA_STALE_CHALLENGE  # a replayed request
-            if ext.challenge not in self.advertiser.challenges:
-                return Code.FA_UNKNOWN_CHALLENGE
+            verdict = self.advertiser.challenges.check(ext.challenge, str(rrq.home_address))
+            if verdict is not Verdict.FRESH:
+                # STALE: ours but too old; SPENT: a replay of a request it already registered.
+                return Code.FA_UNKNOWN_CHALLENGE if verdict is Verdict.UNKNOWN else Code.FA_STALE_CHALLENGE
             if rrq.find(mip.GeneralizedAuthExtension) is None and rrq.find(mip.MNFAAuthExtension) is None:
                 return Code.FA_MN_FAILED_AUTHENTICATION  # §3.2: the challenge must be answered
         return Code.ACCEPTED
@@ -359,8 +421,8 @@ class ForeignAgent:
         if pending.timer:
             pending.timer.cancel()
         log.warning("registration.failed", mn=pending.nai, reason=reason)
-        self.deny(pending.rrq, pending.mn_port, code, pending.nai)
-        if key[0] not in self.visitors:
+        self.deny_pending(pending, code)
+        if pending.routed and key[0] not in self.visitors:
             background(self.routes.remove(key[0]))
 
     async def timeout(self, key: tuple[str, int]) -> None:
@@ -368,30 +430,42 @@ class ForeignAgent:
         if pending is None:
             return
         log.warning("rrq.timeout", mn=pending.nai, id=hex(pending.rrq.identification))
-        self.deny(pending.rrq, pending.mn_port, Code.FA_REGISTRATION_TIMEOUT, pending.nai)
-        if key[0] not in self.visitors:
+        self.deny_pending(pending, Code.FA_REGISTRATION_TIMEOUT)
+        if pending.routed and key[0] not in self.visitors:
             await self.routes.remove(key[0])
 
-    async def refuse(self, rrq: mip.RegistrationRequest, port: int, code: Code, nai: str | None) -> None:
-        """Our own denial of a request we did not relay: route it to the MN on the access
-        link for the moment it takes (unless the MN is a visitor or has a request pending)."""
-        hoa = str(rrq.home_address)
-        await self.routes.add(hoa)
-        self.deny(rrq, port, code, nai)
-        if hoa not in self.visitors and not any(k[0] == hoa for k in self.pending):
-            await self.routes.remove(hoa)
+    def refuse(self, rrq: mip.RegistrationRequest, addr: tuple[str, int], code: Code, nai: str | None,
+               ifindex: int | None = None) -> None:
+        """Our own denial of a request we did not relay: back to where it came from, on the
+        link it came in on (RFC 5944 §3.7.2.3); no route is touched."""
+        self.deny(rrq, addr[1], code, nai, to=addr[0], ifindex=ifindex)
 
-    def deny(self, rrq: mip.RegistrationRequest, port: int, code: Code, nai: str | None) -> None:
-        """An FA-generated denial (64-127) straight back to the MN."""
+    def deny_pending(self, pending: Pending, code: Code) -> None:
+        self.deny(pending.rrq, pending.mn_port, code, pending.nai, to=pending.source, ifindex=pending.ifindex)
+
+    def deny(self, rrq: mip.RegistrationRequest, port: int, code: Code, nai: str | None, to: str | None = None,
+             ifindex: int | None = None) -> None:
+        """An FA-generated denial (64-127) straight back to the MN: to ``to`` (the request's IP
+        source; by default its home address) on the access link, route or no route."""
         rrp = mip.RegistrationReply(code=code, home_address=rrq.home_address, home_agent=rrq.home_agent,
                                     identification=rrq.identification)
         if nai:
             rrp.extensions.append(mip.NAIExtension(nai))
-        assert self.udp is not None
-        self.udp.send(rrp.encode(), (str(rrq.home_address), port))
+        self.to_mn(rrp.encode(), (to or str(rrq.home_address), port), ifindex)
         self.counters["denied"] += 1
         log.warning("rrp.denied", mn=nai or rrq.home_address, id=hex(rrq.identification),
                     code=f"{int(code)}({code.name})")
+
+    def to_mn(self, data: bytes, addr: tuple[str, int], ifindex: int | None = None) -> None:
+        """To a mobile node on the access link: out of that interface whether or not a route
+        leads there (an MN whose registration is not accepted yet has none). Without a known
+        interface (a test double's endpoint), by the routing table."""
+        assert self.udp is not None
+        index = ifindex if ifindex is not None else self.access_ifindex
+        if index is None:
+            self.udp.send(data, addr)
+        else:
+            self.udp.send_on_link(data, addr, index, str(self.config.access_address))
 
     async def on_reply(self, rrp: mip.RegistrationReply, raw: bytes, addr: tuple[str, int]) -> None:
         key = (str(rrp.home_address), rrp.identification & 0xFFFFFFFF)
@@ -417,6 +491,11 @@ class ForeignAgent:
         """The HA has answered: update the visitor list and pass the reply to the MN."""
         hoa = str(rrp.home_address)
         forward: vpninfo.VpnInfo | None = None
+        if rrp.accepted and rrp.lifetime > 0:
+            # Accepted: now, and only now, the host route toward the visitor (before its paths,
+            # whose traffic needs it, and before the MN hears).
+            await self.routes.add(hoa)
+            pending.routed = True
         if pending.vpn is not None and rrp.accepted and rrp.lifetime > 0 and self.mavpn is not None and pending.nai:
             self.start_handoff(pending)
             if pending.handoff is not None:
@@ -429,10 +508,10 @@ class ForeignAgent:
         elif pending.handoff is not None:
             pending.handoff.cancel()
         challenge = pending.rrq.find(mip.MNFAChallengeExtension)
-        if rrp.accepted and challenge is not None:
+        if rrp.accepted and challenge is not None and self.advertiser.challenges is not None:
             # Spent only once it bought a registration: a retransmission after a lost reply
             # may still use it, a replay of the accepted request may not.
-            self.used_challenges.append(challenge.challenge)
+            self.advertiser.challenges.spend(challenge.challenge, str(pending.rrq.home_address))
         if rrp.accepted and rrp.lifetime > 0:
             self.visitors[hoa] = Visitor(pending.nai, hoa, str(pending.rrq.home_agent), pending.mn_port,
                                          rrp.lifetime, time.time() + rrp.lifetime, rrp.identification,
@@ -449,11 +528,10 @@ class ForeignAgent:
             await self.remove_visitor(hoa, "deregistered")
         else:
             self.counters["denied"] += 1
-            if hoa not in self.visitors:
+            if pending.routed and hoa not in self.visitors:
                 await self.routes.remove(hoa)
         to_mn = mip.strip_after(raw, mip.EXT_MN_HA_AUTH) if rrp.find(mip.MNHAAuthExtension) else raw
-        assert self.udp is not None
-        self.udp.send(to_mn, (hoa, pending.mn_port))
+        self.to_mn(to_mn, (hoa, pending.mn_port), pending.ifindex)
         log.info("rrp.relayed", mn=pending.nai, id=hex(rrp.identification), code=int(rrp.code),
                  ms=round((time.monotonic() - pending.started) * 1000, 1))
 
@@ -491,6 +569,10 @@ class ForeignAgent:
         our end of the forwarding path once both ends hold it, None if the old FA did not
         take it (the registration goes on without)."""
         assert self.mavpn is not None and pending.nai
+        # What the old FA forwards to us must reach the MN from the moment its path is up: the
+        # host route comes now, after our checks and the local AAA's yes, before the HA's.
+        await self.routes.add(str(pending.rrq.home_address))
+        pending.routed = True
         lifetime = self.config.forwarding_lifetime
         copy = vpninfo.forward_copy(ha_path, IPv4Address(previous), lifetime, self.fa_keys[previous].key)
         ours = copy.mirrored()

@@ -1,19 +1,34 @@
-"""Routes, addresses and neighbour entries a Mobile IP agent or node owns.
+"""Routes, rules and neighbour entries a Mobile IP agent or node owns.
 
-Each class changes only what it owns, so it can reconcile after a restart. It drives
-``ip`` (iproute2) from asyncio: one short command per change, and an error carries the
-kernel's own message.
+Each class changes only what it owns, so it can reconcile after a restart. The agents' (FA,
+HA) go through rtnetlink (pyroute2 ``AsyncIPRoute``): one socket per owner, opened on first
+use, one request at a time; no process is forked per change, and an error carries the
+kernel's own message. The mobile node's link (a few changes per move) still drives ``ip``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
+import socket
 from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+from pyroute2 import AsyncIPRoute
+from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
+from pyroute2.netlink.exceptions import NetlinkError
+from pyroute2.netlink.rtnl import RTM_GETNEIGH, ndmsg
 
 from daemons.runtime.log import EventLog
 
 log = EventLog("mipvpn.routing")
+
+RTPROT_STATIC = 4  # `proto static`
+RT_SCOPE_LINK = 253
+MAIN_TABLE = 254
+_USABLE_NEIGHBOUR = ~(ndmsg.NUD_INCOMPLETE | ndmsg.NUD_FAILED | ndmsg.NUD_NONE)
 
 
 class RouteError(RuntimeError):
@@ -39,42 +54,138 @@ async def converge(present: Iterable[str], wanted: Iterable[str], add: Callable[
         await add(missing)
 
 
+class Rtnl:
+    """One rtnetlink socket in ``netns`` (None: ours), opened on first use; requests one at a
+    time. ``RouteError`` names what was asked and the kernel's answer."""
+
+    def __init__(self, netns: str | None = None) -> None:
+        self.netns = netns
+        self._ipr: Any = None
+        self._lock = asyncio.Lock()
+        self._ifindex: dict[str, int] = {}
+
+    def _socket(self) -> Any:
+        if self._ipr is None:
+            # flags=0: never create a missing namespace (pyroute2 would, silently).
+            self._ipr = AsyncIPRoute(netns=self.netns, flags=0) if self.netns else AsyncIPRoute()
+        return self._ipr
+
+    async def call(self, what: str, method: str, *args: Any, **kwargs: Any) -> list[Any]:
+        """``ipr.METHOD(*args, **kwargs)``, a dump read to the end."""
+        async with self._lock:
+            try:
+                result = await getattr(self._socket(), method)(*args, **kwargs)
+                if hasattr(result, "__aiter__"):
+                    return [msg async for msg in result]
+                return list(result)
+            except NetlinkError as exc:
+                raise RouteError(f"{what}: {os.strerror(exc.code) if exc.code else exc}") from None
+
+    async def neighbours_proxied(self) -> list[Any]:
+        """The proxy-ARP entries (a dump with NTF_PROXY in the request, as ``ip neigh show proxy``)."""
+        msg = ndmsg.ndmsg()
+        msg["family"] = socket.AF_INET
+        msg["flags"] = ndmsg.NTF_PROXY
+        async with self._lock:
+            try:
+                result = await self._socket().nlm_request(msg, RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP)
+                return [m async for m in result]
+            except NetlinkError as exc:
+                raise RouteError(f"proxy neighbours: {os.strerror(exc.code)}") from None
+
+    async def ifindex(self, name: str) -> int:
+        if name not in self._ifindex:
+            found = await self.call(f"interface {name}", "link_lookup", ifname=name)
+            if not found:
+                raise RouteError(f"no interface {name}")
+            self._ifindex[name] = found[0]
+        return self._ifindex[name]
+
+    def close(self) -> None:
+        if self._ipr is not None:
+            self._ipr.close()
+            self._ipr = None
+
+
+def _missing(exc: RouteError) -> bool:
+    return os.strerror(errno.ESRCH) in str(exc) or os.strerror(errno.ENOENT) in str(exc)
+
+
 class HomeLink:
     """The home agent's side of the home link: a proxy-ARP entry per away mobile node, so
     that hosts on the home link hand the HA the packets for that home address
     (RFC 5944 §4.6)."""
 
-    def __init__(self, interface: str) -> None:
+    def __init__(self, interface: str, netns: str | None = None) -> None:
         self.interface = interface
+        self.nl = Rtnl(netns)
 
     async def intercept(self, hoa: str) -> None:
-        await ip("neigh", "replace", "proxy", hoa, "dev", self.interface)
+        index = await self.nl.ifindex(self.interface)
+        await self.nl.call(f"proxy {hoa} dev {self.interface}", "neigh", "replace", dst=hoa, ifindex=index,
+                           flags=ndmsg.NTF_PROXY, family=socket.AF_INET)
 
     async def release(self, hoa: str) -> None:
-        await ip("neigh", "del", "proxy", hoa, "dev", self.interface, check=False)
+        index = await self.nl.ifindex(self.interface)
+        try:
+            await self.nl.call(f"proxy {hoa} dev {self.interface}", "neigh", "del", dst=hoa, ifindex=index,
+                               flags=ndmsg.NTF_PROXY, family=socket.AF_INET)
+        except RouteError as exc:
+            if not _missing(exc):
+                raise
 
     async def reconcile(self, hoas: list[str]) -> None:
-        out = await ip("-j", "neigh", "show", "proxy", "dev", self.interface)
-        await converge((entry["dst"] for entry in json.loads(out or "[]")), hoas, self.intercept, self.release)
+        index = await self.nl.ifindex(self.interface)
+        present = [m.get("dst") for m in await self.nl.neighbours_proxied() if m["ifindex"] == index]
+        await converge((p for p in present if p), hoas, self.intercept, self.release)
 
 
 class VisitorRoutes:
     """The foreign agent's host routes toward its visiting mobile nodes (RFC 5944 §4.2.2):
     the MN's home address is not on the access prefix, so without this route the FA would
-    send the MN's packets back toward its home."""
+    send the MN's packets back toward its home. ``HOA/32 dev ACCESS proto static scope link``
+    in the main table, one per accepted visitor (``daemons.agents.fa``: never for a request
+    that has not been accepted)."""
 
-    def __init__(self, interface: str) -> None:
+    def __init__(self, interface: str, netns: str | None = None) -> None:
         self.interface = interface
+        self.nl = Rtnl(netns)
 
     async def add(self, hoa: str) -> None:
-        await ip("route", "replace", f"{hoa}/32", "dev", self.interface, "proto", "static")
+        index = await self.nl.ifindex(self.interface)
+        await self.nl.call(f"route {hoa}/32 dev {self.interface}", "route", "replace", dst=f"{hoa}/32", oif=index,
+                           proto=RTPROT_STATIC, scope=RT_SCOPE_LINK, table=MAIN_TABLE)
 
     async def remove(self, hoa: str) -> None:
-        await ip("route", "del", f"{hoa}/32", "dev", self.interface, check=False)
+        index = await self.nl.ifindex(self.interface)
+        try:
+            await self.nl.call(f"route {hoa}/32 dev {self.interface}", "route", "del", dst=f"{hoa}/32", oif=index,
+                               scope=RT_SCOPE_LINK, table=MAIN_TABLE)
+        except RouteError as exc:
+            if not _missing(exc):
+                raise
+
+    async def present(self) -> list[str]:
+        """The home addresses we hold a host route for (ours: /32, on the access link, proto static)."""
+        index = await self.nl.ifindex(self.interface)
+        routes = await self.nl.call("routes", "route", "dump", family=socket.AF_INET)
+        return [r.get("dst") for r in routes
+                if r["dst_len"] == 32 and r.get("oif") == index and r["proto"] == RTPROT_STATIC
+                and r.get("table") == MAIN_TABLE and r.get("dst")]
 
     async def reconcile(self, hoas: list[str]) -> None:
-        out = await ip("-j", "route", "show", "dev", self.interface, "proto", "static")
-        await converge((r["dst"] for r in json.loads(out or "[]") if "/" not in r["dst"]), hoas, self.add, self.remove)
+        await converge(await self.present(), hoas, self.add, self.remove)
+
+    async def neighbour(self, address: str) -> str | None:
+        """The link-layer address the kernel holds for ``address`` on the access link, if any
+        (learnt from the MN's own ARP request for our address, which it sent before its RRQ)."""
+        try:
+            index = await self.nl.ifindex(self.interface)
+            entries = await self.nl.call(f"neighbour {address}", "neigh", "get", dst=address, ifindex=index,
+                                         family=socket.AF_INET)
+        except RouteError:  # none (ENOENT), or no answer: the record just lacks it
+            return None
+        return next((e.get("lladdr") for e in entries if e["state"] & _USABLE_NEIGHBOUR and e.get("lladdr")), None)
 
 
 class MobileNodeLink:
@@ -112,14 +223,22 @@ class AccessGuard:
     leaving toward the core unencrypted. Traffic to the FA itself is local and unaffected.
     """
 
-    TABLE = "224"
-    PREF = "990"
+    TABLE = 224
+    PREF = 990
 
-    def __init__(self, interface: str) -> None:
+    def __init__(self, interface: str, netns: str | None = None) -> None:
         self.interface = interface
+        self.nl = Rtnl(netns)
 
     async def install(self) -> None:
-        await ip("route", "replace", "blackhole", "default", "table", self.TABLE)
-        out = await ip("-j", "rule", "show", "pref", self.PREF)
-        if not json.loads(out or "[]"):
-            await ip("rule", "add", "iif", self.interface, "lookup", self.TABLE, "pref", self.PREF)
+        """Idempotent; done once at start, so the socket is closed after."""
+        try:
+            await self.nl.call(f"blackhole default table {self.TABLE}", "route", "replace", dst="0.0.0.0/0",
+                               type="blackhole", table=self.TABLE)
+            rules = await self.nl.call("rules", "rule", "dump", family=socket.AF_INET)
+            if not any(r.get("priority") == self.PREF for r in rules):
+                await self.nl.call(f"rule iif {self.interface} lookup {self.TABLE}", "rule", "add",
+                                   priority=self.PREF, iifname=self.interface, table=self.TABLE,
+                                   family=socket.AF_INET)
+        finally:
+            self.nl.close()

@@ -19,8 +19,9 @@ Brings up a lab of its own (run directory ``/tmp/mipvpn-benchreg-*``, namespace 
   the FA's challenge, MN-AAA authenticator; one UDP socket, the source address of each RRQ
   chosen per user with IP_PKTINFO; up to C registrations outstanding.
 
-Challenges: the FA accepts a challenge only among the last 8 it advertised (``challenge_window``)
-and only once it bought a registration, so every registration needs its own fresh one. The FA
+Challenges: the FA accepts a challenge for ``challenge_window`` (8) advertisement intervals after
+it advertised it, and one MN only once it bought that MN a registration; the generator still
+gives every registration a fresh one of its own. The FA
 runs with its default configuration; the generator sends Agent Solicitations (the FA answers
 each with an advertisement and a new challenge; solicitations arriving together get one
 advertisement), hands each challenge heard to one waiting registration and, one solicitation

@@ -30,6 +30,23 @@ class ConfigError(ValueError):
         super().__init__(f"{source}: {where}: {problem}")
 
 
+class FieldError(ValueError):
+    """A value of the right type that a configuration class refuses (its ``__post_init__``);
+    loading a file turns it into a :class:`ConfigError` naming the file and the field."""
+
+    def __init__(self, field_name: str, problem: str) -> None:
+        super().__init__(f"{field_name}: {problem}")
+        self.field = field_name
+        self.problem = problem
+
+
+def _at_least(config: Any, minimum: float, *names: str, strictly: bool = False) -> None:
+    for name in names:
+        value = getattr(config, name)
+        if value < minimum or (strictly and value == minimum):
+            raise FieldError(name, f"must be {'greater than' if strictly else 'at least'} {minimum}, got {value!r}")
+
+
 # ---- the configurations -----------------------------------------------------------------
 
 
@@ -160,13 +177,28 @@ class FAConfig(Common):
     max_lifetime: int = 300
     replay_window: float = 7.0  # seconds, as the HA's: Binding Update timestamps from other FAs (RFC 5944 §5.7)
     challenge: bool = True
-    challenge_window: int = 8  # how many recent advertisement challenges are accepted
+    # A challenge is accepted for (window - 1) .. window advertisement intervals after it was advertised
+    # (daemons.agents.challenges: no list, so solicitations cannot push one out).
+    challenge_window: int = 8
     registration_timeout: float = 5.0  # no reply from the HA (or AAA) by then: code 78
     home_agents: list[PeerAgent] = field(default_factory=list)
     # Neighbouring FAs (by care-of address) we exchange Binding Updates with when an MN moves.
     peer_agents: list[PeerAgent] = field(default_factory=list)
     forwarding_lifetime: int = 10  # how long an old FA keeps forwarding for a moved MN (F6)
     smooth_handoff: bool = True  # give the previous FA a forwarding path to us (F6); off: only tell it
+    # Per-source limits on the access side (token buckets, daemons.runtime.ratelimit): a source may
+    # send `burst` at once, then `rate` a second; the rest is dropped and counted (`show counters`).
+    # An MN sends one RRQ per registration, its retransmissions back off from 1 s, and 1-4
+    # solicitations when it attaches: far below these.
+    rrq_rate: float = 2.0
+    rrq_burst: int = 10
+    solicitation_rate: float = 20.0
+    solicitation_burst: int = 20
+    rate_limit_sources: int = 4096  # sources tracked per limit; when busy beyond, newcomers share one bucket
+
+    def __post_init__(self) -> None:
+        _at_least(self, 0, "advertisement_interval", "rrq_rate", "solicitation_rate", strictly=True)
+        _at_least(self, 1, "challenge_window", "rrq_burst", "solicitation_burst", "rate_limit_sources")
 
 
 @dataclass(frozen=True)
@@ -298,7 +330,10 @@ def build(cls: type[T], data: Any, source: str, where: str) -> T:
                 raise ConfigError(source, here, "missing")
             continue
         values[f.name] = _convert(hints[f.name], data[f.name], source, here)
-    return cls(**values)
+    try:
+        return cls(**values)
+    except FieldError as exc:
+        raise ConfigError(source, _join(where, exc.field), exc.problem) from None
 
 
 def _join(where: str, name: str) -> str:

@@ -1,4 +1,4 @@
-"""Socket helpers shared by the daemons: a UDP endpoint and raw ICMP sockets.
+"""Socket helpers shared by the daemons: UDP endpoints and raw ICMP sockets.
 
 Only socket plumbing lives here; message formats are in ``daemons.wire.mip``.
 """
@@ -6,12 +6,16 @@ Only socket plumbing lives here; message formats are in ``daemons.wire.mip``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+import struct
 from collections.abc import Callable
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
+_IN_PKTINFO = struct.Struct("=I4s4s")  # struct in_pktinfo: ipi_ifindex, ipi_spec_dst, ipi_addr
 
 DatagramHandler = Callable[[bytes, tuple[str, int]], None]
+LinkDatagramHandler = Callable[[bytes, tuple[str, int], int | None], None]
 
 
 class UdpEndpoint(asyncio.DatagramProtocol):
@@ -50,6 +54,67 @@ class UdpEndpoint(asyncio.DatagramProtocol):
     def close(self) -> None:
         if self.transport:
             self.transport.close()
+
+
+class LinkUdpEndpoint:
+    """A bound UDP socket that tells which interface each datagram came in on
+    (``handler(data, (addr, port), ifindex)``, from IP_PKTINFO) and can send out of a given
+    interface to an address no route leads to (:meth:`send_on_link`): with an outgoing
+    interface set, Linux takes a destination the routing tables do not send there as on that
+    link and resolves it there (ARP). What a foreign agent needs to answer a mobile node it
+    holds no route for yet (RFC 5944 §3.7.2.3). ``send`` works as :class:`UdpEndpoint`'s."""
+
+    def __init__(self, handler: LinkDatagramHandler, sock: socket.socket) -> None:
+        self.handler = handler
+        self.sock = sock
+        self.dropped = 0  # sends that failed (no buffer room, unreachable ...): UDP, the peer retransmits
+        self.last_error: str | None = None
+
+    @classmethod
+    async def open(cls, handler: LinkDatagramHandler, host: str, port: int) -> LinkUdpEndpoint:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        sock.bind((host, port))
+        sock.setblocking(False)
+        endpoint = cls(handler, sock)
+        asyncio.get_running_loop().add_reader(sock.fileno(), endpoint._readable)
+        return endpoint
+
+    def _readable(self) -> None:
+        for _ in range(64):  # then let the loop breathe; it calls us again while data waits
+            try:
+                data, ancdata, _flags, addr = self.sock.recvmsg(65535, socket.CMSG_SPACE(_IN_PKTINFO.size))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # e.g. a queued ICMP error for an earlier send
+            ifindex = None
+            for level, kind, value in ancdata:
+                if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(value) >= _IN_PKTINFO.size:
+                    ifindex = _IN_PKTINFO.unpack_from(value)[0]
+            self.handler(data, addr, ifindex)
+
+    def _send(self, data: bytes, addr: tuple[str, int], ancdata: list[tuple[int, int, bytes]]) -> None:
+        try:
+            self.sock.sendmsg([data], ancdata, 0, addr)
+        except OSError as exc:  # as asyncio's datagram transport: a failed send is not the caller's crash
+            self.dropped += 1
+            self.last_error = exc.strerror or str(exc)
+
+    def send(self, data: bytes, addr: tuple[str, int]) -> None:
+        self._send(data, addr, [])
+
+    def send_on_link(self, data: bytes, addr: tuple[str, int], ifindex: int, source: str) -> None:
+        """Out of interface ``ifindex`` from ``source``, whatever the routing tables say."""
+        info = _IN_PKTINFO.pack(ifindex, socket.inet_aton(source), bytes(4))
+        self._send(data, addr, [(socket.IPPROTO_IP, IP_PKTINFO, info)])
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+        self.sock.close()
 
 
 def icmp_socket(device: str, multicast_ttl: int = 1, join: list[str] | None = None,

@@ -25,6 +25,16 @@ def test_event_lines_read_like_the_daemons(caplog: pytest.LogCaptureFixture) -> 
     assert stopped.endswith("node=supervisor event=supervisor.stopped")
 
 
+def test_event_values_stay_on_one_line(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger=supervisor.log.name):
+        supervisor.event("process.exited", why="out\nevent=forged\x1b")
+    (line,) = (supervisor.formatter().format(r) for r in caplog.records)
+    m = LOG_LINE.match(line)
+    assert m and line.isprintable()
+    assert {k: v.strip('"') for k, v in FIELD.findall(m.group(4))} == {"event": "process.exited",
+                                                                        "why": "out\\nevent=forged\\x1b"}
+
+
 def test_request_gets_the_supervisors_answer(tmp_path: Path) -> None:
     async def go() -> tuple[dict, dict]:
         sup = supervisor.Supervisor(tmp_path)
