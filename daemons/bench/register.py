@@ -20,15 +20,14 @@ Brings up a lab of its own (run directory ``/tmp/mipvpn-benchreg-*``, namespace 
   chosen per user with IP_PKTINFO; up to C registrations outstanding.
 
 Challenges: the FA accepts a challenge for ``challenge_window`` (8) advertisement intervals after
-it advertised it, and one MN only once it bought that MN a registration; the generator still
-gives every registration a fresh one of its own. The FA
-runs with its default configuration; the generator sends Agent Solicitations (the FA answers
-each with an advertisement and a new challenge; solicitations arriving together get one
-advertisement), hands each challenge heard to one waiting registration and, one solicitation
-at a time, solicits again while registrations are still waiting; it uses only the last few
-challenges heard (``USABLE_CHALLENGES``). A registration the FA still answers with 104/106 (unknown or stale
-challenge), or not at all within ``--timeout``, is sent again as a new request with a new
-challenge, as an MN would (``retries``; at most 3 attempts). The latency of a registration is
+it advertised it, from every MN that heard it (spent per MN once it bought that MN a
+registration), as MNs on one link share the multicast advertisements they hear. So the
+generator uses the newest challenge heard for every registration while it is younger than
+``CHALLENGE_REUSE_S``, and otherwise sends one Agent Solicitation (one outstanding at a time,
+again after ``RESOLICIT_S``) and waits for the advertisement: the FA's per-source solicitation
+limit never paces it. The FA runs with its default configuration. A registration the FA still
+answers with 104/106 (unknown or stale challenge), or not at all within ``--timeout``, is sent
+again as a new request with a newer challenge, as an MN would (at most 3 attempts). The latency of a registration is
 its RRQ -> RRP round trip at the generator (the last attempt), not the wait for a challenge,
 which is reported apart; registrations per second = accepted / wall time from the first
 registration started to the last answered (challenge waits included). Where the time goes,
@@ -68,7 +67,7 @@ HOME_AGENT = "ha"
 DRIVER = "drv"  # the generator's node (role mn, no user)
 REALM = "home.example"
 INTERFACE = "eth0"
-USABLE_CHALLENGES = 4  # of the FA's window of 8: margin for advertisements sent meanwhile
+CHALLENGE_REUSE_S = 2.0  # of the FA's window of 8 advertisement intervals (8 s by default): a wide margin
 CHALLENGE_CODES = (104, 106)  # FA_UNKNOWN_CHALLENGE, FA_STALE_CHALLENGE: retried with a new challenge
 MAX_ATTEMPTS = 3
 RESOLICIT_S = 0.1
@@ -319,15 +318,10 @@ class Challenge:
 
 
 class Challenges:
-    """Fresh FA challenges from the advertisements heard on our link, one per registration:
-    handed to waiting registrations in order; without a waiter kept (newest first) while it is
-    among the last ``USABLE_CHALLENGES`` heard.
-
-    One solicitation at a time: the next goes out when an advertisement is heard and registrations
-    are still waiting (the FA answers solicitations that arrive together with one advertisement),
-    or after ``RESOLICIT_S`` without an answer. So the FA is never asked for many more
-    advertisements than there are registrations waiting, which would push their challenges out
-    of its window before their requests arrive."""
+    """The FA's challenge for every registration: the newest heard in an advertisement on our
+    link, while it is younger than ``CHALLENGE_REUSE_S``; otherwise one solicitation (at most one
+    unanswered, again after ``RESOLICIT_S``) and every registration waiting gets the challenge of
+    the advertisement that answers it."""
 
     def __init__(self, interface: str) -> None:
         from daemons.runtime.net import icmp_socket
@@ -336,15 +330,14 @@ class Challenges:
         self.heard = 0
         self.solicitations = 0
         self.solicited_at: float | None = None  # the unanswered solicitation, if any
-        self.spare: deque[Challenge] = deque()
-        self.waiters: deque[asyncio.Future[Challenge]] = deque()
+        self.current: Challenge | None = None
+        self.heard_at = 0.0
+        self.fresh = asyncio.Event()  # set when an advertisement brings a challenge
         asyncio.get_running_loop().add_reader(self.sock.fileno(), self.on_icmp)
 
-    def solicit_if_needed(self) -> None:
+    def solicit(self) -> None:
         from daemons.wire import mip
 
-        if not any(not w.done() for w in self.waiters):
-            return
         now = time.monotonic()
         if self.solicited_at is not None and now - self.solicited_at < RESOLICIT_S:
             return
@@ -360,9 +353,6 @@ class Challenges:
             packet, _ = self.sock.recvfrom(65535)
         except BlockingIOError:
             return
-        ihl = (packet[0] & 15) * 4 if packet else 0
-        if len(packet) <= ihl or packet[ihl] != mip.ICMP_ROUTER_ADVERTISEMENT:
-            return
         try:
             src, _dst, _ttl, icmp = mip.strip_ipv4_header(packet)
             adv = mip.decode_icmp(icmp)
@@ -373,29 +363,21 @@ class Challenges:
         self.heard += 1
         self.solicited_at = None
         coas = adv.mobility.care_of_addresses
-        ch = Challenge(adv.challenge, str(src), str(coas[0]) if coas else str(src), self.heard)
-        while self.waiters:
-            waiter = self.waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(ch)
-                break
-        else:
-            self.spare.append(ch)
-        self.solicit_if_needed()
+        self.current = Challenge(adv.challenge, str(src), str(coas[0]) if coas else str(src), self.heard)
+        self.heard_at = time.monotonic()
+        self.fresh.set()
+        self.fresh = asyncio.Event()
 
-    async def take(self) -> Challenge:
-        while self.spare and self.heard - self.spare[0].index >= USABLE_CHALLENGES:
-            self.spare.popleft()
-        if self.spare:
-            return self.spare.pop()
-        waiter: asyncio.Future[Challenge] = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
+    async def take(self, newer_than: int = 0) -> Challenge:
+        """A usable challenge, newer than the advertisement number ``newer_than`` (a retry after
+        104/106 asks for one newer than the one refused)."""
         while True:
-            self.solicit_if_needed()
-            try:
-                return await asyncio.wait_for(asyncio.shield(waiter), RESOLICIT_S)
-            except TimeoutError:
-                continue
+            ch = self.current
+            if ch is not None and ch.index > newer_than and time.monotonic() - self.heard_at < CHALLENGE_REUSE_S:
+                return ch
+            self.solicit()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.fresh.wait(), RESOLICIT_S)
 
 
 @dataclass
@@ -463,9 +445,11 @@ class Generator:
         hoa = str(user.home_address)
         src = struct.pack("=I4s4s", self.ifindex, socket.inet_aton(hoa), socket.inet_aton("0.0.0.0"))
         out = Outcome(user.nai, hoa, None, False, 0, None, None, None)
+        refused = 0  # the advertisement whose challenge a retry must not use again
         for attempt in range(1, MAX_ATTEMPTS + 1):
             t_wait = time.perf_counter()
-            ch = await challenges.take()
+            ch = await challenges.take(newer_than=refused)
+            refused = ch.index
             ident, wire = self.request(user, ch)
             future: asyncio.Future[tuple[bytes, float]] = asyncio.get_running_loop().create_future()
             self.outstanding[hoa] = (ident, user, future)
@@ -496,8 +480,7 @@ async def drive_async(run_dir: Path, concurrency: int, reply_timeout: float) -> 
 
     users = read_synthetic_users(run_dir)
     challenges = Challenges(INTERFACE)
-    first = await challenges.take()  # learn the agent (and keep the challenge for the first user)
-    challenges.spare.append(first)
+    first = await challenges.take()  # learn the agent
     batch = "".join(f"address replace {u.home_address}/32 dev {INTERFACE}\n" for u in users)
     proc = await asyncio.create_subprocess_exec("ip", "-batch", "-", stdin=asyncio.subprocess.PIPE,
                                                 stderr=asyncio.subprocess.PIPE)
