@@ -81,3 +81,16 @@ def test_nothing_above_the_path_api_names_a_backend() -> None:
                     any(isinstance(a, ast.Constant) and a.value in ("name", "wait_ready") for a in node.args):
                 found.append(f"{path.relative_to(ROOT)}:{node.lineno} getattr")
     assert not found, found
+
+
+def test_test_modules_have_unique_basenames() -> None:
+    """pytest (rootdir-relative imports, no packages) refuses two test modules with one name and
+    then collects nothing: the whole native tier stops."""
+    seen: dict[str, str] = {}
+    clashes = []
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        where = str(path.relative_to(ROOT))
+        if path.name in seen:
+            clashes.append(f"{seen[path.name]} and {where}")
+        seen.setdefault(path.name, where)
+    assert not clashes, clashes
