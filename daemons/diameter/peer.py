@@ -523,6 +523,7 @@ class PeerTable:
         after a DWR (RFC 3539's watchdog, asked early)."""
         if conn.is_closed:
             return False
+        before = conn.received
         conn.heard.clear()
         if not conn.dwr_outstanding:
             self.watchdog.send_dwr(conn)
@@ -534,7 +535,7 @@ class PeerTable:
         finally:
             heard.cancel()
             closed.cancel()
-        return conn.heard.is_set() and not conn.is_closed
+        return conn.received > before and not conn.is_closed
 
     def _accept_cer(self, conn: Connection, cer: Message, peer: Peer, common: frozenset[int]) -> None:
         if peer.dynamic and self.peers.get(peer.key) is not peer:
@@ -681,6 +682,7 @@ class PeerTable:
 
     def _receive(self, conn: Connection, msg: Message) -> None:
         """One decoded message: the base protocol's here, the rest to the watchdog or ``deliver``."""
+        conn.received += 1
         conn.heard.set()
         peer = conn.peer
         if peer is not None and peer.conn is conn:

@@ -407,3 +407,35 @@ def test_an_answer_counts_only_on_the_connection_its_request_went_out_on() -> No
                 assert (await pending).get("Class") == b"real"
 
     run(main())
+
+
+def test_two_cers_for_a_live_peer_at_once_do_not_cut_it() -> None:
+    """Two CERs naming a live peer, the second arriving with the live connection's answer to the
+    first one's probe: the second probe must not make the first one miss that answer (and
+    replace the live connection)."""
+    async def main() -> None:
+        async with server(peer_probe_timeout=1.0) as (srv, _):
+            allow(srv, FA1, VISIT)
+            live = await RawPeer.connect(srv.port)
+            assert (await live.cer(FA1, VISIT)).result_code == 2001
+            conn = srv.peers[FA1].conn
+            first = await RawPeer.connect(srv.port)
+            first.send(first.request("CER", [("Origin-Host", FA1), ("Origin-Realm", VISIT), ("Host-IP-Address", LO),
+                                             ("Vendor-Id", 0), ("Product-Name", "raw"), ("Auth-Application-Id", 2)]))
+            dwr = await live.recv()  # the probe
+            assert dwr.name == "DWR"
+            second = await RawPeer.connect(srv.port)
+            # the live peer's DWA and the second CER reach the node together
+            live.send(dwr.answer(2001, [("Origin-Host", FA1), ("Origin-Realm", VISIT)]))
+            second.send(second.request("CER", [("Origin-Host", FA1), ("Origin-Realm", VISIT),
+                                               ("Host-IP-Address", LO), ("Vendor-Id", 0), ("Product-Name", "raw"),
+                                               ("Auth-Application-Id", 2)]))
+            assert (await first.recv()).result_code == ResultCode.DIAMETER_UNABLE_TO_COMPLY
+            dwr2 = await live.recv_not(0)  # the second probe (a fresh DWR), answered too
+            assert dwr2.name == "DWR"
+            live.send(dwr2.answer(2001, [("Origin-Host", FA1), ("Origin-Realm", VISIT)]))
+            assert (await second.recv()).result_code == ResultCode.DIAMETER_UNABLE_TO_COMPLY
+            assert srv.peers[FA1].conn is conn and not conn.is_closed
+            assert srv.counters["cer_already_connected"] == 2
+
+    run(main())
