@@ -21,10 +21,12 @@ open peer to the ``deliver`` callback (the node's dispatcher).
   ``dynamic_peer_ttl`` after their connection closed.
 * Connection set-up: configure dialling on one side only (FA -> AAAF -> AAAH -> HA); the
   other side adds the peer without an address, with the ``sources`` it connects from. A dialled
-  peer is never dialled while it has a connection. If both sides dial anyway, the election
-  (§5.6.4) keeps one connection while our own is still waiting for its CEA: the higher
-  Origin-Host keeps the connection it accepted (4003 DIAMETER_ELECTION_LOST for the other CER,
-  or the later-opened duplicate is closed).
+  peer is never dialled while it has a connection. If both sides dial anyway, both keep the
+  connection the lower Origin-Host dialled: a CER that comes while our own connection still
+  waits for its CEA is accepted, and the election (§5.6.4) closes one of the two when the CEA
+  comes (the higher Origin-Host keeps the connection it accepted); a CER for a peer whose
+  connection we dialled is open is answered 4003 DIAMETER_ELECTION_LOST when we are the lower
+  one, and probed as below when we are the higher.
 * A CER for a peer that is already open never replaces its connection on a name alone (§5.6:
   R-Conn-CER in R-Open/I-Open is R-Reject): the live connection is probed with a DWR, and only
   if it stays silent for ``peer_probe_timeout`` (the peer restarted before our watchdog noticed)
