@@ -439,3 +439,44 @@ def test_two_cers_for_a_live_peer_at_once_do_not_cut_it() -> None:
             assert srv.counters["cer_already_connected"] == 2
 
     run(main())
+
+
+def test_election_when_the_cers_cross() -> None:
+    """RFC 6733 §5.6.4, deterministically (the both-sides-dial test in test_diameter_node may be
+    decided by R-Reject instead): a CER that comes while our own connection waits for its CEA
+    is accepted; when the CEA comes, the higher identity keeps the connection it accepted, the
+    lower one the connection it dialled."""
+    async def crossing(ours: str) -> tuple[bool, bool]:
+        """(whether ``ours`` kept the connection it accepted, whether the other one was closed)."""
+        theirs = "m.mid.example"
+        cers: asyncio.Queue[RawPeer] = asyncio.Queue()
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            cers.put_nowait(RawPeer(reader, writer))
+
+        listener = await asyncio.start_server(accept, LO, 0)
+        async with listener:
+            n = node(ours, HOME)
+            n.add_peer(theirs, VISIT, LO, listener.sockets[0].getsockname()[1])
+            async with n:
+                dialled = await cers.get()
+                cer = await dialled.recv()  # our CER: its CEA held back
+                assert cer.name == "CER" and n.peers[theirs].state.value == "wait-cea"
+                incoming = await RawPeer.connect(n.port)
+                assert (await incoming.cer(theirs, VISIT)).result_code == 2001
+                await eventually(lambda: n.peers[theirs].conn is not None)
+                dialled.send(cer.answer(2001, [("Origin-Host", theirs), ("Origin-Realm", VISIT),
+                                               ("Host-IP-Address", LO), ("Vendor-Id", 0), ("Product-Name", "raw"),
+                                               ("Auth-Application-Id", 2)]))
+                kept_in = not await closed_soon(incoming, 0.3)
+                closed_out = await closed_soon(dialled, 1.0)
+                conn = n.peers[theirs].conn
+                assert conn is not None and n.peers[theirs].is_open and len(n.connections) == 1
+                assert conn.incoming == kept_in
+                return kept_in, closed_out
+
+    async def main() -> None:
+        assert await crossing("z.high.example") == (True, True)  # higher: keeps the one it accepted
+        assert await crossing("a.low.example") == (False, False)  # lower: keeps the one it dialled
+
+    run(main())
