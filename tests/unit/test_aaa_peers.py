@@ -138,10 +138,12 @@ def test_ha_lets_in_only_its_aaah_and_keeps_its_connection(tmp_path: Path) -> No
 
 
 def test_ha_refuses_a_har_from_a_peer_that_is_not_its_aaah(tmp_path: Path) -> None:
-    """Even with unknown peers let in (a tool's set-up), a HAR from anyone but the configured
-    AAAH is refused 5003 and installs nothing — whatever Origin-Host it claims."""
+    """Even if the engine let a stranger in (its accept_unknown_peers setting), a HAR from anyone
+    but the configured AAAH is refused 5003 and installs nothing — whatever Origin-Host it claims."""
     async def main() -> None:
-        async with home_agent(tmp_path, diameter_accept_unknown_peers=True) as (ha, address):
+        async with home_agent(tmp_path) as (ha, address):
+            assert ha.diameter is not None
+            ha.diameter.settings.accept_unknown_peers = True
             raw = await raw_from(LO, 3868, to=address)
             assert (await raw.cer("intruder.evil.example", "evil.example")).result_code == 2001
             har = har_for(address, origin="intruder.evil.example")
@@ -315,7 +317,6 @@ def test_an_fa_accepts_no_diameter_peer_and_files_load_the_new_fields(tmp_path: 
     (fa,) = config.accept_peers
     assert [str(a) for a in fa.addresses] == ["198.18.0.14/32", "198.18.101.0/24"] and not fa.agent
     assert config.home_servers[0].routes == ["home.example"] and config.diameter_limits.max_message == 8192
-    assert not config.diameter_accept_unknown_peers
     aaaf = ForeignAAAServer(dataclasses.replace(config, state_dir=tmp_path / "s", control_socket=tmp_path / "c"))
     relay = aaaf.diameter.peers["core.relay.example"]
     assert relay.may_connect_from(IPv4Address("198.18.0.9")) and relay.may_connect_from(IPv4Address("198.18.0.1"))
