@@ -25,6 +25,7 @@ import pytest
 
 from daemons.aaa.aaaf import ForeignAAAServer
 from daemons.aaa.aaah import HomeAAAServer
+from daemons.aaa.sessions import Session
 from daemons.agents.ha import HomeAgent
 from daemons.diameter.node import DiameterNode
 from daemons.diameter.setup import diameter_node
@@ -330,3 +331,41 @@ def test_an_fa_accepts_no_diameter_peer_and_files_load_the_new_fields(tmp_path: 
                          accept_peers=[AcceptedPeer(AAAF_HOST, VISIT, LOOPBACK)])
     with pytest.raises(ConfigError, match=r"fa1 \(fa\): accept_peers: the fa does not listen"):
         diameter_node(fa_config, host_ip_addresses=[LO])
+
+
+def test_aaaf_ends_a_cached_session_only_for_the_fa_that_holds_it(tmp_path: Path) -> None:
+    """An STR naming another FA's session (its Session-Id is no secret) leaves the cache alone."""
+    async def main() -> None:
+        listener, handed = await raw_server(AAAH_HOST)
+        fa2 = "fa2.visit-a.example"
+        async with listener:
+            aaaf = ForeignAAAServer(AAAFConfig(
+                node="aaaf1", role="aaaf", state_dir=tmp_path / "aaaf-state", control_socket=tmp_path / "aaaf.sock",
+                diameter_host=AAAF_HOST, diameter_realm=VISIT, address=IPv4Address(LO), port=0,
+                home_servers=[DiameterPeer(AAAH_HOST, HOME, IPv4Address(LO), listener.sockets[0].getsockname()[1])],
+                accept_peers=[AcceptedPeer(FA_HOST, VISIT, LOOPBACK), AcceptedPeer(fa2, VISIT, LOOPBACK)]))
+            await aaaf.start()
+            try:
+                await handed
+                sid = f"{FA_HOST};1;1"
+                aaaf.store.put(Session(NAI, sid, IPv4Address("198.18.0.14"), FA_HOST, IPv4Address("198.18.100.1"),
+                                       HOA, ()))
+
+                async def str_from(origin: str) -> Message:
+                    raw = await RawPeer.connect(aaaf.diameter.port or 0)
+                    assert (await raw.cer(origin, VISIT)).result_code == 2001
+                    req = raw.request("STR", [("Session-Id", sid), ("Origin-Host", origin), ("Origin-Realm", VISIT),
+                                              ("Destination-Realm", HOME), ("Auth-Application-Id", 2),
+                                              ("User-Name", NAI), ("Termination-Cause", 1)],
+                                      application_id=2, proxiable=True)
+                    raw.send(req)
+                    return await raw.recv_not(280)
+
+                assert (await str_from(fa2)).result_code == 2001
+                assert NAI in aaaf.store.sessions  # not fa2's to end
+                assert (await str_from(FA_HOST)).result_code == 2001
+                assert NAI not in aaaf.store.sessions
+            finally:
+                await aaaf.stop()
+
+    run(main())
