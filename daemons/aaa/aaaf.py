@@ -173,13 +173,17 @@ class ForeignAAAServer:
         return application.build_ama(amr, ResultCode.DIAMETER_SUCCESS, vpn=moved.for_fa())
 
     def end_session(self, msg: Message) -> Message:
-        """An FA's STR: the user left it. Drop our cached session if it is that one (after an
-        intra-domain move the cache already belongs to the new FA's session: keep it). The
-        home AAA server is not bothered: its session follows the user's latest registration."""
+        """An FA's STR: the user left it. Drop our cached session if it is that one and that
+        FA's (after an intra-domain move the cache already belongs to the new FA's session: keep
+        it; another FA naming the session id ends nothing). The home AAA server is not
+        bothered: its session follows the user's latest registration."""
         str_ = application.parse_str(msg)
         nai = str_.nai
         session = self.store.sessions.get(nai) if nai else None
-        dropped = session is not None and session.session_id == str_.session_id
+        # Origin-Host is the FA's own: the engine answers 5004 to an FA claiming another's.
+        owner = "" if session is None else session.fa_host.lower()
+        dropped = session is not None and session.session_id == str_.session_id \
+            and owner in ("", str(msg.get("Origin-Host") or "").lower())
         if dropped:
             self.store.drop(nai)
         log.info("session.terminated", mn=nai, sid=str_.session_id, dropped=dropped)

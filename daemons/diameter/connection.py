@@ -74,7 +74,10 @@ class Connection:
         self.dpa: asyncio.Future[Message] | None = None
         self.dwr_outstanding = False
         self.watchdog_deadline = 0.0
-        self.heard = asyncio.Event()  # set by every message received (a liveness probe clears it)
+        # every message received counts and sets ``heard`` (a liveness probe clears it to wait for
+        # the next one, and compares the count: another probe may clear it meanwhile)
+        self.received = 0
+        self.heard = asyncio.Event()
         self.cer_pending = False  # an incoming CER is being decided (its CEA not sent yet)
         self.closed = asyncio.Event()
         self.opened_at = time.time()

@@ -21,10 +21,12 @@ open peer to the ``deliver`` callback (the node's dispatcher).
   ``dynamic_peer_ttl`` after their connection closed.
 * Connection set-up: configure dialling on one side only (FA -> AAAF -> AAAH -> HA); the
   other side adds the peer without an address, with the ``sources`` it connects from. A dialled
-  peer is never dialled while it has a connection. If both sides dial anyway, the election
-  (§5.6.4) keeps one connection while our own is still waiting for its CEA: the higher
-  Origin-Host keeps the connection it accepted (4003 DIAMETER_ELECTION_LOST for the other CER,
-  or the later-opened duplicate is closed).
+  peer is never dialled while it has a connection. If both sides dial anyway, both keep the
+  connection the lower Origin-Host dialled: a CER that comes while our own connection still
+  waits for its CEA is accepted, and the election (§5.6.4) closes one of the two when the CEA
+  comes (the higher Origin-Host keeps the connection it accepted); a CER for a peer whose
+  connection we dialled is open is answered 4003 DIAMETER_ELECTION_LOST when we are the lower
+  one, and probed as below when we are the higher.
 * A CER for a peer that is already open never replaces its connection on a name alone (§5.6:
   R-Conn-CER in R-Open/I-Open is R-Reject): the live connection is probed with a DWR, and only
   if it stays silent for ``peer_probe_timeout`` (the peer restarted before our watchdog noticed)
@@ -523,6 +525,7 @@ class PeerTable:
         after a DWR (RFC 3539's watchdog, asked early)."""
         if conn.is_closed:
             return False
+        before = conn.received
         conn.heard.clear()
         if not conn.dwr_outstanding:
             self.watchdog.send_dwr(conn)
@@ -534,7 +537,7 @@ class PeerTable:
         finally:
             heard.cancel()
             closed.cancel()
-        return conn.heard.is_set() and not conn.is_closed
+        return conn.received > before and not conn.is_closed
 
     def _accept_cer(self, conn: Connection, cer: Message, peer: Peer, common: frozenset[int]) -> None:
         if peer.dynamic and self.peers.get(peer.key) is not peer:
@@ -681,6 +684,7 @@ class PeerTable:
 
     def _receive(self, conn: Connection, msg: Message) -> None:
         """One decoded message: the base protocol's here, the rest to the watchdog or ``deliver``."""
+        conn.received += 1
         conn.heard.set()
         peer = conn.peer
         if peer is not None and peer.conn is conn:

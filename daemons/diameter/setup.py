@@ -54,8 +54,8 @@ def diameter_node(config: Common, *, host_ip_addresses: Iterable[str], listen_ad
     if config.accept_peers and listen_address is None:
         raise ConfigError(source, "accept_peers", f"the {config.role} does not listen for Diameter: nobody can connect")
     node = DiameterNode(config.diameter_host, config.diameter_realm, host_ip_addresses, listen_address=listen_address,
-                        listen_port=listen_port, accept_unknown_peers=config.diameter_accept_unknown_peers,
-                        max_frame=limits.max_message, max_connections_per_source=limits.connections_per_source,
+                        listen_port=listen_port, max_frame=limits.max_message,
+                        max_connections_per_source=limits.connections_per_source,
                         max_pending_per_peer=limits.pending_per_peer, **settings)
     named: dict[str, str] = {}
 
@@ -79,7 +79,7 @@ def diameter_node(config: Common, *, host_ip_addresses: Iterable[str], listen_ad
             raise ConfigError(source, f"{where}.addresses",
                               "at least one address (or prefix) the peer connects from is needed")
         node.add_peer(peer.host, peer.realm, sources=[str(a) for a in peer.addresses], agent=peer.agent)
-    if listen_address is not None and not config.accept_peers and not config.diameter_accept_unknown_peers:
+    if listen_address is not None and not config.accept_peers:
         log.warning("diameter.nobody_accepted", host=config.diameter_host,
                     why="accept_peers is empty: no peer may connect (RFC 6733 §5.3)")
     return node

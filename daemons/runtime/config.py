@@ -146,10 +146,8 @@ class Common:
     diameter_realm: str = ""
     aaa: DiameterPeer | None = None  # the AAA server we ask (FA: its AAAF)
     # The Diameter peers that may connect to us (HA: its AAAH(s); AAAF: its FAs; AAAH: its AAAFs or
-    # relay). Nobody else gets in, unless diameter_accept_unknown_peers (tests and tools only: any
-    # host, under any name; warned about at start).
+    # relay). Nobody else gets in (RFC 6733 §5.3: 3010).
     accept_peers: list[AcceptedPeer] = field(default_factory=list)
-    diameter_accept_unknown_peers: bool = False
     diameter_limits: DiameterLimits = field(default_factory=DiameterLimits)
     static_paths: list[StaticPath] = field(default_factory=list)
 

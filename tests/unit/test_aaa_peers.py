@@ -25,6 +25,7 @@ import pytest
 
 from daemons.aaa.aaaf import ForeignAAAServer
 from daemons.aaa.aaah import HomeAAAServer
+from daemons.aaa.sessions import Session
 from daemons.agents.ha import HomeAgent
 from daemons.diameter.node import DiameterNode
 from daemons.diameter.setup import diameter_node
@@ -138,10 +139,12 @@ def test_ha_lets_in_only_its_aaah_and_keeps_its_connection(tmp_path: Path) -> No
 
 
 def test_ha_refuses_a_har_from_a_peer_that_is_not_its_aaah(tmp_path: Path) -> None:
-    """Even with unknown peers let in (a tool's set-up), a HAR from anyone but the configured
-    AAAH is refused 5003 and installs nothing — whatever Origin-Host it claims."""
+    """Even if the engine let a stranger in (its accept_unknown_peers setting), a HAR from anyone
+    but the configured AAAH is refused 5003 and installs nothing — whatever Origin-Host it claims."""
     async def main() -> None:
-        async with home_agent(tmp_path, diameter_accept_unknown_peers=True) as (ha, address):
+        async with home_agent(tmp_path) as (ha, address):
+            assert ha.diameter is not None
+            ha.diameter.settings.accept_unknown_peers = True
             raw = await raw_from(LO, 3868, to=address)
             assert (await raw.cer("intruder.evil.example", "evil.example")).result_code == 2001
             har = har_for(address, origin="intruder.evil.example")
@@ -315,7 +318,6 @@ def test_an_fa_accepts_no_diameter_peer_and_files_load_the_new_fields(tmp_path: 
     (fa,) = config.accept_peers
     assert [str(a) for a in fa.addresses] == ["198.18.0.14/32", "198.18.101.0/24"] and not fa.agent
     assert config.home_servers[0].routes == ["home.example"] and config.diameter_limits.max_message == 8192
-    assert not config.diameter_accept_unknown_peers
     aaaf = ForeignAAAServer(dataclasses.replace(config, state_dir=tmp_path / "s", control_socket=tmp_path / "c"))
     relay = aaaf.diameter.peers["core.relay.example"]
     assert relay.may_connect_from(IPv4Address("198.18.0.9")) and relay.may_connect_from(IPv4Address("198.18.0.1"))
@@ -329,3 +331,41 @@ def test_an_fa_accepts_no_diameter_peer_and_files_load_the_new_fields(tmp_path: 
                          accept_peers=[AcceptedPeer(AAAF_HOST, VISIT, LOOPBACK)])
     with pytest.raises(ConfigError, match=r"fa1 \(fa\): accept_peers: the fa does not listen"):
         diameter_node(fa_config, host_ip_addresses=[LO])
+
+
+def test_aaaf_ends_a_cached_session_only_for_the_fa_that_holds_it(tmp_path: Path) -> None:
+    """An STR naming another FA's session (its Session-Id is no secret) leaves the cache alone."""
+    async def main() -> None:
+        listener, handed = await raw_server(AAAH_HOST)
+        fa2 = "fa2.visit-a.example"
+        async with listener:
+            aaaf = ForeignAAAServer(AAAFConfig(
+                node="aaaf1", role="aaaf", state_dir=tmp_path / "aaaf-state", control_socket=tmp_path / "aaaf.sock",
+                diameter_host=AAAF_HOST, diameter_realm=VISIT, address=IPv4Address(LO), port=0,
+                home_servers=[DiameterPeer(AAAH_HOST, HOME, IPv4Address(LO), listener.sockets[0].getsockname()[1])],
+                accept_peers=[AcceptedPeer(FA_HOST, VISIT, LOOPBACK), AcceptedPeer(fa2, VISIT, LOOPBACK)]))
+            await aaaf.start()
+            try:
+                await handed
+                sid = f"{FA_HOST};1;1"
+                aaaf.store.put(Session(NAI, sid, IPv4Address("198.18.0.14"), FA_HOST, IPv4Address("198.18.100.1"),
+                                       HOA, ()))
+
+                async def str_from(origin: str) -> Message:
+                    raw = await RawPeer.connect(aaaf.diameter.port or 0)
+                    assert (await raw.cer(origin, VISIT)).result_code == 2001
+                    req = raw.request("STR", [("Session-Id", sid), ("Origin-Host", origin), ("Origin-Realm", VISIT),
+                                              ("Destination-Realm", HOME), ("Auth-Application-Id", 2),
+                                              ("User-Name", NAI), ("Termination-Cause", 1)],
+                                      application_id=2, proxiable=True)
+                    raw.send(req)
+                    return await raw.recv_not(280)
+
+                assert (await str_from(fa2)).result_code == 2001
+                assert NAI in aaaf.store.sessions  # not fa2's to end
+                assert (await str_from(FA_HOST)).result_code == 2001
+                assert NAI not in aaaf.store.sessions
+            finally:
+                await aaaf.stop()
+
+    run(main())

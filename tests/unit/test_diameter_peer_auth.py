@@ -407,3 +407,84 @@ def test_an_answer_counts_only_on_the_connection_its_request_went_out_on() -> No
                 assert (await pending).get("Class") == b"real"
 
     run(main())
+
+
+def test_two_cers_for_a_live_peer_at_once_do_not_cut_it() -> None:
+    """Two CERs naming a live peer, the second arriving with the live connection's answer to the
+    first one's probe: the second probe must not make the first one miss that answer (and
+    replace the live connection)."""
+    async def main() -> None:
+        async with server(peer_probe_timeout=1.0) as (srv, _):
+            allow(srv, FA1, VISIT)
+            live = await RawPeer.connect(srv.port)
+            assert (await live.cer(FA1, VISIT)).result_code == 2001
+            conn = srv.peers[FA1].conn
+            first = await RawPeer.connect(srv.port)
+            first.send(first.request("CER", [("Origin-Host", FA1), ("Origin-Realm", VISIT), ("Host-IP-Address", LO),
+                                             ("Vendor-Id", 0), ("Product-Name", "raw"), ("Auth-Application-Id", 2)]))
+            dwr = await live.recv()  # the probe
+            assert dwr.name == "DWR"
+            second = await RawPeer.connect(srv.port)
+            # the live peer's DWA and the second CER reach the node together
+            live.send(dwr.answer(2001, [("Origin-Host", FA1), ("Origin-Realm", VISIT)]))
+            second.send(second.request("CER", [("Origin-Host", FA1), ("Origin-Realm", VISIT),
+                                               ("Host-IP-Address", LO), ("Vendor-Id", 0), ("Product-Name", "raw"),
+                                               ("Auth-Application-Id", 2)]))
+            assert (await first.recv()).result_code == ResultCode.DIAMETER_UNABLE_TO_COMPLY
+
+            async def answer_dwrs() -> None:  # the second probe may send a DWR of its own
+                while True:
+                    m = await live.recv(timeout=10)
+                    if m.name == "DWR":
+                        live.send(m.answer(2001, [("Origin-Host", FA1), ("Origin-Realm", VISIT)]))
+
+            responder = asyncio.ensure_future(answer_dwrs())
+            try:
+                assert (await second.recv()).result_code == ResultCode.DIAMETER_UNABLE_TO_COMPLY
+            finally:
+                responder.cancel()
+            assert srv.peers[FA1].conn is conn and not conn.is_closed
+            assert srv.counters["cer_already_connected"] == 2
+
+    run(main())
+
+
+def test_election_when_the_cers_cross() -> None:
+    """RFC 6733 §5.6.4, deterministically (the both-sides-dial test in test_diameter_node may be
+    decided by R-Reject instead): a CER that comes while our own connection waits for its CEA
+    is accepted; when the CEA comes, the higher identity keeps the connection it accepted, the
+    lower one the connection it dialled."""
+    async def crossing(ours: str) -> tuple[bool, bool]:
+        """(whether ``ours`` kept the connection it accepted, whether the other one was closed)."""
+        theirs = "m.mid.example"
+        cers: asyncio.Queue[RawPeer] = asyncio.Queue()
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            cers.put_nowait(RawPeer(reader, writer))
+
+        listener = await asyncio.start_server(accept, LO, 0)
+        async with listener:
+            n = node(ours, HOME)
+            n.add_peer(theirs, VISIT, LO, listener.sockets[0].getsockname()[1])
+            async with n:
+                dialled = await cers.get()
+                cer = await dialled.recv()  # our CER: its CEA held back
+                assert cer.name == "CER" and n.peers[theirs].state.value == "wait-cea"
+                incoming = await RawPeer.connect(n.port)
+                assert (await incoming.cer(theirs, VISIT)).result_code == 2001
+                await eventually(lambda: n.peers[theirs].conn is not None)
+                dialled.send(cer.answer(2001, [("Origin-Host", theirs), ("Origin-Realm", VISIT),
+                                               ("Host-IP-Address", LO), ("Vendor-Id", 0), ("Product-Name", "raw"),
+                                               ("Auth-Application-Id", 2)]))
+                kept_in = not await closed_soon(incoming, 0.3)
+                closed_out = await closed_soon(dialled, 1.0)
+                conn = n.peers[theirs].conn
+                assert conn is not None and n.peers[theirs].is_open and len(n.connections) == 1
+                assert conn.incoming == kept_in
+                return kept_in, closed_out
+
+    async def main() -> None:
+        assert await crossing("z.high.example") == (True, True)  # higher: keeps the one it accepted
+        assert await crossing("a.low.example") == (False, False)  # lower: keeps the one it dialled
+
+    run(main())
