@@ -30,7 +30,7 @@ from daemons.runtime.net import LinkUdpEndpoint
 from daemons.runtime.ratelimit import Limit, RateLimiter
 from daemons.runtime.secret import Secret
 from daemons.runtime.tasks import KeyedLocks, background
-from daemons.store.state import StateFile, dataclass_record, float_record
+from daemons.store.state import StateFile, dataclass_record, float_record, ipv4_fields
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import Capability, EndpointType, PathError
@@ -146,7 +146,8 @@ class ForeignAgent:
         cannot be read is dropped and logged: ``daemons.store.state``); those that ran out
         while we were down are dropped."""
         now = time.time()
-        saved = self.state.load_records({"visitors": lambda _, r: dataclass_record(Visitor, r),
+        saved = self.state.load_records({"visitors": lambda _, r: ipv4_fields(dataclass_record(Visitor, r),
+                                                                              "home_address", "home_agent"),
                                          "forwards": lambda _, v: float_record(v),
                                          "binding_ids": lambda _, r: ReplayWindow.record(r)})
         self.bu_seen.load(saved["binding_ids"].values(), now)
