@@ -234,16 +234,20 @@ class ForeignAgent:
         endpoint cannot tell, e.g. a test double; taken for the access link)."""
         self.counters["received"] += 1
         if data[:1] == _RRQ:
+            if ifindex is not None and self.access_ifindex is not None and ifindex != self.access_ifindex:
+                # We relay for mobile nodes on our access link only: not for one on the core. Checked
+                # before the rate limit: a flood from the core in a real MN's name (its home address
+                # as source) must not empty that MN's bucket. Logged at 1, 2, 4, 8 ... drops: a
+                # flood (from ever new sources) cannot flood the log.
+                self.counters["rrq_not_on_access"] += 1
+                if (n := self.counters["rrq_not_on_access"]) & (n - 1) == 0:
+                    log.warning("rrq.not_on_access", src=addr[0], ifindex=ifindex, count=n)
+                return
             if (limit := self.rrq_limit.check(addr[0])) is not Limit.PASS:
                 # Before decoding: a flood costs a table look-up per datagram, and no reply.
                 self.counters["rrq_rate_limited"] += 1
                 if limit is Limit.FIRST_DROP:
                     log.warning("rrq.rate_limited", src=addr[0])
-                return
-            if ifindex is not None and self.access_ifindex is not None and ifindex != self.access_ifindex:
-                # We relay for mobile nodes on our access link only: not for one on the core.
-                self.counters["rrq_not_on_access"] += 1
-                log.warning("rrq.not_on_access", src=addr[0], ifindex=ifindex)
                 return
         dispatch(data, addr, {mip.RegistrationRequest: partial(self.on_request, ifindex=ifindex),
                               mip.RegistrationReply: self.on_reply, mip.BindingUpdate: self.on_binding_update,

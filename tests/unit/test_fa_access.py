@@ -442,6 +442,28 @@ def test_rrqs_that_come_in_from_the_core_are_dropped_and_counted(tmp_path: Path)
     run(main)
 
 
+def test_rrqs_from_the_core_in_a_real_mns_name_do_not_use_up_its_rate_limit(tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Its home address is a source anyone can put on a datagram sent from the core (before it
+    registers here, the FA's own route for it points there too): those are dropped as not from the
+    access link before they take a token of the MN's bucket, and logged at 1, 2, 4 ... drops only."""
+    import logging
+
+    async def main() -> None:
+        fa = fa_with(tmp_path)
+        for _ in range(100):
+            fa.on_datagram(rrq(bytes(16)), (str(HOA), 434), 3)  # type: ignore[call-arg]
+        await settle()
+        assert fa.counters["rrq_not_on_access"] == 100 and fa.counters["rrq_rate_limited"] == 0
+        await from_mn(fa, rrq(fa.advertiser.advertisement().challenge), ifindex=7)  # the real MN
+        assert len(relayed(fa)) == 1
+
+    with caplog.at_level(logging.WARNING, logger="mipvpn.fa"):
+        run(main)
+    assert [r.fields["count"] for r in caplog.records  # type: ignore[attr-defined]
+            if r.getMessage() == "event=rrq.not_on_access"] == [1, 2, 4, 8, 16, 32, 64]
+
+
 def test_a_nai_cannot_forge_an_fa_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
