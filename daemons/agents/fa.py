@@ -108,7 +108,8 @@ class ForeignAgent:
         self.counters: dict[str, int] = {"received": 0, "malformed": 0, "relayed": 0, "accepted": 0,
                                          "denied": 0, "bu_received": 0, "bu_accepted": 0, "bu_rejected": 0,
                                          "bu_replayed": 0, "bu_duplicate": 0, "bu_unauthenticated_extensions": 0,
-                                         "rrq_rate_limited": 0, "rrq_not_on_access": 0, "refused_by_policy": 0}
+                                         "rrq_rate_limited": 0, "rrq_not_on_access": 0, "refused_by_policy": 0,
+                                         "rrq_duplicate": 0}
         # F6 Binding Updates to the previous FA: log lines name it "to" (sent) and "src" (acknowledged).
         self.binding = BindingClient(self.fa_peers, log, self.counters, BindingEvents(peer="to", ack_peer="src"))
         self.state = StateFile(config.state_dir / "visitors.json")
@@ -279,12 +280,16 @@ class ForeignAgent:
         # home's. Replies reach the MN on the link (``to_mn``); the route comes with the yes.
         hoa = str(rrq.home_address)
         key = (hoa, rrq.identification & 0xFFFFFFFF)
+        if key in self.pending:
+            # The same registration again (a copy duplicated on the way, or replayed on the link: an
+            # MN's retransmission has a new identification). The first one's answer is on its way;
+            # a second AMR, in a new session, would only make us refuse the first one's AMA.
+            self.counters["rrq_duplicate"] += 1
+            log.info("rrq.duplicate", mn=nai or rrq.home_address, id=hex(rrq.identification), src=addr[0])
+            return
         pending = Pending(rrq, raw, nai, addr[1], time.monotonic(), source=addr[0], ifindex=ifindex, lladdr=lladdr)
         pending.timer = asyncio.get_running_loop().call_later(
             self.config.registration_timeout, lambda: background(self.timeout(key)))
-        old = self.pending.pop(key, None)
-        if old and old.timer:
-            old.timer.cancel()
         self.pending[key] = pending
         await self.forward_request(rrq, raw)
 
