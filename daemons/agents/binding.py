@@ -56,6 +56,11 @@ class Authentic:
     trailing: int
 
 
+#: statuses that answer an update whose authenticator did not cover all of it (131: missing or
+#: wrong; 134: something after it, or an unknown non-skippable extension): never signed
+UNAUTHENTICATED_REFUSALS = frozenset({mip.BindingStatus.AUTHENTICATION_FAILED, mip.BindingStatus.POORLY_FORMED_UPDATE})
+
+
 class BindingPeers:
     """One agent's binding security associations, by peer address (e.g. the FA's neighbouring
     FAs, the HA's dynamic CN-GWs, the CN-GW's home agents), and the messages sent and checked
@@ -98,13 +103,16 @@ class BindingPeers:
     def acknowledge(self, udp: UdpEndpoint, bu: mip.BindingUpdate, status: mip.BindingStatus | int,
                     addr: tuple[str, int], lifetime: int) -> mip.BindingAcknowledge:
         """Answer ``bu`` (received from ``addr``) with a Binding Acknowledge echoing its home
-        address and identification (0 if it had none); authenticated when ``addr`` is a peer
-        of ours (also after a failed check: the sender learns why with a message it can
-        trust), sent back to where the update came from."""
+        address and identification (0 if it had none), sent back to where the update came
+        from; authenticated when ``addr`` is a peer of ours and the update was wholly its
+        (any status but :data:`UNAUTHENTICATED_REFUSALS`). A refusal of an update that was
+        not (wholly) authentic goes unsigned: anyone can send such an update with a genuine
+        one's identification, and a signed refusal of it would end the peer's transaction for
+        the genuine one (:meth:`BindingClient.on_ack` takes authentic acknowledgements only)."""
         ack = mip.BindingAcknowledge(status=status, home_address=bu.home_address,
                                      identification=bu.identification or 0, lifetime=lifetime)
         peer = self.peers.get(addr[0])
-        if peer is not None:
+        if peer is not None and int(status) not in UNAUTHENTICATED_REFUSALS:
             ack = mip.sign(ack, mip.EXT_BINDING_AUTH, peer.spi, peer.key)
         udp.send(ack.encode(), addr)
         return ack

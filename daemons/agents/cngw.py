@@ -32,7 +32,7 @@ from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import UdpEndpoint
 from daemons.runtime.tasks import KeyedLocks
-from daemons.store.state import StateFile, dataclass_record
+from daemons.store.state import StateFile, dataclass_record, ipv4_fields
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import EndpointType
@@ -171,7 +171,9 @@ class CorrespondentGateway:
         """Bindings from the state file, record by record (one that cannot be read is dropped
         and logged: ``daemons.store.state``); those that ran out while we were down are
         dropped, and their paths with them (:meth:`MavpnControl.reconcile`)."""
-        saved = self.state.load_records({"bindings": lambda _, r: dataclass_record(CnBinding, r),
+        saved = self.state.load_records({"bindings": lambda _, r: ipv4_fields(dataclass_record(CnBinding, r),
+                                                                              "home_address", "care_of_address",
+                                                                              "home_agent"),
                                          "binding_ids": lambda _, r: ReplayWindow.record(r)})
         expired = self.table.load(saved["bindings"].values(), time.time())
         self.bu_seen.load(saved["binding_ids"].values(), time.time())

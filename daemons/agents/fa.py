@@ -30,7 +30,7 @@ from daemons.runtime.net import LinkUdpEndpoint
 from daemons.runtime.ratelimit import Limit, RateLimiter
 from daemons.runtime.secret import Secret
 from daemons.runtime.tasks import KeyedLocks, background
-from daemons.store.state import StateFile, dataclass_record, float_record
+from daemons.store.state import StateFile, dataclass_record, float_record, ipv4_fields
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import Capability, EndpointType, PathError
@@ -108,7 +108,8 @@ class ForeignAgent:
         self.counters: dict[str, int] = {"received": 0, "malformed": 0, "relayed": 0, "accepted": 0,
                                          "denied": 0, "bu_received": 0, "bu_accepted": 0, "bu_rejected": 0,
                                          "bu_replayed": 0, "bu_duplicate": 0, "bu_unauthenticated_extensions": 0,
-                                         "rrq_rate_limited": 0, "rrq_not_on_access": 0, "refused_by_policy": 0}
+                                         "rrq_rate_limited": 0, "rrq_not_on_access": 0, "refused_by_policy": 0,
+                                         "rrq_duplicate": 0}
         # F6 Binding Updates to the previous FA: log lines name it "to" (sent) and "src" (acknowledged).
         self.binding = BindingClient(self.fa_peers, log, self.counters, BindingEvents(peer="to", ack_peer="src"))
         self.state = StateFile(config.state_dir / "visitors.json")
@@ -146,7 +147,8 @@ class ForeignAgent:
         cannot be read is dropped and logged: ``daemons.store.state``); those that ran out
         while we were down are dropped."""
         now = time.time()
-        saved = self.state.load_records({"visitors": lambda _, r: dataclass_record(Visitor, r),
+        saved = self.state.load_records({"visitors": lambda _, r: ipv4_fields(dataclass_record(Visitor, r),
+                                                                              "home_address", "home_agent"),
                                          "forwards": lambda _, v: float_record(v),
                                          "binding_ids": lambda _, r: ReplayWindow.record(r)})
         self.bu_seen.load(saved["binding_ids"].values(), now)
@@ -233,16 +235,20 @@ class ForeignAgent:
         endpoint cannot tell, e.g. a test double; taken for the access link)."""
         self.counters["received"] += 1
         if data[:1] == _RRQ:
+            if ifindex is not None and self.access_ifindex is not None and ifindex != self.access_ifindex:
+                # We relay for mobile nodes on our access link only: not for one on the core. Checked
+                # before the rate limit: a flood from the core in a real MN's name (its home address
+                # as source) must not empty that MN's bucket. Logged at 1, 2, 4, 8 ... drops: a
+                # flood (from ever new sources) cannot flood the log.
+                self.counters["rrq_not_on_access"] += 1
+                if (n := self.counters["rrq_not_on_access"]) & (n - 1) == 0:
+                    log.warning("rrq.not_on_access", src=addr[0], ifindex=ifindex, count=n)
+                return
             if (limit := self.rrq_limit.check(addr[0])) is not Limit.PASS:
                 # Before decoding: a flood costs a table look-up per datagram, and no reply.
                 self.counters["rrq_rate_limited"] += 1
                 if limit is Limit.FIRST_DROP:
                     log.warning("rrq.rate_limited", src=addr[0])
-                return
-            if ifindex is not None and self.access_ifindex is not None and ifindex != self.access_ifindex:
-                # We relay for mobile nodes on our access link only: not for one on the core.
-                self.counters["rrq_not_on_access"] += 1
-                log.warning("rrq.not_on_access", src=addr[0], ifindex=ifindex)
                 return
         dispatch(data, addr, {mip.RegistrationRequest: partial(self.on_request, ifindex=ifindex),
                               mip.RegistrationReply: self.on_reply, mip.BindingUpdate: self.on_binding_update,
@@ -274,12 +280,16 @@ class ForeignAgent:
         # home's. Replies reach the MN on the link (``to_mn``); the route comes with the yes.
         hoa = str(rrq.home_address)
         key = (hoa, rrq.identification & 0xFFFFFFFF)
+        if key in self.pending:
+            # The same registration again (a copy duplicated on the way, or replayed on the link: an
+            # MN's retransmission has a new identification). The first one's answer is on its way;
+            # a second AMR, in a new session, would only make us refuse the first one's AMA.
+            self.counters["rrq_duplicate"] += 1
+            log.info("rrq.duplicate", mn=nai or rrq.home_address, id=hex(rrq.identification), src=addr[0])
+            return
         pending = Pending(rrq, raw, nai, addr[1], time.monotonic(), source=addr[0], ifindex=ifindex, lladdr=lladdr)
         pending.timer = asyncio.get_running_loop().call_later(
             self.config.registration_timeout, lambda: background(self.timeout(key)))
-        old = self.pending.pop(key, None)
-        if old and old.timer:
-            old.timer.cancel()
         self.pending[key] = pending
         await self.forward_request(rrq, raw)
 

@@ -36,7 +36,7 @@ from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import UdpEndpoint
 from daemons.runtime.tasks import background
-from daemons.store.state import StateFile, dataclass_record, int_record
+from daemons.store.state import StateFile, dataclass_record, int_record, ipv4_fields
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import EndpointType
@@ -142,7 +142,8 @@ class HomeAgent:
         (one that cannot be read is dropped and logged: ``daemons.store.state``); a binding
         that ran out while we were down is dropped, with its CN-GW paths."""
         now = time.time()
-        saved = self.state.load_records({"bindings": lambda _, r: dataclass_record(Binding, r),
+        saved = self.state.load_records({"bindings": lambda _, r: ipv4_fields(dataclass_record(Binding, r),
+                                                                              "home_address", "care_of_address"),
                                          "last_ident": lambda _, v: int_record(v)})
         live = [b for b in saved["bindings"].values() if b.expires > now]
         self.bindings = {b.home_address: b for b in live}

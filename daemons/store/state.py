@@ -23,7 +23,9 @@ per-record storage: the builders stay as they are.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
+import math
 import os
 import re
 import time
@@ -77,6 +79,8 @@ def dataclass_record(cls: type[T], record: Any) -> T:
         if not all(a in _SCALARS for a in allowed):
             continue  # not a scalar field: the class checks it, if anyone does
         value = getattr(obj, field.name)
+        if type(value) is float and not math.isfinite(value):  # JSON's Infinity/NaN: no lifetime ends at inf
+            raise ValueError(f"field '{field.name}' is not a finite number")
         if type(value) in allowed:
             continue
         if float in allowed and type(value) is int:
@@ -85,6 +89,17 @@ def dataclass_record(cls: type[T], record: Any) -> T:
         raise TypeError(f"field '{field.name}' is a {type(value).__name__}, not "
                         f"{' or '.join(getattr(a, '__name__', str(a)) for a in allowed)}")
     return dataclasses.replace(obj, **fixed) if fixed else obj  # type: ignore[type-var]
+
+
+def ipv4_fields(record: T, *names: str) -> T:
+    """``record`` once each named field (a ``str``, or None) is a dotted-quad IPv4 address: these
+    values go to the kernel (routes, proxy ARP) and on the wire, where anything else fails
+    later, outside the loader (``ipaddress.AddressValueError`` is a ``ValueError``)."""
+    for name in names:
+        value = getattr(record, name)
+        if value is not None:
+            ipaddress.IPv4Address(value)
+    return record
 
 
 def int_record(record: Any) -> int:
@@ -98,6 +113,8 @@ def float_record(record: Any) -> float:
     """A record that is one number (e.g. a wall-clock time)."""
     if type(record) not in (int, float):
         raise TypeError(f"record is a JSON {type(record).__name__}, not a number")
+    if not math.isfinite(record):
+        raise ValueError("record is not a finite number")
     return float(record)
 
 
@@ -115,7 +132,7 @@ class StateFile:
             return {}
         try:
             data = json.loads(text)
-        except ValueError as exc:  # incl. UnicodeDecodeError
+        except (ValueError, RecursionError) as exc:  # incl. UnicodeDecodeError; nesting too deep to parse
             self._set_aside(reason(exc))
             return {}
         if not isinstance(data, dict):

@@ -446,6 +446,33 @@ def test_ha_retransmission_is_acknowledged_again_and_installs_once(tmp_path: Pat
     run(main())
 
 
+def test_a_tampered_copy_cannot_end_the_has_transaction(tmp_path: Path) -> None:
+    """An on-path attacker sends the CN-GW a copy of the HA's update with an extension appended
+    (or a broken authenticator) just before the genuine one: the CN-GW refuses the copy (134,
+    131) unsigned, so the HA, waiting for that identification, is not told "refused"; the
+    genuine update is installed and acknowledged."""
+
+    async def main() -> None:
+        w = await RouteOpt.up(tmp_path)
+
+        def tamper_first(data: bytes) -> bool:
+            if len(w.to_gw.got) == 1:  # the genuine update, as it crossed the wire
+                w.gw.on_datagram(data + mip.NAIExtension("mallory@home.example").encode(), (HA, port(w.ha.udp)))
+                w.gw.on_datagram(data[:-1] + bytes([data[-1] ^ 1]), (HA, port(w.ha.udp)))  # type: ignore[arg-type]
+            return False
+
+        w.to_gw.drop = tamper_first
+        try:
+            ack = await w.ha.send_binding_update(GW, NAI, HOA, IPv4Address("198.18.0.14"), 20, [path_at_gw()])
+            assert ack is not None and ack.accepted
+            assert [c[0] for c in w.installs] == ["install"] and str(HOA) in w.gw.table.bindings
+            assert w.gw.counters["bu_unauthenticated_extensions"] == 1
+        finally:
+            w.close()
+
+    run(main())
+
+
 def test_ha_answers_a_binding_request_once(tmp_path: Path) -> None:
     async def main() -> None:
         w = await RouteOpt.up(tmp_path, threshold=30)

@@ -225,8 +225,8 @@ def test_acknowledge_answers_signed_to_a_peer_and_unsigned_to_a_stranger() -> No
     peers = BindingPeers({PEER: PeerAgent(IPv4Address(PEER), SPI, KEY)})
     out = Sent()
     bu = mip.BindingUpdate(home_address=HOA, care_of_address=COA, identification=None, lifetime=10)
-    peers.acknowledge(out, bu, mip.BindingStatus.AUTHENTICATION_FAILED, (PEER, 4434), 0)  # type: ignore[arg-type]
-    peers.acknowledge(out, bu, mip.BindingStatus.AUTHENTICATION_FAILED, (INTRUDER, 434), 0)  # type: ignore[arg-type]
+    peers.acknowledge(out, bu, mip.BindingStatus.IDENTIFICATION_MISMATCH, (PEER, 4434), 0)  # type: ignore[arg-type]
+    peers.acknowledge(out, bu, mip.BindingStatus.IDENTIFICATION_MISMATCH, (INTRUDER, 434), 0)  # type: ignore[arg-type]
     (signed, to_peer), (plain, to_stranger) = out.sent
     assert (to_peer, to_stranger) == ((PEER, 4434), (INTRUDER, 434))
     assert peers.authentic(signed, PEER) is not None and peers.authentic(plain, PEER) is None
@@ -234,3 +234,24 @@ def test_acknowledge_answers_signed_to_a_peer_and_unsigned_to_a_stranger() -> No
     ack = mip.decode_message(signed)
     assert isinstance(ack, mip.BindingAcknowledge) and ack.identification == 0 and not ack.accepted
     assert mip.decode_message(plain).extensions == []
+
+
+def test_a_refusal_of_an_update_that_was_not_wholly_authentic_goes_unsigned() -> None:
+    """131 and 134 answer bytes anyone may have sent with a genuine update's identification: a
+    signed one would end the peer's transaction for the genuine update (BindingClient takes
+    authentic acknowledgements only)."""
+
+    class Sent:
+        def __init__(self) -> None:
+            self.sent: list[bytes] = []
+
+        def send(self, data: bytes, addr: tuple[str, int]) -> None:
+            self.sent.append(data)
+
+    peers = BindingPeers({PEER: PeerAgent(IPv4Address(PEER), SPI, KEY)})
+    out = Sent()
+    bu = mip.BindingUpdate(home_address=HOA, care_of_address=COA, identification=7, lifetime=10)
+    for status in (mip.BindingStatus.AUTHENTICATION_FAILED, mip.BindingStatus.POORLY_FORMED_UPDATE):
+        peers.acknowledge(out, bu, status, (PEER, 434), 0)  # type: ignore[arg-type]
+    assert [peers.authentic(data, PEER) for data in out.sent] == [None, None]
+    assert [mip.decode_message(data).identification for data in out.sent] == [7, 7]  # type: ignore[attr-defined]

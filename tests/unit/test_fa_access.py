@@ -442,6 +442,28 @@ def test_rrqs_that_come_in_from_the_core_are_dropped_and_counted(tmp_path: Path)
     run(main)
 
 
+def test_rrqs_from_the_core_in_a_real_mns_name_do_not_use_up_its_rate_limit(tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Its home address is a source anyone can put on a datagram sent from the core (before it
+    registers here, the FA's own route for it points there too): those are dropped as not from the
+    access link before they take a token of the MN's bucket, and logged at 1, 2, 4 ... drops only."""
+    import logging
+
+    async def main() -> None:
+        fa = fa_with(tmp_path)
+        for _ in range(100):
+            fa.on_datagram(rrq(bytes(16)), (str(HOA), 434), 3)  # type: ignore[call-arg]
+        await settle()
+        assert fa.counters["rrq_not_on_access"] == 100 and fa.counters["rrq_rate_limited"] == 0
+        await from_mn(fa, rrq(fa.advertiser.advertisement().challenge), ifindex=7)  # the real MN
+        assert len(relayed(fa)) == 1
+
+    with caplog.at_level(logging.WARNING, logger="mipvpn.fa"):
+        run(main)
+    assert [r.fields["count"] for r in caplog.records  # type: ignore[attr-defined]
+            if r.getMessage() == "event=rrq.not_on_access"] == [1, 2, 4, 8, 16, 32, 64]
+
+
 def test_a_nai_cannot_forge_an_fa_log_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     import logging
 
@@ -465,3 +487,45 @@ def test_a_nai_cannot_forge_an_fa_log_line(tmp_path: Path, caplog: pytest.LogCap
         fields = dict(FIELD.findall(m.group(4)))
         events.append(fields["event"])
     assert events == ["rrq.received", "rrp.denied"]  # one line each, no visitor.added
+
+
+
+def test_a_copy_of_a_pending_request_changes_nothing(tmp_path: Path) -> None:
+    """The same RRQ again while it is pending (duplicated on the way, or replayed by someone on
+    the link): dropped. It used to replace the pending entry, whose new Diameter session made the
+    FA refuse the first request's AMA (71) though the home agent had accepted the registration."""
+    from daemons.wire.diameter import Message
+
+    class SlowAaa:
+        """The FA's Diameter node: a new session per AMR; answers each with the HA's yes, when told."""
+
+        def __init__(self, reply: bytes) -> None:
+            self.reply = reply
+            self.requests: list[Message] = []
+            self.go = asyncio.Event()
+
+        def session_id(self, *parts: object) -> str:
+            return f"fa1.visit-a.example;1;{len(self.requests) + 1}"
+
+        async def request(self, msg: Message, timeout: float = 0) -> Message:  # noqa: ASYNC109
+            msg.hop_by_hop, msg.end_to_end = 7, 8 + len(self.requests)
+            self.requests.append(msg)
+            await self.go.wait()
+            return Message.decode(msg.answer(2001, [("MIP-Reg-Reply", self.reply)]).encode())
+
+    async def main() -> None:
+        fa = fa_with(tmp_path)
+        request = rrq(fa.advertiser.advertisement().challenge)
+        req = mip.decode_message(request)
+        yes = mip.RegistrationReply(code=0, home_address=HOA, home_agent=HA, lifetime=300,
+                                    identification=req.identification)  # type: ignore[union-attr]
+        fa.diameter = aaa = SlowAaa(mip.sign(yes, mip.EXT_MN_HA_AUTH, 0x1000, MN_HA).encode())  # type: ignore[assignment]
+        await from_mn(fa, request)
+        await from_mn(fa, request)
+        assert len(aaa.requests) == 1 and fa.counters["rrq_duplicate"] == 1
+        aaa.go.set()
+        await settle()
+        assert [mip.decode_message(d).code for d in fa.udp.to(HOA)] == [Code.ACCEPTED]  # type: ignore[union-attr]
+        assert str(HOA) in fa.visitors
+
+    run(main)

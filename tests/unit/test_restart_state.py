@@ -378,3 +378,38 @@ def test_reconcile_keeps_static_paths_and_a_registration_made_meanwhile(tmp_path
         assert set(control.cache) == {STATIC_OWNER, MN1, MN2}
 
     asyncio.run(asyncio.wait_for(main(), 10))
+
+
+def test_records_that_would_fail_later_are_dropped_at_load(tmp_path: Path) -> None:
+    """Well-typed records whose values the daemon cannot use: an address that is not one (it would
+    reach the kernel in routes.reconcile or home_link.reconcile and stop the start), an expiry
+    of JSON's Infinity (a visitor, binding or forwarding path that never ends)."""
+    now = time.time()
+    write(tmp_path / "fa" / "visitors.json", {  # json.dumps writes float("inf") as Infinity, json.loads reads it
+        "visitors": {USERS[MN1]: visitor(MN1, now + 100),
+                     USERS[MN2]: {**visitor(MN2, now + 100), "home_address": "mn2.example"},
+                     USERS[MN3]: visitor(MN3, float("inf"))},
+        "forwards": {MN1: float("inf")}})
+    fa = ForeignAgent(fa_config(tmp_path))
+    fa.restore()
+    assert list(fa.visitors) == [USERS[MN1]] and fa.forwards == {} and fa.counters["state_dropped"] == 3
+
+    write(tmp_path / "ha" / "bindings.json", {"bindings": {
+        USERS[MN1]: binding(MN1, now + 100), USERS[MN2]: {**binding(MN2, now + 100), "care_of_address": "10.0.0.1 "},
+        USERS[MN3]: {**binding(MN3, now + 100), "home_address": "198.18.100.012"}}})
+    ha = HomeAgent(ha_config(tmp_path))
+    ha.restore()
+    assert list(ha.bindings) == [USERS[MN1]] and ha.counters["state_dropped"] == 2
+
+    write(tmp_path / "gw" / "bindings.json", {"bindings": {
+        USERS[MN1]: cn_binding(MN1, now + 100), USERS[MN2]: {**cn_binding(MN2, now + 100), "home_agent": "ha"}}})
+    gw = CorrespondentGateway(cngw_config(tmp_path))
+    gw.restore()
+    assert list(gw.table.bindings) == [USERS[MN1]] and gw.counters["state_dropped"] == 1
+
+
+def test_a_file_nested_too_deep_to_parse_is_moved_aside(tmp_path: Path) -> None:
+    state = StateFile(tmp_path / "visitors.json")
+    state.path.write_text('{"visitors": ' + "[" * 100_000)
+    assert state.load() == {} and state.dropped == 1
+    assert len(list(tmp_path.glob("visitors.json.corrupt-*"))) == 1
