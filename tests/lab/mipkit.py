@@ -88,3 +88,21 @@ def expert_problems(pcap) -> list[str]:
     out = tshark(pcap, "-X", f"lua_script:{LUA}", "-Y", "_ws.malformed || _ws.expert.severity >= 6291456",
                  "-T", "fields", "-e", "frame.number", "-e", "_ws.expert.message")
     return [line for line in out.splitlines() if line.strip()]
+
+
+def installed_secrets(run_dir: Path, node: str) -> list[bytes]:
+    """The ESP keys and IKE PSKs of the paths a node installed (its MAVPN cache, VPN-Info AVPs
+    as hex in ``state/vpn.json``); nothing for a node without one."""
+    from daemons.vpn.vpninfo import VpnInfo
+    from daemons.wire.diameter.avp import decode_avps
+
+    path = run_dir / "nodes" / node / "state" / "vpn.json"
+    if not path.exists():
+        return []
+    out: list[bytes] = []
+    for nai, hexes in json.loads(path.read_text())["vpn"].items():
+        for info in (VpnInfo.from_avp(a, nai) for h in hexes for a in decode_avps(bytes.fromhex(h))):
+            sec = info.path.security
+            out += [k.enc_key.reveal() for k in (sec.inbound, sec.outbound) if k is not None]
+            out += [sec.psk.reveal()] if sec.psk is not None else []
+    return out

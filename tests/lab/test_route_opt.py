@@ -15,7 +15,6 @@ inside ESP: 1300 octets to cn2 (route-optimised), 1000 to cn (through the HA).
 from __future__ import annotations
 
 import copy
-import json
 import subprocess
 import sys
 import time
@@ -25,11 +24,9 @@ import pytest
 import yaml
 
 from daemons.roles import load_config
-from daemons.vpn.vpninfo import VpnInfo
 from daemons.wire import mip
-from daemons.wire.diameter.avp import decode_avps
 from tests.conftest import LabEnv
-from tests.lab.mipkit import binding_via, show, tshark, wait_for
+from tests.lab.mipkit import binding_via, installed_secrets, show, tshark, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -209,17 +206,9 @@ def test_replayed_forged_and_unauthenticated_binding_updates_change_nothing(lab_
 
 
 def route_opt_secrets(run_dir: Path) -> list[bytes]:
-    """The HA-cngw2 binding key (HA configuration) and the ESP keys and PSK of cngw2's path
-    (its MAVPN cache: VPN-Info AVPs as hex)."""
+    """The HA-cngw2 binding key (HA configuration) and the ESP keys and PSK of cngw2's path."""
     ha = load_config(run_dir / "nodes" / "ha" / "ha.yaml")
-    out = [gw.key.reveal() for gw in ha.correspondent_gateways]  # type: ignore[attr-defined]
-    cache = json.loads((run_dir / "nodes" / "cngw2" / "state" / "vpn.json").read_text())["vpn"]
-    for nai, hexes in cache.items():
-        for info in (VpnInfo.from_avp(a, nai) for h in hexes for a in decode_avps(bytes.fromhex(h))):
-            sec = info.path.security
-            out += [k.enc_key.reveal() for k in (sec.inbound, sec.outbound) if k is not None]
-            out += [sec.psk.reveal()] if sec.psk is not None else []
-    return out
+    return [gw.key.reveal() for gw in ha.correspondent_gateways] + installed_secrets(run_dir, "cngw2")  # type: ignore[attr-defined]
 
 
 def short_lifetime_topology(path: Path, lifetime: int, threshold: int) -> Path:
