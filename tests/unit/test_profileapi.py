@@ -22,7 +22,7 @@ from daemons.provision import pki
 from daemons.runtime.log import EventFormatter
 from daemons.runtime.secret import Secret
 from daemons.store.vpndb import VpnDatabase, open_database, token_owner
-from tests.unit.tlskit import make_pki
+from tests.unit.httpskit import make_pki
 
 NAI = "alice@home.example"
 NAI2 = "bob@home.example"

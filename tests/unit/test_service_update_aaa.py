@@ -25,6 +25,7 @@ from daemons.vpn.path import EndpointType, Qos
 from daemons.wire import mip
 from daemons.wire.diameter import ResultCode
 from daemons.wire.mip.vendor import service_update, service_update_extension
+from tests.unit.httpskit import make_pki
 from tests.unit.test_aaa import (
     COA,
     HA_ADDR,
@@ -40,7 +41,6 @@ from tests.unit.test_aaa import (
     run,
     world,
 )
-from tests.unit.tlskit import make_pki
 
 COA2 = IPv4Address("198.18.2.2")
 OTHER = "mn3@home.example"
