@@ -185,21 +185,27 @@ class HomeAAAServer:
         await self.diameter.stop()
 
     async def start_profile_api(self) -> None:
-        """Claim 24 (F7): users change their own profiles over HTTP (daemons.aaa.profileapi); the
+        """Claim 24 (F7): users change their own profiles over HTTPS (daemons.aaa.profileapi); the
         change takes effect with their next registration (AMR), e.g. a service-update RRQ."""
         if self.config.profile_api is None:
             return
-        from daemons.aaa.profileapi import ProfileApi
+        from daemons.aaa.profileapi import ProfileApi, TlsFileError, server_context
 
         assert self.db is not None
-        api = ProfileApi(self.db, str(self.config.profile_api.address), self.config.profile_api.port,
-                         node=self.config.node)
+        conf, source = self.config.profile_api, f"{self.config.node} (aaah)"
+        tls = None
+        if conf.tls:
+            assert conf.cert_file is not None and conf.key_file is not None  # ProfileApiConfig checks
+            try:
+                tls = server_context(conf.cert_file, conf.key_file)
+            except TlsFileError as exc:
+                raise ConfigError(source, f"profile_api.{exc.field}", exc.problem) from None
+        api = ProfileApi(self.db, str(conf.address), conf.port, tls=tls, node=self.config.node)
         try:
             await api.start()
         except OSError as exc:
-            raise ConfigError(f"{self.config.node} (aaah)", "profile_api",
-                              f"cannot listen on {self.config.profile_api.address}:{self.config.profile_api.port}: "
-                              f"{exc.strerror or exc}") from None
+            raise ConfigError(source, "profile_api",
+                              f"cannot listen on {conf.address}:{conf.port}: {exc.strerror or exc}") from None
         self.profile_api = api
         self.control.register("profile_api", lambda _: {"port": api.port, **api.counters})
 

@@ -1,4 +1,4 @@
-"""The user self-service HTTP API of the home AAA server (claim 24, flow F7).
+"""The user self-service HTTPS API of the home AAA server (claim 24, flow F7).
 
 A user reads and changes their *own* VPN profiles in the VPN database; the change takes
 effect with the user's next registration, which the mobile node can ask for at once with a
@@ -12,6 +12,12 @@ Endpoints (JSON in and out)::
     PATCH  /v1/users/{nai}/profiles/{id}     change some fields
     DELETE /v1/users/{nai}/profiles/{id}     remove it          -> 204
     GET    /v1/gateways                      the CN-GWs a profile may name
+
+Transport: HTTPS only (:func:`server_context`: TLS 1.2 or later, 1.3 when the client has it;
+TLS 1.2 with forward-secret AEAD suites only), the server's certificate and key from the
+configuration (the key file readable by its owner only, refused at start otherwise). Plain
+HTTP only when the configuration says ``tls: false`` (e.g. behind a TLS-terminating proxy on
+the same host), with a warning at start: bearer tokens would travel in clear.
 
 Authentication: ``Authorization: Bearer TOKEN`` with the user's API token (issued by the
 operator, ``mipvpn db token issue NAI``, stored only as a salted scrypt hash). The token names
@@ -32,8 +38,12 @@ Tokens never appear in logs, answers or error messages; the log has one line per
 from __future__ import annotations
 
 import json
+import os
+import ssl
+import stat
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -119,6 +129,42 @@ def check_fields(body: Any, *, required: tuple[str, ...] = ()) -> dict[str, Any]
     return out
 
 
+class TlsFileError(ValueError):
+    """A certificate or key file the server cannot use: ``field`` names the configuration field."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field, self.problem = field, problem
+
+
+def check_private_file(path: Path, field: str) -> None:
+    """A private key's file must be readable by its owner only (0600 or 0400)."""
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError as exc:
+        raise TlsFileError(field, f"cannot read {path}: {exc.strerror}") from None
+    if mode & 0o077:
+        raise TlsFileError(field, f"{path} has mode {mode:04o}: a private key must be readable by its owner only "
+                                  f"(chmod 600)")
+
+
+def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:
+    """The API's TLS server context: TLS 1.2 minimum (1.3 negotiated whenever the client has
+    it), forward-secret AEAD suites only for 1.2, no client certificate (tokens authenticate)."""
+    check_private_file(key_file, "key_file")
+    if not cert_file.is_file():
+        raise TlsFileError("cert_file", f"{cert_file}: no such file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("ECDHE+AESGCM:ECDHE+CHACHA20")  # TLS 1.2 only: the 1.3 suites are all AEAD
+    try:
+        context.load_cert_chain(cert_file, key_file)
+    except ssl.SSLError as exc:  # the reason names what is wrong, never the key
+        raise TlsFileError("cert_file", f"cannot use {cert_file} with key_file {key_file}: "
+                                        f"{exc.reason or 'not a PEM certificate and matching key'}") from None
+    return context
+
+
 def bearer_token(request: web.Request) -> str:
     header = request.headers.get("Authorization")
     if not header:
@@ -130,11 +176,13 @@ def bearer_token(request: web.Request) -> str:
 
 
 class ProfileApi:
-    """The HTTP server; ``start()`` listens on ``address:port`` (port 0: any free one)."""
+    """The server; ``start()`` listens on ``address:port`` (port 0: any free one). ``tls`` is
+    the TLS server context (:func:`server_context`); ``None`` serves plain HTTP, with a warning."""
 
-    def __init__(self, db: VpnDatabase, address: str, port: int, *, node: str = "aaah",
-                 on_change: ChangeHook | None = None) -> None:
+    def __init__(self, db: VpnDatabase, address: str, port: int, *, tls: ssl.SSLContext | None,
+                 node: str = "aaah", on_change: ChangeHook | None = None) -> None:
         self.db = db
+        self.tls = tls
         self.address = address
         self.requested_port = port
         self.node = node
@@ -157,9 +205,14 @@ class ProfileApi:
     async def start(self) -> None:
         self.runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, self.address, self.requested_port, reuse_address=True)
+        site = web.TCPSite(self.runner, self.address, self.requested_port, reuse_address=True,
+                           ssl_context=self.tls)
         await site.start()
-        log.info("profile_api.ready", address=self.address, port=self.port)
+        if self.tls is None:
+            log.warning("profile_api.plain_http", address=self.address, port=self.port,
+                        note="tls: false: bearer tokens travel in clear (only behind a TLS proxy on this host)")
+        log.info("profile_api.ready", address=self.address, port=self.port,
+                 scheme="http" if self.tls is None else "https")
 
     async def stop(self) -> None:
         if self.runner is not None:
@@ -314,4 +367,4 @@ def _route(request: web.Request) -> str:
     return resource.canonical if resource is not None else "-"
 
 
-__all__ = ["ApiError", "ProfileApi", "check_fields"]
+__all__ = ["ApiError", "ProfileApi", "TlsFileError", "check_fields", "check_private_file", "server_context"]

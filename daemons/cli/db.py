@@ -7,6 +7,7 @@ Listings show SPIs, never secrets; errors name the field and exit non-zero.
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -449,12 +450,34 @@ def token_group() -> None:
 
 @token_group.command("issue")
 @click.argument("nai")
+@click.option("--out", "out", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the token to FILE (mode 0600) instead of printing it (keeps it out of terminal "
+                   "scrollback and logs); the user passes it to `mipvpn profile --token-file FILE`.")
 @url_option
-def token_issue(nai: str, url: str) -> None:
-    """Issue a new token for NAI (replacing any earlier one) and print it, once."""
-    with _db(url) as db:
-        token = db.issue_token(nai)
-    click.echo(token)
+def token_issue(nai: str, out: Path | None, url: str) -> None:
+    """Issue a new token for NAI (replacing any earlier one): print it once, or write it to --out FILE."""
+    fd = None
+    if out is not None:  # opened before the token is issued: a file we cannot write loses no token
+        try:
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            os.fchmod(fd, 0o600)
+        except OSError as exc:
+            if fd is not None:
+                os.close(fd)
+            raise click.BadParameter(f"cannot write {out}: {exc.strerror}", param_hint="--out") from None
+    try:
+        with _db(url) as db:
+            token = db.issue_token(nai)
+        if fd is None:
+            click.echo(token)
+        else:  # emptied only now: a failed issue leaves an earlier file as it was
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{token}\n".encode())
+    finally:
+        if fd is not None:
+            os.close(fd)
+    if out is not None:
+        click.echo(f"token of {nai} written to {out} (mode 0600)")
 
 
 @token_group.command("revoke")

@@ -1,48 +1,94 @@
 """`mipvpn profile ...`: a user's own VPN profiles through the AAAH's profile API (claim 24, F7),
 and `mipvpn mn service-update`: tell a mobile node to make its changed profile take effect.
 
-    export MIPVPN_TOKEN=mvt_...          # from the operator: mipvpn db token issue NAI
-    mipvpn profile --api http://198.18.0.6:8080 list
-    mipvpn profile set 1 --gateway cngw2
+    mipvpn profile --api https://198.18.0.6:8443 --token-file ~/.mipvpn-token list
+    MIPVPN_TOKEN=... mipvpn profile set 1 --gateway cngw2   # or the token from the environment
     mipvpn mn service-update --node mn1  # the MN re-registers with the service-update NVSE
 
-The user is the token's owner unless ``--user`` names another (the API then answers 403).
-Errors print the API's message (which names the field) and exit non-zero; the token is never
-printed.
+HTTPS only: the server's certificate is verified against ``--ca FILE`` (``$MIPVPN_CA``), by
+default the lab's CA (``RUN_DIR/pki/ca.pem``) when a lab runs here, else the system's trust
+store; verification is never turned off and an ``http://`` URL is refused. The token (from
+the operator: ``mipvpn db token issue NAI --out FILE``) comes from ``--token-file FILE``
+(``$MIPVPN_TOKEN_FILE``; readable by its owner only) or ``$MIPVPN_TOKEN``, never from a
+command-line argument (other users see those in the process list). The user is the token's
+owner unless ``--user`` names another (the API then answers 403). Errors print the API's
+message (which names the field) and exit non-zero; the token is never printed.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import ssl
+import stat
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import click
 
 from daemons.cli.db import profile_changes, profile_options, profile_row, table
-from daemons.provision.configs import control_socket
+from daemons.provision.configs import control_socket, lab_ca_file
 from daemons.runtime import control
 from daemons.store.vpndb import token_owner
 from lab.lab import DEFAULT_RUN_DIR
 
-API_ENV, TOKEN_ENV = "MIPVPN_API", "MIPVPN_TOKEN"
-DEFAULT_API = "http://127.0.0.1:8080"
+API_ENV, TOKEN_ENV, TOKEN_FILE_ENV, CA_ENV = "MIPVPN_API", "MIPVPN_TOKEN", "MIPVPN_TOKEN_FILE", "MIPVPN_CA"
+DEFAULT_API = "https://127.0.0.1:8443"
+
+
+def read_token(token_file: Path | None) -> str | None:
+    """The API token: from ``token_file`` (a regular file must be readable by its owner only),
+    else from ``$MIPVPN_TOKEN``; None if neither gives one."""
+    if token_file is None:
+        return os.environ.get(TOKEN_ENV, "").strip() or None
+    try:
+        mode = os.stat(token_file).st_mode
+        if stat.S_ISREG(mode) and stat.S_IMODE(mode) & 0o077:
+            raise click.BadParameter(f"{token_file} has mode {stat.S_IMODE(mode):04o}: a token file must be "
+                                     f"readable by its owner only (chmod 600)", param_hint="--token-file")
+        text = token_file.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise click.BadParameter(f"cannot read {token_file}: {getattr(exc, 'strerror', None) or 'not text'}",
+                                 param_hint="--token-file") from None
+    if not text:
+        raise click.BadParameter(f"{token_file} is empty", param_hint="--token-file")
+    return text
+
+
+def client_context(ca_file: Path | None) -> ssl.SSLContext:
+    """Verify the server (certificate chain and host name, always) against ``ca_file``, else
+    the lab's CA when a lab runs here, else the system's trust store; TLS 1.2 or later."""
+    if ca_file is None:
+        lab = lab_ca_file(Path(os.environ.get("MIPVPN_RUN_DIR", DEFAULT_RUN_DIR)))
+        ca_file = lab if lab.is_file() else None
+    try:
+        context = ssl.create_default_context(cafile=None if ca_file is None else str(ca_file))
+    except (OSError, ssl.SSLError) as exc:
+        raise click.BadParameter(f"cannot load CA certificates from {ca_file}: {exc}", param_hint="--ca") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
 
 
 class ApiClient:
-    def __init__(self, api: str, token: str | None, user: str | None, timeout: float = 15.0) -> None:
+    def __init__(self, api: str, token: str | None, user: str | None, tls: ssl.SSLContext,
+                 timeout: float = 15.0) -> None:
+        if urlsplit(api).scheme != "https":
+            raise click.BadParameter(f"{api!r}: must be an https:// URL (the token never travels in clear)",
+                                     param_hint="--api")
         self.api = api.rstrip("/")
         self._token = token
         self._user = user
+        self.tls = tls
         self.timeout = timeout
 
     @property
     def token(self) -> str:
         if not self._token:
-            raise click.UsageError(f"no API token: give --token or set {TOKEN_ENV}")
+            raise click.UsageError(f"no API token: set {TOKEN_ENV} or give --token-file FILE "
+                                   f"(a token is never taken from the command line)")
         return self._token
 
     @property
@@ -62,12 +108,16 @@ class ApiClient:
                                      headers={"Authorization": f"Bearer {self.token}", "Accept": "application/json",
                                               **({"Content-Type": "application/json"} if data else {})})
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout, context=self.tls) as resp:
                 raw = resp.read()
         except urllib.error.HTTPError as exc:
             raise click.ClickException(_api_error(exc)) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
+            if isinstance(reason, ssl.SSLCertVerificationError):
+                raise click.ClickException(
+                    f"the profile API at {self.api} failed certificate verification ({reason.verify_message}): "
+                    f"--ca FILE names the CA that signed its certificate") from None
             raise click.ClickException(f"cannot reach the profile API at {self.api}: {reason}") from None
         return json.loads(raw) if raw else None
 
@@ -93,15 +143,21 @@ def _show(p: dict[str, Any], as_json: bool, verb: str = "") -> None:
 
 @click.group("profile")
 @click.option("--api", envvar=API_ENV, default=DEFAULT_API, show_default=True, show_envvar=True,
-              help="The profile API of your home AAA server.")
-@click.option("--token", envvar=TOKEN_ENV, show_envvar=True,
-              help="Your API token (better from the environment than on the command line).")
+              help="The profile API of your home AAA server (https:// only).")
+@click.option("--ca", "ca_file", envvar=CA_ENV, show_envvar=True,
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="CA certificate(s) to verify the server with [default: the lab's CA when a lab runs here, "
+                   "else the system's trust store].")
+@click.option("--token-file", envvar=TOKEN_FILE_ENV, show_envvar=True, type=click.Path(dir_okay=False, path_type=Path),
+              help=f"File holding your API token (mode 0600) [default: the token from ${TOKEN_ENV}].")
 @click.option("--user", help="The NAI whose profiles to use (default: the token's owner).")
 @click.pass_context
-def profile_group(ctx: click.Context, api: str, token: str | None, user: str | None) -> None:
-    """Your own VPN profiles, through the home AAA server's profile API (claim 24). A change
+def profile_group(ctx: click.Context, api: str, ca_file: Path | None, token_file: Path | None,
+                  user: str | None) -> None:
+    """Your own VPN profiles, through the home AAA server's profile API (claim 24), over HTTPS.
+    The token comes from --token-file or $MIPVPN_TOKEN, never from the command line. A change
     takes effect with your next registration: `mipvpn mn service-update` makes that now."""
-    ctx.obj = ApiClient(api, token, user)
+    ctx.obj = ApiClient(api, read_token(token_file), user, client_context(ca_file))
 
 
 @profile_group.command("list")

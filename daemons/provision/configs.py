@@ -19,7 +19,7 @@ from typing import Any
 
 import yaml
 
-from daemons.provision import fdrelay
+from daemons.provision import fdrelay, pki
 from daemons.roles import ROLES
 from daemons.runtime import config as cfg
 from daemons.runtime.secret import Secret
@@ -33,7 +33,7 @@ SPI_MN_AAA = 0x3000
 SPI_FA_FA = 0x4000
 SPI_HA_CNGW = 0x5000  # binding security association HA <-> dynamic CN-GW (Binding Update/Ack/Request)
 STATIC_SUITE = EspSuite.AES128GCM16
-PROFILE_API_PORT = 8080  # the AAAH's user self-service profile API (claim 24), at its lab address
+PROFILE_API_PORT = 8443  # the AAAH's user self-service profile API (claim 24, HTTPS), at its lab address
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,16 @@ def node_dir(run_dir: Path, node: str) -> Path:
 
 def control_socket(run_dir: Path, node: str) -> Path:
     return node_dir(run_dir, node) / "control.sock"
+
+
+def lab_ca_dir(run_dir: Path) -> Path:
+    """Where the lab's CA lives (``daemons.provision.pki``; removed with the run directory)."""
+    return run_dir / "pki"
+
+
+def lab_ca_file(run_dir: Path) -> Path:
+    """The lab's CA certificate: what clients inside the lab verify servers against."""
+    return lab_ca_dir(run_dir) / pki.CA_CERT
 
 
 def _key() -> Secret:
@@ -225,7 +235,15 @@ class Plan:
         return cfg.AAAHConfig(**self.common(node), address=self.address(node), db_url=f"sqlite:///{db_path}",
                               accept_peers=accept,
                               master_secret=self.master, home_agents=home_agents, static_suite=STATIC_SUITE.value,
-                              profile_api=cfg.ProfileApiConfig(self.address(node), PROFILE_API_PORT))
+                              profile_api=self.profile_api(node))
+
+    def profile_api(self, node: str) -> cfg.ProfileApiConfig:
+        """The AAAH's profile API over HTTPS, its server certificate from the lab's CA (for its
+        Diameter identity and its lab address, the one clients dial): ``NODE/profile-api.pem``
+        and ``.key`` (0600). Clients inside the lab trust ``lab_ca_file(run_dir)``."""
+        issued = pki.issue(pki.make_ca(lab_ca_dir(self.run_dir)), self.identity(node), node_dir(self.run_dir, node),
+                           ips=[self.address(node)], stem="profile-api")
+        return cfg.ProfileApiConfig(self.address(node), PROFILE_API_PORT, cert_file=issued.cert, key_file=issued.key)
 
     def aaaf(self, node: str) -> cfg.AAAFConfig:
         homes = [aaa for aaa in (spec.get("aaa") for spec in self.topo.domains.values())

@@ -250,10 +250,21 @@ class AAAHConfig(Common):
 
 @dataclass(frozen=True)
 class ProfileApiConfig:
-    """Where the AAAH serves the user self-service profile API (claim 24, F7; daemons.aaa.profileapi)."""
+    """Where the AAAH serves the user self-service profile API (claim 24, F7; daemons.aaa.profileapi):
+    HTTPS (TLS 1.2 or later) with ``cert_file`` and ``key_file`` (the key mode 0600: checked at
+    start); plain HTTP only with ``tls: false`` (a warning at start: bearer tokens in clear)."""
 
     address: ipaddress.IPv4Address
-    port: int = 8080
+    port: int = 8443
+    tls: bool = True
+    cert_file: Path | None = None  # PEM: the server's certificate (chain)
+    key_file: Path | None = None  # PEM: its private key, readable by its owner only
+
+    def __post_init__(self) -> None:
+        if self.tls:
+            for name in ("cert_file", "key_file"):
+                if getattr(self, name) is None:
+                    raise FieldError(name, "required: the API serves HTTPS (tls: false for plain HTTP)")
 
 
 @dataclass(frozen=True)

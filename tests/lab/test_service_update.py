@@ -1,5 +1,7 @@
-"""Flow F7 (claim 24): the user changes their own VPN profile through the AAAH's HTTP API
-(`mipvpn profile`, token per user; another user's token gets 403), then tells the MN
+"""Flow F7 (claim 24): the user changes their own VPN profile through the AAAH's HTTPS API
+(`mipvpn profile`, the server verified against the lab's CA, token per user from a 0600 file
+written by `mipvpn db token issue --out`; another user's token gets 403; a plain HTTP request
+gets no HTTP answer; no token in clear on the core-aaah link), then tells the MN
 (`mipvpn mn service-update`): the MN's RRQ carries the service-update NVSE (vendor 32473,
 type 3), goes FA -> AAAF -> AAAH inside the AMR, the AAAH rebuilds the VPN info from the
 changed profile and the FA's installed paths change accordingly.
@@ -32,21 +34,45 @@ HOA = "198.18.100.10"
 FA1 = "198.18.0.14"
 AAAF1, AAAH = "198.18.0.10", "198.18.0.6"
 CNGW2, CN2, CN2_NET = "198.18.0.34", "198.18.3.10", "198.18.3.0/24"
-API = f"http://{AAAH}:8080"
+API = f"https://{AAAH}:8443"
 # The service-update NVSE as it sits in the RRQ: type 134, length 12, reserved, vendor 32473, type 3,
 # then version 1, reserved 0 and the 16-bit sequence.
 NVSE_HEAD = "860c" + "0000" + "00007ed9" + "0003" + "0100"
+# A plain HTTP request to the API with a made-up token: prints what came back (nothing, or a TLS
+# alert: never HTTP).
+PROBE_TOKEN = b"mvt_cHJvYmU.not-a-real-token"
+PLAIN_HTTP = f"""
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"GET /v1/gateways HTTP/1.1\\r\\nHost: x\\r\\nAuthorization: Bearer {PROBE_TOKEN.decode()}\\r\\n\\r\\n")
+try:
+    print(s.recv(4096).decode("latin-1"), end="")
+except OSError:
+    pass
+"""
 # Ping payload sizes that tell the two phases of mn1 -> cn2 apart in the captures (IP length = +28).
 HA_ANCHORED, ROUTE_OPTIMISED = 333, 444
 
 
-def profile(env: LabEnv, token: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+def issue_token(env: LabEnv, nai: str, url: str) -> tuple[Path, str]:
+    """`mipvpn db token issue NAI --out FILE`: the file (mode 0600) and the token in it."""
+    path = env.run_dir / f"{nai.split('@')[0]}.token"
+    out = env.cli("db", "token", "issue", nai, "--out", str(path), "--url", url).stdout
+    token = path.read_text().strip()
+    leaked = token in out
+    assert not leaked and path.stat().st_mode & 0o777 == 0o600
+    return path, token
+
+
+def profile(env: LabEnv, token: tuple[Path, str], *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     """`mipvpn profile ...` as a user would run it, from the core router's namespace (the
-    request crosses the core-aaah link), token from the environment."""
-    proc = subprocess.run(["ip", "netns", "exec", env.ns("core"), "env", f"MIPVPN_TOKEN={token}",
-                           sys.executable, "-m", "daemons.cli.main", "profile", "--api", API, *args],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
-    leaked = token in proc.stdout + proc.stderr  # a bool: pytest would print the token and the output
+    request crosses the core-aaah link), the token from its file, the server verified against
+    the lab's CA (the default inside the lab)."""
+    path, secret = token
+    proc = subprocess.run(["ip", "netns", "exec", env.ns("core"), sys.executable, "-m", "daemons.cli.main",
+                           "profile", "--api", API, "--token-file", str(path), *args],
+                          cwd=ROOT, env=env.env, capture_output=True, text=True, timeout=60)
+    leaked = secret in proc.stdout + proc.stderr  # a bool: pytest would print the token and the output
     assert not leaked, "the API token showed in the CLI's output"
     if check and proc.returncode != 0:
         raise AssertionError(f"mipvpn profile {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n"
@@ -89,13 +115,13 @@ def test_profile_change_plus_service_update_takes_effect(lab_up: LabEnv) -> None
     wait_for(lambda: [p for p in fa_paths(env) if p["remote_type"] == "ha" and p.get("state") == "up"],
              timeout=20, what="fa1's path to the HA up")
     url = f"sqlite:///{env.run_dir / 'nodes' / 'aaah' / 'vpn.db'}"
-    token = env.cli("db", "token", "issue", NAI, "--url", url).stdout.strip()
+    token = issue_token(env, NAI, url)
     # A second user of the home domain (no MN running), with a token of their own.
     secret = env.run_dir / "mn9.secret"
     secret.write_text(os.urandom(16).hex())
     env.cli("db", "user", "add", OTHER, "--home-address", "198.18.100.19", "--home-agent", "198.18.100.1",
             "--mn-aaa-secret-file", str(secret), "--url", url)
-    other = env.cli("db", "token", "issue", OTHER, "--url", url).stdout.strip()
+    other = issue_token(env, OTHER, url)
 
     profiles = {p["destination"]: p for p in json.loads(profile(env, token, "list", "--json").stdout)}
     static, dynamic = profiles["198.18.2.0/24"], profiles[CN2_NET]
@@ -140,8 +166,21 @@ def test_profile_change_plus_service_update_takes_effect(lab_up: LabEnv) -> None
     counters = show(env, "counters", "aaah")
     assert counters["service_updates"] == 3, counters  # type: ignore[index]
 
+    # The API talks TLS only: a plain HTTP request (a made-up token in it) gets no HTTP answer.
+    plain = env.exec("core", sys.executable, "-c", PLAIN_HTTP, AAAH, "8443", check=False)
+    assert plain.returncode == 0 and not plain.stdout.startswith("HTTP/"), (plain.stdout[:64], plain.stderr[-300:])
+
     env.cli("lab", "capture", "stop")
     captures = env.run_dir / "captures"
+    # Every request crossed core-aaah as TLS: handshakes seen, no token in clear anywhere in the capture.
+    hellos = tshark(captures / "core-aaah.pcap", "-d", "tcp.port==8443,tls", "-Y",
+                    "tcp.port == 8443 && tls.handshake.type == 1", "-T", "fields", "-e", "frame.number").split()
+    assert len(hellos) >= 8, hellos
+    wire = (captures / "core-aaah.pcap").read_bytes()
+    assert wire.count(PROBE_TOKEN) >= 1  # the plain request above: a token in clear would show
+    for secret in (token[1], other[1]):
+        leaked = secret.encode() in wire  # a bool: pytest would print the token
+        assert not leaked, "an API token crossed core-aaah in clear"
     sequences = [f"{u['sequence']:04x}" for u in (first, second, third)]
     assert len(set(sequences)) == 3
 

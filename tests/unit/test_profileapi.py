@@ -1,11 +1,15 @@
 """The user self-service profile API (claim 24, F7): a real aiohttp server on 127.0.0.1 over a
-real SQLite VPN database; authentication (401), authorisation (403), validation (400 naming
-the field) and the changes themselves."""
+real SQLite VPN database; HTTPS only (a plain HTTP request gets no answer, a client that does not
+trust the lab's CA gets no connection; plain HTTP only when asked for, with a warning; the key
+file must be private); authentication (401), authorisation (403), validation (400 naming the
+field) and the changes themselves."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
+import tempfile
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,10 +17,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from daemons.aaa.profileapi import ProfileApi
+from daemons.aaa.profileapi import ProfileApi, TlsFileError, server_context
+from daemons.provision import pki
 from daemons.runtime.log import EventFormatter
 from daemons.runtime.secret import Secret
 from daemons.store.vpndb import VpnDatabase, open_database, token_owner
+from tests.unit.httpskit import make_pki
 
 NAI = "alice@home.example"
 NAI2 = "bob@home.example"
@@ -44,14 +50,15 @@ Call = Callable[..., Awaitable[tuple[int, Any, Any]]]
 
 
 def serve(db: VpnDatabase, body: Callable[[Call, ProfileApi], Awaitable[None]]) -> None:
-    """Run ``body(call, api)`` against a real server on 127.0.0.1 (any free port), then stop it."""
+    """Run ``body(call, api)`` against a real HTTPS server on 127.0.0.1 (any free port, a
+throwaway CA's certificate; the client verifies it against that CA), then stop it."""
 
-    async def main() -> None:
-        api = ProfileApi(db, "127.0.0.1", 0)
+    async def main(tls: Any) -> None:
+        api = ProfileApi(db, "127.0.0.1", 0, tls=tls.server_context())
         await api.start()
         try:
-            base = f"http://127.0.0.1:{api.port}"
-            async with aiohttp.ClientSession() as session:
+            base = f"https://127.0.0.1:{api.port}"
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client_context())) as session:
                 async def call(method: str, path: str, token: str | None = None, json: Any = None,
                                data: bytes | None = None,
                                headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
@@ -70,7 +77,8 @@ def serve(db: VpnDatabase, body: Callable[[Call, ProfileApi], Awaitable[None]]) 
         finally:
             await api.stop()
 
-    asyncio.run(main())
+    with tempfile.TemporaryDirectory() as directory:
+        asyncio.run(main(make_pki(Path(directory))))
 
 
 def profiles_path(nai: str = NAI) -> str:
@@ -310,3 +318,126 @@ def test_guessing_tokens_is_throttled_per_address(db: VpnDatabase) -> None:
         assert (await call("GET", profiles_path(), token=token))[0] == 200
 
     serve(db, body)
+
+
+# ---- transport: HTTPS only ---------------------------------------------------------------------
+
+
+def serve_tls(db: VpnDatabase, directory: Path,
+              body: Callable[[ProfileApi, Any], Awaitable[None]]) -> None:
+    """Run ``body(api, pki)`` against a real HTTPS server on 127.0.0.1 with a fresh CA's certificate."""
+    tls = make_pki(directory)
+
+    async def main() -> None:
+        api = ProfileApi(db, "127.0.0.1", 0, tls=tls.server_context())
+        await api.start()
+        try:
+            await body(api, tls)
+        finally:
+            await api.stop()
+
+    asyncio.run(main())
+
+
+async def get(url: str, token: str, ssl_arg: Any) -> tuple[int, Any]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_arg)) as session, \
+            session.get(url, headers={"Authorization": f"Bearer {token}"},
+                        timeout=aiohttp.ClientTimeout(total=10)) as resp:
+        return resp.status, await resp.json()
+
+
+def test_api_talks_tls_only_and_verifies_against_the_ca(db: VpnDatabase, tmp_path: Path) -> None:
+    """A plain HTTP request (token in it) gets no HTTP answer; HTTPS verified against the CA
+    works (TLS 1.3); a client that does not trust the CA gets no connection."""
+    token = db.issue_token(NAI)
+
+    async def body(api: ProfileApi, tls: Any) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", api.port)
+        writer.write(f"GET /v1/gateways HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+                     f"Connection: close\r\n\r\n".encode())
+        await writer.drain()
+        try:
+            answer = await asyncio.wait_for(reader.read(4096), 10)
+        except ConnectionError:
+            answer = b""
+        writer.close()
+        assert not answer.startswith(b"HTTP/"), answer[:64]  # at most a TLS alert, never an HTTP answer
+        with pytest.raises(aiohttp.ClientError):
+            await get(f"http://127.0.0.1:{api.port}/v1/gateways", token, None)
+
+        url = f"https://127.0.0.1:{api.port}/v1/gateways"
+        status, payload = await get(url, token, tls.client_context())
+        assert status == 200 and {g["name"] for g in payload["gateways"]} == {"cngw", "cngw2"}
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            await get(url, token, True)  # the system's trust store: not the lab's CA
+
+        # The negotiated protocol: TLS 1.3 for a client that has it; TLS 1.2 still accepted.
+        context = tls.client_context()
+        _, writer = await asyncio.open_connection("127.0.0.1", api.port, ssl=context, server_hostname="127.0.0.1")
+        assert writer.get_extra_info("ssl_object").version() == "TLSv1.3"
+        writer.close()
+        context.maximum_version = ssl.TLSVersion.TLSv1_2
+        _, writer = await asyncio.open_connection("127.0.0.1", api.port, ssl=context, server_hostname="127.0.0.1")
+        tls12 = writer.get_extra_info("ssl_object")
+        assert tls12.version() == "TLSv1.2" and tls12.cipher()[0].startswith("ECDHE-")
+        writer.close()
+
+    serve_tls(db, tmp_path, body)
+
+
+def test_client_refuses_a_certificate_from_another_ca(db: VpnDatabase, tmp_path: Path) -> None:
+    """The same server, a client that trusts another CA (the right name, the wrong issuer): no connection."""
+    token = db.issue_token(NAI)
+    other = make_pki(tmp_path / "other")
+
+    async def body(api: ProfileApi, tls: Any) -> None:
+        with pytest.raises(aiohttp.ClientConnectorCertificateError):
+            await get(f"https://127.0.0.1:{api.port}/v1/gateways", token, other.client_context())
+
+    serve_tls(db, tmp_path / "server", body)
+
+
+def test_plain_http_only_when_asked_for_with_a_warning(db: VpnDatabase, caplog: pytest.LogCaptureFixture) -> None:
+    token = db.issue_token(NAI)
+
+    async def main() -> None:
+        api = ProfileApi(db, "127.0.0.1", 0, tls=None)
+        with caplog.at_level(logging.INFO, logger="mipvpn.profileapi"):
+            await api.start()
+        try:
+            status, _ = await get(f"http://127.0.0.1:{api.port}/v1/gateways", token, None)
+            assert status == 200
+        finally:
+            await api.stop()
+
+    asyncio.run(main())
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "profile_api.plain_http" in warnings[0].getMessage()
+
+
+def test_key_file_must_be_readable_by_its_owner_only(tmp_path: Path) -> None:
+    tls = make_pki(tmp_path)
+    tls.server.key.chmod(0o640)
+    with pytest.raises(TlsFileError) as info:
+        server_context(tls.server.cert, tls.server.key)
+    assert info.value.field == "key_file" and "0640" in info.value.problem
+    assert "PRIVATE KEY" not in str(info.value)
+    tls.server.key.chmod(0o600)
+    assert isinstance(server_context(tls.server.cert, tls.server.key), ssl.SSLContext)
+    with pytest.raises(TlsFileError) as info:
+        server_context(tmp_path / "missing.pem", tls.server.key)
+    assert info.value.field == "cert_file"
+    with pytest.raises(TlsFileError) as info:  # a key that is not the certificate's
+        server_context(tls.server.cert, pki.issue(tls.ca, "other", tmp_path / "other").key)
+    assert info.value.field == "cert_file"
+
+
+def test_config_wants_certificate_and_key_unless_tls_is_off() -> None:
+    from daemons.runtime.config import ConfigError, ProfileApiConfig, build
+
+    with pytest.raises(ConfigError, match=r"aaah.yaml: profile_api.cert_file: required"):
+        build(ProfileApiConfig, {"address": "127.0.0.1"}, "aaah.yaml", "profile_api")
+    with pytest.raises(ConfigError, match=r"aaah.yaml: profile_api.key_file: required"):
+        build(ProfileApiConfig, {"address": "127.0.0.1", "cert_file": "/c.pem"}, "aaah.yaml", "profile_api")
+    plain = build(ProfileApiConfig, {"address": "127.0.0.1", "tls": False}, "aaah.yaml", "profile_api")
+    assert not plain.tls and plain.port == 8443

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import ssl
 import time
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -17,13 +18,14 @@ import aiohttp
 
 from daemons.aaa.aaah import HomeAAAServer
 from daemons.aaa.profileapi import ProfileApi
-from daemons.runtime.config import ProfileApiConfig, SecurityAssociation
+from daemons.runtime.config import ConfigError, ProfileApiConfig, SecurityAssociation
 from daemons.runtime.secret import Secret
 from daemons.vpn import vpninfo
 from daemons.vpn.path import EndpointType, Qos
 from daemons.wire import mip
 from daemons.wire.diameter import ResultCode
 from daemons.wire.mip.vendor import service_update, service_update_extension
+from tests.unit.httpskit import make_pki
 from tests.unit.test_aaa import (
     COA,
     HA_ADDR,
@@ -56,9 +58,11 @@ def rrq(coa: IPv4Address, *, previous: IPv4Address | None = None, update: int | 
                                     challenge=bytes(range(16)), mn_aaa=SecurityAssociation(SPI_MN_AAA, MN_AAA)).encode()
 
 
-async def patch(base: str, nai: str, pid: int, token: str, body: dict[str, Any]) -> tuple[int, Any]:
-    async with aiohttp.ClientSession() as s, s.patch(f"{base}/v1/users/{nai}/profiles/{pid}", json=body,
-                                                     headers={"Authorization": f"Bearer {token}"}) as r:
+async def patch(base: str, nai: str, pid: int, token: str, body: dict[str, Any],
+                tls: ssl.SSLContext) -> tuple[int, Any]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls)) as s, \
+            s.patch(f"{base}/v1/users/{nai}/profiles/{pid}", json=body,
+                    headers={"Authorization": f"Bearer {token}"}) as r:
         return r.status, await r.json()
 
 
@@ -74,20 +78,22 @@ def test_service_update_bypasses_the_aaaf_cache_and_uses_the_changed_profile(tmp
             assert db is not None
             db.add_user(OTHER, "198.18.1.12", HA_ADDR, SPI_MN_AAA, Secret(b"o" * 16))
             token, other = db.issue_token(NAI), db.issue_token(OTHER)
-            api = ProfileApi(db, LO, 0)
+            tls = make_pki(tmp_path / "pki")
+            api = ProfileApi(db, LO, 0, tls=tls.server_context())
             await api.start()
             try:
-                base = f"http://{LO}:{api.port}"
+                base = f"https://{LO}:{api.port}"
                 _, ama = await w.register(rrq(COA))
                 assert ama.result_code == ResultCode.DIAMETER_SUCCESS
                 assert path_to_ha(vpninfo.from_message(ama, NAI)).path.qos == Qos(1_000_000, 2_000_000, 2)
                 static = next(p for p in db.profiles_for(NAI) if p.gateway == "cngw")
 
                 # Another user's token cannot touch it; the user's own can.
-                status, answer = await patch(base, NAI, static.id, other, {"qos_rate": 1})
+                status, answer = await patch(base, NAI, static.id, other, {"qos_rate": 1}, tls.client_context())
                 assert (status, answer["error"]) == (403, "forbidden")
                 status, answer = await patch(base, NAI, static.id, token,
-                                             {"qos_rate": 5_000_000, "qos_ceil": 8_000_000, "qos_priority": 1})
+                                             {"qos_rate": 5_000_000, "qos_ceil": 8_000_000, "qos_priority": 1},
+                                             tls.client_context())
                 assert status == 200, answer
 
                 # A move inside the domain without a service update: the AAAF answers from its cache.
@@ -126,7 +132,9 @@ def test_service_update_bypasses_the_aaaf_cache_and_uses_the_changed_profile(tmp
 
 
 def test_aaah_serves_the_profile_api_when_configured(tmp_path: Path) -> None:
-    """The AAAH daemon starts the API from its configuration and stops it with itself."""
+    """The AAAH daemon starts the API from its configuration (HTTPS, its certificate and key
+    files; a key file others may read stops the start, naming the field) and stops it with itself."""
+    tls = make_pki(tmp_path / "pki")
 
     async def main() -> None:
         async with world(tmp_path) as w:
@@ -134,13 +142,25 @@ def test_aaah_serves_the_profile_api_when_configured(tmp_path: Path) -> None:
             assert db is not None
             token = db.issue_token(NAI)
             config = dataclasses.replace(aaah_config(tmp_path / "second", w.aaah.config.db_url, free_port()),
-                                         profile_api=ProfileApiConfig(IPv4Address(LO), free_port()))
+                                         profile_api=ProfileApiConfig(IPv4Address(LO), free_port(),
+                                                                      cert_file=tls.server.cert,
+                                                                      key_file=tls.server.key))
+            tls.server.key.chmod(0o644)
+            refused = HomeAAAServer(config)
+            try:
+                await refused.start()
+                raise AssertionError("started with a world-readable key file")
+            except ConfigError as exc:
+                assert "profile_api.key_file" in str(exc) and "mode 0644" in str(exc)
+            finally:
+                await refused.stop()
+            tls.server.key.chmod(0o600)
             aaah = HomeAAAServer(config)
             await aaah.start()
             try:
                 assert aaah.profile_api is not None
-                base = f"http://{LO}:{config.profile_api.port}"  # type: ignore[union-attr]
-                async with aiohttp.ClientSession() as s:
+                base = f"https://{LO}:{config.profile_api.port}"  # type: ignore[union-attr]
+                async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client_context())) as s:
                     async with s.get(f"{base}/v1/users/{NAI}/profiles",
                                      headers={"Authorization": f"Bearer {token}"}) as r:
                         assert r.status == 200
@@ -149,7 +169,7 @@ def test_aaah_serves_the_profile_api_when_configured(tmp_path: Path) -> None:
                         assert r.status == 401
             finally:
                 await aaah.stop()
-            async with aiohttp.ClientSession() as s:
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=tls.client_context())) as s:
                 try:
                     async with s.get(f"{base}/v1/gateways", timeout=aiohttp.ClientTimeout(total=5)) as r:
                         raise AssertionError(f"still serving after stop: {r.status}")
