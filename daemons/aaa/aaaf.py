@@ -6,11 +6,13 @@ their AMRs there by the NAI's realm (RFC 6733 relay: Route-Record, new hop-by-ho
 a proxy in that it reads what it relays, through the Diameter node's hooks on relayed
 messages (``observe``/``intercept``): from each successful AMA it caches the FA's VPN info
 per user (:class:`daemons.aaa.sessions.Session`: NAI, Diameter session, the FA it belongs to, the
-paths) before the AMA goes on, unchanged, to the FA (claim 16). ``show sessions`` lists the
-cache without key material.
+paths, and the local-answer key the AAAH adds for us) before the AMA goes on to the FA (claim
+16), without that key. ``show sessions`` lists the cache without key material.
 
-The cache is keyed by NAI and remembers the FA, so that an intra-domain move (claim 17, a
-later step) can answer the new FA itself: ``session.with_fa(new_coa)``. Messages are built and
+The cache is keyed by NAI and remembers the FA, so that an intra-domain move (claim 17) can
+answer the new FA itself, ``session.with_fa(new_coa)``, once the MN proved the session's key
+and the FA owns the care-of address (``answer_intra_domain_move``; docs/protocol.md, "Who
+holds what, who proves what"). Messages are built and
 parsed by ``daemons.aaa.application``; the hooks are handed the AMR itself (the answer hook
 the relayed copy) and parse it where they need it.
 """
