@@ -195,6 +195,25 @@ def test_after_a_move_the_aaah_answered_both_ends_hold_the_same_fresh_key(tmp_pa
     run(main())
 
 
+def test_a_session_cached_without_a_key_is_not_answered_locally(tmp_path: Path) -> None:
+    """A session cached before the AAAH sent keys (a state file of an older version): the move
+    goes to the AAAH, which gives the AAAF the key for the next one."""
+
+    async def main() -> None:
+        async with world(tmp_path) as w:
+            c1 = await registered_at_fa1(w)
+            w.aaaf.store.put(w.aaaf.store.get(NAI).with_local_keys(None, None))  # type: ignore[union-attr]
+            c2 = fresh()
+            _, ama = await w.register(rrq(COA2, c2, previous=COA, local_key=key_of(c1)), via=w.fa2)
+            assert ama.get("MIP-Reg-Reply") is not None
+            assert w.aaaf.local_answer_refused == {"no local-answer key": 1}
+            assert w.aaaf.store.get(NAI).local_key == key_of(c2)  # type: ignore[union-attr]
+            _, ama = await w.register(rrq(COA, fresh(), previous=COA2, local_key=key_of(c2)))
+            assert answered_locally(ama)
+
+    run(main())
+
+
 # ---- forged intra-domain AMRs ----------------------------------------------------------------------
 
 
