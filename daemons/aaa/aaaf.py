@@ -6,11 +6,13 @@ their AMRs there by the NAI's realm (RFC 6733 relay: Route-Record, new hop-by-ho
 a proxy in that it reads what it relays, through the Diameter node's hooks on relayed
 messages (``observe``/``intercept``): from each successful AMA it caches the FA's VPN info
 per user (:class:`daemons.aaa.sessions.Session`: NAI, Diameter session, the FA it belongs to, the
-paths) before the AMA goes on, unchanged, to the FA (claim 16). ``show sessions`` lists the
-cache without key material.
+paths, and the local-answer key the AAAH adds for us) before the AMA goes on to the FA (claim
+16), without that key. ``show sessions`` lists the cache without key material.
 
-The cache is keyed by NAI and remembers the FA, so that an intra-domain move (claim 17, a
-later step) can answer the new FA itself: ``session.with_fa(new_coa)``. Messages are built and
+The cache is keyed by NAI and remembers the FA, so that an intra-domain move (claim 17) can
+answer the new FA itself, ``session.with_fa(new_coa)``, once the MN proved the session's key
+and the FA owns the care-of address (``answer_intra_domain_move``; docs/protocol.md, "Who
+holds what, who proves what"). Messages are built and
 parsed by ``daemons.aaa.application``; the hooks are handed the AMR itself (the answer hook
 the relayed copy) and parse it where they need it.
 """
@@ -18,6 +20,8 @@ the relayed copy) and parse it where they need it.
 from __future__ import annotations
 
 import time
+from collections import Counter
+from ipaddress import IPv4Address
 
 from daemons.aaa import application
 from daemons.aaa.sessions import Session, SessionStore
@@ -27,6 +31,7 @@ from daemons.diameter.setup import Dial, diameter_node
 from daemons.runtime.config import AAAFConfig, ConfigError
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
+from daemons.runtime.secret import Secret
 from daemons.runtime.tasks import serve
 from daemons.wire import mip
 from daemons.wire.diameter import Message, ResultCode
@@ -53,13 +58,18 @@ class ForeignAAAServer:
             for realm in server.routes or [server.realm]:
                 self.diameter.add_route(realm, server.host)
         self.fa_peers = {p.host.lower() for p in config.accept_peers if not p.agent}
+        # Each FA's addresses: a care-of address it may answer for locally (claim 17).
+        self.fa_addresses = {p.host.lower(): tuple(p.addresses) for p in config.accept_peers if not p.agent}
+        self.local_answer_refused: Counter[str] = Counter()  # by reason
         # Hooks on what we relay, in this order: refuse AMRs and STRs from anyone but our FAs,
         # count and log every AMR (answered here or not), answer intra-domain moves and STRs
         # ourselves, cache VPN info from each AMA.
         app = application.APPLICATION_ID
         self.diameter.add_forward_hook(self.refuse_unless_from_fa, application_id=app)
         self.diameter.observe(app, application.AMR_COMMAND, on_request=self.on_amr, on_answer=self.on_ama)
-        self.diameter.intercept(app, application.AMR_COMMAND, self.answer_intra_domain_move)
+        self.diameter.add_answer_hook(self.take_local_key, application_id=app, command_code=application.AMR_COMMAND)
+        self.diameter.add_forward_hook(self.answer_intra_domain_move, application_id=app,
+                                       command_code=application.AMR_COMMAND)
         self.diameter.intercept(app, application.STR_COMMAND, self.end_session)
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -67,7 +77,8 @@ class ForeignAAAServer:
         self.restore()
         await self.diameter.start()
         self.control.register("sessions", lambda _: self.store.show())
-        self.control.register("counters", lambda _: {**self.counters, **self.diameter.stats()})
+        self.control.register("counters", lambda _: {**self.counters, **self.diameter.stats(),
+                                                     "local_answer_refused": dict(self.local_answer_refused)})
         self.control.register("peers", lambda _: self.diameter.peers_status())
         await wait_for_peers(self.diameter, [s.host for s in self.config.home_servers])
         await self.control.start()
@@ -130,21 +141,28 @@ class ForeignAAAServer:
             return
         infos = ama.vpn
         session = Session(nai, sid, rrq.care_of_address, amr.origin_host or "", rrq.home_agent,
-                          rrq.home_address, tuple(infos), time.time())
+                          rrq.home_address, tuple(infos), time.time(), local_key=ama.local_key)
         previous = self.store.put(session)
         self.counters["cached"] += 1
         log.info("ama.relayed", mn=nai, sid=sid, result=code, cached=True, fa=session.fa, paths=len(infos),
                  previous_fa=previous.fa if previous is not None and previous.fa != session.fa else None)
 
-    def answer_intra_domain_move(self, msg: Message) -> Message | None:
+    # ---- the local answer (claim 17, flow F2; issue #15) -------------------------------------------
+    def answer_intra_domain_move(self, msg: Message, peer: Peer) -> Message | None:
         """Claim 17 (flow F2): the MN moved between two FAs of our domain. Its RRQ names the
         previous FA, whose session we cached: rewrite the cached VPN info to the new FA and
         answer the new FA ourselves (no AMR reaches the home AAA server); the new FA then
-        sends the RRQ straight to the HA, which rewrites its side."""
+        sends the RRQ straight to the HA, which rewrites its side.
+
+        Only for a request we can authenticate, checked in this order before anything changes
+        (docs/protocol.md, "Who holds what, who proves what"): the AMR comes from one of our FAs,
+        the RRQ's care-of address is one of that FA's addresses (``accept_peers``), we hold a
+        session of the user at the named previous FA, the RRQ answers an FA challenge, and its
+        MN-AAAF authenticator verifies under the key the AAAH gave us for that session. Any
+        failure: relayed to the home AAA server like any other AMR (which checks MN-AAA itself),
+        counted and logged (``local_answer_refused``), the cache untouched."""
         nai = msg.get("User-Name")
         session = self.store.sessions.get(nai) if nai else None
-        if session is None:
-            return None
         try:
             amr = application.parse_amr(msg)
         except application.ApplicationError:
@@ -157,20 +175,72 @@ class ForeignAAAServer:
             # info from it, so our cached copy must not answer (relayed like any other AMR).
             log.info("amr.not_answered_locally", mn=nai, sid=amr.session_id, reason="service update")
             return None
-        previous = mip.previous_fa(rrq.extensions)
-        if previous is None or previous == rrq.care_of_address or rrq.home_agent != session.home_agent \
-                or not session.for_fa():
+        # A move names its previous FA where the MN-HA authenticator covers it (as the FA reads it).
+        previous = mip.previous_fa(mip.covered(rrq, mip.EXT_MN_HA_AUTH).extensions)
+        if previous is None or previous == rrq.care_of_address:
+            return None  # not a move: nothing we could answer
+        checked = self.check_local_answer(amr, peer, session, previous)
+        if isinstance(checked, str):
+            self.refuse_local_answer(amr, peer, checked)
             return None
-        # The move we cached is from the named previous FA, or it is this very move again (the
-        # MN retransmitted before the first answer reached it): answer both the same way.
-        if session.fa not in (previous, rrq.care_of_address):
-            return None
+        assert session is not None
+        key, next_key = checked
         moved = session.with_fa(rrq.care_of_address, amr.session_id, amr.origin_host or "")
+        moved = moved.with_local_keys(next_key, key)
         self.store.put(moved)
         self.counters["answered_locally"] += 1
         log.info("amr.answered_locally", mn=nai, sid=amr.session_id, previous_fa=session.fa,
                  fa=moved.fa, paths=len(moved.for_fa()))
         return application.build_ama(amr, ResultCode.DIAMETER_SUCCESS, vpn=moved.for_fa())
+
+    def check_local_answer(self, amr: application.Amr, peer: Peer, session: Session | None,
+                           previous: IPv4Address) -> tuple[Secret, Secret] | str:
+        """The checks of :meth:`answer_intra_domain_move`, changing nothing: (the key the MN
+        proved, the next key it carries) or why not."""
+        rrq = amr.rrq
+        addresses = self.fa_addresses.get(peer.key) if not peer.dynamic else None
+        if addresses is None:
+            return "not an FA of this AAAF"
+        if not any(rrq.care_of_address in net for net in addresses):
+            return "care-of address not the FA's"
+        if session is None:
+            return "no cached session"
+        # The move we cached is from the named previous FA, or it is this very move again (the
+        # MN retransmitted before the first answer reached it): answer both the same way; the
+        # retransmission is proven with the key the first one was (the MN changes keys only
+        # once a registration is accepted).
+        if session.fa not in (previous, rrq.care_of_address) or rrq.home_agent != session.home_agent \
+                or not session.for_fa():
+            return "no cached session at the previous FA"
+        if rrq.find(mip.MNFAChallengeExtension) is None:
+            return "no FA challenge"
+        key = session.local_key if session.fa == previous else session.previous_local_key
+        if key is None:
+            return "no local-answer key"
+        if not mip.has_local_answer_proof(rrq):
+            return "no MN-AAAF authenticator"
+        try:
+            proof = mip.verify_local_answer(amr.rrq_raw, key)
+        except mip.DecodeError:
+            proof = None
+        if proof is None:
+            return "MN-AAAF authenticator mismatch"
+        # What the authenticator vouches for is what we act on (the same request, cut after it).
+        vouched = proof.request
+        if mip.previous_fa(vouched.extensions) != previous or vouched.find(mip.MNFAChallengeExtension) is None:
+            return "MN-AAAF authenticator does not cover the move"
+        return key, proof.next_key
+
+    def refuse_local_answer(self, amr: application.Amr, peer: Peer, reason: str) -> None:
+        self.local_answer_refused[reason] += 1
+        benign = reason in ("no cached session", "no cached session at the previous FA")
+        log.event("local_answer.refused", mn=amr.nai, sid=amr.session_id, peer=peer.host,
+                  coa=amr.rrq.care_of_address, reason=reason, level=20 if benign else 30)
+
+    def take_local_key(self, msg: Message, answer: Message) -> None:
+        """The AAAH's local-answer key is ours (``on_ama`` cached it): the FA must not see it."""
+        if application.take_local_key(answer):
+            log.debug("ama.local_key_removed", mn=msg.get("User-Name"), sid=msg.session_id)
 
     def end_session(self, msg: Message) -> Message:
         """An FA's STR: the user left it. Drop our cached session if it is that one and that

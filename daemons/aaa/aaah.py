@@ -374,8 +374,9 @@ class HomeAAAServer:
                 self._drop(nai)  # deregistered
             self.counters["accepted"] += 1
             fa_view = session.for_fa() if session is not None else []
-            log.info("ama.sent", mn=nai, sid=sid, result=code, paths=len(fa_view))
-            return self._ama(amr, ResultCode.DIAMETER_SUCCESS, rrp_raw, fa_view)
+            local_key = await self.local_answer_key(amr) if session is not None else None
+            log.info("ama.sent", mn=nai, sid=sid, result=code, paths=len(fa_view), local_key=local_key is not None)
+            return self._ama(amr, ResultCode.DIAMETER_SUCCESS, rrp_raw, fa_view, local_key=local_key)
         undo()
         if rrp_raw is not None:  # the HA refused: its reply goes back to the MN
             self.counters["refused"] += 1
@@ -386,9 +387,23 @@ class HomeAAAServer:
         raise AmrRejected(ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE, f"HAA {code} without a registration reply")
 
     def _ama(self, amr: application.Amr, code: int, rrp: bytes | None = None, infos: list[VpnInfo] | None = None,
-             error: str | None = None) -> Message:
+             error: str | None = None, local_key: Secret | None = None) -> Message:
         return application.build_ama(amr, code, rrp_raw=rrp, vpn=infos or (), error=error,
-                                     origin_host=self.config.diameter_host, origin_realm=self.config.diameter_realm)
+                                     origin_host=self.config.diameter_host, origin_realm=self.config.diameter_realm,
+                                     local_key=local_key)
+
+    # ---- the AAAF's local answer (claim 17, issue #15) ----------------------------------------------
+    async def local_answer_key(self, amr: application.Amr) -> Secret | None:
+        """The key the MN proves in its next intra-domain move (``daemons.wire.mip.localanswer``),
+        for the AAAF in the AMA of a registration we accepted: derived from the MN-AAA key (the
+        one :meth:`authenticate` checked) and this request's FA challenge. None without either."""
+        assert self.db is not None
+        rrq = amr.rrq
+        auth = rrq.find(mip.GeneralizedAuthExtension)
+        if auth is None:
+            return None
+        secret = await self.db.aio.mn_aaa_secret(amr.nai, auth.spi)
+        return None if secret is None else mip.registration_local_key(secret, rrq, amr.nai)
 
     # ---- VPN information (claims 3, 8, 16) ---------------------------------------------------------
     async def build_paths(self, nai: str, home_address: IPv4Address, coa: IPv4Address, ha: HomeAgentRef,

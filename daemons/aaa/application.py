@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
+from daemons.runtime.secret import Secret
 from daemons.vpn import vpninfo
 from daemons.vpn.vpninfo import VpnInfo
 from daemons.wire import mip
@@ -125,6 +126,7 @@ class Ama:
     rrp: mip.RegistrationReply | None  # MIP-Reg-Reply, decoded (None: the answer has none)
     rrp_raw: bytes | None
     vpn: tuple[VpnInfo, ...] = ()
+    local_key: Secret | None = None  # VPN-Local-Answer-Key, for the AAAF (claim 17): see LOCAL_KEY_AVP
 
     @property
     def success(self) -> bool:
@@ -227,10 +229,12 @@ def parse_amr(msg: Message) -> Amr:
 
 
 def build_ama(amr: Amr, result_code: int, *, rrp_raw: bytes | None = None, vpn: Iterable[VpnInfo] = (),
-              error: str | None = None, origin_host: str | None = None, origin_realm: str | None = None) -> Message:
+              error: str | None = None, origin_host: str | None = None, origin_realm: str | None = None,
+              local_key: Secret | None = None) -> Message:
     """The answer to ``amr``: the HA's registration reply (if any) and the FA's VPN info.
 
-    The home AAA server answers with ``rrp_raw`` (2001, or 4005 when the HA refused); the
+    The home AAA server answers with ``rrp_raw`` (2001, or 4005 when the HA refused) and, for an
+    accepted registration, the AAAF's ``local_key`` (the AAAF strips it: ``take_local_key``); the
     local one, answering an intra-domain move itself (claim 17), with VPN info alone."""
     avps: list[Any] = []
     if origin_host is not None:
@@ -244,6 +248,8 @@ def build_ama(amr: Amr, result_code: int, *, rrp_raw: bytes | None = None, vpn: 
         avps.append(("MIP-Reg-Reply", rrp_raw))
     avps += [("MIP-Home-Agent-Address", amr.rrq.home_agent), ("MIP-Mobile-Node-Address", amr.rrq.home_address)]
     avps += [info.to_avp() for info in vpn]
+    if local_key is not None:
+        avps.append((LOCAL_KEY_AVP, local_key))
     return amr.request.answer(result_code, avps)
 
 
@@ -259,7 +265,29 @@ def parse_ama(msg: Message, nai: str) -> Ama:
     rrp = reply if isinstance(reply, mip.RegistrationReply) else None
     code = msg.result_code
     vpn = _vpn_info(msg, nai) if code == ResultCode.DIAMETER_SUCCESS else ()
-    return Ama(msg.session_id, code, rrp, raw, vpn)
+    return Ama(msg.session_id, code, rrp, raw, vpn, _local_key(msg) if code == ResultCode.DIAMETER_SUCCESS else None)
+
+
+# ---- the AAAF's local-answer key (claim 17, issue #15) -------------------------------------------
+
+# The AAAH's AMA carries it to the AAAF (``daemons.wire.mip.localanswer``: the key an MN proves
+# in its next intra-domain move); the AAAF takes it out before the AMA goes on to the FA.
+LOCAL_KEY_AVP = "VPN-Local-Answer-Key"
+
+
+def _local_key(msg: Message) -> Secret | None:
+    value = msg.get(LOCAL_KEY_AVP)
+    if value is None:
+        return None
+    key = value if isinstance(value, Secret) else Secret(bytes(value))
+    if len(key) != mip.LOCAL_ANSWER_KEY_LEN:
+        raise InvalidAvp(f"{LOCAL_KEY_AVP}: not a {mip.LOCAL_ANSWER_KEY_LEN}-octet key", [LOCAL_KEY_AVP])
+    return key
+
+
+def take_local_key(ama: Message) -> bool:
+    """Remove every VPN-Local-Answer-Key from ``ama`` (an AMA going on to the FA): True if it had any."""
+    return ama.remove(LOCAL_KEY_AVP) > 0
 
 
 # ---- HAR ------------------------------------------------------------------------------------------
@@ -386,6 +414,7 @@ __all__ = [
     "APPLICATION_ID",
     "HAR_COMMAND",
     "HAR_REQUIRED",
+    "LOCAL_KEY_AVP",
     "STR_COMMAND",
     "Ama",
     "Amr",
@@ -410,4 +439,5 @@ __all__ = [
     "parse_sta",
     "parse_str",
     "realm_of",
+    "take_local_key",
 ]

@@ -6,8 +6,8 @@ The home AAA server (``daemons.aaa.aaah``) caches what it built and distributed;
 session's paths are kept as the AAAH describes them (FA-side paths in the FA's view, the rest
 in the HA's); :meth:`Session.for_fa` / :meth:`Session.for_ha` give each receiver its copy and
 :meth:`Session.with_fa` moves the FA end. Sessions are persisted with their VPN-Info AVPs as
-hex (``daemons.vpn.vpninfo.to_record``, as ``daemons.vpn.mavpn`` does): key material, so the
-file lives in the daemon's 0700 state directory and is 0600 itself.
+hex (``daemons.vpn.vpninfo.to_record``, as ``daemons.vpn.mavpn`` does), the AAAF's local-answer
+keys as hex too: key material, so the file lives in the daemon's 0700 state directory and is 0600 itself.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from daemons.runtime.log import EventLog
+from daemons.runtime.secret import Secret
 from daemons.store.state import StateFile
 from daemons.vpn import vpninfo
 from daemons.vpn.path import EndpointType
@@ -47,6 +48,11 @@ class Session:
     home_address: IPv4Address
     paths: tuple[VpnInfo, ...]  # FA-side paths in the FA's view, the others in the HA's
     created: float = 0.0
+    # The AAAF's local-answer keys (claim 17, daemons.wire.mip.localanswer): the one the MN proves
+    # in its next move, and the one its last locally answered move was proven with (a
+    # retransmission of that move still carries it). Never shown, never logged.
+    local_key: Secret | None = None
+    previous_local_key: Secret | None = None
 
     def for_fa(self) -> list[VpnInfo]:
         """The paths the FA installs (its own view)."""
@@ -72,6 +78,10 @@ class Session:
                        session_id=session_id or self.session_id,
                        fa_host=self.fa_host if fa_host is None else fa_host)
 
+    def with_local_keys(self, key: Secret | None, previous: Secret | None) -> Session:
+        """The same session holding other local-answer keys."""
+        return replace(self, local_key=key, previous_local_key=previous)
+
     def summary(self) -> dict[str, Any]:
         """What ``show sessions`` lists: identities, endpoints and selectors, never keys."""
         return {"mn": self.nai, "session": self.session_id, "fa": str(self.fa), "fa_host": self.fa_host,
@@ -91,9 +101,13 @@ class Session:
 
     # ---- persistence (VPN-Info AVPs as hex: the file holds keys, keep it private) ----------
     def to_json(self) -> dict[str, Any]:
-        return {"nai": self.nai, "session_id": self.session_id, "fa": str(self.fa), "fa_host": self.fa_host,
-                "home_agent": str(self.home_agent), "home_address": str(self.home_address),
-                "created": self.created, "paths": vpninfo.to_record(self.paths)}
+        out = {"nai": self.nai, "session_id": self.session_id, "fa": str(self.fa), "fa_host": self.fa_host,
+               "home_agent": str(self.home_agent), "home_address": str(self.home_address),
+               "created": self.created, "paths": vpninfo.to_record(self.paths)}
+        for name, key in (("local_key", self.local_key), ("previous_local_key", self.previous_local_key)):
+            if key is not None:
+                out[name] = key.reveal().hex()
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Session:
@@ -101,9 +115,14 @@ class Session:
         nai, session_id, fa_host = data["nai"], data["session_id"], data.get("fa_host", "")
         if not all(isinstance(v, str) for v in (nai, session_id, fa_host)):
             raise TypeError("nai, session_id and fa_host must be strings")
+        keys = [data.get(name) for name in ("local_key", "previous_local_key")]
+        if not all(k is None or isinstance(k, str) for k in keys):
+            raise TypeError("local_key and previous_local_key must be hex strings")
+        local_key, previous_local_key = (None if k is None else Secret.from_hex(k) for k in keys)
         return cls(nai, session_id, IPv4Address(data["fa"]), fa_host,
                    IPv4Address(data["home_agent"]), IPv4Address(data["home_address"]),
-                   tuple(vpninfo.from_record(data["paths"], nai)), float(data.get("created", 0.0)))
+                   tuple(vpninfo.from_record(data["paths"], nai)), float(data.get("created", 0.0)),
+                   local_key, previous_local_key)
 
 
 class SessionStore:

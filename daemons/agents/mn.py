@@ -22,6 +22,7 @@ from daemons.runtime.config import MNConfig
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import UdpEndpoint, icmp_socket
+from daemons.runtime.secret import Secret
 from daemons.runtime.tasks import background
 from daemons.wire import mip
 from daemons.wire.mip.vendor import service_update_extension
@@ -53,6 +54,11 @@ class MobileNode:
         self.clock_offset = 0.0  # learned from a 133 reply (RFC 5944 §5.7)
         self.reply: asyncio.Future[mip.RegistrationReply] | None = None
         self.outstanding_id: int | None = None
+        # Claim 17 (docs/protocol.md, "Who holds what"): the key of our last accepted registration
+        # through an FA (daemons.wire.mip.localanswer), proven to the local AAA on a move, and the
+        # one the outstanding request's acceptance brings.
+        self.local_key: Secret | None = None
+        self.outstanding_local_key: Secret | None = None
         self.kick = asyncio.Event()  # something changed: (re)consider registering
         self.udp: UdpEndpoint | None = None
         self.icmp: socket.socket | None = None
@@ -192,6 +198,7 @@ class MobileNode:
             return
         if reply.accepted:
             self.state = "registered"
+            self.local_key = self.outstanding_local_key  # after a registration answered by anyone
             self.registered_at = agent.address
             self.registered_coa = agent.care_of_address
             self.registered_until = time.monotonic() + reply.lifetime
@@ -209,6 +216,7 @@ class MobileNode:
         reply = await self.exchange(agent, 0, str(self.config.home_address), str(self.config.home_agent))
         if reply is not None and reply.accepted:
             self.state = "home"
+            self.local_key = None
             self.registered_at = None
             self.registered_coa = None
             self.registered_until = 0.0
@@ -217,7 +225,8 @@ class MobileNode:
     def request(self, agent: Agent, lifetime: int, coa: str) -> bytes:
         ident = mip.ntp_identification(time.time() + self.clock_offset)
         extensions: list[mip.Extension] = []  # after the NAI, before the authenticators
-        if self.registered_coa and self.registered_coa != coa and not agent.home:
+        moved = bool(self.registered_coa and self.registered_coa != coa and not agent.home)
+        if moved:
             # Name the FA we were registered through, so the new one can tell it (F2/F6).
             extensions.append(mip.previous_fa_extension(self.registered_coa))
         self.service_update_sent = None
@@ -228,11 +237,17 @@ class MobileNode:
         assert self.config.mn_ha is not None
         # RFC 3012: answer an FA's challenge; the MN-AAA authenticator covers it.
         challenge = agent.challenge if agent.challenge and not agent.home else None
+        mn_aaa = self.config.mn_aaa if challenge else None
+        # Claim 17: on a move, prove our local-answer key to the local AAA (it, or the home AAA
+        # server, answers: we cannot know which; the home side ignores the proof).
+        local_key = self.local_key if moved and mn_aaa is not None and lifetime > 0 else None
         rrq = mip.registration_request(home_address=self.config.home_address, home_agent=self.config.home_agent,
                                        care_of_address=coa, identification=ident, lifetime=lifetime,
                                        nai=self.config.nai, extensions=extensions, mn_ha=self.config.mn_ha,
-                                       challenge=challenge, mn_aaa=self.config.mn_aaa if challenge else None)
+                                       challenge=challenge, mn_aaa=mn_aaa, local_key=local_key)
         self.outstanding_id = ident
+        self.outstanding_local_key = None if mn_aaa is None else mip.registration_local_key(mn_aaa.key, rrq,
+                                                                                             self.config.nai)
         return rrq.encode()
 
     async def exchange(self, agent: Agent, lifetime: int, coa: str, to: str) -> mip.RegistrationReply | None:

@@ -50,8 +50,10 @@ LO = "127.0.0.1"
 HOME, VISIT = "home.example", "visit-a.example"
 AAAH_HOST, AAAF_HOST, HA_HOST, FA_HOST = "aaah.home.example", "aaaf1.visit-a.example", "ha.home.example", \
     "fa1.visit-a.example"
+FA2_HOST = "fa2.visit-a.example"  # the second FA of the visited domain (intra-domain moves, claim 17)
 NAI, DISABLED_NAI = "mn1@home.example", "mn2@home.example"
 HOA, HA_ADDR, COA = IPv4Address("198.18.1.10"), IPv4Address("198.18.1.1"), IPv4Address("198.18.2.1")
+COA2 = IPv4Address("198.18.2.2")  # fa2's care-of address
 HOME_PREFIX = IPv4Network("198.18.1.0/24")
 CNGW_ADDR, CORP = IPv4Address("198.18.9.1"), IPv4Network("198.18.100.0/24")
 CNGW2_ADDR, DYN_CORP = IPv4Address("198.18.9.2"), IPv4Network("198.18.101.0/24")
@@ -140,10 +142,14 @@ class World:
     aaaf: ForeignAAAServer
     fa: DiameterNode
     amrs_at_aaah: list[Message]
+    fa2: DiameterNode
+    amas_from_aaah: list[Message] = field(default_factory=list)
 
-    async def register(self, raw: bytes, nai: str = NAI) -> tuple[Message, Message]:
-        amr = amr_for(self.fa, raw, nai)
-        return amr, await self.fa.request(amr, timeout=10)
+    async def register(self, raw: bytes, nai: str = NAI, via: DiameterNode | None = None) -> tuple[Message, Message]:
+        """The AMR of ``raw`` from fa1 (or ``via``), and the AMA it got."""
+        fa = via or self.fa
+        amr = amr_for(fa, raw, nai)
+        return amr, await fa.request(amr, timeout=10)
 
     def show(self, who: str, what: str = "sessions") -> Any:
         return control.call(self.tmp / f"{who}.sock", what)
@@ -178,9 +184,13 @@ async def world(tmp: Path, ha_mode: str = "accept", ha_up: bool = True) -> Async
                                          har_timeout=0.5 if ha_mode == "silent" else 2.0))
         amrs: list[Message] = []
 
+        amas: list[Message] = []
+
         async def spy(req: Message, peer: Any) -> Message:  # what reaches the AAAH, then the real handler
             amrs.append(req)
-            return await aaah.on_amr(req, peer)
+            answer = await aaah.on_amr(req, peer)
+            amas.append(Message.decode(answer.encode()))  # as it leaves the AAAH
+            return answer
 
         aaah.diameter.register_handler(2, 260, spy, required=("User-Name", "MIP-Reg-Request"))
         await aaah.start()
@@ -191,17 +201,23 @@ async def world(tmp: Path, ha_mode: str = "accept", ha_up: bool = True) -> Async
             node="aaaf1", role="aaaf", state_dir=tmp / "aaaf-state", control_socket=tmp / "aaaf.sock",
             diameter_host=AAAF_HOST, diameter_realm=VISIT, address=IPv4Address(LO), port=0,
             home_servers=[DiameterPeer(AAAH_HOST, HOME, IPv4Address(LO), aaah.diameter.port)],
-            accept_peers=[AcceptedPeer(FA_HOST, VISIT, LOOPBACK)]))
+            # Each FA connects from loopback and owns its care-of address (claim 17: an FA's AMR
+            # is answered from the cache only for a care-of address of its own).
+            accept_peers=[AcceptedPeer(FA_HOST, VISIT, [*LOOPBACK, IPv4Network(f"{COA}/32")]),
+                          AcceptedPeer(FA2_HOST, VISIT, [*LOOPBACK, IPv4Network(f"{COA2}/32")])]))
         await aaaf.start()
         stack.push_async_callback(aaaf.stop)
         await aaaf.diameter.wait_open(AAAH_HOST, 5)
-        fa = DiameterNode(FA_HOST, VISIT, [LO])
-        fa.add_peer(AAAF_HOST, VISIT, LO, aaaf.diameter.port)
-        fa.add_default_route(AAAF_HOST)
-        await fa.start()
-        stack.push_async_callback(fa.stop)
-        await fa.wait_open(AAAF_HOST, 5)
-        yield World(tmp, ha, ha_node, aaah, aaaf, fa, amrs)
+        fas = []
+        for host in (FA_HOST, FA2_HOST):
+            fa = DiameterNode(host, VISIT, [LO])
+            fa.add_peer(AAAF_HOST, VISIT, LO, aaaf.diameter.port)
+            fa.add_default_route(AAAF_HOST)
+            await fa.start()
+            stack.push_async_callback(fa.stop)
+            await fa.wait_open(AAAF_HOST, 5)
+            fas.append(fa)
+        yield World(tmp, ha, ha_node, aaah, aaaf, fas[0], amrs, fas[1], amas)
 
 
 def key_bytes(keys: Any) -> bytes:

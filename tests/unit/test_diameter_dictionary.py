@@ -136,6 +136,7 @@ VPN_CODES = {
     17: ("VPN-QoS-Ceil", AvpType.UNSIGNED64),
     18: ("VPN-QoS-Priority", AvpType.UNSIGNED32),
     19: ("VPN-Distribution", AvpType.ENUMERATED),
+    20: ("VPN-Local-Answer-Key", AvpType.OCTET_STRING),
 }
 
 
@@ -169,7 +170,7 @@ def _sample(dtype: AvpType):
 
 
 def test_secret_avps():
-    assert SECRET_AVP_NAMES == {"VPN-Key-In", "VPN-Key-Out", "VPN-IKE-PSK", "MIP-Session-Key"}
+    assert SECRET_AVP_NAMES == {"VPN-Key-In", "VPN-Key-Out", "VPN-IKE-PSK", "MIP-Session-Key", "VPN-Local-Answer-Key"}
 
 
 def test_wireshark_fragment_lists_every_vendor_avp():

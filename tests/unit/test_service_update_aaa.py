@@ -28,6 +28,7 @@ from daemons.wire.mip.vendor import service_update, service_update_extension
 from tests.unit.httpskit import make_pki
 from tests.unit.test_aaa import (
     COA,
+    COA2,
     HA_ADDR,
     HOA,
     LO,
@@ -42,11 +43,11 @@ from tests.unit.test_aaa import (
     world,
 )
 
-COA2 = IPv4Address("198.18.2.2")
 OTHER = "mn3@home.example"
 
 
-def rrq(coa: IPv4Address, *, previous: IPv4Address | None = None, update: int | None = None) -> bytes:
+def rrq(coa: IPv4Address, *, previous: IPv4Address | None = None, update: int | None = None,
+        challenge: bytes = bytes(range(16)), local_key: Secret | None = None) -> bytes:
     extensions: list[mip.Extension] = []
     if previous is not None:
         extensions.append(mip.previous_fa_extension(previous))
@@ -55,7 +56,13 @@ def rrq(coa: IPv4Address, *, previous: IPv4Address | None = None, update: int | 
     return mip.registration_request(home_address=HOA, home_agent=HA_ADDR, care_of_address=coa,
                                     identification=mip.ntp_identification(time.time()), lifetime=300, nai=NAI,
                                     extensions=extensions, mn_ha=SecurityAssociation(SPI_MN_HA, MN_HA),
-                                    challenge=bytes(range(16)), mn_aaa=SecurityAssociation(SPI_MN_AAA, MN_AAA)).encode()
+                                    challenge=challenge, mn_aaa=SecurityAssociation(SPI_MN_AAA, MN_AAA),
+                                    local_key=local_key).encode()
+
+
+def key_of(challenge: bytes) -> Secret:
+    """The MN's local-answer key once a registration answering ``challenge`` is accepted."""
+    return mip.local_answer_key(MN_AAA, NAI, challenge, HA_ADDR)
 
 
 async def patch(base: str, nai: str, pid: int, token: str, body: dict[str, Any],
@@ -96,18 +103,22 @@ def test_service_update_bypasses_the_aaaf_cache_and_uses_the_changed_profile(tmp
                                              tls.client_context())
                 assert status == 200, answer
 
-                # A move inside the domain without a service update: the AAAF answers from its cache.
+                # A move inside the domain (to fa2) without a service update: the AAAF answers from
+                # its cache (the MN proves the key of its registration at fa1).
                 amrs = len(w.amrs_at_aaah)
-                _, ama = await w.register(rrq(COA2, previous=COA))
+                c2 = bytes(range(1, 17))
+                _, ama = await w.register(rrq(COA2, previous=COA, challenge=c2, local_key=key_of(bytes(range(16)))),
+                                          via=w.fa2)
                 assert ama.result_code == ResultCode.DIAMETER_SUCCESS and ama.get("MIP-Reg-Reply") is None
                 assert ama.get("Auth-Application-Id") == 2  # RFC 4004 §5.2, also when the AAAF answers
                 assert len(w.amrs_at_aaah) == amrs
                 assert path_to_ha(vpninfo.from_message(ama, NAI)).path.qos == Qos(1_000_000, 2_000_000, 2)
 
-                # The same move back with a service update: relayed to the AAAH, RRQ unchanged,
-                # VPN info rebuilt from the changed profile, a fresh HAR to the HA.
+                # The same move back with a service update (and the proof: the MN cannot know who
+                # answers): relayed to the AAAH, RRQ unchanged, VPN info rebuilt from the changed
+                # profile, a fresh HAR to the HA.
                 hars = len(w.ha.hars)
-                raw = rrq(COA, previous=COA2, update=7)
+                raw = rrq(COA, previous=COA2, update=7, challenge=bytes(range(2, 18)), local_key=key_of(c2))
                 _, ama = await w.register(raw)
                 assert ama.result_code == ResultCode.DIAMETER_SUCCESS
                 assert mip.decode_message(ama.get("MIP-Reg-Reply")).accepted

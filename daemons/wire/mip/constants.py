@@ -48,6 +48,7 @@ VENDOR_ID = 32473  # documentation enterprise number, RFC 5612
 VENDOR_TYPE_VPN_INFO = 1
 VENDOR_TYPE_PREVIOUS_FA = 2
 VENDOR_TYPE_SERVICE_UPDATE = 3
+VENDOR_TYPE_LOCAL_ANSWER = 4  # NVSE: the MN-AAAF authenticator of an intra-domain move (localanswer.py)
 
 # --- route optimisation / smooth handoff (draft-ietf-mobileip-optim semantics) -------------
 # Carried in the RFC 4064 Experimental Message (type 255) under Vendor-Id 32473, told apart by

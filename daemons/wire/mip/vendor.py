@@ -1,6 +1,7 @@
 """Our data inside Mobile IP messages: RFC 3115 vendor extensions under Vendor-Id 32473.
 
-The payloads (VPN info, previous FA, service update) are opaque bytes here; their formats
+The payloads (VPN info, previous FA, service update, the MN-AAAF authenticator of
+``localanswer``) are opaque bytes here; their formats
 are defined by the modules that own them.  Use CVSE (critical, type 38) when a receiver
 that does not understand the data must reject the registration, NVSE (type 134) when it
 may ignore it.
@@ -14,6 +15,7 @@ from ipaddress import IPv4Address
 
 from .constants import (
     VENDOR_ID,
+    VENDOR_TYPE_LOCAL_ANSWER,
     VENDOR_TYPE_PREVIOUS_FA,
     VENDOR_TYPE_SERVICE_UPDATE,
     VENDOR_TYPE_VPN_INFO,
@@ -23,6 +25,7 @@ from .extensions import CVSEExtension, Extension, NVSEExtension, VendorExtension
 
 __all__ = [
     "VENDOR_ID",
+    "VENDOR_TYPE_LOCAL_ANSWER",
     "VENDOR_TYPE_PREVIOUS_FA",
     "VENDOR_TYPE_SERVICE_UPDATE",
     "VENDOR_TYPE_VPN_INFO",
