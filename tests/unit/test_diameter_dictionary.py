@@ -136,6 +136,7 @@ VPN_CODES = {
     17: ("VPN-QoS-Ceil", AvpType.UNSIGNED64),
     18: ("VPN-QoS-Priority", AvpType.UNSIGNED32),
     19: ("VPN-Distribution", AvpType.ENUMERATED),
+    20: ("VPN-Sealed-Keys", AvpType.OCTET_STRING),
 }
 
 
