@@ -490,7 +490,6 @@ class HomeAAAServer:
             path_id += 1
         return infos
 
-
     # ---- sealing: every path's keys for the agent that installs it (daemons.vpn.seal) ------------
     @staticmethod
     def load_seal_keys(config: AAAHConfig, source: str) -> Keyring:
