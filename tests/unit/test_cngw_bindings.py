@@ -18,11 +18,14 @@ from daemons.agents.cngw import BindingTable, CnBinding, CorrespondentGateway, c
 from daemons.agents.ha import Binding, HomeAgent, by_gateway, split_paths
 from daemons.runtime.config import CNGWConfig, HAConfig, PeerAgent
 from daemons.runtime.secret import Secret
+from daemons.store.state import StateFile
 from daemons.vpn import vpninfo
-from daemons.vpn.path import DirectionKeys, Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
+from daemons.vpn.mavpn import MavpnControl
+from daemons.vpn.path import Capability, DirectionKeys, Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
 from daemons.vpn.vpninfo import VpnInfo, moved_to
 from daemons.wire import mip
 from tests.unit.sealkit import key_file, opened, sealed
+from tests.unit.test_path_capabilities import Recorder
 
 NAI = "mn1@home.example"
 HOA, HA = IPv4Address("198.18.100.10"), IPv4Address("198.18.100.1")
@@ -163,6 +166,8 @@ def decoded(wire: Wire) -> list[Any]:
 def test_ha_waits_for_the_acknowledge_and_moves_and_removes_the_binding(tmp_path: Path) -> None:
     async def main() -> None:
         ha, gw, to_gw, to_ha = pair(tmp_path)
+        backend = Recorder(Capability.NONE)
+        gw.mavpn = MavpnControl(backend, StateFile(tmp_path / "gw" / "vpn.json"))
         await ha.update_correspondents(NAI, HOA, FA1, 20, for_cngw())
         # Returned only after the CN-GW acknowledged: its binding is already there.
         (bu,) = decoded(to_gw)
@@ -174,6 +179,8 @@ def test_ha_waits_for_the_acknowledge_and_moves_and_removes_the_binding(tmp_path
         carried = vpninfo.decode_from_mip(bu.vendor_data(mip.VENDOR_TYPE_VPN_INFO), NAI)
         assert [i.sealed for i in carried] == [True] and opened("cngw2", carried) == [cngw_view()]
         assert [n for n, k in enumerate(key_material(cngw_view())) if k in to_gw.sent[0]] == []
+        # ...and the CN-GW installed the path, opened with its own seal key.
+        assert gw.mavpn.infos(NAI) == [cngw_view()] and backend.calls[0] == ("install", cngw_view().path.id)
         assert [(b["care_of_address"], b["home_agent"]) for b in gw.show_bindings()] == [(str(FA1), str(HA))]
         # F2: a move without VPN info: the same paths, FA end moved.
         await ha.update_correspondents(NAI, HOA, FA2, 20, None)
