@@ -494,8 +494,11 @@ class HomeAAAServer:
     @staticmethod
     def load_seal_keys(config: AAAHConfig, source: str) -> Keyring:
         """The seal keys of ``seal_keys`` (files 0600); every home agent must have one."""
-        keys = {ref.name: read_key_file(ref, source, f"seal_keys[{i}].key_file")
-                for i, ref in enumerate(config.seal_keys)}
+        keys = {}
+        for i, ref in enumerate(config.seal_keys):
+            if ref.name.lower() in (k.lower() for k in keys):
+                raise ConfigError(source, f"seal_keys[{i}].name", f"{ref.name} has a seal key already")
+            keys[ref.name] = read_key_file(ref, source, f"seal_keys[{i}].key_file")
         ring = Keyring(keys)
         for ha in config.home_agents:
             if ha.diameter_host not in ring:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import os
 import stat
 import types
 import typing
@@ -123,8 +122,7 @@ def read_key_file(ref: SealKey, source: str, where: str) -> Secret:
         if st.st_mode & 0o077:
             raise ConfigError(source, where, f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: a key file must not be "
                                              "readable by group or others (chmod 600)")
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        with os.fdopen(fd) as f:
+        with path.open() as f:
             text = f.read(4 * SEAL_KEY_BYTES).strip()
     except OSError as exc:
         raise ConfigError(source, where, f"cannot read {path}: {exc.strerror}") from None

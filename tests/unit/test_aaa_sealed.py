@@ -131,3 +131,6 @@ def test_aaah_refuses_to_start_without_a_seal_key_for_each_home_agent(tmp_path: 
     loose[0].key_file.chmod(0o644)
     with pytest.raises(ConfigError, match=r"seal_keys\[0\]\.key_file: .*mode 0644"):
         HomeAAAServer(dataclasses.replace(config, seal_keys=loose))
+    twice = [*key_files(tmp_path, HA_HOST), *key_files(tmp_path / "again", HA_HOST.upper())]
+    with pytest.raises(ConfigError, match=r"seal_keys\[1\]\.name: .* has a seal key already"):
+        HomeAAAServer(dataclasses.replace(config, seal_keys=twice))
