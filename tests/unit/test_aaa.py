@@ -113,13 +113,15 @@ def amr_for(fa: DiameterNode, raw: bytes, nai: str = NAI) -> Message:
 class FakeHA:
     """A home agent's Diameter side: answers HARs with an RRP (accept, refuse, or stay silent)."""
 
-    mode: str = "accept"  # accept | refuse | silent
+    mode: str = "accept"  # accept | refuse | silent | bad-key
     hars: list[Message] = field(default_factory=list)
 
     async def __call__(self, har: Message, peer: Any) -> Message:
         self.hars.append(har)
         if self.mode == "silent":
             await asyncio.sleep(60)
+        if self.mode == "bad-key":  # what the HA answers when its sealed keys do not open
+            return har.answer(ResultCode.DIAMETER_ERROR_BAD_KEY)
         rrq = mip.decode_message(har.get("MIP-Reg-Request"))
         code = mip.ReplyCode.ACCEPTED if self.mode == "accept" else mip.ReplyCode.HA_IDENTIFICATION_MISMATCH
         rrp = mip.RegistrationReply(code=code, home_address=rrq.home_address, home_agent=rrq.home_agent,

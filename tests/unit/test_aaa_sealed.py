@@ -121,6 +121,17 @@ def test_aaah_without_a_seal_key_for_the_fas_domain_answers_5025(tmp_path: Path)
     run(main())
 
 
+def test_ha_refusing_its_sealed_keys_ends_in_an_ama_4007(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with world(tmp_path, ha_mode="bad-key") as w:
+            _, ama = await w.register(rrq(COA))
+            assert ama.result_code == ResultCode.DIAMETER_ERROR_BAD_KEY and ama.find("VPN-Info") is None
+            assert w.aaah.counters["ha_bad_key"] == 1 and w.aaah.store.sessions == {}
+            assert w.aaaf.store.sessions == {}
+
+    run(main())
+
+
 def test_aaah_refuses_to_start_without_a_seal_key_for_each_home_agent(tmp_path: Path) -> None:
     from daemons.runtime.config import ConfigError
 
