@@ -44,7 +44,7 @@ from daemons.aaa import application
 from daemons.aaa.sessions import Session, SessionStore, path_text
 from daemons.diameter.node import DiameterError, DiameterUnavailable, wait_for_peers
 from daemons.diameter.setup import Dial, diameter_node
-from daemons.runtime.config import AAAHConfig, ConfigError, HomeAgentRef
+from daemons.runtime.config import AAAHConfig, ConfigError, HomeAgentRef, read_key_file
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.secret import Secret
@@ -63,6 +63,7 @@ from daemons.store.vpndb import (
 from daemons.vpn import vpninfo
 from daemons.vpn.keys import new_esp_key, pair_psk, static_esp_key, static_spi
 from daemons.vpn.path import Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
+from daemons.vpn.seal import Keyring, SealError
 from daemons.vpn.vpninfo import VpnInfo, direction_keys
 from daemons.wire import mip
 from daemons.wire.diameter import Message, ResultCode
@@ -143,11 +144,14 @@ class HomeAAAServer:
         self.master: Secret = config.master_secret
         self.db = db
         self.home_agents: dict[str, HomeAgentRef] = {str(h.address): h for h in config.home_agents}
+        self.seal_keys = self.load_seal_keys(config, source)
+        self.cngw_names: dict[str, str] = {}  # dynamic CN-GW address -> its name (the recipient of its keys)
         self.store = SessionStore(config.state_dir / "sessions.json")
         self.spis = SpiAllocator()
         self.locks = KeyedLocks()  # one registration/binding update per user at a time
         self.counters: dict[str, int] = {"amr": 0, "auth_failed": 0, "unknown_user": 0, "har": 0, "accepted": 0,
-                                         "refused": 0, "ha_unavailable": 0, "service_updates": 0, "amr_refused": 0}
+                                         "refused": 0, "ha_unavailable": 0, "service_updates": 0, "amr_refused": 0,
+                                         "seal_no_key": 0, "ha_bad_key": 0}
         self.control = ControlServer(config.control_socket)
         self.profile_api: Any = None  # daemons.aaa.profileapi.ProfileApi when configured (claim 24)
         # We dial the HAs; the AAAFs (or the relay in front of us) of accept_peers dial us, nobody else.
@@ -347,6 +351,12 @@ class HomeAAAServer:
                 for gw, spi in previous.spis():
                     self.spis.claim(gw, spi)
 
+        try:  # end to end: only the agent that installs a path can read its keys
+            ha_view, fa_sealed = self.sealed_for_ha(ha, ha_view), self.sealed_for_fa(amr, session)
+        except SealError as exc:
+            undo()
+            self.counters["seal_no_key"] += 1
+            raise AmrRejected(ResultCode.DIAMETER_ERROR_END_TO_END_MIP_KEY_ENCRYPTION, str(exc)) from None
         peer = self.diameter.peers.get(ha.diameter_host.lower())
         if peer is None or not peer.is_open:
             undo()
@@ -373,7 +383,7 @@ class HomeAAAServer:
             if session is None:
                 self._drop(nai)  # deregistered
             self.counters["accepted"] += 1
-            fa_view = session.for_fa() if session is not None else []
+            fa_view = fa_sealed
             local_key = await self.local_answer_key(amr) if session is not None else None
             log.info("ama.sent", mn=nai, sid=sid, result=code, paths=len(fa_view), local_key=local_key is not None)
             return self._ama(amr, ResultCode.DIAMETER_SUCCESS, rrp_raw, fa_view, local_key=local_key)
@@ -383,6 +393,9 @@ class HomeAAAServer:
             log.warning("ama.sent", mn=nai, sid=sid, result=int(ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE),
                         reason=f"HA answered {code}")
             return self._ama(amr, ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE, rrp_raw)
+        if code == ResultCode.DIAMETER_ERROR_BAD_KEY:  # the HA could not open the keys we sealed for it
+            self.counters["ha_bad_key"] += 1
+            raise AmrRejected(ResultCode.DIAMETER_ERROR_BAD_KEY, "the home agent refused its sealed keys")
         self.counters["ha_unavailable"] += 1
         raise AmrRejected(ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE, f"HAA {code} without a registration reply")
 
@@ -486,6 +499,7 @@ class HomeAAAServer:
             profile = gw_profiles[0]
             suite = profile.suite
             spi_at_gw, spi_at_fa = self.spis.allocate(gw.address), self.spis.allocate(coa)
+            self.cngw_names[str(gw.address)] = gw.name
             infos.append(VpnInfo(nai, path_id, VpnPath(
                 id=VpnInfo.path_name(nai, path_id),
                 local=Endpoint(coa, EndpointType.FA), remote=Endpoint(gw.address, EndpointType.CNGW_DYNAMIC),
@@ -496,6 +510,47 @@ class HomeAAAServer:
                 qos=profile.qos), _distribution(gw_profiles)))
             path_id += 1
         return infos
+
+    # ---- sealing: every path's keys for the agent that installs it (daemons.vpn.seal) ------------
+    @staticmethod
+    def load_seal_keys(config: AAAHConfig, source: str) -> Keyring:
+        """The seal keys of ``seal_keys`` (files 0600); every home agent must have one."""
+        keys = {}
+        for i, ref in enumerate(config.seal_keys):
+            if ref.name.lower() in (k.lower() for k in keys):
+                raise ConfigError(source, f"seal_keys[{i}].name", f"{ref.name} has a seal key already")
+            keys[ref.name] = read_key_file(ref, source, f"seal_keys[{i}].key_file")
+        ring = Keyring(keys)
+        for ha in config.home_agents:
+            if ha.diameter_host not in ring:
+                raise ConfigError(source, "seal_keys", f"no seal key for home agent {ha.diameter_host}")
+        return ring
+
+    def sealed_for_ha(self, ha: HomeAgentRef, infos: list[VpnInfo]) -> list[VpnInfo]:
+        """The HAR's paths: the HA's own sealed for the HA, each dynamic CN-GW's copy sealed for
+        that CN-GW (the HA passes it on in a Binding Update without reading it)."""
+        out = []
+        for info in infos:
+            if info.path.local.type is EndpointType.CNGW_DYNAMIC:
+                address = str(info.path.local.address)
+                name = self.cngw_names.get(address)
+                if name is None:
+                    raise SealError(f"no gateway name for the dynamic CN-GW at {address}")
+                out += self.seal_keys.seal(name, [info])
+            else:
+                out += self.seal_keys.seal(ha.diameter_host, [info])
+        return out
+
+    def sealed_for_fa(self, amr: application.Amr, session: Session | None) -> list[VpnInfo]:
+        """The AMA's paths, sealed for the FAs of the requesting FA's domain (its realm): any of
+        them may open the copy its local AAA caches (claim 17), the local AAA cannot."""
+        infos = session.for_fa() if session is not None else []
+        if not infos:
+            return []
+        realm = amr.origin_realm or ""
+        if not realm:
+            raise SealError("the AMR names no Origin-Realm to seal the FA's keys for")
+        return self.seal_keys.seal(realm, infos)
 
 
 __all__ = ["AmrRejected", "HomeAAAServer", "SpiAllocator"]

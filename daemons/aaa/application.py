@@ -114,6 +114,7 @@ class Amr:
     rrq_raw: bytes  # ... as the MN sent it (its authenticators cover these bytes)
     feature_vector: int = 0  # MIP-Feature-Vector (0 when absent), passed on in the HAR
     route_record: tuple[str, ...] = ()  # the relays it passed (RFC 6733 §6.7.1)
+    origin_realm: str | None = None  # the FA's realm: the AAAH seals the FA's keys for its domain
 
 
 @dataclass(frozen=True)
@@ -222,7 +223,8 @@ def parse_amr(msg: Message) -> Amr:
     _require(msg, AMR_REQUIRED)
     raw, rrq = _registration(msg)
     return Amr(msg, msg.session_id, msg.get("User-Name"), msg.get("Origin-Host"), rrq, raw,
-               int(msg.get("MIP-Feature-Vector", default=0)), tuple(str(a.value) for a in msg.find_all("Route-Record")))
+               int(msg.get("MIP-Feature-Vector", default=0)), tuple(str(a.value) for a in msg.find_all("Route-Record")),
+               msg.get("Origin-Realm"))
 
 
 # ---- AMA ------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any
 
 from daemons.agents.binding import BindingPeers, Fresh, ReplayWindow
 from daemons.agents.datagrams import dispatch
-from daemons.runtime.config import CNGWConfig, PeerAgent
+from daemons.runtime.config import CNGWConfig, PeerAgent, agent_seal_key
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import UdpEndpoint
@@ -36,6 +36,7 @@ from daemons.store.state import StateFile, dataclass_record, ipv4_fields
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import EndpointType
+from daemons.vpn.seal import Recipient, SealError
 from daemons.vpn.vpninfo import VpnInfo
 from daemons.wire import mip
 
@@ -148,7 +149,12 @@ class CorrespondentGateway:
         self.udp: UdpEndpoint | None = None
         self.counters: dict[str, int] = {"bu_received": 0, "bu_accepted": 0, "bu_rejected": 0, "br_sent": 0,
                                          "expired": 0, "malformed": 0, "bu_replayed": 0, "bu_duplicate": 0,
-                                         "bu_unauthenticated_extensions": 0}
+                                         "bu_unauthenticated_extensions": 0, "seal_open_failed": 0,
+                                         "keys_in_clear_refused": 0}
+        # Our seal key: the AAAH seals our paths' keys for us; the HA's Binding Update carries them unread.
+        own_key = agent_seal_key(config.seal, f"{config.node} (cngw)", bool(config.home_agents),
+                                 "a dynamic CN-GW opens the keys the AAAH sealed for it")
+        self.seal = Recipient(*own_key) if own_key else None
 
     async def run(self) -> None:
         self.restore()
@@ -307,12 +313,22 @@ class CorrespondentGateway:
         try:
             infos = vpninfo.decode_from_mip(data, nai)
         except vpninfo.VpnInfoError as exc:
+            if isinstance(exc, vpninfo.ClearKeysRefused):
+                self.counters["keys_in_clear_refused"] += 1
             log.warning("bu.refused", mn=nai, reason=str(exc))
             return Status.VPN_INFO_UNSUPPORTED, 0
         problem = check_vpn_info(infos, self.config.address, bu)
         if problem is not None:
             log.warning("bu.refused", mn=nai, reason=problem)
             return Status.VPN_INFO_UNSUPPORTED, 0
+        try:
+            if self.seal is None:
+                raise SealError("no seal key configured")
+            infos = self.seal.open(infos)
+        except SealError as exc:
+            self.counters["seal_open_failed"] += 1
+            log.warning("bu.refused", mn=nai, reason=f"sealed keys refused: {exc}")
+            return Status.VPN_KEYS_REFUSED, 0
         if self.mavpn is not None:
             try:
                 await self.mavpn.apply(nai, infos)  # a new FA: the path to the old one goes

@@ -23,7 +23,7 @@ from daemons.agents.datagrams import dispatch
 from daemons.agents.routing import AccessGuard, VisitorRoutes
 from daemons.diameter.node import DiameterNode, DiameterTimeout, DiameterUnavailable, wait_for_peers
 from daemons.diameter.setup import Dial, diameter_node
-from daemons.runtime.config import DiameterPeer, FAConfig
+from daemons.runtime.config import DiameterPeer, FAConfig, agent_seal_key
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import LinkUdpEndpoint
@@ -34,6 +34,7 @@ from daemons.store.state import StateFile, dataclass_record, float_record, ipv4_
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import Capability, EndpointType, PathError
+from daemons.vpn.seal import Recipient, SealError
 from daemons.wire import mip
 from daemons.wire.diameter import Message, ResultCode
 from daemons.wire.diameter.constants import TerminationCause
@@ -109,7 +110,11 @@ class ForeignAgent:
                                          "denied": 0, "bu_received": 0, "bu_accepted": 0, "bu_rejected": 0,
                                          "bu_replayed": 0, "bu_duplicate": 0, "bu_unauthenticated_extensions": 0,
                                          "rrq_rate_limited": 0, "rrq_not_on_access": 0, "refused_by_policy": 0,
-                                         "rrq_duplicate": 0}
+                                         "rrq_duplicate": 0, "seal_open_failed": 0, "keys_in_clear_refused": 0}
+        # Our domain's seal key: opens the keys the AAAH sealed for the FAs of our domain (AMAs).
+        own_key = agent_seal_key(config.seal, f"{config.node} (fa)", config.aaa is not None,
+                                 "an FA with an AAA server opens the keys the AAAH sealed for its domain")
+        self.seal = Recipient(*own_key) if own_key else None
         # F6 Binding Updates to the previous FA: log lines name it "to" (sent) and "src" (acknowledged).
         self.binding = BindingClient(self.fa_peers, log, self.counters, BindingEvents(peer="to", ack_peer="src"))
         self.state = StateFile(config.state_dir / "visitors.json")
@@ -404,12 +409,20 @@ class ForeignAgent:
         try:
             ama = application.parse_ama(msg, pending.nai or "")
         except application.ApplicationError as exc:
+            if isinstance(exc.__cause__, vpninfo.ClearKeysRefused):
+                self.counters["keys_in_clear_refused"] += 1
             self._fail(key, Code.FA_POORLY_FORMED_REPLY, f"unusable AMA: {exc}")
+            return
+        try:
+            vpn = self.open_sealed(list(ama.vpn))
+        except SealError as exc:  # nothing installed, the RRQ goes nowhere: the MN hears 71
+            self.counters["seal_open_failed"] += 1
+            self._fail(key, Code.FA_POORLY_FORMED_REPLY, f"sealed keys refused: {exc}")
             return
         if ama.answered_locally:
             # Claim 17 (F2): our local AAA server answered an intra-domain move itself with
             # the rewritten VPN info; the RRQ goes straight to the HA, our paths follow its yes.
-            pending.vpn = list(ama.vpn)
+            pending.vpn = vpn
             log.info("rrq.direct_to_ha", mn=pending.nai, reason="answered by the local AAA (intra-domain move)")
             self.start_handoff(pending)  # F6 runs while the HA is asked
             self.relay_to_ha(pending.rrq, pending.raw)
@@ -421,8 +434,14 @@ class ForeignAgent:
         self.pending.pop(key, None)
         if pending.timer:
             pending.timer.cancel()
-        pending.vpn = list(ama.vpn)
+        pending.vpn = vpn
         await self.complete(pending, ama.rrp, ama.rrp_raw)
+
+    def open_sealed(self, infos: list[vpninfo.VpnInfo]) -> list[vpninfo.VpnInfo]:
+        """An AMA's paths opened under our domain's seal key (SealError: not ours, or tampered)."""
+        if infos and self.seal is None:
+            raise SealError("no seal key configured")
+        return self.seal.open(infos) if self.seal is not None else []
 
     def _fail(self, key: tuple[str, int], code: Code, reason: str) -> None:
         pending = self.pending.pop(key, None)
@@ -614,7 +633,7 @@ class ForeignAgent:
         extensions: list[mip.Extension] = [mip.NAIExtension(pending.nai)] if pending.nai else []
         if forward is not None:  # no key material: the old FA derives it from our FA-FA key
             extensions.append(mip.vendor_extension(mip.VENDOR_TYPE_VPN_INFO,
-                                                   vpninfo.encode_for_mip([forward], with_secrets=False),
+                                                   vpninfo.encode_for_mip([forward]),
                                                    critical=True))
 
         def update(ident: int) -> mip.BindingUpdate:

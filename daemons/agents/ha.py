@@ -31,7 +31,7 @@ from daemons.agents.routing import HomeLink
 from daemons.diameter.node import DiameterError, DiameterNode
 from daemons.diameter.peer import Peer
 from daemons.diameter.setup import diameter_node
-from daemons.runtime.config import HAConfig, MobileNodeEntry, PeerAgent
+from daemons.runtime.config import HAConfig, MobileNodeEntry, PeerAgent, agent_seal_key
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import UdpEndpoint
@@ -40,6 +40,7 @@ from daemons.store.state import StateFile, dataclass_record, int_record, ipv4_fi
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import EndpointType
+from daemons.vpn.seal import Recipient, SealError
 from daemons.vpn.vpninfo import VpnInfo, moved_to
 from daemons.wire import mip
 from daemons.wire.diameter import Message, ResultCode
@@ -98,7 +99,12 @@ class HomeAgent:
         self.last_ident: dict[str, int] = {}  # per home address: replay protection
         self.counters: dict[str, int] = {"received": 0, "malformed": 0, "accepted": 0, "denied": 0, "bu_sent": 0,
                                          "ba_received": 0, "br_received": 0, "br_replayed": 0,
-                                         "br_unauthenticated_extensions": 0}
+                                         "br_unauthenticated_extensions": 0, "seal_open_failed": 0,
+                                         "keys_in_clear_refused": 0}
+        # Our seal key: the AAAH seals the keys of our paths for us (a HAR carries nothing else).
+        own_key = agent_seal_key(config.seal, f"{config.node} (ha)", bool(config.diameter_host),
+                                 "a home agent that takes HARs opens the keys the AAAH sealed for it")
+        self.seal = Recipient(*own_key) if own_key else None
         # Binding Updates to the dynamic CN-GWs: log lines name the gateway "cngw".
         self.binding = BindingClient(self.cngw_peers, log, self.counters, BindingEvents(
             peer="cngw", ack_peer="cngw", ack_lifetime=True, unacknowledged_id=True, sent_counter="bu_sent",
@@ -237,15 +243,32 @@ class HomeAgent:
             log.info("har.received", mn=msg.get("User-Name"), sid=msg.session_id, paths=len(msg.find_all("VPN-Info")))
             rrp = await self.process_request(exc.raw, source)
         except application.ApplicationError as exc:
+            if isinstance(exc.__cause__, vpninfo.ClearKeysRefused):
+                self.counters["keys_in_clear_refused"] += 1
+                log.warning("har.keys_in_clear", mn=msg.get("User-Name"), sid=msg.session_id, peer=peer.host)
             raise DiameterError(exc.result_code, str(exc), failed_avp=exc.failed_avp) from None
         else:
             log.info("har.received", mn=har.nai, sid=har.session_id, paths=len(har.vpn))
-            rrp = await self.process_request(har.rrq_raw, source, list(har.vpn), har.rrq)
+            try:
+                vpn = self.open_sealed(list(har.vpn))
+            except SealError as exc:  # nothing installed, no binding: the AAAH hears 4007
+                self.counters["seal_open_failed"] += 1
+                log.warning("har.keys_refused", mn=har.nai, sid=har.session_id, reason=str(exc))
+                raise DiameterError(ResultCode.DIAMETER_ERROR_BAD_KEY, "sealed keys refused") from None
+            rrp = await self.process_request(har.rrq_raw, source, vpn, har.rrq)
         if rrp is None:
             raise DiameterError(ResultCode.DIAMETER_INVALID_AVP_VALUE, "MIP-Reg-Request is not a valid RRQ",
                                 failed_avp=["MIP-Reg-Request"])
         reply = mip.decode_message(rrp)  # our own reply: a RegistrationReply
         return application.build_haa(msg, rrp, accepted=reply.accepted)
+
+    def open_sealed(self, infos: list[VpnInfo]) -> list[VpnInfo]:
+        """A HAR's paths with our own opened under our seal key; the dynamic CN-GWs' copies stay
+        sealed (for them: we pass them on, unread). SealError if one of ours does not open."""
+        own, remote = split_paths(infos)
+        if own and self.seal is None:
+            raise SealError("no seal key configured")
+        return [*(self.seal.open(own) if self.seal is not None else []), *remote]
 
     # ---- registration ------------------------------------------------------------------
     def on_datagram(self, data: bytes, addr: tuple[str, int]) -> None:

@@ -104,9 +104,47 @@ class Plan:
         # like the FA-HA keys: docs/protocol.md "Binding messages between the HA and a dynamic CN-GW").
         self.dynamic_cngws = [n for n in self.role("cngw") if topo.mode(n) == "dynamic"]
         self.ha_cngw_keys = {(ha, gw): _key() for ha in self.role("ha") for gw in self.dynamic_cngws}
+        self.seal_keys = self.fresh_seal_keys()
 
     def role(self, role: str) -> list[str]:
         return self.topo.of_role(role)
+
+    # ---- seal keys (daemons.vpn.seal): the AAAH seals each path's keys for its installer ----------
+    def fresh_seal_keys(self) -> dict[str, Secret]:
+        """One fresh 256-bit key per recipient: each HA (its Diameter identity), each dynamic
+        CN-GW (its node name, its name in the VPN database), each domain with FAs (its realm:
+        the FAs of one domain share it, docs/protocol.md)."""
+        names = [self.identity(ha) for ha in self.role("ha")] + list(self.dynamic_cngws)
+        names += sorted({self.realm(fa) for fa in self.fas if self.realm(fa)})
+        return {name: Secret(secrets.token_bytes(32)) for name in names}
+
+    def seal_recipient(self, node: str) -> str | None:
+        """The recipient name an agent opens envelopes for (None: it installs none from the AAAH)."""
+        role = self.topo.nodes[node].role
+        if role == "ha":
+            return self.identity(node)
+        if role == "cngw":
+            return node if node in self.dynamic_cngws else None
+        if role == "fa":
+            return self.realm(node) or None
+        return None
+
+    def seal_key_file(self, holder: str, name: str) -> Path:
+        return node_dir(self.run_dir, holder) / "seal" / f"{name}.key"
+
+    def agent_seal(self, node: str) -> cfg.SealKey | None:
+        name = self.seal_recipient(node)
+        return None if name is None else cfg.SealKey(name, self.seal_key_file(node, name))
+
+    def aaah_seals(self, node: str) -> list[cfg.SealKey]:
+        return [cfg.SealKey(name, self.seal_key_file(node, name)) for name in self.seal_keys]
+
+    def write_seal_keys(self, configs: dict[str, cfg.Common]) -> None:
+        """Each key file the configurations name, mode 0600 (hex), before any daemon reads it."""
+        for config in configs.values():
+            refs = [*getattr(config, "seal_keys", []), *([config.seal] if getattr(config, "seal", None) else [])]
+            for ref in refs:
+                write_secret_file(ref.key_file, self.seal_keys[ref.name])
 
     def identity(self, node: str) -> str:
         """The node's Diameter identity: node.domain."""
@@ -182,7 +220,8 @@ class Plan:
             foreign_agents=[cfg.PeerAgent(self.address(fa), SPI_FA_HA, key)
                             for (fa, ha), key in self.fa_ha_keys.items() if ha == node],
             correspondent_gateways=[cfg.PeerAgent(self.address(gw), SPI_HA_CNGW, key)
-                                    for (ha, gw), key in self.ha_cngw_keys.items() if ha == node])
+                                    for (ha, gw), key in self.ha_cngw_keys.items() if ha == node],
+            seal=self.agent_seal(node))
 
     def fa(self, node: str) -> cfg.FAConfig:
         seg = self.topo.segment_of(node)
@@ -194,7 +233,8 @@ class Plan:
                          for (fa, ha), key in self.fa_ha_keys.items() if fa == node],
             peer_agents=[cfg.PeerAgent(self.address(other), SPI_FA_FA, self.fa_fa_keys[frozenset((node, other))])
                          for other in self.fas if other != node],
-            aaa=cfg.DiameterPeer(self.identity(aaa), self.realm(aaa), self.address(aaa)) if aaa else None)
+            aaa=cfg.DiameterPeer(self.identity(aaa), self.realm(aaa), self.address(aaa)) if aaa else None,
+            seal=self.agent_seal(node))
 
     def cngw(self, node: str) -> cfg.CNGWConfig:
         """A static CN-GW gets its standing tunnel to every HA; a dynamic one the binding
@@ -202,7 +242,8 @@ class Plan:
         if node in self.dynamic_cngws:
             return cfg.CNGWConfig(**self.common(node), address=self.address(node),
                                   home_agents=[cfg.PeerAgent(self.address(ha), SPI_HA_CNGW, key)
-                                               for (ha, gw), key in self.ha_cngw_keys.items() if gw == node])
+                                               for (ha, gw), key in self.ha_cngw_keys.items() if gw == node],
+                                  seal=self.agent_seal(node))
         return cfg.CNGWConfig(**self.common(node), address=self.address(node),
                               static_paths=[self.static_path(node, ha) for ha in self.role("ha")])
 
@@ -235,7 +276,7 @@ class Plan:
         return cfg.AAAHConfig(**self.common(node), address=self.address(node), db_url=f"sqlite:///{db_path}",
                               accept_peers=accept,
                               master_secret=self.master, home_agents=home_agents, static_suite=STATIC_SUITE.value,
-                              profile_api=self.profile_api(node))
+                              seal_keys=self.aaah_seals(node), profile_api=self.profile_api(node))
 
     def profile_api(self, node: str) -> cfg.ProfileApiConfig:
         """The AAAH's profile API over HTTPS, its server certificate from the lab's CA (for its
@@ -345,6 +386,14 @@ class Plan:
         return out
 
 
+def write_secret_file(path: Path, key: Secret) -> None:
+    """A key file: hex, mode 0600 from its creation, in a 0700 directory."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    path.write_text(key.reveal().hex() + "\n")
+
+
 def write_config(path: Path, config: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
@@ -387,7 +436,9 @@ def services(topo: Topology, run_dir: Path, backend: str = "none") -> list[Servi
                 out.append(Service(f"{helper.name}:{node}", node, helper.argv, helper.socket))
     write_synthetic_users(run_dir, plan.synthetic_users())
     relays = plan.relay_services()  # started after the AAAHs they dial, before the AAAFs that dial them
-    for node, config in plan.configs().items():
+    configs = plan.configs()
+    plan.write_seal_keys(configs)
+    for node, config in configs.items():
         if config.role == "aaaf":
             out += relays
             relays = []

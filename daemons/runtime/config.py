@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -97,6 +98,56 @@ class StaticPath:
 
 
 @dataclass(frozen=True)
+class SealKey:
+    """A seal key (daemons.vpn.seal): the 256-bit key the AAAH shares with the agents that
+    install paths, kept in a file of its own (64 hex digits, mode 0600). ``name`` is the
+    recipient it opens envelopes for: an HA's Diameter identity, a dynamic CN-GW's name in
+    the VPN database, the realm of a visited domain for its FAs."""
+
+    name: str
+    key_file: Path
+
+
+SEAL_KEY_BYTES = 32
+
+
+def read_key_file(ref: SealKey, source: str, where: str) -> Secret:
+    """The key in ``ref.key_file``; ConfigError naming ``where`` if the file is missing, open to
+    group or others, or not 64 hex digits (the value is never repeated)."""
+    path = Path(ref.key_file)
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(source, where, f"{path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ConfigError(source, where, f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: a key file must not be "
+                                             "readable by group or others (chmod 600)")
+        with path.open() as f:
+            text = f.read(4 * SEAL_KEY_BYTES).strip()
+    except OSError as exc:
+        raise ConfigError(source, where, f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        text = ""
+    try:
+        key = Secret.from_hex(text)
+    except ValueError:
+        key = Secret(b"")
+    if len(key) != SEAL_KEY_BYTES:
+        raise ConfigError(source, where, f"{path} must hold {2 * SEAL_KEY_BYTES} hex digits (value withheld)")
+    return key
+
+
+def agent_seal_key(ref: SealKey | None, source: str, needed: bool, why: str) -> tuple[str, Secret] | None:
+    """An agent's own seal key (its ``seal`` field): (recipient name, key), None when not
+    configured; ConfigError ``seal`` when ``needed`` (``why``) and missing."""
+    if ref is None:
+        if needed:
+            raise ConfigError(source, "seal", f"missing: {why} (a seal key file the AAAH shares)")
+        return None
+    return ref.name, read_key_file(ref, source, "seal.key_file")
+
+
+@dataclass(frozen=True)
 class DiameterPeer:
     """A Diameter peer we dial (and that may also connect to us, from ``address`` or
     ``source_addresses``)."""
@@ -164,6 +215,7 @@ class HAConfig(Common):
     # Dynamic CN-GWs (by tunnel address) and our binding security association with each (F4, F5, F8).
     correspondent_gateways: list[PeerAgent] = field(default_factory=list)
     binding_ack_timeout: float = 0.4  # first wait for a CN-GW's Binding Acknowledge; doubles, 3 tries
+    seal: SealKey | None = None  # opens the keys the AAAH sealed for us (needed with Diameter)
 
 
 @dataclass(frozen=True)
@@ -184,6 +236,7 @@ class FAConfig(Common):
     peer_agents: list[PeerAgent] = field(default_factory=list)
     forwarding_lifetime: int = 10  # how long an old FA keeps forwarding for a moved MN (F6)
     smooth_handoff: bool = True  # give the previous FA a forwarding path to us (F6); off: only tell it
+    seal: SealKey | None = None  # our domain's: opens the keys the AAAH sealed for its FAs (needed with aaa)
     # Per-source limits on the access side (token buckets, daemons.runtime.ratelimit): a source may
     # send `burst` at once, then `rate` a second; the rest is dropped and counted (`show counters`).
     # An MN sends one RRQ per registration, its retransmissions back off from 1 s, and 1-4
@@ -222,6 +275,7 @@ class CNGWConfig(Common):
     binding_request_threshold: float = 10.0  # remaining binding lifetime (s) below which we ask the HA (BR)
     binding_request_interval: float = 1.0  # while below it, one Binding Request per interval at most
     replay_window: float = 7.0  # seconds, as the HA's: Binding Update timestamps (RFC 5944 §5.7)
+    seal: SealKey | None = None  # opens the keys the AAAH sealed for us (needed in dynamic mode)
 
 
 @dataclass(frozen=True)
@@ -246,6 +300,9 @@ class AAAHConfig(Common):
     har_timeout: float = 3.0  # no HAA by then: 4006 DIAMETER_ERROR_HA_NOT_AVAILABLE (below the FA's timeout)
     static_suite: str = "aes128gcm16"  # ESP suite of the static HA-CN-GW tunnels (as the CN-GWs are provisioned)
     profile_api: ProfileApiConfig | None = None  # users' HTTP API to their own profiles (claim 24); None: off
+    # The seal key of every recipient we seal keys for (daemons.vpn.seal): each HA (its Diameter
+    # identity), each dynamic CN-GW (its name in the VPN database), each visited domain's FAs (realm).
+    seal_keys: list[SealKey] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

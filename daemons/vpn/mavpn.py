@@ -27,7 +27,7 @@ from daemons.runtime.log import EventLog
 from daemons.runtime.tasks import background
 from daemons.store.state import StateFile
 from daemons.vpn.factory import make_backend
-from daemons.vpn.path import Capability, EndpointType, PathBackend, PathStatus, VpnPath
+from daemons.vpn.path import Capability, EndpointType, PathBackend, PathError, PathStatus, VpnPath
 from daemons.vpn.vpninfo import ON_TRAFFIC, STATIC_OWNER, VpnInfo, from_record, from_static, to_record
 
 log = EventLog("mipvpn.mavpn")
@@ -125,6 +125,9 @@ class MavpnControl:
         static tunnel) is the same tunnel for every user: it is installed once, under a name
         of its own, and removed with the last user that needs it.
         """
+        sealed = [i.path_id for i in infos if i.sealed]
+        if sealed:  # a relay's copy reached a backend: a bug upstream, never install it
+            raise PathError(f"{nai}: paths {sealed} still have their keys sealed")
         async with self.lock:
             before = self.backend_paths()
             owned = self._owned_home_addresses()

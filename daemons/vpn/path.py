@@ -162,6 +162,37 @@ class SecurityService:
 
 
 @dataclass(frozen=True)
+class SealedSecurity:
+    """A path's security service whose key material is sealed for one recipient (the agent
+    that installs the path): what a relay holds, e.g. the local AAA's cached copy or the HA's
+    copy of a dynamic CN-GW's path. The suite, lifetime and SPIs are readable; the keys and
+    the PSK are in ``blob`` (the VPN-Sealed-Keys envelope, ``daemons.vpn.seal``), which only
+    the recipient can open. No backend installs it: open it first (``seal.unseal``)."""
+
+    suite: EspSuite
+    lifetime: int
+    spi_in: int | None
+    spi_out: int | None
+    blob: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "suite", EspSuite(self.suite))
+        if (self.spi_in is None) != (self.spi_out is None):
+            raise ValueError("SPIs need both directions")
+
+    @property
+    def manual(self) -> bool:
+        return self.spi_in is not None
+
+    def mirrored(self) -> SealedSecurity:
+        raise ValueError("sealed keys belong to one recipient's view: they cannot be mirrored")
+
+    def __repr__(self) -> str:
+        return f"SealedSecurity({self.suite.value}, spi_in={self.spi_in}, spi_out={self.spi_out}, " \
+               f"sealed={len(self.blob)} bytes)"
+
+
+@dataclass(frozen=True)
 class Qos:
     """Service quality for the user's traffic on a path (HTB class parameters)."""
 
@@ -198,7 +229,7 @@ class VpnPath:
     remote: Endpoint
     local_ts: tuple[IPv4Network, ...]
     remote_ts: tuple[IPv4Network, ...]
-    security: SecurityService
+    security: SecurityService | SealedSecurity  # sealed: a relay's copy, not installable
     qos: Qos | None = None
     #: claim 5: set the SAs up at the first packet that matches the path, not at install
     on_traffic: bool = False

@@ -17,7 +17,16 @@ from ipaddress import IPv4Address, IPv4Network
 from daemons.runtime.config import StaticPath
 from daemons.runtime.secret import Secret
 from daemons.vpn.keys import pair_psk, static_esp_key
-from daemons.vpn.path import DirectionKeys, Endpoint, EndpointType, EspSuite, Qos, SecurityService, VpnPath
+from daemons.vpn.path import (
+    DirectionKeys,
+    Endpoint,
+    EndpointType,
+    EspSuite,
+    Qos,
+    SealedSecurity,
+    SecurityService,
+    VpnPath,
+)
 from daemons.wire.diameter import Avp, DecodeError
 from daemons.wire.diameter.avp import decode_avps
 
@@ -29,6 +38,14 @@ AT_REGISTRATION, ON_TRAFFIC = 0, 1
 
 class VpnInfoError(ValueError):
     """A VPN-Info that cannot become a path; the message names the member."""
+
+
+class ClearKeysRefused(VpnInfoError):
+    """A VPN-Info from a wire carries keys in clear (VPN-Key-In/Out, VPN-IKE-PSK): nobody
+    sends them any more (they travel sealed, VPN-Sealed-Keys), so such a message is refused."""
+
+
+CLEAR_KEY_AVPS = ("VPN-Key-In", "VPN-Key-Out", "VPN-IKE-PSK")
 
 
 @dataclass(frozen=True)
@@ -60,9 +77,14 @@ class VpnInfo:
         return VpnInfo(self.nai, self.path_id, path, self.distribution)
 
     # ---- to and from the VPN-Info AVP ---------------------------------------------------
-    def to_avp(self, with_secrets: bool = True) -> Avp:
-        """The VPN-Info AVP; ``with_secrets=False`` leaves out the keys and the PSK (the SPIs
-        stay) for a receiver that derives them itself (F6, :func:`forward_security`)."""
+    def to_avp(self) -> Avp:
+        """The VPN-Info AVP as it goes on a wire: never a key in clear. A sealed path carries
+        its VPN-Sealed-Keys envelope (``daemons.vpn.seal``: opaque to whoever passes it on);
+        an open one only its SPIs, for a receiver that derives its keys itself (F6,
+        :func:`forward_security`)."""
+        return Avp.new("VPN-Info", self._members())
+
+    def _members(self) -> list[Avp]:
         p = self.path
         sec = p.security
         members = [
@@ -77,22 +99,37 @@ class VpnInfo:
             Avp.new("VPN-Lifetime", sec.lifetime),
             Avp.new("VPN-Distribution", self.distribution),
         ]
-        if sec.inbound is not None and sec.outbound is not None:
-            members += [Avp.new("VPN-SPI-In", sec.inbound.spi), Avp.new("VPN-SPI-Out", sec.outbound.spi)]
-            if with_secrets:
-                members += [Avp.new("VPN-Key-In", _key_bytes(sec.inbound)),
-                            Avp.new("VPN-Key-Out", _key_bytes(sec.outbound))]
-        if sec.psk is not None and with_secrets:
-            members.append(Avp.new("VPN-IKE-PSK", sec.psk))
+        spis = spis_of(sec)
+        if spis is not None:
+            members += [Avp.new("VPN-SPI-In", spis[0]), Avp.new("VPN-SPI-Out", spis[1])]
+        if isinstance(sec, SealedSecurity):
+            members.append(Avp.new("VPN-Sealed-Keys", sec.blob))
         if p.qos is not None:
             members += [Avp.new("VPN-QoS-Rate", p.qos.rate), Avp.new("VPN-QoS-Ceil", p.qos.effective_ceil),
                         Avp.new("VPN-QoS-Priority", p.qos.priority)]
+        return members
+
+    def record_avp(self) -> Avp:
+        """The VPN-Info as a private state file keeps it: keys in clear (VPN-Key-In/Out,
+        VPN-IKE-PSK), for this node only; never sent (:meth:`to_avp` is the wire form)."""
+        members = self._members()
+        sec = self.path.security
+        if isinstance(sec, SecurityService):
+            if sec.inbound is not None and sec.outbound is not None:
+                members += [Avp.new("VPN-Key-In", _key_bytes(sec.inbound)),
+                            Avp.new("VPN-Key-Out", _key_bytes(sec.outbound))]
+            if sec.psk is not None:
+                members.append(Avp.new("VPN-IKE-PSK", sec.psk))
         return Avp.new("VPN-Info", members)
 
     @classmethod
-    def from_avp(cls, avp: Avp, nai: str, derive: SecretSource | None = None) -> VpnInfo:
-        """Parse one VPN-Info. Without key material in it, ``derive`` (if given) supplies the
-        security service from the endpoints, suite, SPIs and lifetime (F6)."""
+    def from_avp(cls, avp: Avp, nai: str, derive: SecretSource | None = None, *,
+                 clear_keys: bool = False) -> VpnInfo:
+        """Parse one VPN-Info. A VPN-Sealed-Keys envelope is kept as it is (a
+        :class:`SealedSecurity`: the recipient opens it with ``daemons.vpn.seal.unseal``).
+        Keys in clear are refused (:class:`ClearKeysRefused`) unless ``clear_keys`` (a state
+        file's record, :func:`from_record`). Without key material, ``derive`` (if given)
+        supplies the security service from the endpoints, suite, SPIs and lifetime (F6)."""
 
         def need(name: str):
             value = avp.get(name)
@@ -105,11 +142,10 @@ class VpnInfo:
         except ValueError:
             raise VpnInfoError(f"VPN-Info: unknown VPN-ESP-Suite {avp.get('VPN-ESP-Suite')!r}") from None
         path_id = int(need("VPN-Path-Id"))
+        clear = [name for name in CLEAR_KEY_AVPS if avp.find(name) is not None]
+        if clear and not clear_keys:
+            raise ClearKeysRefused(f"VPN-Info {path_id}: key material in clear ({', '.join(clear)}) refused")
         try:
-            inbound = outbound = None
-            if avp.find("VPN-Key-In") is not None:
-                inbound = direction_keys(suite, need("VPN-SPI-In"), need("VPN-Key-In"))
-                outbound = direction_keys(suite, need("VPN-SPI-Out"), need("VPN-Key-Out"))
             qos = None
             if avp.find("VPN-QoS-Rate") is not None:
                 qos = Qos(int(need("VPN-QoS-Rate")), avp.get("VPN-QoS-Ceil"),
@@ -119,11 +155,23 @@ class VpnInfo:
             remote = Endpoint(IPv4Address(need("VPN-Endpoint-Remote")),
                               ENDPOINT_TYPES[int(need("VPN-Endpoint-Remote-Type"))])
             lifetime = int(avp.get("VPN-Lifetime", default=3600))
-            if outbound is None and avp.get("VPN-IKE-PSK") is None and derive is not None:
+            sealed = avp.get("VPN-Sealed-Keys")
+            security: SecurityService | SealedSecurity
+            if sealed is not None:
+                spi_in, spi_out = avp.get("VPN-SPI-In"), avp.get("VPN-SPI-Out")
+                security = SealedSecurity(suite, lifetime, None if spi_in is None else int(spi_in),
+                                          None if spi_out is None else int(spi_out), bytes(sealed))
+            elif clear:
+                inbound = outbound = None
+                if avp.find("VPN-Key-In") is not None:
+                    inbound = direction_keys(suite, need("VPN-SPI-In"), need("VPN-Key-In"))
+                    outbound = direction_keys(suite, need("VPN-SPI-Out"), need("VPN-Key-Out"))
+                security = SecurityService(suite, outbound, inbound, avp.get("VPN-IKE-PSK"), lifetime)
+            elif derive is not None:
                 security = derive(local.address, remote.address, suite, int(need("VPN-SPI-Out")),
                                   int(need("VPN-SPI-In")), lifetime)
             else:
-                security = SecurityService(suite, outbound, inbound, avp.get("VPN-IKE-PSK"), lifetime)
+                raise VpnInfoError(f"VPN-Info {path_id}: no key material (no VPN-Sealed-Keys)")
             path = VpnPath(
                 id=cls.path_name(nai, path_id), local=local, remote=remote,
                 local_ts=tuple(IPv4Network(a.value) for a in avp.find_all("VPN-Selector-Local")),
@@ -134,6 +182,22 @@ class VpnInfo:
         except (KeyError, ValueError) as exc:  # every malformed member ends up as VpnInfoError
             raise VpnInfoError(f"VPN-Info {path_id}: {exc}") from None
         return cls(nai, path_id, path, int(avp.get("VPN-Distribution", default=AT_REGISTRATION)))
+
+    @property
+    def sealed(self) -> bool:
+        """Its keys are sealed for a recipient (a relay's copy; not installable as it is)."""
+        return isinstance(self.path.security, SealedSecurity)
+
+
+def spis_of(security: SecurityService | SealedSecurity) -> tuple[int, int] | None:
+    """(SPI-In, SPI-Out) of a manually keyed path, sealed or not; None without SPIs."""
+    if isinstance(security, SealedSecurity):
+        if security.spi_in is None or security.spi_out is None:
+            return None
+        return security.spi_in, security.spi_out
+    if security.inbound is None or security.outbound is None:
+        return None
+    return security.inbound.spi, security.outbound.spi
 
 
 def _key_bytes(keys: DirectionKeys) -> Secret:
@@ -176,23 +240,25 @@ def moved_to(infos: Iterable[VpnInfo], coa: IPv4Address | str) -> list[VpnInfo]:
 
 # ---- persistence: what a state file holds (key material: the file must be private) ----------
 def to_record(infos: Iterable[VpnInfo]) -> list[str]:
-    """Paths as a state file keeps them: each VPN-Info AVP, keys included, in hex."""
-    return [info.to_avp().encode().hex() for info in infos]
+    """Paths as a state file keeps them: each VPN-Info AVP, keys included (in clear if this
+    node holds them so, else sealed), in hex."""
+    return [info.record_avp().encode().hex() for info in infos]
 
 
 def from_record(record: Iterable[str], nai: str) -> list[VpnInfo]:
     """The paths of :func:`to_record`; VpnInfoError when the record is not one."""
     try:
-        return [VpnInfo.from_avp(avp, nai) for h in record for avp in decode_avps(bytes.fromhex(h))]
+        return [VpnInfo.from_avp(avp, nai, clear_keys=True) for h in record for avp in decode_avps(bytes.fromhex(h))]
     except VpnInfoError:
         raise
     except (ValueError, TypeError, KeyError) as exc:  # DecodeError is a ValueError
         raise VpnInfoError(f"stored VPN info of {nai}: {type(exc).__name__}: {exc}") from None
 
 
-def encode_for_mip(infos: list[VpnInfo], with_secrets: bool = True) -> bytes:
-    """The payload of a Mobile IP CVSE carrying VPN info: the same VPN-Info AVPs."""
-    return b"".join(info.to_avp(with_secrets).encode() for info in infos)
+def encode_for_mip(infos: list[VpnInfo]) -> bytes:
+    """The payload of a Mobile IP CVSE carrying VPN info: the same VPN-Info AVPs (no key in
+    clear: sealed, or none for a receiver that derives them, F6)."""
+    return b"".join(info.to_avp().encode() for info in infos)
 
 
 def decode_from_mip(data: bytes, nai: str, derive: SecretSource | None = None) -> list[VpnInfo]:

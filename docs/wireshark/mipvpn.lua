@@ -46,6 +46,7 @@ local status_names = {
     [160] = "VPN info missing",
     [161] = "VPN info not supported",
     [162] = "Path setup failed",
+    [163] = "VPN keys refused",
 }
 
 local ext_names = {

@@ -147,6 +147,12 @@ def test_f4_f5_route_optimised_path_carries_traffic_and_follows_moves(lab_up: La
                     for node, what in (("cngw2", "paths"), ("cngw2", "bindings"), ("ha", "bindings")))
     logs = "".join(p.read_text(errors="replace") for p in (lab_up.run_dir / "logs").glob("daemon-*.log"))
     assert [i for i, h in enumerate(secrets) if h in shown or h in logs] == []
+    # Nor on any link: the AAAH sealed the path's keys for cngw2 (daemons.vpn.seal); the HAR, the
+    # AMA and the HA's Binding Update carry them only in that envelope, which the HA cannot open.
+    raw = [bytes.fromhex(h) for h in secrets]
+    for pcap in sorted(captures.glob("*.pcap")):
+        data = pcap.read_bytes()
+        assert [i for i, k in enumerate(raw) if k in data or k.hex().encode() in data] == [], pcap.name
 
 
 # Runs inside a node's namespace: send one datagram from SRC (any port) to DST:434, print the reply.

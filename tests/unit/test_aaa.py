@@ -45,6 +45,7 @@ from daemons.vpn.keys import pair_psk, static_esp_key, static_spi
 from daemons.vpn.path import EndpointType, EspSuite, Qos
 from daemons.wire import mip
 from daemons.wire.diameter import Avp, Message, ResultCode
+from tests.unit.sealkit import key_files, opened
 
 LO = "127.0.0.1"
 HOME, VISIT = "home.example", "visit-a.example"
@@ -114,13 +115,15 @@ def amr_for(fa: DiameterNode, raw: bytes, nai: str = NAI) -> Message:
 class FakeHA:
     """A home agent's Diameter side: answers HARs with an RRP (accept, refuse, or stay silent)."""
 
-    mode: str = "accept"  # accept | refuse | silent
+    mode: str = "accept"  # accept | refuse | silent | bad-key
     hars: list[Message] = field(default_factory=list)
 
     async def __call__(self, har: Message, peer: Any) -> Message:
         self.hars.append(har)
         if self.mode == "silent":
             await asyncio.sleep(60)
+        if self.mode == "bad-key":  # what the HA answers when its sealed keys do not open
+            return har.answer(ResultCode.DIAMETER_ERROR_BAD_KEY)
         rrq = mip.decode_message(har.get("MIP-Reg-Request"))
         code = mip.ReplyCode.ACCEPTED if self.mode == "accept" else mip.ReplyCode.HA_IDENTIFICATION_MISMATCH
         rrp = mip.RegistrationReply(code=code, home_address=rrq.home_address, home_agent=rrq.home_agent,
@@ -164,7 +167,19 @@ def aaah_config(tmp: Path, url: str, ha_port: int, har_timeout: float = 2.0) -> 
                       diameter_host=AAAH_HOST, diameter_realm=HOME, address=IPv4Address(LO), port=0, db_url=url,
                       master_secret=MASTER, har_timeout=har_timeout,
                       home_agents=[HomeAgentRef(HA_ADDR, HA_HOST, HOME_PREFIX, ha_port, IPv4Address(LO))],
-                      accept_peers=[AcceptedPeer(AAAF_HOST, VISIT, LOOPBACK, agent=True)])
+                      accept_peers=[AcceptedPeer(AAAF_HOST, VISIT, LOOPBACK, agent=True)],
+                      seal_keys=key_files(tmp, HA_HOST, VISIT, "cngw2"))
+
+
+def fa_paths(ama: Message) -> list[vpninfo.VpnInfo]:
+    """The AMA's VPN info as an FA of the visited domain opens it."""
+    return opened(VISIT, vpninfo.from_message(ama, NAI))
+
+
+def ha_paths(har: Message) -> list[vpninfo.VpnInfo]:
+    """The HAR's VPN info opened: the HA's own by the HA, the dynamic CN-GW's by that CN-GW."""
+    return [opened("cngw2" if i.path.local.type is EndpointType.CNGW_DYNAMIC else HA_HOST, [i])[0]
+            for i in vpninfo.from_message(har, NAI)]
 
 
 @contextlib.asynccontextmanager
@@ -246,7 +261,7 @@ def test_registration_distributes_vpn_info(tmp_path: Path, event_log: Any) -> No
             assert ama.get("MIP-Mobile-Node-Address") == HOA and ama.session_id == amr.session_id
 
             # The FA's VPN info, in the FA's view: path 1 to the HA, path 3 to the dynamic CN-GW.
-            fa_infos = {i.path_id: i for i in vpninfo.from_message(ama, NAI)}
+            fa_infos = {i.path_id: i for i in fa_paths(ama)}
             assert sorted(fa_infos) == [1, 3]
             fa_info = fa_infos[1]
             p = fa_info.path
@@ -284,7 +299,7 @@ def test_registration_distributes_vpn_info(tmp_path: Path, event_log: Any) -> No
             assert har.session_id == amr.session_id and har.get("Destination-Host") == HA_HOST
             assert har.get("Destination-Realm") == HOME and har.get("MIP-Reg-Request") == raw
             assert har.get("MIP-Home-Agent-Address") == HA_ADDR and har.get("MIP-Mobile-Node-Address") == HOA
-            ha_infos = {i.path_id: i for i in vpninfo.from_message(har, NAI)}
+            ha_infos = {i.path_id: i for i in ha_paths(har)}
             assert sorted(ha_infos) == [1, 2, 3]
             # Path 3 in the CN-GW's view: the HA hands it to the CN-GW in a Binding Update.
             h3 = ha_infos[3].path
@@ -326,7 +341,7 @@ def test_registration_distributes_vpn_info(tmp_path: Path, event_log: Any) -> No
             assert hrow["paths"] == f"1:{COA}(fa)<->{HA_ADDR}(ha) 2:{HA_ADDR}(ha)<->{CNGW_ADDR}(cngw-static) " \
                 f"3:{COA}(fa)<->{CNGW2_ADDR}(cngw-dynamic)"
             cached = w.aaaf.store.get(NAI)
-            assert cached is not None and cached.for_fa() == [fa_info, fa_infos[3]]
+            assert cached is not None and opened(VISIT, cached.for_fa()) == [fa_info, fa_infos[3]]
             counters = await asyncio.to_thread(w.show, "aaah", "counters")
             assert counters["accepted"] == counters["har"] == counters["amr"] == 1 and "relayed" not in counters
             # Report which secret leaked by its index, never by its value.
@@ -349,7 +364,7 @@ def test_sessions_survive_a_restart_and_spis_stay_unique(tmp_path: Path) -> None
     async def main() -> None:
         async with world(tmp_path) as w:
             _, ama = await w.register(rrq_bytes())
-            first, ro = vpninfo.from_message(ama, NAI)
+            first, ro = fa_paths(ama)
             await w.aaah.stop()
             await w.aaaf.stop()
             aaah = HomeAAAServer(w.aaah.config)
@@ -365,7 +380,7 @@ def test_sessions_survive_a_restart_and_spis_stay_unique(tmp_path: Path) -> None
             assert aaah.spis.allocate(CNGW2_ADDR) != ro.path.security.outbound.spi
             # An FA change is one step on the cached session (claims 7, 17, 18).
             moved = aaaf.store.get(NAI).with_fa("198.18.3.1", "fa2;1;1", "fa2.visit-a.example")
-            info, ro_moved = moved.for_fa()
+            info, ro_moved = opened(VISIT, moved.for_fa())
             assert info.path.local.address == IPv4Address("198.18.3.1") and info.path.security == \
                 first.path.security
             # The FA⇄CN-GW path moves with the FA end too (F5), the CN-GW end stays.
@@ -387,7 +402,7 @@ def test_reregistration_renews_keys_and_replaces_the_session(tmp_path: Path) -> 
             await asyncio.sleep(0.01)
             amr2, ama2 = await w.register(rrq_bytes())
             assert ama2.result_code == ResultCode.DIAMETER_SUCCESS
-            (a, ra), (b, rb) = vpninfo.from_message(ama1, NAI), vpninfo.from_message(ama2, NAI)
+            (a, ra), (b, rb) = fa_paths(ama1), fa_paths(ama2)
             assert key_bytes(a.path.security.inbound) != key_bytes(b.path.security.inbound)
             assert key_bytes(ra.path.security.inbound) != key_bytes(rb.path.security.inbound)
             assert len(w.aaah.store.sessions) == 1 and w.aaah.store.get(NAI).session_id == amr2.session_id

@@ -43,6 +43,7 @@ from daemons.runtime.config import (
 )
 from daemons.wire import mip
 from daemons.wire.diameter import Message, ResultCode
+from tests.unit.sealkit import key_file
 from tests.unit.test_aaa import (
     AAAF_HOST,
     AAAH_HOST,
@@ -84,7 +85,7 @@ async def home_agent(tmp: Path, **extra: Any) -> AsyncIterator[tuple[HomeAgent, 
                           address=IPv4Address(address), home_prefix=IPv4Network("198.18.100.0/24"),
                           diameter_host=HA_HOST, diameter_realm=HOME,
                           mobile_nodes=[MobileNodeEntry(NAI, HOA, SPI_MN_HA, MN_HA)],
-                          accept_peers=[AcceptedPeer(AAAH_HOST, HOME, LOOPBACK)], **extra)
+                          accept_peers=[AcceptedPeer(AAAH_HOST, HOME, LOOPBACK)], seal=key_file(tmp, HA_HOST), **extra)
         ha = HomeAgent(config)
         ha.home_link, ha.udp = NoRoutes(), Udp()  # type: ignore[assignment]
         try:

@@ -27,6 +27,7 @@ from daemons.runtime.config import AcceptedPeer
 from daemons.runtime.secret import Secret
 from daemons.wire import mip
 from daemons.wire.diameter import ResultCode
+from tests.unit.sealkit import key_files
 from tests.unit.test_aaa import (
     HA_ADDR,
     HA_HOST,
@@ -85,7 +86,8 @@ async def home(tmp: Path) -> AsyncIterator[tuple[HomeAAAServer, FakeHA]]:
         stack.push_async_callback(ha_node.stop)
         # python-diameter's node is the configured peer that dials the AAAH (sending its own AMRs)
         config = dataclasses.replace(aaah_config(tmp, url, ha_node.port),
-                                     accept_peers=[AcceptedPeer(THEIRS, THEIR_REALM, LOOPBACK)])
+                                     accept_peers=[AcceptedPeer(THEIRS, THEIR_REALM, LOOPBACK)],
+                                     seal_keys=key_files(tmp, HA_HOST, THEIR_REALM, "cngw2"))
         aaah = HomeAAAServer(config)
         aaah.diameter.watchdog_interval = 0.3  # our DWRs to python-diameter come quickly
         await aaah.start()

@@ -23,11 +23,23 @@ from daemons.runtime.secret import Secret
 from daemons.vpn.path import EndpointType
 from daemons.wire import mip
 from daemons.wire.diameter import Message, ResultCode, TerminationCause
+from tests.unit.sealkit import key_file, sealed
 from tests.unit.test_vpninfo import NAI, info
 
 HOA, HA, COA = IPv4Address("198.18.100.10"), IPv4Address("198.18.100.1"), IPv4Address("198.18.0.14")
 MN_HA, FA_HA = Secret(b"mn-ha-key-of-mn1"), Secret(b"fa-ha-key-123456")
 SID = "fa1.visit-a.example;1;1"
+FA_REALM = "visit-a.example"  # the recipients the AAAH seals for: the FA's domain, the HA (below)
+HA_NAME = "ha.home"
+
+
+def for_fa(*paths: Any) -> list[Any]:
+    """VPN-Info AVPs as the AAAH sends them to the FAs of our domain."""
+    return [p.to_avp() for p in sealed(FA_REALM, paths)]
+
+
+def for_ha(*paths: Any) -> list[Any]:
+    return [p.to_avp() for p in sealed(HA_NAME, paths)]
 Code = mip.ReplyCode
 
 
@@ -72,7 +84,7 @@ class Diameter:
 def fa_with(tmp: Path, answer: Callable[[Message], Message]) -> ForeignAgent:
     fa = ForeignAgent(FAConfig(node="fa1", role="fa", state_dir=tmp / "fa", control_socket=tmp / "fa.sock",
                                care_of_address=COA, access_address=IPv4Address("198.18.20.1"), challenge=False,
-                               home_agents=[PeerAgent(HA, 0x2000, FA_HA)]))
+                               home_agents=[PeerAgent(HA, 0x2000, FA_HA)], seal=key_file(tmp, FA_REALM)))
     fa.routes, fa.udp, fa.diameter = NoRoutes(), Udp(), Diameter(answer)  # type: ignore[assignment]
     return fa
 
@@ -97,7 +109,7 @@ def reply_for(raw: bytes, code: int = 0) -> bytes:
 def test_fa_sends_the_amr_and_relays_the_home_answer(tmp_path: Path) -> None:
     raw = rrq_bytes()
     rrp = reply_for(raw)
-    fa = fa_with(tmp_path, lambda amr: amr.answer(2001, [("MIP-Reg-Reply", rrp), info().to_avp()]))
+    fa = fa_with(tmp_path, lambda amr: amr.answer(2001, [("MIP-Reg-Reply", rrp), *for_fa(info())]))
     assert asyncio.run(register_through_aaa(fa, raw)) is None  # answered
     (amr,) = fa.diameter.requests  # type: ignore[attr-defined]
     parsed = app.parse_amr(amr)
@@ -110,7 +122,7 @@ def test_fa_sends_the_amr_and_relays_the_home_answer(tmp_path: Path) -> None:
 def test_fa_sends_the_rrq_to_the_ha_when_the_local_aaa_answered(tmp_path: Path) -> None:
     raw = rrq_bytes()
     path = info()
-    fa = fa_with(tmp_path, lambda amr: amr.answer(2001, [("Auth-Application-Id", 2), path.to_avp()]))
+    fa = fa_with(tmp_path, lambda amr: amr.answer(2001, [("Auth-Application-Id", 2), *for_fa(path)]))
     pending = asyncio.run(register_through_aaa(fa, raw))
     assert pending is not None and pending.vpn == [path]
     ((relayed, to),) = fa.udp.sent  # type: ignore[union-attr]
@@ -138,7 +150,7 @@ def test_fa_denies_what_the_aaa_refused_or_garbled(tmp_path: Path, answer: Calla
 def test_fa_logs_every_ama_it_receives_with_its_vpn_info_count(tmp_path: Path,
                                                                caplog: pytest.LogCaptureFixture) -> None:
     """``ama.received`` comes before the answer is judged, also for one it cannot use."""
-    fa = fa_with(tmp_path, lambda amr: amr.answer(2001, [("MIP-Reg-Reply", b"\x03\x00"), info().to_avp()]))
+    fa = fa_with(tmp_path, lambda amr: amr.answer(2001, [("MIP-Reg-Reply", b"\x03\x00"), *for_fa(info())]))
     with caplog.at_level(logging.INFO, logger="mipvpn.fa"):
         assert asyncio.run(register_through_aaa(fa, rrq_bytes())) is None
     (fields,) = [getattr(r, "fields", {}) for r in caplog.records if r.getMessage() == "event=ama.received"]
@@ -166,7 +178,8 @@ def ha_with(tmp: Path) -> HomeAgent:
     ha = HomeAgent(HAConfig(node="ha", role="ha", state_dir=tmp / "ha", control_socket=tmp / "ha.sock", address=HA,
                             home_prefix=IPv4Network("198.18.100.0/24"),
                             mobile_nodes=[MobileNodeEntry(NAI, HOA, 0x1000, MN_HA)],
-                            accept_peers=[AcceptedPeer("aaah.home", "home", [IPv4Network("198.18.0.6/32")])]))
+                            accept_peers=[AcceptedPeer("aaah.home", "home", [IPv4Network("198.18.0.6/32")])],
+                            seal=key_file(tmp, HA_NAME)))
     ha.home_link, ha.udp = NoRoutes(), Udp()  # type: ignore[assignment]
     return ha
 
@@ -186,7 +199,7 @@ def test_ha_answers_a_har_with_its_reply(tmp_path: Path) -> None:
     ha = ha_with(tmp_path)
     ha_view = info().mirrored()
     assert ha_view.path.local.type is EndpointType.HA
-    haa = on_har(ha, har(rrq_bytes(), ha_view.to_avp()))
+    haa = on_har(ha, har(rrq_bytes(), *for_ha(ha_view)))
     got = app.parse_haa(haa)
     assert got.result_code == ResultCode.DIAMETER_SUCCESS and got.accepted and haa.get("User-Name") == NAI
     assert [a.name for a in haa.avps] == ["Session-Id", "Result-Code", "MIP-Reg-Reply", "User-Name"]
@@ -206,7 +219,7 @@ def test_ha_answers_an_rrq_with_an_unknown_extension_as_poorly_formed(tmp_path: 
     raw = rrq_bytes()
     ha = ha_with(tmp_path)
     with caplog.at_level(logging.INFO, logger="mipvpn.ha"):
-        haa = app.parse_haa(on_har(ha, har(raw[:24] + bytes([50, 2, 0, 0]) + raw[24:], info().mirrored().to_avp())))
+        haa = app.parse_haa(on_har(ha, har(raw[:24] + bytes([50, 2, 0, 0]) + raw[24:], *for_ha(info().mirrored()))))
     assert haa.result_code == ResultCode.DIAMETER_ERROR_MIP_REPLY_FAILURE and haa.rrp is not None
     assert haa.rrp.code == Code.HA_POORLY_FORMED_REQUEST and ha.counters["malformed"] == 1
     events = [(r.getMessage(), getattr(r, "fields", {})) for r in caplog.records]
@@ -228,3 +241,63 @@ def test_ha_refuses_an_unusable_har(tmp_path: Path, raw: bytes, vpn: bool, messa
         on_har(ha, har(raw, *([bad] if vpn else [])))
     assert e.value.result_code == ResultCode.DIAMETER_INVALID_AVP_VALUE and e.value.error_message == message
     assert ha.bindings == {}
+
+
+# ---- sealed keys (daemons.vpn.seal): refused unless they open under our own key ------------------
+
+def tampered(avp: Any, at: int = -1) -> Any:
+    """The VPN-Info AVP with one byte of its VPN-Sealed-Keys envelope flipped."""
+    (env,) = [a for a in avp.value if a.name == "VPN-Sealed-Keys"]
+    blob = bytearray(env.value)
+    blob[at] ^= 0x01
+    env.value = bytes(blob)
+    return avp
+
+
+def with_spi_in(avp: Any, spi: int) -> Any:
+    (member,) = [a for a in avp.value if a.name == "VPN-SPI-In"]
+    member.value = spi
+    return avp
+
+
+@pytest.mark.parametrize("change", ["tag", "key-id", "other-domain", "spi", "local-answer"])
+def test_fa_refuses_keys_that_do_not_open_and_counts_them(tmp_path: Path, change: str) -> None:
+    """A changed envelope, another domain's envelope, or an SPI changed on the way: the
+    registration fails (71 to the MN), nothing is installed, nothing goes to the HA."""
+    raw = rrq_bytes()
+    if change == "other-domain":
+        avps = [p.to_avp() for p in sealed("visit-b.example", [info()])]
+    else:
+        (avp,) = for_fa(info())
+        avps = [tampered(avp) if change in ("tag", "local-answer") else
+                tampered(avp, 1) if change == "key-id" else with_spi_in(avp, 0x12345)]
+    head = [("Auth-Application-Id", 2)] if change == "local-answer" else [("MIP-Reg-Reply", reply_for(raw))]
+    fa = fa_with(tmp_path, lambda amr: amr.answer(2001, [*head, *avps]))
+    assert asyncio.run(register_through_aaa(fa, raw)) is None
+    ((denial, to),) = fa.udp.sent  # type: ignore[union-attr]  # to the MN only, never to the HA
+    assert to == (str(HOA), 434) and mip.decode_message(denial).code == Code.FA_POORLY_FORMED_REPLY
+    assert fa.visitors == {} and fa.counters["seal_open_failed"] == 1
+
+
+def test_fa_refuses_keys_in_clear(tmp_path: Path) -> None:
+    """The old wire form (VPN-Key-In/Out, VPN-IKE-PSK in clear) is nobody's any more: refused, counted."""
+    raw = rrq_bytes()
+    fa = fa_with(tmp_path, lambda amr: amr.answer(2001, [("MIP-Reg-Reply", reply_for(raw)), info().record_avp()]))
+    assert asyncio.run(register_through_aaa(fa, raw)) is None
+    assert mip.decode_message(fa.udp.sent[0][0]).code == Code.FA_POORLY_FORMED_REPLY  # type: ignore[union-attr]
+    assert fa.visitors == {} and fa.counters["keys_in_clear_refused"] == 1
+
+
+@pytest.mark.parametrize("change", ["tag", "spi", "other-recipient"])
+def test_ha_refuses_keys_that_do_not_open_with_4007(tmp_path: Path, change: str) -> None:
+    ha = ha_with(tmp_path)
+    view = info().mirrored()
+    if change == "other-recipient":
+        avp = sealed("another-ha.home", [view])[0].to_avp()
+    else:
+        (avp,) = for_ha(view)
+        avp = tampered(avp) if change == "tag" else with_spi_in(avp, 0x12345)
+    with pytest.raises(DiameterError) as e:
+        on_har(ha, har(rrq_bytes(), avp))
+    assert e.value.result_code == ResultCode.DIAMETER_ERROR_BAD_KEY
+    assert ha.bindings == {} and ha.counters["seal_open_failed"] == 1 and ha.counters["accepted"] == 0

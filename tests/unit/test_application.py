@@ -16,6 +16,7 @@ from daemons.runtime.secret import Secret
 from daemons.vpn.vpninfo import VpnInfo
 from daemons.wire import mip
 from daemons.wire.diameter import FLAG_ERROR, FLAG_PROXIABLE, FLAG_REQUEST, Avp, Message, ResultCode, TerminationCause
+from tests.unit.sealkit import sealed
 from tests.unit.test_vpninfo import NAI, info
 
 HOA, HA, COA = IPv4Address("198.18.1.10"), IPv4Address("198.18.1.1"), IPv4Address("198.18.2.1")
@@ -87,7 +88,7 @@ def test_amr_without_challenge_or_mn_aaa_leaves_those_avps_out() -> None:
 
 def test_ama_round_trips_home_and_local_answers() -> None:
     request = amr()
-    paths = [info(), VpnInfo(NAI, 3, replace(info().path, id=VpnInfo.path_name(NAI, 3)))]
+    paths = sealed("visit-a.example", [info(), VpnInfo(NAI, 3, replace(info().path, id=VpnInfo.path_name(NAI, 3)))])
     home = app.build_ama(request, ResultCode.DIAMETER_SUCCESS, rrp_raw=rrp_bytes(), vpn=paths,
                          origin_host="aaah.home.example", origin_realm="home.example")
     assert (home.command_code, home.application_id, home.flags) == (260, 2, FLAG_PROXIABLE)
@@ -134,7 +135,7 @@ def test_ama_with_an_unusable_reply_or_vpn_info_is_refused() -> None:
 
 def test_har_round_trip_and_wire_order() -> None:
     request = amr()
-    ha_view = [info().mirrored()]
+    ha_view = sealed("ha.home.example", [info().mirrored()])
     sent = har_for(request, *ha_view)
     assert (sent.command_code, sent.application_id, sent.flags) == (262, 2, FLAG_REQUEST | FLAG_PROXIABLE)
     assert names(sent) == ["Session-Id", "Auth-Application-Id", "Origin-Host", "Origin-Realm", "Destination-Realm",

@@ -35,6 +35,7 @@ from daemons.vpn.path import Capability, Endpoint, EndpointType, EspSuite, Secur
 from daemons.vpn.vpninfo import VpnInfo
 from daemons.wire import mip
 from daemons.wire.diameter import TerminationCause
+from tests.unit.sealkit import key_file, sealed
 from tests.unit.test_agents_aaa import Diameter, NoRoutes
 from tests.unit.test_cngw_bindings import cngw_view
 from tests.unit.test_path_capabilities import Recorder
@@ -240,7 +241,7 @@ def test_old_fa_refuses_extensions_appended_after_the_authenticator(tmp_path: Pa
             # An on-path attacker appends a VPN-Info CVSE after the MAC: a forwarding path old
             # FA -> new FA for mn1, which the old FA would derive keys for and install (F6).
             copy = vpninfo.forward_copy(fa_path(NEW_FA), IPv4Address(OLD_FA), 10, FA_FA_KEY)
-            cvse = mip.vendor_extension(mip.VENDOR_TYPE_VPN_INFO, vpninfo.encode_for_mip([copy], with_secrets=False),
+            cvse = mip.vendor_extension(mip.VENDOR_TYPE_VPN_INFO, vpninfo.encode_for_mip([copy]),
                                         critical=True)
             before = w.state()
             ack = await attacker.send(genuine + cvse.encode(), (OLD_FA, port(w.old.udp)))  # type: ignore[arg-type]
@@ -319,11 +320,13 @@ class RouteOpt:
         ha = HomeAgent(HAConfig(node="ha", role="ha", state_dir=tmp / "ha", control_socket=tmp / "ha.sock",
                                 address=IPv4Address(HA), home_prefix=IPv4Network("198.18.100.0/24"),
                                 binding_ack_timeout=0.2,
-                                correspondent_gateways=[PeerAgent(IPv4Address(GW), GW_SPI, HA_GW_KEY)]))
+                                correspondent_gateways=[PeerAgent(IPv4Address(GW), GW_SPI, HA_GW_KEY)],
+                                seal=key_file(tmp, "ha.home.example")))
         gw = CorrespondentGateway(CNGWConfig(node="cngw2", role="cngw", state_dir=tmp / "gw",
                                              control_socket=tmp / "gw.sock", address=IPv4Address(GW),
                                              home_agents=[PeerAgent(IPv4Address(HA), GW_SPI, HA_GW_KEY)],
-                                             binding_request_threshold=threshold, binding_request_interval=0.1))
+                                             binding_request_threshold=threshold, binding_request_interval=0.1,
+                                             seal=key_file(tmp, "cngw2")))
         gw.mavpn = MavpnControl(Recorder(Capability.NONE), StateFile(tmp / "gw" / "vpn.json"))
         ha.home_link = NoRoutes()  # type: ignore[assignment]
         to_gw, to_ha = Tap(gw.on_datagram), Tap(ha.on_datagram)
@@ -343,7 +346,8 @@ class RouteOpt:
 
 
 def path_at_gw(fa: str = "198.18.0.14") -> VpnInfo:
-    return cngw_view(fa=IPv4Address(fa), gw=IPv4Address(GW))
+    """The CN-GW's path as the HA holds it: sealed by the AAAH for the CN-GW."""
+    return sealed("cngw2", [cngw_view(fa=IPv4Address(fa), gw=IPv4Address(GW))])[0]
 
 
 def test_cngw_refuses_a_replay_after_the_binding_is_deleted(tmp_path: Path) -> None:

@@ -18,10 +18,14 @@ from daemons.agents.cngw import BindingTable, CnBinding, CorrespondentGateway, c
 from daemons.agents.ha import Binding, HomeAgent, by_gateway, split_paths
 from daemons.runtime.config import CNGWConfig, HAConfig, PeerAgent
 from daemons.runtime.secret import Secret
+from daemons.store.state import StateFile
 from daemons.vpn import vpninfo
-from daemons.vpn.path import DirectionKeys, Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
+from daemons.vpn.mavpn import MavpnControl
+from daemons.vpn.path import Capability, DirectionKeys, Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
 from daemons.vpn.vpninfo import VpnInfo, moved_to
 from daemons.wire import mip
+from tests.unit.sealkit import key_file, opened, sealed
+from tests.unit.test_path_capabilities import Recorder
 
 NAI = "mn1@home.example"
 HOA, HA = IPv4Address("198.18.100.10"), IPv4Address("198.18.100.1")
@@ -39,6 +43,18 @@ def cngw_view(fa: IPv4Address = FA1, gw: IPv4Address = GW, path_id: int = 3) -> 
         id=VpnInfo.path_name(NAI, path_id), local=Endpoint(gw, EndpointType.CNGW_DYNAMIC),
         remote=Endpoint(fa, EndpointType.FA), local_ts=(CORP,), remote_ts=(IPv4Network(f"{HOA}/32"),),
         security=SecurityService(suite, outbound=keys[0], inbound=keys[1], psk=Secret(b"p" * 32))))
+
+
+def for_cngw(fa: IPv4Address = FA1) -> list[VpnInfo]:
+    """The CN-GW's path as the HA gets it in the HAR: sealed by the AAAH for the CN-GW."""
+    return sealed("cngw2", [cngw_view(fa)])
+
+
+def key_material(info: VpnInfo) -> list[bytes]:
+    """Every key and the PSK of an open path (to look for in captured bytes)."""
+    sec = info.path.security
+    keys = [k for d in (sec.inbound, sec.outbound) if d is not None for k in (d.enc_key, d.auth_key) if k is not None]
+    return [k.reveal() for k in (*keys, *([sec.psk] if sec.psk is not None else []))]
 
 
 def ha_view(fa: IPv4Address = FA1) -> VpnInfo:
@@ -132,11 +148,11 @@ class Wire:
 def pair(tmp: Path, threshold: float = 8.0) -> tuple[HomeAgent, CorrespondentGateway, Wire, Wire]:
     ha = HomeAgent(HAConfig(node="ha", role="ha", state_dir=tmp / "ha", control_socket=tmp / "ha.sock",
                             address=HA, home_prefix=IPv4Network("198.18.100.0/24"), binding_ack_timeout=0.05,
-                            correspondent_gateways=[PeerAgent(GW, SPI, KEY)]))
+                            correspondent_gateways=[PeerAgent(GW, SPI, KEY)], seal=key_file(tmp, "ha.home.example")))
     gw = CorrespondentGateway(CNGWConfig(node="cngw2", role="cngw", state_dir=tmp / "gw",
                                          control_socket=tmp / "gw.sock", address=GW,
                                          home_agents=[PeerAgent(HA, SPI, KEY)], binding_request_threshold=threshold,
-                                         binding_request_interval=0.1))
+                                         binding_request_interval=0.1, seal=key_file(tmp, "cngw2")))
     to_gw, to_ha = Wire(HA), Wire(GW)
     to_gw.peers[str(GW)], to_ha.peers[str(HA)] = gw, ha
     ha.udp, gw.udp = to_gw, to_ha  # type: ignore[assignment]
@@ -150,14 +166,21 @@ def decoded(wire: Wire) -> list[Any]:
 def test_ha_waits_for_the_acknowledge_and_moves_and_removes_the_binding(tmp_path: Path) -> None:
     async def main() -> None:
         ha, gw, to_gw, to_ha = pair(tmp_path)
-        await ha.update_correspondents(NAI, HOA, FA1, 20, [cngw_view()])
+        backend = Recorder(Capability.NONE)
+        gw.mavpn = MavpnControl(backend, StateFile(tmp_path / "gw" / "vpn.json"))
+        await ha.update_correspondents(NAI, HOA, FA1, 20, for_cngw())
         # Returned only after the CN-GW acknowledged: its binding is already there.
         (bu,) = decoded(to_gw)
         (ba,) = decoded(to_ha)
         assert isinstance(bu, mip.BindingUpdate) and bu.ack_requested and bu.lifetime == 20
         assert isinstance(ba, mip.BindingAcknowledge) and ba.accepted and ba.identification == bu.identification
         assert mip.verify(to_gw.sent[0], mip.EXT_BINDING_AUTH, KEY, spi=SPI)
-        assert vpninfo.decode_from_mip(bu.vendor_data(mip.VENDOR_TYPE_VPN_INFO), NAI) == [cngw_view()]
+        # Sealed by the AAAH for the CN-GW, passed on by the HA unread: no key in the update.
+        carried = vpninfo.decode_from_mip(bu.vendor_data(mip.VENDOR_TYPE_VPN_INFO), NAI)
+        assert [i.sealed for i in carried] == [True] and opened("cngw2", carried) == [cngw_view()]
+        assert [n for n, k in enumerate(key_material(cngw_view())) if k in to_gw.sent[0]] == []
+        # ...and the CN-GW installed the path, opened with its own seal key.
+        assert gw.mavpn.infos(NAI) == [cngw_view()] and backend.calls[0] == ("install", cngw_view().path.id)
         assert [(b["care_of_address"], b["home_agent"]) for b in gw.show_bindings()] == [(str(FA1), str(HA))]
         # F2: a move without VPN info: the same paths, FA end moved.
         await ha.update_correspondents(NAI, HOA, FA2, 20, None)
@@ -177,10 +200,11 @@ def test_unacknowledged_update_is_retransmitted_then_given_up(tmp_path: Path) ->
     async def main() -> None:
         ha, _, to_gw, _ = pair(tmp_path)
         to_gw.drop = True
-        await ha.update_correspondents(NAI, HOA, FA1, 20, [cngw_view()])
+        await ha.update_correspondents(NAI, HOA, FA1, 20, for_cngw())
         sent = decoded(to_gw)
         assert len(sent) == 3 and len({m.identification for m in sent}) == 1  # same update, three tries
-        assert ha.cn_paths[str(HOA)] == [cngw_view()]  # kept: a Binding Request or the next update fixes it
+        # kept: a Binding Request or the next update fixes it
+        assert opened("cngw2", ha.cn_paths[str(HOA)]) == [cngw_view()]
 
     asyncio.run(asyncio.wait_for(main(), 10))
 
@@ -191,11 +215,12 @@ def test_cngw_refuses_what_it_cannot_take(tmp_path: Path) -> None:
         ident = mip.ntp_identification(time.time())
 
         def bu(lifetime: int = 20, infos: list[VpnInfo] | None = None, key: Secret = KEY, ident: int = ident,
-               coa: IPv4Address = FA1) -> bytes:
+               coa: IPv4Address = FA1, recipient: str = "cngw2", clear: bool = False) -> bytes:
             ext: list[mip.Extension] = [mip.NAIExtension(NAI)]
             if infos is not None:
-                ext.append(mip.vendor_extension(mip.VENDOR_TYPE_VPN_INFO, vpninfo.encode_for_mip(infos),
-                                                critical=True))
+                data = b"".join(i.record_avp().encode() for i in infos) if clear else \
+                    vpninfo.encode_for_mip(sealed(recipient, infos))
+                ext.append(mip.vendor_extension(mip.VENDOR_TYPE_VPN_INFO, data, critical=True))
             msg = mip.BindingUpdate(home_address=HOA, care_of_address=coa, identification=ident, lifetime=lifetime,
                                     flags=mip.BUFlag.A, extensions=ext)
             return mip.sign(msg, mip.EXT_BINDING_AUTH, SPI, key).encode()
@@ -210,6 +235,11 @@ def test_cngw_refuses_what_it_cannot_take(tmp_path: Path) -> None:
         assert await status(bu(infos=[cngw_view(fa=FA2)])) == S.VPN_INFO_UNSUPPORTED
         assert await status(bu(ident=mip.ntp_identification(time.time() - 60), infos=[cngw_view()])) == \
             S.IDENTIFICATION_MISMATCH
+        # Keys sealed for another gateway, or in clear (the old wire form): refused, counted.
+        assert await status(bu(infos=[cngw_view()], recipient="cngw9")) == S.VPN_KEYS_REFUSED
+        assert gw.counters["seal_open_failed"] == 1
+        assert await status(bu(infos=[cngw_view()], clear=True, ident=ident - 1)) == S.VPN_INFO_UNSUPPORTED
+        assert gw.counters["keys_in_clear_refused"] == 1
         assert gw.table.bindings == {}
         good = bu(infos=[cngw_view()])
         assert await status(good) == S.ACCEPTED
@@ -225,7 +255,7 @@ def test_cngw_refuses_what_it_cannot_take(tmp_path: Path) -> None:
 def test_binding_request_is_answered_only_while_bound(tmp_path: Path, bound: bool) -> None:
     async def main() -> None:
         ha, gw, to_gw, to_ha = pair(tmp_path, threshold=30)
-        await ha.update_correspondents(NAI, HOA, FA1, 20, [cngw_view()])
+        await ha.update_correspondents(NAI, HOA, FA1, 20, for_cngw())
         now = time.time()
         if bound:
             ha.bindings[str(HOA)] = Binding(NAI, str(HOA), str(FA1), 20, now + 15, 1, str(FA1))

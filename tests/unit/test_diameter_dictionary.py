@@ -136,7 +136,8 @@ VPN_CODES = {
     17: ("VPN-QoS-Ceil", AvpType.UNSIGNED64),
     18: ("VPN-QoS-Priority", AvpType.UNSIGNED32),
     19: ("VPN-Distribution", AvpType.ENUMERATED),
-    20: ("VPN-Local-Answer-Key", AvpType.OCTET_STRING),
+    20: ("VPN-Sealed-Keys", AvpType.OCTET_STRING),
+    21: ("VPN-Local-Answer-Key", AvpType.OCTET_STRING),
 }
 
 

@@ -18,6 +18,7 @@ from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import EndpointType
 from daemons.wire.diameter.avp import decode_avps
+from tests.unit.sealkit import key_files, sealed
 
 NAI, NAI2 = "mn1@home.example", "mn2@home.example"
 HOA, HOA2 = IPv4Address("198.18.1.10"), IPv4Address("198.18.1.11")
@@ -43,7 +44,8 @@ def build(tmp_path: Path, distribution: str, nai: str = NAI, hoa: IPv4Address = 
         config = AAAHConfig(node="aaah", role="aaah", state_dir=tmp_path / "aaah", control_socket=tmp_path / "s",
                             diameter_host="aaah.home.example", diameter_realm="home.example",
                             address=IPv4Address("127.0.0.1"), port=0, db_url=url,
-                            master_secret=Secret(bytes(range(32))), home_agents=[HA_REF])
+                            master_secret=Secret(bytes(range(32))), home_agents=[HA_REF],
+                            seal_keys=key_files(tmp_path, "ha.home.example"))
         aaah = HomeAAAServer(config, db)
         return asyncio.run(aaah.build_paths(nai, hoa, COA, HA_REF, db.profiles_for(nai)))
     finally:
@@ -60,7 +62,7 @@ def test_on_traffic_profile_marks_only_the_paths_toward_the_correspondent(tmp_pa
     assert infos[(EndpointType.FA, EndpointType.CNGW_DYNAMIC)].distribution == vpninfo.ON_TRAFFIC
     # on the wire (VPN-Distribution AVP) and in each end's view
     for info in infos.values():
-        back = vpninfo.VpnInfo.from_avp(decode_avps(info.to_avp().encode())[0], NAI)
+        back = vpninfo.VpnInfo.from_avp(decode_avps(sealed("any", [info])[0].to_avp().encode())[0], NAI)
         assert back.distribution == info.distribution == info.mirrored().distribution
 
 

@@ -17,6 +17,7 @@ from daemons.agents.fa import ForeignAgent
 from daemons.runtime.config import FAConfig, PeerAgent, SecurityAssociation
 from daemons.runtime.secret import Secret
 from daemons.wire import mip
+from tests.unit.sealkit import key_file
 
 HOA, HOA2 = IPv4Address("198.18.100.10"), IPv4Address("198.18.100.11")
 HA, COA, ACCESS = IPv4Address("198.18.100.1"), IPv4Address("198.18.0.14"), IPv4Address("198.18.101.1")
@@ -360,7 +361,8 @@ def aaa_fa(tmp: Path) -> ForeignAgent:
     """An FA with an AAAF configured (not dialled: without a Diameter node it relays to the HA)."""
     from daemons.runtime.config import DiameterPeer
 
-    return fa_with(tmp, aaa=DiameterPeer("aaaf1.visit-a.example", "visit-a.example", AAAF))
+    return fa_with(tmp, aaa=DiameterPeer("aaaf1.visit-a.example", "visit-a.example", AAAF),
+                   seal=key_file(tmp, "visit-a.example"))
 
 
 @pytest.mark.parametrize("claimed", [HA, AAAF, COA, ACCESS, IPv4Address("224.0.0.1"), IPv4Address("0.0.0.0")],

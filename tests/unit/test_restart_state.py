@@ -46,6 +46,7 @@ from daemons.vpn.path import (
     VpnPath,
 )
 from daemons.vpn.vpninfo import FORWARD_PATH_ID, STATIC_OWNER, VpnInfo, to_record
+from tests.unit.sealkit import key_files
 
 NOTHING = Capability(0)
 HA, FA1, FA2 = IPv4Address("198.18.100.1"), IPv4Address("198.18.0.14"), IPv4Address("198.18.0.18")
@@ -234,7 +235,8 @@ def test_aaa_sessions_load_record_by_record(tmp_path: Path) -> None:
     sessions = [good.to_json(), [MN2, "fa1;1;2"], {**good.to_json(), "nai": MN3, "created": None}]
     aaah_config = AAAHConfig(node="aaah", role="aaah", state_dir=tmp_path / "aaah", control_socket=tmp_path / "h.sock",
                              master_secret=Secret(b"m" * 32), address=IPv4Address("127.0.0.1"),
-                             home_agents=[HomeAgentRef(HA, "ha.home.example", IPv4Network("198.18.100.0/24"))])
+                             home_agents=[HomeAgentRef(HA, "ha.home.example", IPv4Network("198.18.100.0/24"))],
+                             seal_keys=key_files(tmp_path, "ha.home.example"))
     write(aaah_config.state_dir / "sessions.json", {"spi_next": {str(HA): 70000, str(FA1): "x"}, "sessions": sessions})
     aaah = HomeAAAServer(aaah_config)
     aaah.restore()

@@ -8,8 +8,11 @@ from ipaddress import IPv4Address, IPv4Network
 import pytest
 
 from daemons.runtime.secret import Secret
+from daemons.vpn import seal
 from daemons.vpn.path import DirectionKeys, Endpoint, EndpointType, EspSuite, Qos, SecurityService, VpnPath
 from daemons.vpn.vpninfo import (
+    CLEAR_KEY_AVPS,
+    ClearKeysRefused,
     VpnInfo,
     VpnInfoError,
     decode_from_mip,
@@ -35,19 +38,31 @@ def info() -> VpnInfo:
 
 
 def test_round_trip_and_mirror() -> None:
+    """A state file's record keeps the keys; the wire form never carries them in clear, and
+    a parser refuses them there: they travel sealed (daemons.vpn.seal)."""
     original = info()
-    assert VpnInfo.from_avp(original.to_avp(), NAI) == original
-    assert VpnInfo.from_avp(original.mirrored().to_avp(), NAI).mirrored() == original
+    assert VpnInfo.from_avp(original.record_avp(), NAI, clear_keys=True) == original
+    assert VpnInfo.from_avp(original.mirrored().record_avp(), NAI, clear_keys=True).mirrored() == original
+    wire = original.to_avp()
+    assert [a.name for a in wire.value if a.name in CLEAR_KEY_AVPS] == []
+    with pytest.raises(ClearKeysRefused):
+        VpnInfo.from_avp(original.record_avp(), NAI)
+    sealed_copy = seal.seal(Secret(bytes(32)), "visit-a.example", original)
+    back = VpnInfo.from_avp(sealed_copy.to_avp(), NAI)
+    assert back == sealed_copy and back.sealed and "sealed=" in repr(back)
+    assert seal.unseal(Secret(bytes(32)), "visit-a.example", back) == original
+    with pytest.raises(ValueError):  # a sealed copy belongs to its recipient's view
+        back.mirrored()
 
 
 @pytest.mark.parametrize(("member", "value"), [("VPN-SPI-In", 5), ("VPN-Key-In", Secret(b"short")),
                                                ("VPN-QoS-Rate", 0), ("VPN-Endpoint-Local-Type", 9),
                                                ("VPN-ESP-Suite", "rot13")])
 def test_malformed_member_is_a_vpn_info_error(member: str, value: object) -> None:
-    avp = info().to_avp()
+    avp = info().record_avp()
     avp.value = [a if a.name != member else Avp.new(member, value) for a in avp.value]
     with pytest.raises(VpnInfoError):
-        VpnInfo.from_avp(avp, NAI)
+        VpnInfo.from_avp(avp, NAI, clear_keys=True)
 
 
 def test_forward_copy_crosses_the_wire_without_secrets_and_both_fas_agree() -> None:
@@ -61,7 +76,7 @@ def test_forward_copy_crosses_the_wire_without_secrets_and_both_fas_agree() -> N
     assert copy.path.local_ts == (IPv4Network("0.0.0.0/0"),)
     assert copy.path.remote_ts == (IPv4Network("198.18.100.10/32"),)
     assert copy.path.security.lifetime == 10 and copy.path.qos == ha_path.path.qos
-    wire = encode_for_mip([copy], with_secrets=False)
+    wire = encode_for_mip([copy])
     sec = copy.path.security
     for secret in (sec.psk, sec.inbound.enc_key, sec.outbound.enc_key):
         assert secret.reveal() not in wire

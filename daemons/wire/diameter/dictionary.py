@@ -222,8 +222,11 @@ _VPN: list[AvpDef] = [
     AvpDef(17, "VPN-QoS-Ceil", T.UNSIGNED64, V, MUST_NOT),
     AvpDef(18, "VPN-QoS-Priority", T.UNSIGNED32, V, MUST_NOT),
     AvpDef(19, "VPN-Distribution", T.ENUMERATED, V, MUST_NOT, enum=c.VpnDistribution),
+    # The keys and PSK of the path, sealed for the agent that installs it (daemons.vpn.seal):
+    # opaque to every relay; 12-14 are no longer sent.
+    AvpDef(20, "VPN-Sealed-Keys", T.OCTET_STRING, V, MUST_NOT),
     # The AAAH -> AAAF key of the AAAF's local answer (claim 17, daemons.wire.mip.localanswer)
-    AvpDef(20, "VPN-Local-Answer-Key", T.OCTET_STRING, V, MUST_NOT, secret=True),
+    AvpDef(21, "VPN-Local-Answer-Key", T.OCTET_STRING, V, MUST_NOT, secret=True),
 ]
 
 _COMMANDS: list[tuple[int, str, str, int | None, bool]] = [

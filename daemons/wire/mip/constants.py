@@ -101,6 +101,7 @@ class BindingStatus(IntEnum):
     VPN_INFO_MISSING = 160  # no VPN-info CVSE (vendor 32473, type 1) where one is required
     VPN_INFO_UNSUPPORTED = 161  # VPN info not understood (e.g. unknown ESP suite)
     PATH_SETUP_FAILED = 162  # the IPsec path could not be installed
+    VPN_KEYS_REFUSED = 163  # the path's sealed keys do not open (not under our seal key, or tampered)
 
     @property
     def accepted(self) -> bool:
