@@ -17,7 +17,7 @@ from daemons.vpn.seal import Keyring, SealError
 from daemons.wire.diameter import Message, ResultCode
 from tests.unit.sealkit import key_files, opened, seal_key
 from tests.unit.test_aaa import COA, HA_HOST, NAI, VISIT, aaah_config, fa_paths, ha_paths, run, world
-from tests.unit.test_service_update_aaa import COA2, rrq
+from tests.unit.test_service_update_aaa import COA2, key_of, rrq
 
 CLEAR = {"VPN-Key-In", "VPN-Key-Out", "VPN-IKE-PSK"}
 
@@ -85,7 +85,9 @@ def test_aaaf_re_answers_an_intra_domain_move_it_cannot_read_and_fa2_opens_it(tm
             at_fa1 = {i.path_id: i for i in fa_paths(first)}
             keys = key_material(list(at_fa1.values()))
             amrs, hars = len(w.amrs_at_aaah), len(w.ha.hars)
-            _, local = await w.register(rrq(COA2, previous=COA))
+            # The MN proves the AAAH's local-answer key of its first registration; fa2 owns COA2.
+            move = rrq(COA2, previous=COA, challenge=bytes(range(1, 17)), local_key=key_of(bytes(range(16))))
+            _, local = await w.register(move, via=w.fa2)
             assert local.result_code == ResultCode.DIAMETER_SUCCESS and local.get("MIP-Reg-Reply") is None
             assert (len(w.amrs_at_aaah), len(w.ha.hars)) == (amrs, hars)  # answered by the AAAF itself
             assert w.aaaf.counters["answered_locally"] == 1
