@@ -1,5 +1,5 @@
-"""One TCP connection framed into Diameter messages (RFC 6733 §3), and the requests sent on it
-that still wait for an answer.
+"""One TCP connection (plain or TLS) framed into Diameter messages (RFC 6733 §3), and the requests
+sent on it that still wait for an answer.
 
 A :class:`Connection` carries the hop-by-hop identifier sequence (unique per connection) and
 its :class:`Pending` requests; it knows bytes and frames, not the peer state machine
@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 from daemons.wire.diameter.errors import DecodeError
 from daemons.wire.diameter.message import MAX_MESSAGE_LENGTH, Header, Identifiers, Message, message_length
+
+from .tls import TlsSession, session_of
 
 if TYPE_CHECKING:
     from .peer import Peer
@@ -61,7 +63,7 @@ class FramingError(Exception):
 
 
 class Connection:
-    """One TCP connection carrying Diameter messages."""
+    """One TCP connection carrying Diameter messages; ``tls`` is its TLS session (None: plain TCP)."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, incoming: bool) -> None:
         self.reader = reader
@@ -85,6 +87,11 @@ class Connection:
         sockname = writer.get_extra_info("sockname")
         self.remote: tuple[str, int] | None = tuple(peername[:2]) if peername else None
         self.local: tuple[str, int] | None = tuple(sockname[:2]) if sockname else None
+        self.tls: TlsSession | None = session_of(writer.get_extra_info("ssl_object"))
+
+    def secured(self) -> None:
+        """The TLS handshake on this connection is done (``writer.start_tls``): note its session."""
+        self.tls = session_of(self.writer.get_extra_info("ssl_object"))
 
     @property
     def remote_text(self) -> str:

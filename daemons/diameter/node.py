@@ -1,10 +1,11 @@
-"""A Diameter node on asyncio TCP (RFC 6733 base protocol, RFC 3539 watchdog): the facade.
+"""A Diameter node on asyncio TCP or TLS (RFC 6733 base protocol, RFC 3539 watchdog): the facade.
 
 Pure protocol: peers, capabilities exchange, watchdog, disconnect, routing, relaying,
 failover and dispatch of requests to handlers. No Mobile IP logic.
 
     node = DiameterNode("aaaf1.visit-a.example", "visit-a.example", ["198.18.1.2"],
-                        listen_address="198.18.1.2")
+                        listen_address="198.18.1.2", listen_port=5658,
+                        tls=contexts(ca_pem, cert_pem, key_pem))        # daemons.diameter.tls; None: plain TCP
     node.add_peer("aaah.home.example", "home.example", "198.18.0.2")   # we dial it
     node.add_peer("fa1.visit-a.example", "visit-a.example", sources=["198.18.0.14"])  # it dials us
     node.add_route("home.example", "aaah.home.example")
@@ -23,7 +24,7 @@ failover and dispatch of requests to handlers. No Mobile IP logic.
   where requests came from, duplicate-answer cache, and the forward and answer hooks;
 * :mod:`.dispatch` — handlers by (application, command), local or relay per request;
 * :mod:`.local` — identity, settings, counters and one-message I/O they all share;
-  :mod:`.connection` — framing; :mod:`.errors` — the exceptions.
+  :mod:`.connection` — framing; :mod:`.tls` — the TLS contexts; :mod:`.errors` — the exceptions.
 """
 
 from __future__ import annotations
@@ -44,11 +45,12 @@ from .errors import DiameterError, DiameterNoRoute, DiameterTimeout, DiameterUna
 from .local import BASE_COMMANDS, LocalNode, Settings, log
 from .peer import Peer, PeerTable
 from .routing import AnswerHook, ForwardHook, Router
+from .tls import Tls
 from .watchdog import Watchdog
 
 
 class DiameterNode:
-    """A Diameter peer, agent and server on asyncio TCP. See the module docstring.
+    """A Diameter peer, agent and server on asyncio TCP or TLS. See the module docstring.
 
     The timers and limits given here are :attr:`settings` (:class:`~daemons.diameter.local.Settings`),
     read when used. Only peers added with :meth:`add_peer` may connect (from their addresses):
@@ -77,10 +79,14 @@ class DiameterNode:
         accept_unknown_peers: bool = False,
         origin_state_id: int | None = None,
         answer_cache_size: int = 1024,
+        tls: Tls | None = None,
         **limits: Any,
     ) -> None:
-        """``limits``: any other :class:`~daemons.diameter.local.Settings` field by name
-        (``max_frame``, ``max_connections_per_source``, ``max_pending_per_peer``, ...)."""
+        """``tls``: the node's TLS contexts (:func:`daemons.diameter.tls.contexts`): every connection,
+        accepted or dialled, is TLS 1.3 with a certificate checked against the peer's Origin-Host;
+        None: plain TCP (a warning at start). ``limits``: any other
+        :class:`~daemons.diameter.local.Settings` field by name (``max_frame``,
+        ``max_connections_per_source``, ``max_pending_per_peer``, ...)."""
         unknown = sorted(set(limits) - set(Settings.__dataclass_fields__))
         if unknown:
             raise TypeError(f"unknown Diameter setting {unknown[0]!r}")
@@ -97,7 +103,7 @@ class DiameterNode:
         self._dispatcher = Dispatcher(self._local, self._router)
         self._watchdog = Watchdog(self._local, self._router)
         self._table = PeerTable(self._local, peers, self._watchdog, self._dispatcher.receive,
-                                listen_address=listen_address, listen_port=listen_port)
+                                listen_address=listen_address, listen_port=listen_port, tls=tls)
 
     # -- identity and state --------------------------------------------------------------
 

@@ -11,11 +11,18 @@ open peer to the ``deliver`` callback (the node's dispatcher).
 * Who a connection's peer is, is decided in one place, :meth:`PeerTable.identify`: for an
   incoming connection, its CER names a configured peer (Origin-Host and Origin-Realm) and the
   connection comes from one of that peer's addresses (``sources``, and the address we dial it
-  at); for one we dialled, the CEA names the peer we dialled. Anything else is refused: a CER
-  with 3010 DIAMETER_UNKNOWN_PEER (RFC 6733 §5.3; the same answer for an unknown name, a wrong
-  realm and a wrong source address, so that nobody learns which names are configured), a CEA by
-  closing the connection. TLS (RFC 6733 §13) will bind the identity to the peer's certificate
-  there.
+  at); for one we dialled, the CEA names the peer we dialled. Over TLS the peer's certificate
+  (verified against the configured CA during the handshake) must name that Origin-Host in its
+  subjectAltName DNS entries. Anything else is refused: a CER with 3010 DIAMETER_UNKNOWN_PEER
+  (RFC 6733 §5.3; the same answer for an unknown name, a wrong realm, a wrong source address and
+  a certificate for another name, so that nobody learns which names are configured), a CEA by
+  closing the connection.
+* TLS (RFC 6733 §2.1, §13; :mod:`.tls`): when the node has TLS contexts, every connection is TLS
+  from its first byte, TLS 1.3, the certificate of the other end required and verified. A
+  handshake that fails (no certificate, one from another CA, not TLS at all) closes the
+  connection before any Diameter message is read; it is counted (``tls_handshake_failed``) and
+  logged with the address and the ssl module's reason. Without TLS contexts the node speaks
+  plain TCP and says so at start (``diameter.plaintext``).
 * Unknown peers are refused unless ``accept_unknown_peers`` (tests and tools only; a warning at
   start): they then become ``dynamic`` peers, not bound to any address, forgotten
   ``dynamic_peer_ttl`` after their connection closed.
@@ -45,6 +52,7 @@ import contextlib
 import enum
 import ipaddress
 import random
+import ssl
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -67,6 +75,7 @@ from daemons.wire.diameter.message import Header, Message
 from .connection import Connection, FramingError
 from .errors import example_avp
 from .local import CMD_CER, CMD_DPR, CMD_DWR, LocalNode, hex_id, log
+from .tls import Tls, reason
 
 if TYPE_CHECKING:
     from .watchdog import Watchdog
@@ -193,6 +202,7 @@ class Peer:
             "agent": self.agent,
             "dynamic": self.dynamic,
             "connected": None if self.conn is None else self.conn.remote_text,
+            "tls": None if self.conn is None or self.conn.tls is None else self.conn.tls.version,
             "direction": None if self.conn is None else ("in" if self.conn.incoming else "out"),
             "applications": sorted(self.applications),
             "origin_state_id": self.origin_state_id,
@@ -205,8 +215,9 @@ class PeerTable:
     """The peer table and the peer state machine of one node (see the module docstring)."""
 
     def __init__(self, local: LocalNode, peers: dict[str, Peer], watchdog: Watchdog, deliver: Deliver, *,
-                 listen_address: str | None = None, listen_port: int = DIAMETER_PORT) -> None:
+                 listen_address: str | None = None, listen_port: int = DIAMETER_PORT, tls: Tls | None = None) -> None:
         self.local = local
+        self.tls = tls  # None: plain TCP
         self.peers = peers  # by lower-case host; the router routes on the same table
         self.watchdog = watchdog
         self.deliver = deliver
@@ -262,9 +273,18 @@ class PeerTable:
         if self.local.settings.accept_unknown_peers:
             log.warning("diameter.unknown_peers_accepted", host=self.local.origin_host,
                         why="accept_unknown_peers is on: any host may connect, under any name (tests and tools only)")
+        if self.tls is None:
+            log.warning("diameter.plaintext", host=self.local.origin_host,
+                        why="Diameter over plain TCP: peers are not authenticated and every AVP, keys included, "
+                            "crosses the wire in clear (RFC 6733 §13 requires TLS or IPsec)")
+        elif self.tls.keylog is not None:
+            log.warning("diameter.tls.keylog", host=self.local.origin_host, file=str(self.tls.keylog),
+                        why="TLS session secrets are written to this file: anyone who reads it decrypts the "
+                            "captured traffic (a lab and debugging aid only)")
         if self.listen_address is not None:
             self._server = await asyncio.start_server(self._accept, self.listen_address, self.listen_port)
             log.info("diameter.listen", host=self.local.origin_host, address=self.listen_address, port=self.port,
+                     transport="tcp" if self.tls is None else "tls",
                      peers=",".join(sorted(p.host for p in self.peers.values() if not p.dynamic and
                                            (p.sources or p.address))) or None)
         for peer in self.peers.values():
@@ -338,10 +358,18 @@ class PeerTable:
         assert peer.address is not None
         settings = self.local.settings
         self._dial_state(peer, PeerState.CONNECTING)
+        secure: dict[str, Any] = {} if self.tls is None else {
+            "ssl": self.tls.client, "server_hostname": peer.host, "ssl_handshake_timeout": settings.connect_timeout}
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(peer.address, peer.port), settings.connect_timeout
+                asyncio.open_connection(peer.address, peer.port, **secure), settings.connect_timeout
             )
+        except ssl.SSLError as e:  # connected, but the TLS handshake failed (e.g. its certificate is not trusted)
+            self._dial_state(peer, PeerState.CLOSED)
+            self.local.counters["tls_handshake_failed"] += 1
+            log.warning("peer.tls.failed", peer=peer.host, address=f"{peer.address}:{peer.port}", direction="out",
+                        reason=reason(e))
+            return False
         except (OSError, TimeoutError) as e:
             self._dial_state(peer, PeerState.CLOSED)
             log.info("peer.connect.failed", peer=peer.host, address=f"{peer.address}:{peer.port}",
@@ -349,7 +377,8 @@ class PeerTable:
             return False
         conn = Connection(reader, writer, incoming=False)
         self.conns.add(conn)
-        log.info("peer.connected", peer=peer.host, address=conn.remote_text, direction="out")
+        log.info("peer.connected", peer=peer.host, address=conn.remote_text, direction="out",
+                 tls=None if conn.tls is None else conn.tls.version)
         conn.cea = asyncio.get_running_loop().create_future()
         reader_task = self.local.spawn(self._read_loop(conn))
         self._dial_state(peer, PeerState.WAIT_CEA)
@@ -442,7 +471,8 @@ class PeerTable:
         ``accept_unknown_peers``, a new dynamic peer not yet in the table) or why not.
         Incoming: Origin-Host names a configured peer, Origin-Realm is its realm, and the
         connection comes from one of its addresses. Dialled: the CEA names the peer we dialled
-        (its address is where we dialled). A TLS certificate naming the peer will be checked here.
+        (its address is where we dialled). Over TLS, both ways, the certificate the peer showed in
+        the handshake must name the Origin-Host (subjectAltName DNS, case-insensitive).
         """
         host = str(msg.get("Origin-Host") or "")
         realm = str(msg.get("Origin-Realm") or "")
@@ -450,11 +480,18 @@ class PeerTable:
             if host.lower() != dialled.key or realm.lower() != dialled.realm.lower():
                 return None, Refusal(None, "cea_identity_mismatch", f"CEA from {host or '-'} ({realm or '-'}), "
                                      f"dialled {dialled.host} ({dialled.realm})")
+            if conn.tls is not None and not conn.tls.names(host):
+                return None, Refusal(None, "cea_certificate_mismatch",
+                                     f"its certificate names {','.join(conn.tls.dns_names) or 'no DNS name'}")
             return dialled, None
         peer = self.peers.get(host.lower())
+        certified = conn.tls is None or conn.tls.names(host)
         if peer is None or peer.dynamic:
             if not self.local.settings.accept_unknown_peers:
                 return None, Refusal(ResultCode.DIAMETER_UNKNOWN_PEER, "cer_unknown_peer", "not a configured peer")
+            if not certified:
+                return None, Refusal(ResultCode.DIAMETER_UNKNOWN_PEER, "cer_certificate_mismatch",
+                                     "its certificate does not name that Origin-Host")
             if peer is None:
                 peer = Peer(host, realm, dynamic=True)
             elif realm.lower() != peer.realm.lower():
@@ -466,6 +503,10 @@ class PeerTable:
         if not peer.may_connect_from(source_address(conn)):
             return None, Refusal(ResultCode.DIAMETER_UNKNOWN_PEER, "cer_address_refused",
                                  "not one of the peer's addresses")
+        if not certified:
+            assert conn.tls is not None
+            return None, Refusal(ResultCode.DIAMETER_UNKNOWN_PEER, "cer_certificate_mismatch",
+                                 f"its certificate names {','.join(conn.tls.dns_names) or 'no DNS name'}")
         return peer, None
 
     def _on_cer(self, conn: Connection, cer: Message) -> None:
@@ -602,12 +643,29 @@ class PeerTable:
             conn.close(abort=True)
             return
         self.conns.add(conn)
-        log.info("peer.accepted", address=conn.remote_text)
+        if self.tls is not None and not await self._handshake(conn):
+            return
+        log.info("peer.accepted", address=conn.remote_text, tls=None if conn.tls is None else conn.tls.version)
         timer = asyncio.get_running_loop().call_later(self.local.settings.cer_timeout, self._cer_timeout, conn)
         try:
             await self._read_loop(conn)
         finally:
             timer.cancel()
+
+    async def _handshake(self, conn: Connection) -> bool:
+        """TLS server handshake on an accepted connection (nothing else is read before it is done)."""
+        assert self.tls is not None
+        try:
+            await conn.writer.start_tls(self.tls.server, ssl_handshake_timeout=self.local.settings.cer_timeout)
+        except (OSError, TimeoutError) as e:  # ssl.SSLError is an OSError
+            conn.close(abort=True)
+            self._connection_lost(conn)
+            if not self.local.stopping:
+                self.local.counters["tls_handshake_failed"] += 1
+                log.warning("peer.tls.failed", address=conn.remote_text, direction="in", reason=reason(e))
+            return False
+        conn.secured()
+        return True
 
     def _cer_timeout(self, conn: Connection) -> None:
         if conn.peer is None and not conn.is_closed:
@@ -635,6 +693,9 @@ class PeerTable:
                         break
                     continue
                 self._receive(conn, msg)
+        except ssl.SSLError as e:  # e.g. the other end refused our certificate (TLS 1.3: after its handshake)
+            log.warning("peer.tls.error", peer=conn.peer.host if conn.peer else "-", address=conn.remote_text,
+                        reason=reason(e))
         except (asyncio.IncompleteReadError, ConnectionError, OSError):
             pass
         except asyncio.CancelledError:

@@ -6,10 +6,18 @@ are fresh per lab (CSPRNG) and live only in the per-node configuration files (mo
 and the AAAH's database, plus, for synthetic users only (topology users without an ``mn``
 node), ``RUN_DIR/bench-users.yaml`` (mode 0600): a lab/benchmark artifact, read by the load
 generator that registers on their behalf (``mipvpn bench register``).
+
+Diameter runs over TLS (``diameter_transport`` left at its default): the lab makes its own CA
+in ``RUN_DIR/pki`` (``daemons.provision.pki``; its key 0600, never leaves that directory) and
+one certificate per Diameter node (and relay), for its Diameter identity and addresses, next to
+the node's configuration (``diameter.pem``, ``diameter.key`` 0600). Every Diameter node (and the
+relay) writes its TLS secrets to ``RUN_DIR/tls-keys/NODE.keys`` (a lab aid, so that the captures
+decode in Wireshark: see :func:`keylog_path`; each daemon warns about it at start).
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import secrets
 import sys
@@ -74,9 +82,19 @@ def control_socket(run_dir: Path, node: str) -> Path:
     return node_dir(run_dir, node) / "control.sock"
 
 
+PKI_DIR = "pki"  # the lab's CA (ca.pem, ca.key 0600)
+KEYLOG_DIR = "tls-keys"  # one TLS key log per Diameter node (NSS format)
+
+
+def keylog_path(run_dir: Path, node: str) -> Path:
+    """Where ``node`` writes its TLS secrets: give tshark/Wireshark ``-o tls.keylog_file:`` the
+    concatenation of every node's file to decrypt the lab's Diameter traffic."""
+    return run_dir / KEYLOG_DIR / f"{node}.keys"
+
+
 def lab_ca_dir(run_dir: Path) -> Path:
     """Where the lab's CA lives (``daemons.provision.pki``; removed with the run directory)."""
-    return run_dir / "pki"
+    return run_dir / PKI_DIR
 
 
 def lab_ca_file(run_dir: Path) -> Path:
@@ -190,8 +208,22 @@ class Plan:
         if ROLES[self.topo.nodes[node].role].terminates_paths:
             out.update(ipsec_backend=self.backend, run_dir=self.run_dir)
         if ROLES[self.topo.nodes[node].role].diameter and self.topo.nodes[node].domain:
-            out.update(diameter_host=self.identity(node), diameter_realm=self.realm(node))
+            out.update(diameter_host=self.identity(node), diameter_realm=self.realm(node),
+                       diameter_tls=self.diameter_tls(node))
         return out
+
+    # ---- Diameter over TLS: the lab's CA, one certificate and key log per Diameter node ------
+    @functools.cached_property
+    def ca(self) -> pki.Authority:
+        return pki.make_ca(lab_ca_dir(self.run_dir))
+
+    def diameter_tls(self, node: str) -> cfg.DiameterTls:
+        """The node's certificate (SAN: its Diameter identity and its addresses) and key log."""
+        issued = pki.issue(self.ca, self.identity(node), node_dir(self.run_dir, node),
+                           ips=[net.network_address for net in self.owned(node)], stem="diameter")
+        keylog = keylog_path(self.run_dir, node)
+        keylog.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        return cfg.DiameterTls(self.ca.cert_path, issued.cert, issued.key, keylog)
 
     def static_path(self, cngw: str, ha: str) -> cfg.StaticPath:
         """The CN-GW's static tunnel to a home agent (claim 16), keyed from the master secret
@@ -282,7 +314,7 @@ class Plan:
         """The AAAH's profile API over HTTPS, its server certificate from the lab's CA (for its
         Diameter identity and its lab address, the one clients dial): ``NODE/profile-api.pem``
         and ``.key`` (0600). Clients inside the lab trust ``lab_ca_file(run_dir)``."""
-        issued = pki.issue(pki.make_ca(lab_ca_dir(self.run_dir)), self.identity(node), node_dir(self.run_dir, node),
+        issued = pki.issue(self.ca, self.identity(node), node_dir(self.run_dir, node),
                            ips=[self.address(node)], stem="profile-api")
         return cfg.ProfileApiConfig(self.address(node), PROFILE_API_PORT, cert_file=issued.cert, key_file=issued.key)
 
@@ -318,8 +350,8 @@ class Plan:
 
     def relay_services(self) -> list[Service]:
         """One freeDiameterd per relay node, peered with the AAAHs it relays to and every AAAF
-        (all of them dial it for those realms); config and throwaway TLS credentials in the node's
-        directory (see ``daemons.provision.fdrelay``)."""
+        (all of them dial it for those realms); config and its certificate from the lab's CA in the
+        node's directory, its key log with the others (see ``daemons.provision.fdrelay``)."""
         out = []
         relays: dict[str, list[str]] = {}
         for spec in self.topo.domains.values():
@@ -329,8 +361,10 @@ class Plan:
         for node, homes in relays.items():
             peers = [fdrelay.RelayPeer(self.identity(n), self.address(n)) for n in [*homes, *aaafs]]
             conf = fdrelay.write_config(node_dir(self.run_dir, node) / "freediameter", node, self.address(node),
-                                        peers)
-            out.append(Service(f"relay:{node}", node, fdrelay.command(conf), None, fdrelay.RELAY_PORT))
+                                        peers, self.ca, addresses=[net.network_address for net in self.owned(node)])
+            keylog = keylog_path(self.run_dir, node)
+            keylog.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            out.append(Service(f"relay:{node}", node, fdrelay.command(conf, keylog), None, fdrelay.RELAY_PORT))
         return out
 
     def mn(self, node: str) -> cfg.MNConfig | None:

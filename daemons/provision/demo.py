@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from daemons.provision.configs import KEYLOG_DIR
 from daemons.runtime import control
 from lab.lab import Lab, LabError
 from lab.probe import DEFAULT_PORT
@@ -467,6 +468,10 @@ def format_summary(result: DemoResult) -> str:
         lines.append(f"timeline: {result.png}")
     if result.captures:
         lines.append(f"pcaps: {result.captures}/ (copy them out before `mipvpn lab down`)")
+        keys = result.run_dir / KEYLOG_DIR
+        if any(keys.glob("*.keys")):
+            lines.append(f"Diameter is TLS in them: decrypt with the key logs {keys}/*.keys (docs/protocol.md, "
+                         "\"Transport: TLS\")")
     return "\n".join(lines)
 
 

@@ -13,27 +13,35 @@ freeDiameter specifics this module deals with (1.2.1):
 * without an ACL extension it takes CERs only from configured peers, so every AAAF and AAAH
   is a ``ConnectPeer``: the relay dials them all, and the AAAFs also dial it (RFC 6733 §5.6.4
   election keeps one connection per pair);
-* it does not start without TLS credentials, even when every peer is ``No_TLS``, and the
-  certificate's owner must be its Identity: a throwaway self-signed one is made per lab, next
-  to the configuration in the run directory (key file mode 0600; it secures nothing);
+* Diameter over TLS as the daemons speak it (RFC 6733 §2.1, §13): TLS from the first byte on
+  ``SecPort`` (5658; freeDiameter's own default is 5868), no plain listener (``Port = 0``), every
+  peer dialled on 5658 without ``No_TLS`` nor ``TLS_old_method``, TLS 1.3 only (GnuTLS priority).
+  Its certificate is issued by the lab's CA (``daemons.provision.pki``) for its Identity (which
+  freeDiameter requires), and it trusts that CA only; it checks the certificate of each peer it
+  dials against the peer's Diameter identity, and the daemons check its certificate against its
+  Origin-Host;
+* GnuTLS writes the TLS secrets where ``SSLKEYLOGFILE`` says (lab only, so that its links
+  decode in Wireshark): :func:`command` sets it for the process when given a key log;
 * it ships no RFC 4004 dictionary and needs none to relay.
 
 Its identity is ``NODE.relay.example`` (realm ``relay.example``, a realm of its own: the AAAH
 never routes its own realm's traffic to it). It has no control socket: the lab calls it healthy
-once it listens on its TCP port.
+once it listens on its TLS port.
 """
 
 from __future__ import annotations
 
-import datetime
 import ipaddress
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from daemons.provision import pki
+
 RELAY_REALM = "relay.example"
-RELAY_PORT = 3868
-DIAMETER_PORT = 3868
+RELAY_PORT = 5658  # where it listens: Diameter over TLS ("diameters", RFC 6733 §2.1)
+DIAMETER_PORT = 5658  # where it dials the daemons (they speak TLS by default)
+TLS_PRIORITY = "NORMAL:-VERS-ALL:+VERS-TLS1.3"  # TLS 1.3 only, as the daemons (daemons.diameter.tls)
 RECONNECT_S = 3  # TcTimer: how soon the relay re-dials a peer that went away (freeDiameter's default: 30)
 EXECUTABLE = "freeDiameterd"
 
@@ -44,7 +52,7 @@ class RelayUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class RelayPeer:
-    """A peer the relay accepts and dials (No_TLS)."""
+    """A peer the relay accepts and dials (over TLS)."""
 
     host: str  # Diameter identity
     address: ipaddress.IPv4Address
@@ -56,60 +64,45 @@ def identity(node: str) -> str:
     return f"{node}.{RELAY_REALM}"
 
 
-def command(conf: Path) -> list[str]:
+def command(conf: Path, keylog: Path | None = None) -> list[str]:
+    """The relay's command line; with ``keylog``, GnuTLS writes its TLS secrets there (``env``
+    sets ``SSLKEYLOGFILE`` for the process only: a path, no secret, on the command line)."""
     exe = shutil.which(EXECUTABLE)
     if exe is None:
         raise RelayUnavailable(f"the topology asks for a Diameter relay but {EXECUTABLE} is not installed "
                                "(Debian package freediameterd)")
-    return [exe, "-c", str(conf)]
+    argv = [exe, "-c", str(conf)]
+    if keylog is not None:
+        argv = [shutil.which("env") or "/usr/bin/env", f"SSLKEYLOGFILE={keylog}", *argv]
+    return argv
 
 
 def write_config(directory: Path, node: str, listen: ipaddress.IPv4Address, peers: list[RelayPeer],
-                 port: int = RELAY_PORT) -> Path:
-    """Write ``freeDiameter.conf`` and its throwaway TLS credentials into ``directory``."""
+                 ca: pki.Authority, port: int = RELAY_PORT,
+                 addresses: list[ipaddress.IPv4Address] | None = None) -> Path:
+    """Write ``freeDiameter.conf`` into ``directory``, with the relay's certificate from ``ca``
+    (for its identity and ``addresses``; key 0600)."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     me = identity(node)
-    cert, key = write_self_signed(directory, me)
+    issued = pki.issue(ca, me, directory, ips=addresses or [listen])
     lines = [
         "# freeDiameterd as a Diameter relay in the mipvpn lab (written by daemons.provision.fdrelay)",
         f'Identity = "{me}";',
         f'Realm = "{RELAY_REALM}";',
-        f"Port = {port};",
-        "SecPort = 0;  # no TLS listener",
+        "Port = 0;  # no plain-TCP listener",
+        f"SecPort = {port};  # Diameter over TLS from the first byte (RFC 6733 §2.1)",
         f'ListenOn = "{listen}";',
         "No_SCTP;",
         "No_IPv6;",
         f"TcTimer = {RECONNECT_S};",
-        "# required even with No_TLS everywhere; self-signed, made for this lab only",
-        f'TLS_Cred = "{cert}", "{key}";',
-        f'TLS_CA = "{cert}";',
+        "# issued by the lab's CA for our Identity; peers must show a certificate of the same CA",
+        f'TLS_Cred = "{issued.cert}", "{issued.key}";',
+        f'TLS_CA = "{ca.cert_path}";',
+        f'TLS_Prio = "{TLS_PRIORITY}";',
     ]
-    lines += [f'ConnectPeer = "{p.host}" {{ ConnectTo = "{p.address}"; Port = {p.port}; No_TLS; }};' for p in peers]
+    # neither No_TLS nor TLS_old_method: TLS at connect (RFC 6733), to the peer's TLS port
+    lines += [f'ConnectPeer = "{p.host}" {{ ConnectTo = "{p.address}"; Port = {p.port}; }};' for p in peers]
     conf = directory / "freeDiameter.conf"
     conf.write_text("\n".join(lines) + "\n")
     return conf
 
-
-def write_self_signed(directory: Path, common_name: str) -> tuple[Path, Path]:
-    """A fresh P-256 key and a self-signed certificate for ``common_name`` (PEM files)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName(common_name)]), critical=False)
-            .sign(key, hashes.SHA256()))
-    key_path, cert_path = directory / "key.pem", directory / "cert.pem"
-    key_path.touch(mode=0o600)
-    key_path.chmod(0o600)
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return cert_path, key_path

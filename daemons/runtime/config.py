@@ -152,10 +152,10 @@ class DiameterPeer:
     """A Diameter peer we dial (and that may also connect to us, from ``address`` or
     ``source_addresses``)."""
 
-    host: str  # Diameter identity: the Origin-Host its CEA/CER must carry
+    host: str  # Diameter identity: the Origin-Host its CEA/CER (and its TLS certificate) must carry
     realm: str  # its own realm: the Origin-Realm its CEA/CER must carry
     address: ipaddress.IPv4Address
-    port: int = 3868
+    port: int | None = None  # None: the transport's port (TLS 5658, TCP 3868)
     # Other addresses it may connect to us from (e.g. a relay that also dials us, from the interface
     # that faces us); its own connections from anywhere else are refused (RFC 6733 §5.3: 3010).
     source_addresses: list[ipaddress.IPv4Network] = field(default_factory=list)
@@ -167,7 +167,7 @@ class DiameterPeer:
 class AcceptedPeer:
     """A Diameter peer that may connect to us (RFC 6733 §5.3: a CER from anyone else is answered
     3010 DIAMETER_UNKNOWN_PEER): its identity and realm, and the addresses its connections come
-    from (hosts or prefixes; a TLS certificate will bind the identity later)."""
+    from (hosts or prefixes); over TLS its certificate must name the identity too."""
 
     host: str
     realm: str
@@ -182,6 +182,19 @@ class DiameterLimits:
     max_message: int = 65536  # bytes of a message after the capabilities exchange (before: 4096)
     connections_per_source: int = 8  # transport connections from one source address
     pending_per_peer: int = 256  # requests of one peer in flight; beyond: 3004 DIAMETER_TOO_BUSY
+
+
+@dataclass(frozen=True)
+class DiameterTls:
+    """This node's TLS credentials for Diameter (RFC 6733 §13; daemons.diameter.tls): the CA its
+    peers' certificates must chain to, its own certificate (subjectAltName DNS = its
+    ``diameter_host``) and private key (readable by its owner only), all PEM files. ``keylog``:
+    write the TLS session secrets there for Wireshark (a lab and debugging aid: a warning at start)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    keylog: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -200,6 +213,10 @@ class Common:
     # relay). Nobody else gets in (RFC 6733 §5.3: 3010).
     accept_peers: list[AcceptedPeer] = field(default_factory=list)
     diameter_limits: DiameterLimits = field(default_factory=DiameterLimits)
+    # How we speak Diameter: tls (RFC 6733 §13, port 5658, needs diameter_tls) or tcp (plain: peers
+    # unauthenticated, keys in clear on the wire; a warning at start).
+    diameter_transport: str = "tls"
+    diameter_tls: DiameterTls | None = None
     static_paths: list[StaticPath] = field(default_factory=list)
 
 
@@ -285,7 +302,7 @@ class HomeAgentRef:
     address: ipaddress.IPv4Address  # the Home Agent field of RRQs: picks the HA
     diameter_host: str  # its Diameter identity (Destination-Host of the HAR)
     home_prefix: ipaddress.IPv4Network  # its side of the static HA-CN-GW tunnel
-    port: int = 3868
+    port: int | None = None  # None: the transport's Diameter port
     diameter_address: ipaddress.IPv4Address | None = None  # where to dial it, if not at ``address``
     diameter_realm: str = ""  # its realm (its CEA's Origin-Realm), if not ours
 
@@ -293,7 +310,7 @@ class HomeAgentRef:
 @dataclass(frozen=True)
 class AAAHConfig(Common):
     address: ipaddress.IPv4Address = NO_ADDRESS  # we listen here for Diameter (AAAFs dial us)
-    port: int = 3868
+    port: int | None = None  # None: the transport's Diameter port (TLS 5658, TCP 3868)
     db_url: str = ""  # the VPN database (users, profiles, correspondence table): sqlite:/// or postgresql://
     master_secret: Secret | None = None  # the domain's master secret: pair PSKs and static path keys
     home_agents: list[HomeAgentRef] = field(default_factory=list)
@@ -327,7 +344,7 @@ class ProfileApiConfig:
 @dataclass(frozen=True)
 class AAAFConfig(Common):
     address: ipaddress.IPv4Address = NO_ADDRESS  # we listen here for Diameter (FAs dial us)
-    port: int = 3868
+    port: int | None = None  # None: the transport's Diameter port (TLS 5658, TCP 3868)
     home_servers: list[DiameterPeer] = field(default_factory=list)  # the AAAH of each realm; we dial them
     relay_timeout: float = 4.0  # no AMA from the AAAH by then: 3002 back to the FA
 

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from tests.conftest import LabEnv
+from tests.unit.tlskit import tshark_tls_options
 
 # Runs inside a node's namespace: send one UDP datagram, print the reply (hex) if one comes.
 SENDER = """
@@ -73,8 +75,30 @@ def binding_via(env: LabEnv, coa: str):
     return check
 
 
-def tshark(pcap, *args: str) -> str:
-    return subprocess.run(["tshark", "-r", str(pcap), *args], capture_output=True, text=True,
+KEYLOG_DIR = "tls-keys"  # daemons.provision.configs.KEYLOG_DIR: RUN_DIR/tls-keys/NODE.keys
+_KEYLOGS = Path(tempfile.mkdtemp(prefix="mipvpn-keylogs-"))
+
+
+def lab_keylog(pcap) -> Path | None:
+    """Every TLS key log of the lab whose capture ``pcap`` is (RUN_DIR/captures/LINK.pcap), in one
+    file (tshark takes one): what decrypts the lab's Diameter over TLS. None if it has none."""
+    logs = sorted((Path(pcap).parent.parent / KEYLOG_DIR).glob("*.keys"))
+    if not logs:
+        return None
+    joined = _KEYLOGS / f"{abs(hash(str(Path(pcap).parent.resolve())))}.keys"
+    joined.write_bytes(b"".join(p.read_bytes().rstrip(b"\n") + b"\n" for p in logs))
+    return joined
+
+
+def tls_options(pcap, keys: bool = True) -> list[str]:
+    """tshark options that decode the lab's Diameter over TLS (with its key logs unless ``keys`` is False)."""
+    return tshark_tls_options(lab_keylog(pcap) if keys else None)
+
+
+def tshark(pcap, *args: str, keys: bool = True) -> str:
+    """tshark on a lab capture; Diameter over TLS decrypted with the lab's key logs (``keys=False``:
+    as anyone on the wire sees it, TLS records only)."""
+    return subprocess.run(["tshark", "-r", str(pcap), *tls_options(pcap, keys), *args], capture_output=True, text=True,
                           check=True).stdout
 
 

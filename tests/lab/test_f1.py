@@ -11,6 +11,8 @@ import time
 
 import pytest
 
+from daemons.provision.configs import control_socket
+from daemons.runtime import control
 from daemons.runtime.config import SecurityAssociation
 from daemons.runtime.secret import Secret
 from daemons.wire import mip
@@ -79,6 +81,26 @@ def test_f1_registration_installs_esp_paths_and_traffic_flows(lab_up: LabEnv) ->
     avps = tshark(captures / "core-aaah.pcap", "-Y", "diameter.cmd.code == 260", "-V")
     for name in ("MIP-Reg-Request", "MIP-MN-AAA-Auth", "MIP-FA-Challenge", "User-Name", "MIP-Reg-Reply"):
         assert name in avps, name
+
+    # ...and all of it over TLS 1.3 (RFC 6733 §13), decoded above only with the lab's key logs: as
+    # anyone on the wire sees it, TLS records on 5658 and not one Diameter message, nothing on 3868.
+    for link in ("core-fa1", "core-aaaf1", "core-aaah", "core-ha"):
+        pcap = captures / f"{link}.pcap"
+        assert tshark(pcap, "-Y", "diameter || tcp.port == 3868", "-T", "fields", "-e", "frame.number",
+                      keys=False).split() == [], link
+        hellos = tshark(pcap, "-Y", "tls.handshake.type == 2", "-T", "fields",
+                        "-e", "tls.handshake.extensions.supported_version", keys=False).split()
+        assert hellos and set(hellos) == {"0x0304"}, (link, hellos)  # ServerHello: TLS 1.3
+        records = tshark(pcap, "-Y", "tls.app_data && tcp.port == 5658", "-T", "fields", "-e", "tls.record.version",
+                         keys=False).split()
+        assert len(records) >= 4, link
+    def tls_of_peers(node: str) -> dict[str, str]:
+        return {p["peer"]: p["tls"] for p in control.call(control_socket(lab_up.run_dir, node), "peers")}
+
+    assert tls_of_peers("aaah") == {"aaaf1.visit-a.example": "TLSv1.3", "aaaf2.visit-b.example": "TLSv1.3",
+                                    "ha.home.example": "TLSv1.3"}
+    assert tls_of_peers("aaaf1") == {"aaah.home.example": "TLSv1.3", "fa1.visit-a.example": "TLSv1.3",
+                                     "fa2.visit-a.example": "TLSv1.3"}
 
 
 def test_bad_mn_aaa_secret_is_refused_and_nothing_is_installed(lab_up: LabEnv) -> None:

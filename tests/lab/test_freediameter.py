@@ -1,9 +1,9 @@
 """Flow F1 through an independent Diameter relay: freeDiameterd (Debian ``freediameterd``) between
-the AAAFs and the AAAH.
+the AAAFs and the AAAH, over TLS 1.3 on every leg.
 
 The default topology with ``domains: {home.example: {aaa: aaah, relay: core}}``: the lab runs
-freeDiameterd in ``core`` (``daemons.provision.fdrelay``; its throwaway self-signed certificate is made in the
-run directory, under the test's tmp dir), the AAAFs dial it for home.example instead of the AAAH.
+freeDiameterd in ``core`` (``daemons.provision.fdrelay``; its certificate is issued by the lab's CA
+in the run directory, under the test's tmp dir), the AAAFs dial it for home.example instead of the AAAH.
 The registration still completes, the MN reaches the CN over its VPN, a wrong MN-AAA secret is
 still refused, and the captures show the AMR crossing the relay with the Route-Record it added.
 """
@@ -80,8 +80,10 @@ def test_f1_through_a_freediameter_relay(relay_lab: LabEnv) -> None:
     # Who is connected to whom: the AAAF to the relay only (for home.example), the AAAH to the relay.
     aaaf_peers, aaah_peers = peers(env, "aaaf1"), peers(env, "aaah")
     assert AAAH_HOST not in aaaf_peers
-    assert aaaf_peers[RELAY_HOST]["state"] == "open" and aaaf_peers[RELAY_HOST]["address"] == f"{RELAY}:3868"
+    assert aaaf_peers[RELAY_HOST]["state"] == "open" and aaaf_peers[RELAY_HOST]["address"] == f"{RELAY}:5658"
     assert aaah_peers[RELAY_HOST]["state"] == "open" and aaah_peers[RELAY_HOST]["realm"] == "relay.example"
+    # over TLS 1.3, freeDiameter's certificate (the lab CA's, for its identity) checked by both
+    assert aaaf_peers[RELAY_HOST]["tls"] == aaah_peers[RELAY_HOST]["tls"] == "TLSv1.3"
     assert 0xFFFFFFFF in aaah_peers[RELAY_HOST]["applications"]  # it advertised Relay-Application-Id
 
     # A wrong MN-AAA secret is still refused, its 4001 relayed back through freeDiameter.
@@ -130,3 +132,12 @@ def test_f1_through_a_freediameter_relay(relay_lab: LabEnv) -> None:
                      "-T", "fields", "-e", "frame.number", "-e", "_ws.expert.message")
         problems = [p for p in out.splitlines() if p.strip() and "Unknown AVP" not in p and "Undecoded" not in p]
         assert problems == [], (pcap, problems)
+    # Every relayed leg is TLS 1.3 on 5658 (decoded above with the key logs); without them: no
+    # Diameter at all. GnuTLS wrote the relay's own key log (SSLKEYLOGFILE).
+    for pcap in ("core-aaaf1.pcap", "core-aaah.pcap"):
+        assert tshark(captures / pcap, "-Y", "diameter || tcp.port == 3868", "-T", "fields", "-e", "frame.number",
+                      keys=False).split() == [], pcap
+        hellos = tshark(captures / pcap, "-Y", "tls.handshake.type == 2", "-T", "fields",
+                        "-e", "tls.handshake.extensions.supported_version", keys=False).split()
+        assert hellos and set(hellos) == {"0x0304"}, (pcap, hellos)
+    assert "CLIENT_TRAFFIC_SECRET_0" in (env.run_dir / "tls-keys" / "core.keys").read_text()

@@ -26,7 +26,7 @@ import yaml
 from daemons.roles import load_config
 from daemons.wire import mip
 from tests.conftest import LabEnv
-from tests.lab.mipkit import binding_via, installed_secrets, show, tshark, wait_for
+from tests.lab.mipkit import binding_via, installed_secrets, show, tls_options, tshark, wait_for
 
 pytestmark = pytest.mark.lab
 
@@ -64,7 +64,7 @@ def ping(env: LabEnv, node: str, dst: str, size: int, count: int = 5) -> None:
 def binding_messages(pcap: Path) -> list[dict[str, str]]:
     """Binding messages and HAR/HAA in frame order, as tshark (with our dissector) decodes them."""
     proc = subprocess.run(
-        ["tshark", "-r", str(pcap), "-X", f"lua_script:{LUA}",
+        ["tshark", "-r", str(pcap), *tls_options(pcap), "-X", f"lua_script:{LUA}",
          "-Y", "mipvpn || diameter.cmd.code == 262 || mip.type == 3",
          "-T", "fields", "-E", "separator=|", "-e", "frame.number", "-e", "ip.src", "-e", "ip.dst",
          "-e", "mipvpn.msg", "-e", "mipvpn.lifetime", "-e", "mipvpn.ident", "-e", "mipvpn.status",

@@ -46,6 +46,7 @@ from daemons.vpn.path import EndpointType, EspSuite, Qos
 from daemons.wire import mip
 from daemons.wire.diameter import Avp, Message, ResultCode
 from tests.unit.sealkit import key_files, opened
+from tests.unit.tlskit import credentials, node_tls
 
 LO = "127.0.0.1"
 HOME, VISIT = "home.example", "visit-a.example"
@@ -162,8 +163,10 @@ LOOPBACK = [IPv4Network(f"{LO}/32")]
 
 
 def aaah_config(tmp: Path, url: str, ha_port: int, har_timeout: float = 2.0) -> AAAHConfig:
-    """The AAAH: it dials the HA, and the AAAF (an agent: it relays the FA's AMRs) dials it."""
+    """The AAAH: it dials the HA, and the AAAF (an agent: it relays the FA's AMRs) dials it, over TLS
+    (certificates of one CA in ``tmp``)."""
     return AAAHConfig(node="aaah", role="aaah", state_dir=tmp / "aaah-state", control_socket=tmp / "aaah.sock",
+                      diameter_tls=credentials(tmp, AAAH_HOST),
                       diameter_host=AAAH_HOST, diameter_realm=HOME, address=IPv4Address(LO), port=0, db_url=url,
                       master_secret=MASTER, har_timeout=har_timeout,
                       home_agents=[HomeAgentRef(HA_ADDR, HA_HOST, HOME_PREFIX, ha_port, IPv4Address(LO))],
@@ -190,7 +193,7 @@ async def world(tmp: Path, ha_mode: str = "accept", ha_up: bool = True) -> Async
     stack = contextlib.AsyncExitStack()
     async with stack:
         if ha_up:
-            ha_node = DiameterNode(HA_HOST, HOME, [LO], listen_address=LO, listen_port=0)
+            ha_node = DiameterNode(HA_HOST, HOME, [LO], listen_address=LO, listen_port=0, tls=node_tls(tmp, HA_HOST))
             ha_node.add_peer(AAAH_HOST, HOME, sources=[LO])  # the AAAH dials it
             ha_node.register_handler(2, 262, ha, required=("User-Name", "MIP-Reg-Request"))
             await ha_node.start()
@@ -215,6 +218,7 @@ async def world(tmp: Path, ha_mode: str = "accept", ha_up: bool = True) -> Async
         aaaf = ForeignAAAServer(AAAFConfig(
             node="aaaf1", role="aaaf", state_dir=tmp / "aaaf-state", control_socket=tmp / "aaaf.sock",
             diameter_host=AAAF_HOST, diameter_realm=VISIT, address=IPv4Address(LO), port=0,
+            diameter_tls=credentials(tmp, AAAF_HOST),
             home_servers=[DiameterPeer(AAAH_HOST, HOME, IPv4Address(LO), aaah.diameter.port)],
             # Each FA connects from loopback and owns its care-of address (claim 17: an FA's AMR
             # is answered from the cache only for a care-of address of its own).
@@ -225,7 +229,7 @@ async def world(tmp: Path, ha_mode: str = "accept", ha_up: bool = True) -> Async
         await aaaf.diameter.wait_open(AAAH_HOST, 5)
         fas = []
         for host in (FA_HOST, FA2_HOST):
-            fa = DiameterNode(host, VISIT, [LO])
+            fa = DiameterNode(host, VISIT, [LO], tls=node_tls(tmp, host))
             fa.add_peer(AAAF_HOST, VISIT, LO, aaaf.diameter.port)
             fa.add_default_route(AAAF_HOST)
             await fa.start()

@@ -83,7 +83,7 @@ async def home_agent(tmp: Path, **extra: Any) -> AsyncIterator[tuple[HomeAgent, 
         address = f"127.{random.randrange(64, 250)}.{random.randrange(1, 250)}.{random.randrange(1, 250)}"
         config = HAConfig(node="ha", role="ha", state_dir=tmp / "ha", control_socket=tmp / "ha.sock",
                           address=IPv4Address(address), home_prefix=IPv4Network("198.18.100.0/24"),
-                          diameter_host=HA_HOST, diameter_realm=HOME,
+                          diameter_host=HA_HOST, diameter_realm=HOME, diameter_transport="tcp",
                           mobile_nodes=[MobileNodeEntry(NAI, HOA, SPI_MN_HA, MN_HA)],
                           accept_peers=[AcceptedPeer(AAAH_HOST, HOME, LOOPBACK)], seal=key_file(tmp, HA_HOST), **extra)
         ha = HomeAgent(config)
@@ -190,7 +190,8 @@ async def aaah_alone(tmp: Path) -> AsyncIterator[tuple[HomeAAAServer, FakeHA, in
         ha_node.register_handler(2, 262, ha, required=("User-Name", "MIP-Reg-Request"))
         await ha_node.start()
         stack.push_async_callback(ha_node.stop)
-        config = dataclasses.replace(aaah_config(tmp, seed(tmp / "vpn.db"), ha_node.port), accept_peers=[
+        config = dataclasses.replace(aaah_config(tmp, seed(tmp / "vpn.db"), ha_node.port), diameter_transport="tcp",
+                                     accept_peers=[
             AcceptedPeer(AAAF_HOST, VISIT, LOOPBACK, agent=True),
             AcceptedPeer(AAAF2_HOST, "visit-b.example", LOOPBACK, agent=True)])
         aaah = HomeAAAServer(config)
@@ -259,7 +260,7 @@ def test_aaaf_takes_amrs_only_from_its_fas(tmp_path: Path) -> None:
             aaaf = ForeignAAAServer(AAAFConfig(
                 node="aaaf1", role="aaaf", state_dir=tmp_path / "aaaf-state", control_socket=tmp_path / "aaaf.sock",
                 diameter_host=AAAF_HOST, diameter_realm=VISIT, address=IPv4Address(LO), port=0,
-                home_servers=[DiameterPeer(AAAH_HOST, HOME, IPv4Address(LO), home_port)],
+                diameter_transport="tcp", home_servers=[DiameterPeer(AAAH_HOST, HOME, IPv4Address(LO), home_port)],
                 accept_peers=[AcceptedPeer(FA_HOST, VISIT, LOOPBACK)]))
             await aaaf.start()
             try:
@@ -313,7 +314,7 @@ def test_an_fa_accepts_no_diameter_peer_and_files_load_the_new_fields(tmp_path: 
                     "                source_addresses: [198.18.0.9], routes: [home.example]}]\n"
                     "accept_peers: [{host: fa1.visit-a.example, realm: visit-a.example,\n"
                     "                addresses: [198.18.0.14, 198.18.101.0/24]}]\n"
-                    "diameter_limits: {max_message: 8192}\n")
+                    "diameter_limits: {max_message: 8192}\ndiameter_transport: tcp\n")
     config = load_config(path)
     assert isinstance(config, AAAFConfig)
     (fa,) = config.accept_peers
@@ -329,6 +330,7 @@ def test_an_fa_accepts_no_diameter_peer_and_files_load_the_new_fields(tmp_path: 
         load_config(path)
     fa_config = FAConfig(node="fa1", role="fa", state_dir=tmp_path / "fa", control_socket=tmp_path / "fa.sock",
                          diameter_host=FA_HOST, diameter_realm=VISIT, care_of_address=IPv4Address(LO),
+                         diameter_transport="tcp",
                          accept_peers=[AcceptedPeer(AAAF_HOST, VISIT, LOOPBACK)])
     with pytest.raises(ConfigError, match=r"fa1 \(fa\): accept_peers: the fa does not listen"):
         diameter_node(fa_config, host_ip_addresses=[LO])
@@ -343,6 +345,7 @@ def test_aaaf_ends_a_cached_session_only_for_the_fa_that_holds_it(tmp_path: Path
             aaaf = ForeignAAAServer(AAAFConfig(
                 node="aaaf1", role="aaaf", state_dir=tmp_path / "aaaf-state", control_socket=tmp_path / "aaaf.sock",
                 diameter_host=AAAF_HOST, diameter_realm=VISIT, address=IPv4Address(LO), port=0,
+                diameter_transport="tcp",
                 home_servers=[DiameterPeer(AAAH_HOST, HOME, IPv4Address(LO), listener.sockets[0].getsockname()[1])],
                 accept_peers=[AcceptedPeer(FA_HOST, VISIT, LOOPBACK), AcceptedPeer(fa2, VISIT, LOOPBACK)]))
             await aaaf.start()

@@ -85,7 +85,8 @@ async def home(tmp: Path) -> AsyncIterator[tuple[HomeAAAServer, FakeHA]]:
         await ha_node.start()
         stack.push_async_callback(ha_node.stop)
         # python-diameter's node is the configured peer that dials the AAAH (sending its own AMRs)
-        config = dataclasses.replace(aaah_config(tmp, url, ha_node.port),
+        # python-diameter speaks no TLS: this AAAH is configured for plain TCP
+        config = dataclasses.replace(aaah_config(tmp, url, ha_node.port), diameter_transport="tcp",
                                      accept_peers=[AcceptedPeer(THEIRS, THEIR_REALM, LOOPBACK)],
                                      seal_keys=key_files(tmp, HA_HOST, THEIR_REALM, "cngw2"))
         aaah = HomeAAAServer(config)

@@ -43,7 +43,7 @@ def build(tmp_path: Path, distribution: str, nai: str = NAI, hoa: IPv4Address = 
         db.add_profile(nai, CORP2, "cngw2", distribution=distribution)
         config = AAAHConfig(node="aaah", role="aaah", state_dir=tmp_path / "aaah", control_socket=tmp_path / "s",
                             diameter_host="aaah.home.example", diameter_realm="home.example",
-                            address=IPv4Address("127.0.0.1"), port=0, db_url=url,
+                            address=IPv4Address("127.0.0.1"), port=0, db_url=url, diameter_transport="tcp",
                             master_secret=Secret(bytes(range(32))), home_agents=[HA_REF],
                             seal_keys=key_files(tmp_path, "ha.home.example"))
         aaah = HomeAAAServer(config, db)

@@ -59,25 +59,35 @@ def test_provisioning_puts_the_relay_between_aaafs_and_aaah(tmp_path: Path, monk
     assert names.index("daemon:aaah") < names.index("relay:core") < names.index("daemon:aaaf1")
     relay = services[names.index("relay:core")]
     conf = run / "nodes" / "core" / "freediameter" / "freeDiameter.conf"
+    # GnuTLS writes the relay's TLS secrets into the lab's key log directory (SSLKEYLOGFILE)
     assert (relay.node, relay.argv, relay.control_socket, relay.listen_port) == \
-        ("core", ["/usr/bin/freeDiameterd", "-c", str(conf)], None, 3868)
+        ("core", ["/usr/bin/env", f"SSLKEYLOGFILE={run / 'tls-keys' / 'core.keys'}", "/usr/bin/freeDiameterd", "-c",
+                  str(conf)], None, 5658)
     text = conf.read_text()
     assert 'Identity = "core.relay.example";' in text and 'ListenOn = "198.18.0.1";' in text
+    # TLS from the first byte on 5658 only, TLS 1.3, the lab's CA; peers dialled over TLS on 5658
+    assert "Port = 0;" in text and "SecPort = 5658;" in text and "No_TLS" not in text and "TLS_old_method" not in text
+    assert 'TLS_Prio = "NORMAL:-VERS-ALL:+VERS-TLS1.3";' in text
+    assert f'TLS_CA = "{run / "pki" / "ca.pem"}";' in text
     for host, address in (("aaah.home.example", "198.18.0.6"), ("aaaf1.visit-a.example", "198.18.0.10"),
                           ("aaaf2.visit-b.example", "198.18.0.22")):
-        assert f'ConnectPeer = "{host}" {{ ConnectTo = "{address}"; Port = 3868; No_TLS; }};' in text
-    # the throwaway credentials: the key private, the certificate's owner the relay's identity
-    key, cert = conf.parent / "key.pem", conf.parent / "cert.pem"
+        assert f'ConnectPeer = "{host}" {{ ConnectTo = "{address}"; Port = 5658; }};' in text
+    # its credentials: the key private, the certificate the lab CA's, for the relay's identity
+    key, cert = conf.parent / "tls.key", conf.parent / "tls.pem"
+    assert f'TLS_Cred = "{cert}", "{key}";' in text
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    subject = x509.load_pem_x509_certificate(cert.read_bytes()).subject
-    assert subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "core.relay.example"
+    issued = x509.load_pem_x509_certificate(cert.read_bytes())
+    assert issued.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "core.relay.example"
+    assert issued.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+        .get_values_for_type(x509.DNSName) == ["core.relay.example"]
+    issued.verify_directly_issued_by(x509.load_pem_x509_certificate((run / "pki" / "ca.pem").read_bytes()))
     # every AAAF reaches home.example through the relay, which has its own realm and may also dial the
     # AAAF from any of core's addresses (the one facing the AAAF is not where it listens)
     core = [f"198.18.0.{i}/32" for i in (1, 5, 9, 13, 17, 21, 25, 29, 33)]
     for aaaf in ("aaaf1", "aaaf2"):
         cfg = yaml.safe_load((run / "nodes" / aaaf / "aaaf.yaml").read_text())
-        assert [{"port": 3868, **h} for h in cfg["home_servers"]] == [
-            {"host": "core.relay.example", "realm": "relay.example", "address": "198.18.0.1", "port": 3868,
+        assert cfg["home_servers"] == [
+            {"host": "core.relay.example", "realm": "relay.example", "address": "198.18.0.1", "port": 5658,
              "source_addresses": core, "routes": ["home.example"]}]
     # the AAAH lets only the relay in (an agent: the AMRs it relays are the FAs')
     aaah = yaml.safe_load((run / "nodes" / "aaah" / "aaah.yaml").read_text())
@@ -93,8 +103,8 @@ def test_without_relay_nothing_changes(tmp_path: Path) -> None:
     services = provision.services(parse(copy.deepcopy(DEFAULT), "default.yaml"), tmp_path / "run", "none")
     assert not [s for s in services if s.name.startswith("relay:")]
     cfg = yaml.safe_load((tmp_path / "run" / "nodes" / "aaaf1" / "aaaf.yaml").read_text())
-    assert [{"port": 3868, **h} for h in cfg["home_servers"]] == [
-        {"host": "aaah.home.example", "realm": "home.example", "address": "198.18.0.6", "port": 3868}]
+    assert cfg["home_servers"] == [  # the port is the transport's (TLS: 5658)
+        {"host": "aaah.home.example", "realm": "home.example", "address": "198.18.0.6"}]
 
 
 def test_each_daemon_is_told_who_may_connect(tmp_path: Path) -> None:
@@ -136,3 +146,29 @@ def test_tcp_health_check() -> None:
         assert tcp_listening(os.getpid(), port) and healthy(f"tcp:{port}", os.getpid())
     assert not healthy(f"tcp:{port}", None)
     assert not healthy("/nonexistent/control.sock", None)
+
+
+def test_every_diameter_node_gets_a_certificate_of_the_lab_ca(tmp_path: Path) -> None:
+    """Diameter over TLS is on in the lab: each Diameter daemon's configuration names the lab's CA,
+    its own certificate (for its Diameter identity) and key (0600), and a key log in the lab's
+    directory; each passes the daemon's TLS checks. The CA key stays in RUN_DIR/pki, 0600."""
+    from daemons.diameter.setup import node_tls
+
+    run = tmp_path / "run"
+    provision.services(parse(copy.deepcopy(DEFAULT), "default.yaml"), run, "none")
+    ca = x509.load_pem_x509_certificate((run / "pki" / "ca.pem").read_bytes())
+    assert stat.S_IMODE((run / "pki" / "ca.key").stat().st_mode) == 0o600
+    assert sorted(p.name for p in run.rglob("ca.key")) == ["ca.key"]
+    for node, role in (("ha", "ha"), ("aaah", "aaah"), ("aaaf1", "aaaf"), ("aaaf2", "aaaf"), ("fa1", "fa"),
+                       ("fa2", "fa"), ("fa3", "fa")):
+        config = load_config(run / "nodes" / node / f"{role}.yaml")
+        assert config.diameter_transport == "tls" and config.diameter_tls is not None
+        tls = config.diameter_tls
+        assert tls.ca == run / "pki" / "ca.pem" and tls.keylog == run / "tls-keys" / f"{node}.keys"
+        assert tls.cert.parent == tls.key.parent == run / "nodes" / node
+        assert stat.S_IMODE(tls.key.stat().st_mode) == 0o600
+        cert = x509.load_pem_x509_certificate(tls.cert.read_bytes())
+        cert.verify_directly_issued_by(ca)
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert names.get_values_for_type(x509.DNSName) == [config.diameter_host]
+        assert node_tls(config, node) is not None

@@ -235,6 +235,7 @@ def test_aaa_sessions_load_record_by_record(tmp_path: Path) -> None:
     sessions = [good.to_json(), [MN2, "fa1;1;2"], {**good.to_json(), "nai": MN3, "created": None}]
     aaah_config = AAAHConfig(node="aaah", role="aaah", state_dir=tmp_path / "aaah", control_socket=tmp_path / "h.sock",
                              master_secret=Secret(b"m" * 32), address=IPv4Address("127.0.0.1"),
+                             diameter_transport="tcp",
                              home_agents=[HomeAgentRef(HA, "ha.home.example", IPv4Network("198.18.100.0/24"))],
                              seal_keys=key_files(tmp_path, "ha.home.example"))
     write(aaah_config.state_dir / "sessions.json", {"spi_next": {str(HA): 70000, str(FA1): "x"}, "sessions": sessions})
@@ -245,7 +246,7 @@ def test_aaa_sessions_load_record_by_record(tmp_path: Path) -> None:
     assert aaah.counters["state_dropped"] == 3
 
     aaaf_config = AAAFConfig(node="aaaf1", role="aaaf", state_dir=tmp_path / "aaaf", control_socket=tmp_path / "f.sock",
-                             address=IPv4Address("127.0.0.1"),
+                             address=IPv4Address("127.0.0.1"), diameter_transport="tcp",
                              home_servers=[DiameterPeer("aaah.home.example", "home.example", IPv4Address("127.0.0.1"))])
     write(aaaf_config.state_dir / "sessions.json", {"sessions": sessions})
     aaaf = ForeignAAAServer(aaaf_config)

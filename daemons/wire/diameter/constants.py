@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import enum
 
-DIAMETER_PORT = 3868
+DIAMETER_PORT = 3868  # Diameter over TCP (IANA "diameter")
+DIAMETER_TLS_PORT = 5658  # Diameter over TLS from the first byte (IANA "diameters", RFC 6733 §2.1)
 VERSION = 1
 HEADER_LENGTH = 20
 
