@@ -28,11 +28,12 @@ from daemons.aaa.sessions import Session, SessionStore
 from daemons.diameter.node import wait_for_peers
 from daemons.diameter.peer import Peer
 from daemons.diameter.setup import Dial, diameter_node
-from daemons.runtime.config import AAAFConfig, ConfigError
+from daemons.runtime.config import AAAFConfig, ConfigError, agent_seal_key
 from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.secret import Secret
 from daemons.runtime.tasks import serve
+from daemons.vpn.seal import Recipient, SealError
 from daemons.wire import mip
 from daemons.wire.diameter import Message, ResultCode
 from daemons.wire.mip.vendor import requests_service_update
@@ -47,7 +48,7 @@ class ForeignAAAServer:
         self.config = config
         self.store = SessionStore(config.state_dir / "sessions.json")
         self.counters: dict[str, int] = {"amr_relayed": 0, "ama_success": 0, "ama_failure": 0, "cached": 0,
-                                         "answered_locally": 0, "request_refused": 0}
+                                         "answered_locally": 0, "request_refused": 0, "local_key_unopened": 0}
         self.control = ControlServer(config.control_socket)
         # We dial the home AAA servers (or relays); the FAs of accept_peers dial us, nobody else.
         self.diameter = diameter_node(
@@ -61,6 +62,9 @@ class ForeignAAAServer:
         # Each FA's addresses: a care-of address it may answer for locally (claim 17).
         self.fa_addresses = {p.host.lower(): tuple(p.addresses) for p in config.accept_peers if not p.agent}
         self.local_answer_refused: Counter[str] = Counter()  # by reason
+        # Our seal key: opens the local-answer keys the AAAH seals for us (and nothing else).
+        own_key = agent_seal_key(config.seal, f"{config.node} (aaaf)", False, "")
+        self.seal = Recipient(*own_key) if own_key else None
         # Hooks on what we relay, in this order: refuse AMRs and STRs from anyone but our FAs,
         # count and log every AMR (answered here or not), answer intra-domain moves and STRs
         # ourselves, cache VPN info from each AMA.
@@ -82,6 +86,8 @@ class ForeignAAAServer:
         self.control.register("peers", lambda _: self.diameter.peers_status())
         await wait_for_peers(self.diameter, [s.host for s in self.config.home_servers])
         await self.control.start()
+        if self.seal is None:
+            log.warning("aaaf.local_answers_off", reason="no seal key (seal): every intra-domain move goes to the AAAH")
         log.info("aaaf.ready", host=self.config.diameter_host, realm=self.config.diameter_realm,
                  port=self.diameter.port,
                  realms=",".join(r for s in self.config.home_servers for r in s.routes or [s.realm]),
@@ -141,7 +147,7 @@ class ForeignAAAServer:
             return
         infos = ama.vpn
         session = Session(nai, sid, rrq.care_of_address, amr.origin_host or "", rrq.home_agent,
-                          rrq.home_address, tuple(infos), time.time(), local_key=ama.local_key)
+                          rrq.home_address, tuple(infos), time.time(), local_key=self.open_local_key(ama, nai, sid))
         previous = self.store.put(session)
         self.counters["cached"] += 1
         log.info("ama.relayed", mn=nai, sid=sid, result=code, cached=True, fa=session.fa, paths=len(infos),
@@ -236,6 +242,18 @@ class ForeignAAAServer:
         benign = reason in ("no cached session", "no cached session at the previous FA")
         log.event("local_answer.refused", mn=amr.nai, sid=amr.session_id, peer=peer.host,
                   coa=amr.rrq.care_of_address, reason=reason, level=20 if benign else 30)
+
+    def open_local_key(self, ama: application.Ama, nai: str, sid: str) -> Secret | None:
+        """The local-answer key the AAAH sealed for us in this AMA (None: it sent none, or it
+        does not open — then this user's moves go to the AAAH)."""
+        if ama.local_key is None or self.seal is None:
+            return None
+        try:
+            return self.seal.open_secret(application.local_key_context(nai, sid), ama.local_key)
+        except SealError as exc:
+            self.counters["local_key_unopened"] += 1
+            log.warning("local_key.unopened", mn=nai, sid=sid, reason=str(exc))
+            return None
 
     def take_local_key(self, msg: Message, answer: Message) -> None:
         """The AAAH's local-answer key is ours (``on_ama`` cached it): the FA must not see it."""

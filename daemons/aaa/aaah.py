@@ -275,7 +275,7 @@ class HomeAAAServer:
         async with self.locks.hold(nai):
             try:
                 user = await self.authenticate(amr)
-                return await self.register(amr, user)
+                return await self.register(amr, user, application.local_aaa(amr, peer.host))
             except AmrRejected as rej:
                 log.warning("ama.sent", mn=nai, sid=sid, result=rej.code, reason=rej.reason)
                 return self._ama(amr, rej.code, error=rej.reason)
@@ -320,7 +320,7 @@ class HomeAAAServer:
         log.info("auth.ok", mn=nai, spi=hex(ext.spi))  # type: ignore[union-attr]
         return user
 
-    async def register(self, amr: application.Amr, user: User) -> Message:
+    async def register(self, amr: application.Amr, user: User, local_aaa: str | None = None) -> Message:
         nai, rrq = amr.nai, amr.rrq
         sid = amr.session_id or ""
         ha = self.home_agents.get(str(rrq.home_agent))
@@ -384,7 +384,7 @@ class HomeAAAServer:
                 self._drop(nai)  # deregistered
             self.counters["accepted"] += 1
             fa_view = fa_sealed
-            local_key = await self.local_answer_key(amr) if session is not None else None
+            local_key = await self.local_answer_key(amr, local_aaa) if session is not None else None
             log.info("ama.sent", mn=nai, sid=sid, result=code, paths=len(fa_view), local_key=local_key is not None)
             return self._ama(amr, ResultCode.DIAMETER_SUCCESS, rrp_raw, fa_view, local_key=local_key)
         undo()
@@ -400,23 +400,32 @@ class HomeAAAServer:
         raise AmrRejected(ResultCode.DIAMETER_ERROR_HA_NOT_AVAILABLE, f"HAA {code} without a registration reply")
 
     def _ama(self, amr: application.Amr, code: int, rrp: bytes | None = None, infos: list[VpnInfo] | None = None,
-             error: str | None = None, local_key: Secret | None = None) -> Message:
+             error: str | None = None, local_key: bytes | None = None) -> Message:
         return application.build_ama(amr, code, rrp_raw=rrp, vpn=infos or (), error=error,
                                      origin_host=self.config.diameter_host, origin_realm=self.config.diameter_realm,
                                      local_key=local_key)
 
     # ---- the AAAF's local answer (claim 17, issue #15) ----------------------------------------------
-    async def local_answer_key(self, amr: application.Amr) -> Secret | None:
+    async def local_answer_key(self, amr: application.Amr, local_aaa: str | None) -> bytes | None:
         """The key the MN proves in its next intra-domain move (``daemons.wire.mip.localanswer``),
-        for the AAAF in the AMA of a registration we accepted: derived from the MN-AAA key (the
-        one :meth:`authenticate` checked) and this request's FA challenge. None without either."""
+        sealed for the local AAA ``local_aaa`` the AMR came through, for the AMA of a
+        registration we accepted: derived from the MN-AAA key (the one :meth:`authenticate`
+        checked) and this request's FA challenge. None without either, or without a seal key for
+        that AAA (it then answers no move itself: every move comes to us)."""
         assert self.db is not None
         rrq = amr.rrq
         auth = rrq.find(mip.GeneralizedAuthExtension)
-        if auth is None:
+        if auth is None or not local_aaa:
+            return None
+        if local_aaa not in self.seal_keys:
+            log.info("local_key.not_sent", mn=amr.nai, sid=amr.session_id, aaa=local_aaa, reason="no seal key for it")
             return None
         secret = await self.db.aio.mn_aaa_secret(amr.nai, auth.spi)
-        return None if secret is None else mip.registration_local_key(secret, rrq, amr.nai)
+        if secret is None:
+            return None
+        key = mip.registration_local_key(secret, rrq, amr.nai)
+        context = application.local_key_context(amr.nai, amr.session_id or "")
+        return self.seal_keys.seal_secret(local_aaa, context, key)
 
     # ---- VPN information (claims 3, 8, 16) ---------------------------------------------------------
     async def build_paths(self, nai: str, home_address: IPv4Address, coa: IPv4Address, ha: HomeAgentRef,

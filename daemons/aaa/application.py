@@ -30,7 +30,6 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 from typing import Any
 
-from daemons.runtime.secret import Secret
 from daemons.vpn import vpninfo
 from daemons.vpn.vpninfo import VpnInfo
 from daemons.wire import mip
@@ -127,7 +126,7 @@ class Ama:
     rrp: mip.RegistrationReply | None  # MIP-Reg-Reply, decoded (None: the answer has none)
     rrp_raw: bytes | None
     vpn: tuple[VpnInfo, ...] = ()
-    local_key: Secret | None = None  # VPN-Local-Answer-Key, for the AAAF (claim 17): see LOCAL_KEY_AVP
+    local_key: bytes | None = None  # VPN-Local-Answer-Key, sealed for the AAAF (claim 17): see LOCAL_KEY_AVP
 
     @property
     def success(self) -> bool:
@@ -232,11 +231,12 @@ def parse_amr(msg: Message) -> Amr:
 
 def build_ama(amr: Amr, result_code: int, *, rrp_raw: bytes | None = None, vpn: Iterable[VpnInfo] = (),
               error: str | None = None, origin_host: str | None = None, origin_realm: str | None = None,
-              local_key: Secret | None = None) -> Message:
+              local_key: bytes | None = None) -> Message:
     """The answer to ``amr``: the HA's registration reply (if any) and the FA's VPN info.
 
     The home AAA server answers with ``rrp_raw`` (2001, or 4005 when the HA refused) and, for an
-    accepted registration, the AAAF's ``local_key`` (the AAAF strips it: ``take_local_key``); the
+    accepted registration, the AAAF's ``local_key`` sealed for it (the AAAF strips it:
+    ``take_local_key``); the
     local one, answering an intra-domain move itself (claim 17), with VPN info alone."""
     avps: list[Any] = []
     if origin_host is not None:
@@ -273,18 +273,26 @@ def parse_ama(msg: Message, nai: str) -> Ama:
 # ---- the AAAF's local-answer key (claim 17, issue #15) -------------------------------------------
 
 # The AAAH's AMA carries it to the AAAF (``daemons.wire.mip.localanswer``: the key an MN proves
-# in its next intra-domain move); the AAAF takes it out before the AMA goes on to the FA.
+# in its next intra-domain move), sealed for the AAAF (``daemons.vpn.seal.seal_secret``, bound to
+# ``local_key_context``); the AAAF takes it out before the AMA goes on to the FA.
 LOCAL_KEY_AVP = "VPN-Local-Answer-Key"
 
 
-def _local_key(msg: Message) -> Secret | None:
+def local_key_context(nai: str, session_id: str) -> bytes:
+    """What the sealed local-answer key is bound to: the user and the Diameter session."""
+    return b"local answer key|" + nai.encode() + b"|" + session_id.encode()
+
+
+def local_aaa(amr: Amr, peer_host: str) -> str:
+    """The Diameter identity of the local AAA the AMR came through: the agent the FA's request
+    reached first. It named the FA in the first Route-Record (RFC 6733 §6.7.1); whoever relayed
+    it next named that agent in the second, and without a second it is our own peer."""
+    return amr.route_record[1] if len(amr.route_record) > 1 else peer_host
+
+
+def _local_key(msg: Message) -> bytes | None:
     value = msg.get(LOCAL_KEY_AVP)
-    if value is None:
-        return None
-    key = value if isinstance(value, Secret) else Secret(bytes(value))
-    if len(key) != mip.LOCAL_ANSWER_KEY_LEN:
-        raise InvalidAvp(f"{LOCAL_KEY_AVP}: not a {mip.LOCAL_ANSWER_KEY_LEN}-octet key", [LOCAL_KEY_AVP])
-    return key
+    return None if value is None else bytes(value)
 
 
 def take_local_key(ama: Message) -> bool:
@@ -434,6 +442,8 @@ __all__ = [
     "build_har",
     "build_sta",
     "build_str",
+    "local_aaa",
+    "local_key_context",
     "parse_ama",
     "parse_amr",
     "parse_haa",

@@ -131,15 +131,16 @@ class Plan:
     def fresh_seal_keys(self) -> dict[str, Secret]:
         """One fresh 256-bit key per recipient: each HA (its Diameter identity), each dynamic
         CN-GW (its node name, its name in the VPN database), each domain with FAs (its realm:
-        the FAs of one domain share it, docs/protocol.md)."""
-        names = [self.identity(ha) for ha in self.role("ha")] + list(self.dynamic_cngws)
+        the FAs of one domain share it, docs/protocol.md), each local AAA (its Diameter identity:
+        its local-answer keys)."""
+        names = [self.identity(n) for n in self.role("ha") + self.role("aaaf")] + list(self.dynamic_cngws)
         names += sorted({self.realm(fa) for fa in self.fas if self.realm(fa)})
         return {name: Secret(secrets.token_bytes(32)) for name in names}
 
     def seal_recipient(self, node: str) -> str | None:
         """The recipient name an agent opens envelopes for (None: it installs none from the AAAH)."""
         role = self.topo.nodes[node].role
-        if role == "ha":
+        if role in ("ha", "aaaf"):
             return self.identity(node)
         if role == "cngw":
             return node if node in self.dynamic_cngws else None
@@ -323,7 +324,8 @@ class Plan:
                  if aaa and self.topo.nodes[aaa].role == "aaah"]
         fas = [fa for fa in self.fas if self.aaa_of(fa) == node]  # they dial us
         return cfg.AAAFConfig(**self.common(node), address=self.address(node),
-                              home_servers=self.home_servers(homes), accept_peers=[self.accepted(fa) for fa in fas])
+                              home_servers=self.home_servers(homes), accept_peers=[self.accepted(fa) for fa in fas],
+                              seal=self.agent_seal(node))
 
     def home_servers(self, homes: list[str]) -> list[cfg.DiameterPeer]:
         """How an AAAF reaches the home AAA servers: directly, or through their domain's relay

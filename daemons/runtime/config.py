@@ -347,6 +347,9 @@ class AAAFConfig(Common):
     port: int | None = None  # None: the transport's Diameter port (TLS 5658, TCP 3868)
     home_servers: list[DiameterPeer] = field(default_factory=list)  # the AAAH of each realm; we dial them
     relay_timeout: float = 4.0  # no AMA from the AAAH by then: 3002 back to the FA
+    # Opens the local-answer keys the AAAH seals for us (claim 17); without it every move goes
+    # to the AAAH.
+    seal: SealKey | None = None
 
 
 # ---- loading ------------------------------------------------------------------------------

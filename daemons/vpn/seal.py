@@ -94,6 +94,38 @@ def _key_bytes(keys: DirectionKeys) -> bytes:
     return keys.enc_key.reveal() + (keys.auth_key.reveal() if keys.auth_key is not None else b"")
 
 
+def _seal_blob(key: Secret, recipient: str, plaintext: bytes, aad: bytes) -> bytes:
+    nonce = os.urandom(NONCE_BYTES)
+    return bytes([VERSION]) + key_id(key, recipient) + nonce + _aead(key).encrypt(nonce, plaintext, aad)
+
+
+def _open_blob(key: Secret, recipient: str, blob: bytes, aad: bytes, what: str) -> bytes:
+    if len(blob) < HEADER_BYTES + TAG_BYTES or blob[0] != VERSION:
+        raise SealError(f"{what}: not a version {VERSION} envelope")
+    if not hmac.compare_digest(blob[1:1 + KEY_ID_BYTES], key_id(key, recipient)):
+        raise SealError(f"{what}: sealed for another recipient or key (key id {blob[1:9].hex()})")
+    try:
+        return _aead(key).decrypt(blob[1 + KEY_ID_BYTES:HEADER_BYTES], blob[HEADER_BYTES:], aad)
+    except InvalidTag:
+        raise SealError(f"{what}: envelope does not authenticate (tampered, or moved to another "
+                        "user, session, path, SPI or suite)") from None
+
+
+def secret_additional_data(recipient: str, context: bytes) -> bytes:
+    return b"mipvpn sealed secret" + bytes([VERSION]) + _lv(_name(recipient)) + _lv(context)
+
+
+def seal_secret(key: Secret, recipient: str, context: bytes, secret: Secret) -> bytes:
+    """One secret (not a path's: e.g. the AAAF's local-answer key) sealed for ``recipient``,
+    bound to ``context`` (what it belongs to: the receiver must name the same to open it)."""
+    return _seal_blob(key, recipient, secret.reveal(), secret_additional_data(recipient, context))
+
+
+def unseal_secret(key: Secret, recipient: str, context: bytes, blob: bytes) -> Secret:
+    """What :func:`seal_secret` sealed; SealError if not ours, changed, or for another context."""
+    return Secret(_open_blob(key, recipient, bytes(blob), secret_additional_data(recipient, context), "secret"))
+
+
 def seal(key: Secret, recipient: str, info: VpnInfo) -> VpnInfo:
     """``info`` (open: it holds its keys) with its keys and PSK sealed for ``recipient``."""
     sec = info.path.security
@@ -104,9 +136,7 @@ def seal(key: Secret, recipient: str, info: VpnInfo) -> VpnInfo:
         tlvs += bytes([T_KEY_IN]) + _lv(_key_bytes(sec.inbound)) + bytes([T_KEY_OUT]) + _lv(_key_bytes(sec.outbound))
     if sec.psk is not None:
         tlvs += bytes([T_PSK]) + _lv(sec.psk.reveal())
-    nonce = os.urandom(NONCE_BYTES)
-    blob = bytes([VERSION]) + key_id(key, recipient) + nonce + \
-        _aead(key).encrypt(nonce, tlvs, additional_data(recipient, info))
+    blob = _seal_blob(key, recipient, tlvs, additional_data(recipient, info))
     spis = spis_of(sec)
     sealed = SealedSecurity(sec.suite, sec.lifetime, spis[0] if spis else None, spis[1] if spis else None, blob)
     return replace(info, path=replace(info.path, security=sealed))
@@ -118,17 +148,7 @@ def unseal(key: Secret, recipient: str, info: VpnInfo) -> VpnInfo:
     sec = info.path.security
     if not isinstance(sec, SealedSecurity):
         raise SealError(f"path {info.path_id}: no sealed keys")
-    blob = sec.blob
-    if len(blob) < HEADER_BYTES + TAG_BYTES or blob[0] != VERSION:
-        raise SealError(f"path {info.path_id}: not a version {VERSION} envelope")
-    if not hmac.compare_digest(blob[1:1 + KEY_ID_BYTES], key_id(key, recipient)):
-        raise SealError(f"path {info.path_id}: sealed for another recipient or key (key id {blob[1:9].hex()})")
-    nonce = blob[1 + KEY_ID_BYTES:HEADER_BYTES]
-    try:
-        plain = _aead(key).decrypt(nonce, blob[HEADER_BYTES:], additional_data(recipient, info))
-    except InvalidTag:
-        raise SealError(f"path {info.path_id}: envelope does not authenticate (tampered, or moved to another "
-                        "user, path, SPI or suite)") from None
+    plain = _open_blob(key, recipient, sec.blob, additional_data(recipient, info), f"path {info.path_id}")
     fields: dict[int, bytes] = {}
     at = 0
     while at < len(plain):
@@ -166,6 +186,9 @@ class Recipient:
     def open(self, infos: Iterable[VpnInfo]) -> list[VpnInfo]:
         return [unseal(self.key, self.name, info) for info in infos]
 
+    def open_secret(self, context: bytes, blob: bytes) -> Secret:
+        return unseal_secret(self.key, self.name, context, blob)
+
     def __repr__(self) -> str:
         return f"Recipient({self.name!r}, Secret(***))"
 
@@ -188,8 +211,16 @@ class Keyring:
             raise SealError(f"no seal key for {recipient}")
         return [seal(key, recipient, info) for info in infos]
 
+    def seal_secret(self, recipient: str, context: bytes, secret: Secret) -> bytes:
+        """``secret`` sealed for ``recipient`` (:func:`seal_secret`); SealError without its key."""
+        key = self.keys.get(recipient.lower())
+        if key is None:
+            raise SealError(f"no seal key for {recipient}")
+        return seal_secret(key, recipient, context, secret)
+
     def __repr__(self) -> str:
         return f"Keyring({sorted(self.keys)})"
 
 
-__all__ = ["KEY_BYTES", "Keyring", "Recipient", "SealError", "additional_data", "key_id", "seal", "unseal"]
+__all__ = ["KEY_BYTES", "Keyring", "Recipient", "SealError", "additional_data", "key_id", "seal", "seal_secret",
+           "secret_additional_data", "unseal", "unseal_secret"]

@@ -45,7 +45,7 @@ from daemons.vpn.keys import pair_psk, static_esp_key, static_spi
 from daemons.vpn.path import EndpointType, EspSuite, Qos
 from daemons.wire import mip
 from daemons.wire.diameter import Avp, Message, ResultCode
-from tests.unit.sealkit import key_files, opened
+from tests.unit.sealkit import key_file, key_files, opened
 from tests.unit.tlskit import credentials, node_tls
 
 LO = "127.0.0.1"
@@ -171,7 +171,7 @@ def aaah_config(tmp: Path, url: str, ha_port: int, har_timeout: float = 2.0) -> 
                       master_secret=MASTER, har_timeout=har_timeout,
                       home_agents=[HomeAgentRef(HA_ADDR, HA_HOST, HOME_PREFIX, ha_port, IPv4Address(LO))],
                       accept_peers=[AcceptedPeer(AAAF_HOST, VISIT, LOOPBACK, agent=True)],
-                      seal_keys=key_files(tmp, HA_HOST, VISIT, "cngw2"))
+                      seal_keys=key_files(tmp, HA_HOST, VISIT, "cngw2", AAAF_HOST))
 
 
 def fa_paths(ama: Message) -> list[vpninfo.VpnInfo]:
@@ -218,7 +218,7 @@ async def world(tmp: Path, ha_mode: str = "accept", ha_up: bool = True) -> Async
         aaaf = ForeignAAAServer(AAAFConfig(
             node="aaaf1", role="aaaf", state_dir=tmp / "aaaf-state", control_socket=tmp / "aaaf.sock",
             diameter_host=AAAF_HOST, diameter_realm=VISIT, address=IPv4Address(LO), port=0,
-            diameter_tls=credentials(tmp, AAAF_HOST),
+            diameter_tls=credentials(tmp, AAAF_HOST), seal=key_file(tmp, AAAF_HOST),
             home_servers=[DiameterPeer(AAAH_HOST, HOME, IPv4Address(LO), aaah.diameter.port)],
             # Each FA connects from loopback and owns its care-of address (claim 17: an FA's AMR
             # is answered from the cache only for a care-of address of its own).

@@ -21,15 +21,18 @@ from typing import Any
 
 import pytest
 
+from daemons.aaa import application
 from daemons.aaa.aaaf import ForeignAAAServer
 from daemons.agents.mn import MobileNode
 from daemons.runtime.config import SecurityAssociation
 from daemons.runtime.log import EventFormatter
 from daemons.runtime.secret import Secret
-from daemons.vpn import vpninfo
+from daemons.vpn import seal, vpninfo
 from daemons.wire import mip
 from daemons.wire.diameter import Message, ResultCode
+from tests.unit.sealkit import seal_key
 from tests.unit.test_aaa import (
+    AAAF_HOST,
     COA,
     COA2,
     HA_ADDR,
@@ -104,10 +107,17 @@ def test_the_aaah_hands_the_aaaf_the_key_and_the_fa_never_sees_it(tmp_path: Path
             _, ama = await w.register(rrq(COA, c1))
             assert ama.result_code == ResultCode.DIAMETER_SUCCESS
             key = key_of(c1)
-            # As it left the AAAH: the key of this registration, for the AAAF.
+            # As it left the AAAH: the key of this registration, sealed for the AAAF (a relay on
+            # the way, and the FA, could not read it), bound to the user and the session.
             (sent,) = w.amas_from_aaah
-            assert sent.get(KEY_AVP) == key
-            assert key.reveal() in sent.encode()
+            assert sent.find(KEY_AVP) is not None and key.reveal() not in sent.encode()
+            context = application.local_key_context(NAI, sent.session_id or "")
+            assert seal.unseal_secret(seal_key(AAAF_HOST), AAAF_HOST, context, sent.get(KEY_AVP)) == key
+            with pytest.raises(seal.SealError):  # another session's, or another AAA's
+                seal.unseal_secret(seal_key(AAAF_HOST), AAAF_HOST, context + b"x", sent.get(KEY_AVP))
+            with pytest.raises(seal.SealError):
+                seal.unseal_secret(seal_key("aaaf2.visit-b.example"), "aaaf2.visit-b.example", context,
+                                   sent.get(KEY_AVP))
             # As it reached the FA: the AVP is gone, and so is every byte of the key.
             assert ama.find(KEY_AVP) is None and key.reveal() not in ama.encode()
             cached = w.aaaf.store.get(NAI)

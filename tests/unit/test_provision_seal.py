@@ -1,6 +1,6 @@
 """Provisioning gives every agent that installs paths its seal key (daemons.vpn.seal), fresh per
 lab, in files of mode 0600: each HA and dynamic CN-GW its own, the FAs of one visited domain
-one shared key, the AAAH all of them; the AAAFs none. No root, nothing started."""
+one shared key, each AAAF its own (its local-answer keys), the AAAH all of them. No root, nothing started."""
 
 from __future__ import annotations
 
@@ -25,14 +25,15 @@ def provisioned(run: Path) -> dict[str, object]:
 
 def test_every_agent_gets_its_seal_key_and_the_aaah_all_of_them(tmp_path: Path) -> None:
     configs = provisioned(tmp_path / "run")
-    own = {node: configs[node].seal for node in ("ha", "fa1", "fa2", "fa3", "cngw2")}  # type: ignore[attr-defined]
+    own = {node: configs[node].seal for node in ("ha", "fa1", "fa2", "fa3", "cngw2", "aaaf1", "aaaf2")}  # type: ignore[attr-defined]
     assert {node: ref.name for node, ref in own.items()} == {
         "ha": "ha.home.example", "fa1": "visit-a.example", "fa2": "visit-a.example", "fa3": "visit-b.example",
-        "cngw2": "cngw2"}
+        "cngw2": "cngw2", "aaaf1": "aaaf1.visit-a.example", "aaaf2": "aaaf2.visit-b.example"}
     assert configs["cngw"].seal is None  # type: ignore[attr-defined]  # static: nothing comes sealed to it
-    assert not hasattr(configs["aaaf1"], "seal") and not hasattr(configs["aaaf1"], "seal_keys")  # the AAAF: none
+    # A local AAA's key opens its local-answer keys only: it is not its FAs' (their paths' keys).
+    assert not hasattr(configs["aaaf1"], "seal_keys")
     keys = {node: read_key_file(ref, node, "seal.key_file") for node, ref in own.items()}
-    assert keys["fa1"] == keys["fa2"] and len({keys[n] for n in ("ha", "fa1", "fa3", "cngw2")}) == 4
+    assert keys["fa1"] == keys["fa2"] and len({keys[n] for n in ("ha", "fa1", "fa3", "cngw2", "aaaf1", "aaaf2")}) == 6
     aaah = {ref.name: read_key_file(ref, "aaah", "seal_keys") for ref in configs["aaah"].seal_keys}  # type: ignore[attr-defined]
     assert aaah == {own[n].name: keys[n] for n in own}
     files = "".join(p.read_text() for p in (tmp_path / "run").rglob("*.yaml"))  # no key in a config file

@@ -225,8 +225,9 @@ _VPN: list[AvpDef] = [
     # The keys and PSK of the path, sealed for the agent that installs it (daemons.vpn.seal):
     # opaque to every relay; 12-14 are no longer sent.
     AvpDef(20, "VPN-Sealed-Keys", T.OCTET_STRING, V, MUST_NOT),
-    # The AAAH -> AAAF key of the AAAF's local answer (claim 17, daemons.wire.mip.localanswer)
-    AvpDef(21, "VPN-Local-Answer-Key", T.OCTET_STRING, V, MUST_NOT, secret=True),
+    # The AAAH -> AAAF key of the AAAF's local answer (claim 17, daemons.wire.mip.localanswer),
+    # sealed for the AAAF (daemons.vpn.seal.seal_secret): opaque to relays and to the FA.
+    AvpDef(21, "VPN-Local-Answer-Key", T.OCTET_STRING, V, MUST_NOT),
 ]
 
 _COMMANDS: list[tuple[int, str, str, int | None, bool]] = [
