@@ -115,17 +115,16 @@ def expert_problems(pcap) -> list[str]:
 
 
 def installed_secrets(run_dir: Path, node: str) -> list[bytes]:
-    """The ESP keys and IKE PSKs of the paths a node installed (its MAVPN cache, VPN-Info AVPs
-    as hex in ``state/vpn.json``); nothing for a node without one."""
-    from daemons.vpn.vpninfo import VpnInfo
-    from daemons.wire.diameter.avp import decode_avps
+    """The ESP keys and IKE PSKs of the paths a node installed (its MAVPN cache, its own state
+    file ``state/vpn.json``: keys in clear); nothing for a node without one."""
+    from daemons.vpn.vpninfo import from_record
 
     path = run_dir / "nodes" / node / "state" / "vpn.json"
     if not path.exists():
         return []
     out: list[bytes] = []
     for nai, hexes in json.loads(path.read_text())["vpn"].items():
-        for info in (VpnInfo.from_avp(a, nai) for h in hexes for a in decode_avps(bytes.fromhex(h))):
+        for info in from_record(hexes, nai):
             sec = info.path.security
             out += [k.enc_key.reveal() for k in (sec.inbound, sec.outbound) if k is not None]
             out += [sec.psk.reveal()] if sec.psk is not None else []
