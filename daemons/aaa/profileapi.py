@@ -38,9 +38,7 @@ Tokens never appear in logs, answers or error messages; the log has one line per
 from __future__ import annotations
 
 import json
-import os
 import ssl
-import stat
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -48,6 +46,7 @@ from typing import Any
 
 from aiohttp import web
 
+from daemons.runtime.config import private_file_problem
 from daemons.runtime.log import EventLog
 from daemons.store.vpndb import (
     AlreadyExists,
@@ -139,13 +138,9 @@ class TlsFileError(ValueError):
 
 def check_private_file(path: Path, field: str) -> None:
     """A private key's file must be readable by its owner only (0600 or 0400)."""
-    try:
-        mode = stat.S_IMODE(os.stat(path).st_mode)
-    except OSError as exc:
-        raise TlsFileError(field, f"cannot read {path}: {exc.strerror}") from None
-    if mode & 0o077:
-        raise TlsFileError(field, f"{path} has mode {mode:04o}: a private key must be readable by its owner only "
-                                  f"(chmod 600)")
+    problem = private_file_problem(path)
+    if problem is not None:
+        raise TlsFileError(field, problem)
 
 
 def server_context(cert_file: Path, key_file: Path) -> ssl.SSLContext:

@@ -18,7 +18,7 @@ from typing import Any
 
 from cryptography import x509
 
-from daemons.runtime.config import Common, ConfigError, DiameterPeer
+from daemons.runtime.config import Common, ConfigError, DiameterPeer, private_file_problem
 from daemons.wire.diameter.constants import DIAMETER_PORT, DIAMETER_TLS_PORT
 from daemons.wire.diameter.message import MAX_MESSAGE_LENGTH
 
@@ -67,10 +67,9 @@ def node_tls(config: Common, source: str) -> Tls | None:
         path: Path = getattr(tls, name)
         if not path.is_file() or not os.access(path, os.R_OK):
             raise ConfigError(source, f"diameter_tls.{name}", f"{path}: not a readable file")
-    mode = tls.key.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise ConfigError(source, "diameter_tls.key", f"{tls.key}: readable or writable by group or others "
-                          f"(mode {mode:03o}); a private key must be mode 600")
+    problem = private_file_problem(tls.key)
+    if problem is not None:
+        raise ConfigError(source, "diameter_tls.key", problem)
     if tls.keylog is not None and not os.access(tls.keylog.parent, os.W_OK):
         raise ConfigError(source, "diameter_tls.keylog", f"{tls.keylog.parent}: not a writable directory")
     probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)

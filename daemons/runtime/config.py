@@ -111,17 +111,30 @@ class SealKey:
 SEAL_KEY_BYTES = 32
 
 
+def private_file_problem(path: Path) -> str | None:
+    """What is wrong with ``path`` as a file of key material (a seal key, a TLS private key):
+    missing, not a regular file, or open to group or others; None when only its owner may use it.
+    The one check every key file of every role gets (the callers name their field)."""
+    try:
+        st = Path(path).stat()
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror}"
+    if not stat.S_ISREG(st.st_mode):
+        return f"{path} is not a regular file"
+    if st.st_mode & 0o077:
+        return f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: key material must not be readable or writable by " \
+               "group or others (chmod 600)"
+    return None
+
+
 def read_key_file(ref: SealKey, source: str, where: str) -> Secret:
     """The key in ``ref.key_file``; ConfigError naming ``where`` if the file is missing, open to
     group or others, or not 64 hex digits (the value is never repeated)."""
     path = Path(ref.key_file)
+    problem = private_file_problem(path)
+    if problem is not None:
+        raise ConfigError(source, where, problem)
     try:
-        st = path.stat()
-        if not stat.S_ISREG(st.st_mode):
-            raise ConfigError(source, where, f"{path} is not a regular file")
-        if st.st_mode & 0o077:
-            raise ConfigError(source, where, f"{path} has mode {stat.S_IMODE(st.st_mode):04o}: a key file must not be "
-                                             "readable by group or others (chmod 600)")
         with path.open() as f:
             text = f.read(4 * SEAL_KEY_BYTES).strip()
     except OSError as exc:
