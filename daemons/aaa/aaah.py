@@ -266,10 +266,11 @@ class HomeAAAServer:
         nai, sid, rrq = amr.nai, amr.session_id, amr.rrq
         log.info("amr.received", mn=nai, sid=sid, fa=amr.origin_host, coa=rrq.care_of_address,
                  ha=rrq.home_agent, id=hex(rrq.identification), via=",".join(amr.route_record) or None)
-        if requests_service_update(rrq.extensions):
+        signed = mip.covered(rrq, mip.EXT_GEN_AUTH).extensions  # what MN-AAA vouches for, once verified
+        if requests_service_update(signed):
             # F7: the user changed a profile; register() reads the profiles afresh on every AMR
             # (nothing cached), so the VPN info below is rebuilt from the changed ones.
-            update = service_update(rrq.extensions)
+            update = service_update(signed)
             self.counters["service_updates"] += 1
             log.info("service_update.received", mn=nai, sid=sid, seq=update.sequence if update else "malformed")
         async with self.locks.hold(nai):

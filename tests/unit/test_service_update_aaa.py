@@ -188,3 +188,19 @@ def test_aaah_serves_the_profile_api_when_configured(tmp_path: Path) -> None:
                     pass
 
     run(asyncio.wait_for(main(), 60))
+
+
+def test_a_service_update_the_mn_did_not_sign_is_not_one(tmp_path: Path) -> None:
+    """The AAAH reads a service update only from what the MN-AAA authenticator covers: the same
+    NVSE appended after it (anyone on the way can) is not counted as the MN's request."""
+
+    async def main() -> None:
+        async with world(tmp_path) as w:
+            appended = rrq(COA) + service_update_extension(9).encode()
+            _, ama = await w.register(appended)
+            assert ama.result_code == ResultCode.DIAMETER_SUCCESS  # MN-AAA covers what precedes it
+            assert w.aaah.counters["service_updates"] == 0
+            _, ama = await w.register(rrq(COA, update=9, challenge=bytes(range(1, 17))))
+            assert ama.result_code == ResultCode.DIAMETER_SUCCESS and w.aaah.counters["service_updates"] == 1
+
+    run(main())
