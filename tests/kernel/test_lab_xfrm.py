@@ -73,7 +73,7 @@ def move_under_ping(env: LabEnv, lab: Lab, fa: str) -> None:
     try:
         wait_for(lambda: pcap.exists() and pcap.stat().st_size >= 24, timeout=120, interval=0.2,
                  what=f"capture on {fa}'s core link")
-        pinger = subprocess.Popen(["ip", "netns", "exec", env.ns("mn1"), "ping", "-n", "-i", "0.05", CN],
+        pinger = subprocess.Popen(["ip", "netns", "exec", env.ns("mn1"), "ping", "-q", "-n", "-i", "0.05", CN],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         time.sleep(1)
         lab.move("mn1", fa)
