@@ -184,7 +184,8 @@ class Lab:
                 [sys.executable, "-m", "lab.supervisor", str(self.run_dir)],
                 stdin=subprocess.DEVNULL, stdout=logfile, stderr=logfile, start_new_session=True,
             )
-        deadline = time.monotonic() + 10
+        # A Python start: seconds under emulation (the kernel tier's VM), as for the services.
+        deadline = time.monotonic() + max(10.0, health_timeout())
         while time.monotonic() < deadline:
             if self.supervisor_alive() and (self.run_dir / "supervisor.sock").exists():
                 return

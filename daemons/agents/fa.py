@@ -20,7 +20,7 @@ from daemons.agents.advertiser import Advertiser
 from daemons.agents.binding import BindingClient, BindingEvents, BindingPeers, Fresh, ReplayWindow, Retransmit
 from daemons.agents.challenges import Verdict
 from daemons.agents.datagrams import dispatch
-from daemons.agents.routing import AccessGuard, VisitorRoutes
+from daemons.agents.routing import VisitorRoutes
 from daemons.diameter.node import DiameterNode, DiameterTimeout, DiameterUnavailable, wait_for_peers
 from daemons.diameter.setup import Dial, diameter_node
 from daemons.runtime.config import DiameterPeer, FAConfig, agent_seal_key
@@ -128,10 +128,11 @@ class ForeignAgent:
     # ---- lifecycle ---------------------------------------------------------------------
     async def run(self) -> None:
         self.restore()
-        await self.routes.reconcile(list(self.visitors))
         await self.start_paths()
-        if self.mavpn is not None and Capability.ROUTE_BASED in self.mavpn.backend.capabilities:
-            await AccessGuard(self.config.access_interface).install()
+        if self.mavpn is not None:
+            # VPN-only access, before any host route: nothing of a visitor leaves in clear.
+            await self.mavpn.guard_access(self.visitors)
+        await self.routes.reconcile(list(self.visitors))
         self.access_ifindex = socket.if_nametoindex(self.config.access_interface)
         self.udp = await LinkUdpEndpoint.open(self.on_datagram, "0.0.0.0", mip.MIP_UDP_PORT)
         if self.config.aaa is not None:
@@ -214,7 +215,7 @@ class ForeignAgent:
         if visitor is None:
             return
         self.persist()
-        await self.routes.remove(hoa)
+        await self.unroute_visitor(hoa)
         if self.mavpn is not None and visitor.nai and not keep_paths:
             await self.mavpn.remove_user(visitor.nai)
         log.info("visitor.removed", mn=visitor.nai, hoa=hoa, reason=reason)
@@ -222,6 +223,19 @@ class ForeignAgent:
             moved = reason.startswith("moved")
             background(self.end_session(visitor, TerminationCause.DIAMETER_USER_MOVED if moved
                                         else TerminationCause.DIAMETER_LOGOUT))
+
+    async def route_visitor(self, hoa: str) -> None:
+        """The host route toward a visitor we take in, after its VPN-only guard (the backend's:
+        from here on what it sends is forwarded, but only through its paths)."""
+        if self.mavpn is not None:
+            await self.mavpn.guard_visitor(hoa)
+        await self.routes.add(hoa)
+
+    async def unroute_visitor(self, hoa: str) -> None:
+        """Undo :meth:`route_visitor`: the route, then the guard."""
+        await self.routes.remove(hoa)
+        if self.mavpn is not None:
+            await self.mavpn.release_visitor(hoa)
 
     async def end_session(self, visitor: Visitor, cause: TerminationCause) -> None:
         """Tell our AAAF the session is over (STR, RFC 6733 §8.4), so that no stale VPN
@@ -452,7 +466,7 @@ class ForeignAgent:
         log.warning("registration.failed", mn=pending.nai, reason=reason)
         self.deny_pending(pending, code)
         if pending.routed and key[0] not in self.visitors:
-            background(self.routes.remove(key[0]))
+            background(self.unroute_visitor(key[0]))
 
     async def timeout(self, key: tuple[str, int]) -> None:
         pending = self.pending.pop(key, None)
@@ -461,7 +475,7 @@ class ForeignAgent:
         log.warning("rrq.timeout", mn=pending.nai, id=hex(pending.rrq.identification))
         self.deny_pending(pending, Code.FA_REGISTRATION_TIMEOUT)
         if pending.routed and key[0] not in self.visitors:
-            await self.routes.remove(key[0])
+            await self.unroute_visitor(key[0])
 
     def refuse(self, rrq: mip.RegistrationRequest, addr: tuple[str, int], code: Code, nai: str | None,
                ifindex: int | None = None) -> None:
@@ -523,7 +537,7 @@ class ForeignAgent:
         if rrp.accepted and rrp.lifetime > 0:
             # Accepted: now, and only now, the host route toward the visitor (before its paths,
             # whose traffic needs it, and before the MN hears).
-            await self.routes.add(hoa)
+            await self.route_visitor(hoa)
             pending.routed = True
         if pending.vpn is not None and rrp.accepted and rrp.lifetime > 0 and self.mavpn is not None and pending.nai:
             self.start_handoff(pending)
@@ -558,7 +572,7 @@ class ForeignAgent:
         else:
             self.counters["denied"] += 1
             if pending.routed and hoa not in self.visitors:
-                await self.routes.remove(hoa)
+                await self.unroute_visitor(hoa)
         to_mn = mip.strip_after(raw, mip.EXT_MN_HA_AUTH) if rrp.find(mip.MNHAAuthExtension) else raw
         self.to_mn(to_mn, (hoa, pending.mn_port), pending.ifindex)
         log.info("rrp.relayed", mn=pending.nai, id=hex(rrp.identification), code=int(rrp.code),
@@ -600,7 +614,7 @@ class ForeignAgent:
         assert self.mavpn is not None and pending.nai
         # What the old FA forwards to us must reach the MN from the moment its path is up: the
         # host route comes now, after our checks and the local AAA's yes, before the HA's.
-        await self.routes.add(str(pending.rrq.home_address))
+        await self.route_visitor(str(pending.rrq.home_address))
         pending.routed = True
         lifetime = self.config.forwarding_lifetime
         copy = vpninfo.forward_copy(ha_path, IPv4Address(previous), lifetime, self.fa_keys[previous].key)

@@ -213,32 +213,3 @@ class MobileNodeLink:
         flags = json.loads(out)[0].get("flags", [])
         return "LOWER_UP" in flags
 
-
-class AccessGuard:
-    """VPN-only access at an FA (route-based backends, ``Capability.ROUTE_BASED``, e.g.
-    strongswan): nothing that arrives on the access segment is forwarded in clear. Each
-    visitor's traffic is steered into the tunnel by a per-user rule (pref 900,
-    daemons/vpn/strongswan/routes.py); whatever no rule claims — a
-    visitor whose path is not up yet, during a handover — hits this blackhole instead of
-    leaving toward the core unencrypted. Traffic to the FA itself is local and unaffected.
-    """
-
-    TABLE = 224
-    PREF = 990
-
-    def __init__(self, interface: str, netns: str | None = None) -> None:
-        self.interface = interface
-        self.nl = Rtnl(netns)
-
-    async def install(self) -> None:
-        """Idempotent; done once at start, so the socket is closed after."""
-        try:
-            await self.nl.call(f"blackhole default table {self.TABLE}", "route", "replace", dst="0.0.0.0/0",
-                               type="blackhole", table=self.TABLE)
-            rules = await self.nl.call("rules", "rule", "dump", family=socket.AF_INET)
-            if not any(r.get("priority") == self.PREF for r in rules):
-                await self.nl.call(f"rule iif {self.interface} lookup {self.TABLE}", "rule", "add",
-                                   priority=self.PREF, iifname=self.interface, table=self.TABLE,
-                                   family=socket.AF_INET)
-        finally:
-            self.nl.close()

@@ -210,6 +210,23 @@ class MavpnControl:
         for address in addresses:
             await self.backend.release_local_selector(address)
 
+    # ---- VPN-only access (an FA) ----------------------------------------------------------------
+    async def guard_access(self, visitors: Iterable[str]) -> None:
+        """At the FA's start, before any registration: nothing from the access segment leaves
+        in clear; ``visitors``: the home addresses of the visitors the FA holds
+        (:meth:`PathBackend.guard_access`)."""
+        assert self.access_interface is not None, "an FA's path control knows its access interface"
+        await self.backend.guard_access(self.access_interface, list(visitors))
+        log.info("access.guarded", interface=self.access_interface, backend=self.backend.name)
+
+    async def guard_visitor(self, home_address: str) -> None:
+        """Before the visitor's host route (:meth:`PathBackend.guard_visitor`)."""
+        await self.backend.guard_visitor(home_address)
+
+    async def release_visitor(self, home_address: str) -> None:
+        """After the visitor's host route is gone (:meth:`PathBackend.release_visitor`)."""
+        await self.backend.release_visitor(home_address)
+
     # ---- show ----------------------------------------------------------------------------------
     async def show(self) -> list[dict[str, Any]]:
         statuses: dict[str, PathStatus] = {s.id: s for s in await self.backend.list()}

@@ -331,11 +331,6 @@ class Capability(enum.Flag):
     #: selector is the MN's home address, calls :meth:`PathBackend.prepare_local_selector`
     #: first and :meth:`PathBackend.release_local_selector` when no path needs it any more.
     LOCAL_SELECTOR_ADDRESS = enum.auto()
-    #: Route-based: cleartext enters a tunnel by routes/rules the backend installs into a tunnel
-    #: device (strongswan: ``ipsec0``), not by the kernel's IPsec policy lookup, so whatever no
-    #: route of the backend claims is forwarded in clear; an FA blackholes what arrives on its
-    #: access segment unclaimed (a visitor whose path is not up yet).
-    ROUTE_BASED = enum.auto()
 
 
 class PathBackend(abc.ABC):
@@ -349,6 +344,12 @@ class PathBackend(abc.ABC):
     - ``list`` reports state and counters, never keys.
     - ``flush`` removes everything the backend manages on this node.
     - ``reconcile`` makes installed == wanted (e.g. after a daemon restart) and removes strays.
+
+    **VPN-only access** (an FA): no visitor's traffic leaves the node in clear, whatever the
+    backend.  The FA calls :meth:`guard_access` at its start, before it takes any registration,
+    :meth:`guard_visitor` for a visitor it takes in, before the host route that makes it
+    reachable, and :meth:`release_visitor` after that route is gone; how the backend keeps the
+    promise is its own (see daemons/vpn/access.py).
 
     What a backend can do beyond that is :attr:`capabilities`; the hooks below have no-op
     defaults, so a caller calls them whatever the backend (``wait_ready`` after start, ``close``
@@ -383,6 +384,25 @@ class PathBackend(abc.ABC):
 
     @abc.abstractmethod
     async def reconcile(self, wanted: Sequence[VpnPath]) -> builtins.list[PathStatus]: ...
+
+    @abc.abstractmethod
+    async def guard_access(self, access_ifname: str, visitors: Sequence[str]) -> None:
+        """VPN-only access on ``access_ifname`` (an FA's access segment): from now on nothing
+        that arrives there is forwarded in clear, except what a path of this backend carries
+        for a visitor.  ``visitors``: the home addresses of the visitors the FA holds (after a
+        restart); their guards are made exactly these.  Idempotent."""
+
+    @abc.abstractmethod
+    async def guard_visitor(self, home_address: str) -> None:
+        """The FA takes in a visitor: what it sends (source ``home_address``) may be forwarded
+        from now on, but only through a path of this backend; until one is up (and while none
+        is, during a move or a profile change) it is dropped, never sent in clear.  Call before
+        the visitor's host route.  Idempotent."""
+
+    @abc.abstractmethod
+    async def release_visitor(self, home_address: str) -> None:
+        """Undo :meth:`guard_visitor` once the visitor is gone (after its host route); what it
+        still sends is dropped again.  Releasing an unknown address is not an error."""
 
     async def wait_ready(self) -> str | None:
         """Wait until whatever the backend drives is up (strongswan: charon on VICI, ``ipsec0``);

@@ -2,11 +2,18 @@
 kernel `auto` picks xfrm, so this is what a user's `make lab` runs. F1 (cn <-> mn1 through
 fa1 ==ESP== ha ==ESP== cngw), route optimisation (cn2 through fa1 ==ESP== cngw2), and the
 paths following the MN across an intra- and an inter-domain move, with the kernel's SAs
-counting the traffic."""
+counting the traffic. The first move runs under a ping from the MN with the new FA's core
+link captured: VPN-only access, nothing of the MN leaves that FA in clear while it registers
+(tshark reads the capture)."""
 
 from __future__ import annotations
 
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 from daemons.provision.configs import control_socket
 from daemons.runtime import control
@@ -44,6 +51,72 @@ def cngw2_path_to(env: LabEnv, coa: str) -> bool:
     return [(p["remote"], p["state"]) for p in rows] == [(coa, "up")]
 
 
+def tshark_rows(pcap: Path, display_filter: str) -> list[tuple[str, str]]:
+    """(ip.src of every IP header, frame.protocols) of the packets ``display_filter`` keeps."""
+    proc = subprocess.run(["tshark", "-n", "-r", str(pcap), "-Y", display_filter, "-T", "fields",
+                           "-e", "ip.src", "-e", "frame.protocols"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return [(src, protocols) for src, protocols in (line.split("\t") for line in proc.stdout.splitlines())]
+
+
+# Runs in mn1: a UDP datagram to the discard port every 10 ms whatever happens (each send looks
+# the route up again: from the moment the MN takes the new FA as its router, they go there).
+SENDER = """
+import socket, sys, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sent = 0
+print("ready", flush=True)
+try:
+    while True:
+        try:
+            s.sendto(b"mipvpn-guard-probe", (sys.argv[1], 9))
+            sent += 1
+        except OSError:
+            pass
+        time.sleep(0.01)
+except KeyboardInterrupt:
+    print(f"{sent} sent")
+"""
+
+
+def move_under_ping(env: LabEnv, lab: Lab, fa: str) -> None:
+    """Move mn1 to ``fa`` while it sends to cn every 10 ms from before the move on (its first
+    packets reach ``fa`` with its registration request: the MN takes the FA as its router
+    first), with ``fa``'s core link captured from before the move until a ping passes: not one
+    packet from the MN's home address leaves ``fa`` in clear, its traffic leaves in ESP once
+    the path is up."""
+    pcap = env.run_dir / f"guard-{fa}-core.pcap"
+    capture = subprocess.Popen(["ip", "netns", "exec", env.ns(fa), "tcpdump", "-i", "core", "-n", "-s", "0",
+                                "-U", "--immediate-mode", "-Z", "root", "-w", str(pcap)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pinger: subprocess.Popen[str] | None = None
+    out = ""
+    try:
+        wait_for(lambda: pcap.exists() and pcap.stat().st_size >= 24, timeout=120, interval=0.2,
+                 what=f"capture on {fa}'s core link")
+        # Not ping: it holds back its next request while earlier ones go unanswered (during
+        # the move), which would leave the window before the path untested.
+        pinger = subprocess.Popen(["ip", "netns", "exec", env.ns("mn1"), sys.executable, "-S", "-c", SENDER,
+                                   CN], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert pinger.stdout is not None and pinger.stdout.readline().strip() == "ready"
+        time.sleep(0.5)
+        lab.move("mn1", fa)
+        wait_for(lambda: bound_via(env, COA[fa]), timeout=300, interval=0.5, what=f"binding via {fa}")
+        wait_for(lambda: ping(env, "mn1", CN), timeout=180, interval=1, what=f"ping mn1 -> cn at {fa}")
+        time.sleep(2)
+    finally:
+        if pinger is not None:
+            pinger.send_signal(signal.SIGINT)
+            out = pinger.communicate(timeout=60)[0]
+        capture.send_signal(signal.SIGINT)
+        capture.wait(timeout=60)
+    rows = tshark_rows(pcap, f"ip.src == {HOA} || (esp && ip.src == {COA[fa]})")
+    clear = [row for row in rows if HOA in row[0].split(",")]
+    assert not clear, f"{len(clear)} packets of mn1 left {fa} in clear, e.g. {clear[:5]}"
+    assert any("esp" in protocols.split(":") for _, protocols in rows), f"no ESP from {fa} on its core link"
+    assert re.search(r"[1-9]\d* sent", out), out[-500:]
+
+
 def test_lab_on_xfrm_carries_and_follows_moves(lab_env: LabEnv) -> None:
     lab_env.env["MIPVPN_HEALTH_TIMEOUT"] = "600"  # Python under TCG emulation starts slowly
     up = lab_env.cli("lab", "up", "--backend", "xfrm", timeout=900)
@@ -55,7 +128,10 @@ def test_lab_on_xfrm_carries_and_follows_moves(lab_env: LabEnv) -> None:
         assert esp_packets(lab_env, node) > 0, node
     lab = Lab.open(lab_env.run_dir)
     for fa in ("fa2", "fa3", "fa1"):  # intra-domain (F2), inter-domain (F3), back
-        lab.move("mn1", fa)
+        if fa == "fa2":
+            move_under_ping(lab_env, lab, fa)  # VPN-only access at the FA the MN moves to
+        else:
+            lab.move("mn1", fa)
         wait_for(lambda coa=COA[fa]: bound_via(lab_env, coa), timeout=300, interval=0.5, what=f"binding via {fa}")
         wait_for(lambda: ping(lab_env, "cn", HOA), timeout=180, interval=1, what=f"ping cn -> mn1 at {fa}")
         # The route-optimised path moved too (a ping to cn2 alone would also pass via the HA).

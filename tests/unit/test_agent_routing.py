@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from daemons.agents.routing import AccessGuard, HomeLink, VisitorRoutes
+from daemons.agents.routing import HomeLink, VisitorRoutes
 from daemons.runtime.net import LinkUdpEndpoint
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -128,18 +128,13 @@ def test_visitor_routes_and_the_neighbour_over_netlink(nets: tuple[str, str], mo
 
 
 @needs_root
-def test_access_guard_and_home_link_over_netlink(nets: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_home_link_over_netlink(nets: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     fa, _ = nets
     no_processes(monkeypatch)
 
     async def main() -> None:
-        guard, home = AccessGuard("access", netns=fa), HomeLink("access", netns=fa)
+        home = HomeLink("access", netns=fa)
         try:
-            await guard.install()
-            await guard.install()
-            assert [r for r in sh("ip", "-n", fa, "rule").splitlines() if r.startswith("990:")] == \
-                ["990:\tfrom all iif access lookup 224"]
-            assert [r.split(" proto")[0] for r in routes(fa, "table", "224")] == ["blackhole default"]
             await home.intercept(HOA)
             assert sh("ip", "-n", fa, "neigh", "show", "proxy").split() == [HOA, "dev", "access", "proxy"]
             await home.reconcile([HOA2])
@@ -148,7 +143,6 @@ def test_access_guard_and_home_link_over_netlink(nets: tuple[str, str], monkeypa
             await home.release(HOA2)
             assert sh("ip", "-n", fa, "neigh", "show", "proxy").strip() == ""
         finally:
-            guard.nl.close()
             home.nl.close()
 
     asyncio.run(main())

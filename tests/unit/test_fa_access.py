@@ -432,6 +432,43 @@ def test_the_route_comes_with_the_home_agents_yes(tmp_path: Path) -> None:
     run(main)
 
 
+class Guarding:
+    """Stands in for the path control's VPN-only access guard (``MavpnControl.guard_*``):
+    writes into the routes' record, so the order of guard and route shows."""
+
+    def __init__(self, record: list[tuple[str, str]]) -> None:
+        self.record = record
+
+    async def guard_visitor(self, hoa: str) -> None:
+        self.record.append(("guard", hoa))
+
+    async def release_visitor(self, hoa: str) -> None:
+        self.record.append(("release", hoa))
+
+    async def remove_user(self, nai: str) -> None: ...
+
+
+def test_the_visitor_is_guarded_before_its_route_and_released_after_it(tmp_path: Path) -> None:
+    """VPN-only access: from the moment its host route makes a visitor forwardable, its traffic
+    must leave through its paths only (docs/protocol.md, "VPN-only access")."""
+    async def main() -> None:
+        fa = fa_with(tmp_path, registration_timeout=0.05)
+        fa.mavpn = Guarding(fa.routes.calls)  # type: ignore[assignment,attr-defined]
+        refused = rrq(fa.advertiser.advertisement().challenge)
+        await from_mn(fa, refused)
+        await from_ha(fa, ha_reply(refused, code=Code.HA_MN_FAILED_AUTHENTICATION))
+        assert fa.routes.calls == []  # type: ignore[attr-defined]  # not taken in: the access blackhole holds it
+        request = rrq(fa.advertiser.advertisement().challenge)
+        await from_mn(fa, request)
+        assert fa.routes.calls == []  # type: ignore[attr-defined]
+        await from_ha(fa, ha_reply(request))
+        assert fa.routes.calls == [("guard", str(HOA)), ("add", str(HOA))]  # type: ignore[attr-defined]
+        await fa.remove_visitor(str(HOA), "lifetime expired")
+        assert fa.routes.calls[2:] == [("remove", str(HOA)), ("release", str(HOA))]  # type: ignore[attr-defined]
+
+    run(main)
+
+
 def test_rrqs_that_come_in_from_the_core_are_dropped_and_counted(tmp_path: Path) -> None:
     async def main() -> None:
         fa = fa_with(tmp_path)

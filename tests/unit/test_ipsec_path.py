@@ -124,8 +124,8 @@ def test_secrets_never_in_repr_or_status() -> None:
 def test_strongswan_backend_satisfies_protocol() -> None:
     b = StrongswanBackend("n", "/tmp/x", None)
     assert isinstance(b, PathBackend)
-    # kernel-libipsec: route-based, owns its local selectors, carries F6 forwarding paths
-    assert b.capabilities == Capability.FORWARDING_PATHS | Capability.LOCAL_SELECTOR_ADDRESS | Capability.ROUTE_BASED
+    # kernel-libipsec: owns its local selectors, carries F6 forwarding paths
+    assert b.capabilities == Capability.FORWARDING_PATHS | Capability.LOCAL_SELECTOR_ADDRESS
 
 
 def test_strongswan_conf_never_logs_secrets(tmp_path) -> None:

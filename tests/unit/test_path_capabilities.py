@@ -72,6 +72,15 @@ class Recorder(PathBackend):
     async def release_local_selector(self, address: str) -> None:
         self.calls.append(("release", address))
 
+    async def guard_access(self, access_ifname: str, visitors: Sequence[str]) -> None:
+        self.calls.append(("guard_access", access_ifname, *visitors))
+
+    async def guard_visitor(self, home_address: str) -> None:
+        self.calls.append(("guard", home_address))
+
+    async def release_visitor(self, home_address: str) -> None:
+        self.calls.append(("unguard", home_address))
+
 
 def fa_to_ha(hoa: str = HOA) -> VpnInfo:
     path = VpnPath(f"{NAI}:1", Endpoint(FA, EndpointType.FA), Endpoint(HA, EndpointType.HA),
@@ -83,7 +92,6 @@ def fa_to_ha(hoa: str = HOA) -> VpnInfo:
 def test_each_backend_says_what_it_can_do(tmp_path: Path) -> None:
     strongswan = StrongswanBackend("n", tmp_path, None).capabilities
     assert Capability.FORWARDING_PATHS in strongswan and Capability.LOCAL_SELECTOR_ADDRESS in strongswan
-    assert Capability.ROUTE_BASED in strongswan
     # xfrm is policy-based with AAAH keys: nothing to own, no routes, no F6 forwarding path
     xfrm = XfrmBackend("n", xfrm=object())  # type: ignore[arg-type]  # a socket it never uses here
     assert xfrm.capabilities is Capability.NONE

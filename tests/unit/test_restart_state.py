@@ -105,6 +105,15 @@ class KernelLike(PathBackend):
     async def release_local_selector(self, address: str) -> None:
         self.calls.append(("release", address))
 
+    async def guard_access(self, access_ifname: str, visitors: Sequence[str]) -> None:
+        self.calls.append(("guard_access", ",".join(visitors)))
+
+    async def guard_visitor(self, home_address: str) -> None:
+        self.calls.append(("guard", home_address))
+
+    async def release_visitor(self, home_address: str) -> None:
+        self.calls.append(("unguard", home_address))
+
     def installs(self, path_id: str) -> int:
         return self.calls.count(("install", path_id))
 

@@ -74,6 +74,7 @@ import vici
 from vici.exception import CommandException, SessionException
 
 from daemons.runtime.log import EventLog
+from daemons.vpn.access import AccessGuard
 from daemons.vpn.path import (
     Capability,
     PathBackend,
@@ -135,9 +136,9 @@ class StrongswanBackend(PathBackend):
 
     @property
     def capabilities(self) -> Capability:
-        """kernel-libipsec: route-based (``ipsec0``), the local selector's address owned; F6
-        forwarding paths work (a CHILD_SA per path, no kernel policy template to collide with)."""
-        return Capability.FORWARDING_PATHS | Capability.LOCAL_SELECTOR_ADDRESS | Capability.ROUTE_BASED
+        """kernel-libipsec: the local selector's address owned; F6 forwarding paths work (a
+        CHILD_SA per path, no kernel policy template to collide with)."""
+        return Capability.FORWARDING_PATHS | Capability.LOCAL_SELECTOR_ADDRESS
 
     @property
     def socket_path(self) -> Path:
@@ -184,6 +185,28 @@ class StrongswanBackend(PathBackend):
     async def release_local_selector(self, address: str) -> None:
         """See :func:`daemons.vpn.strongswan.addresses.release_local_selector`."""
         await release_local_selector(self.netns, address)
+
+    # ---- VPN-only access (an FA) --------------------------------------------------------
+
+    async def guard_access(self, access_ifname: str, visitors: Sequence[str]) -> None:
+        """Route-based: cleartext enters the tunnel only by our per-user source rules into
+        ``ipsec0`` (there exactly while the user's path is), so the access segment's blackhole
+        (:class:`daemons.vpn.access.AccessGuard`) catches everything else, visitors included:
+        nothing per visitor to keep."""
+        guard = AccessGuard(access_ifname, self.netns)
+        try:
+            await guard.install()
+        finally:
+            guard.close()
+
+    async def guard_visitor(self, home_address: str) -> None:
+        """Nothing to do: until the visitor's path (and with it its source rule) is up, what it
+        sends hits the access segment's blackhole (:meth:`guard_access`)."""
+        return None
+
+    async def release_visitor(self, home_address: str) -> None:
+        """Nothing to do (see :meth:`guard_visitor`)."""
+        return None
 
     # ---- VICI messages ------------------------------------------------------------------
 

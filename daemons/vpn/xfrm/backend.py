@@ -56,6 +56,25 @@ Design
   may arrive before this end sends anything (the peer's own trap fired), and a missing
   inbound SA just drops ESP without telling anyone.  Until the acquire the path reports
   ``TRAPPED``; an outbound SA the kernel already holds (after a restart) is kept.
+* **VPN-only access** (an FA, :meth:`XfrmBackend.guard_access`).  The access segment's
+  blackhole (:class:`daemons.vpn.access.AccessGuard`) drops whatever arrives there unclaimed;
+  a visitor the FA takes in (:meth:`XfrmBackend.guard_visitor`, before its host route) is
+  claimed by a rule ``from HOA iif ACCESS lookup main`` and, first, guarded by two ``out``
+  policies with action BLOCK, ``HOA/32 -> 0.0.0.0/1`` and ``HOA/32 -> 128.0.0.0/1``
+  (:func:`guard_policies`), at :data:`GUARD_PRIORITY`, a priority number above every path
+  policy's: the kernel looks ``out`` policies up for forwarded packets too, the lowest number
+  wins, so a path's ALLOW policy with its template (encrypt) takes what it covers and the
+  guard drops the rest — before the path is up, while it is replaced during a move, and for
+  destinations no path covers.  Two halves, not ``0.0.0.0/0``: the kernel identifies a policy
+  by selector and direction, not priority, and ``HOA/32 -> any`` is the path to the HA's own
+  selector.  Only ``out``: ``in``/``fwd`` policies check what arrives (decrypted traffic
+  toward the MN, with the path's templates), and a ``fwd`` block on the source would refuse
+  the visitor's traffic even with its path up (no ``fwd`` policy of a path has the home
+  address as source); what the FA delivers to itself or to the MN is not sourced from the
+  home address.  The guard policies carry no template, so :func:`policy_is_ours` (paths) never
+  sees them: they are ours by action, priority and shape (:func:`is_guard_policy`); ``flush``
+  removes them, ``reconcile`` (paths) leaves them alone, ``guard_access`` reconciles them with
+  the FA's visitors.
 * Errors: kernel errors become :class:`XfrmPathError` (a :class:`PathError`) whose message is
   the kernel's (``XfrmError`` text incl. extended ack), the ``XfrmError`` is ``.cause``.
 
@@ -76,6 +95,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 from daemons.runtime.log import EventLog
+from daemons.vpn.access import AccessGuard
 from daemons.vpn.path import (
     Capability,
     PathBackend,
@@ -94,6 +114,10 @@ log = EventLog("mipvpn.xfrm")
 REQID_BASE = 0x6D700000  # "mp": reqids of mipvpn's paths
 REQID_SPAN = 0x00100000
 PRIORITY_BASE = 0x2F00
+#: the access guard's BLOCK policies: a larger number (less preferred) than any path policy
+#: (PRIORITY_BASE .. PRIORITY_BASE + 64)
+GUARD_PRIORITY = PRIORITY_BASE + 0x80
+_HALVES = (ipaddress.IPv4Network("0.0.0.0/1"), ipaddress.IPv4Network("128.0.0.0/1"))
 _GONE = (errno.ENOENT, errno.ESRCH)
 
 
@@ -168,6 +192,22 @@ def path_entries(path: VpnPath, reqid: int) -> PathEntries:
     return PathEntries(reqid, sa(local, remote, sec.outbound), sa(remote, local, sec.inbound), tuple(policies))
 
 
+def guard_policies(home_address: str) -> tuple[Policy, ...]:
+    """The access guard of one visitor (pure: no I/O): nothing from ``home_address`` is
+    forwarded unless a path's ``out`` policy takes it (see the module doc)."""
+    src = ipaddress.IPv4Network(f"{ipaddress.IPv4Address(home_address)}/32")
+    return tuple(Policy(Selector.of(src, half), "out", (), priority=GUARD_PRIORITY, action="block")
+                 for half in _HALVES)
+
+
+def is_guard_policy(pol: Policy) -> bool:
+    """One of :func:`guard_policies`' (of any home address)."""
+    sel = pol.selector
+    return (pol.dir == "out" and pol.action == "block" and not pol.tmpls and pol.priority == GUARD_PRIORITY
+            and sel.src.version == 4 and sel.src.prefixlen == 32 and sel.dst in _HALVES
+            and (sel.proto, sel.sport, sel.dport, sel.ifindex) == (0, 0, 0, 0))
+
+
 def _sa_key(sa: SA) -> tuple[str, int, int]:
     return (sa.dst, sa.spi, sa.proto)
 
@@ -236,11 +276,14 @@ class XfrmBackend(PathBackend):
         self._watch_stop = threading.Event()
         #: number of acquires turned into an installed outbound SA (for tests and show)
         self.acquires = 0
+        self._access: AccessGuard | None = None  # an FA's access segment (guard_access)
 
     def __repr__(self) -> str:
         return f"XfrmBackend(node={self.node!r}, netns={self.netns!r}, paths={len(self._paths)})"
 
     async def close(self) -> None:
+        if self._access is not None:
+            self._access.close()
         await asyncio.to_thread(self._stop_watcher)
         if self._own_socket:
             await asyncio.to_thread(self._xs.close)
@@ -470,6 +513,68 @@ class XfrmBackend(PathBackend):
         if ifname is not None:
             await self._qos[ifname].remove(path_id)
 
+    # ---- VPN-only access (an FA; see the module doc) -------------------------------------
+
+    def _guard_sync(self, home_address: str) -> None:
+        added: list[Policy] = []
+        try:
+            for pol in guard_policies(home_address):
+                try:
+                    self._xs.add_policy(pol)
+                    added.append(pol)
+                except XfrmError as exc:
+                    if exc.errno != errno.EEXIST:
+                        raise
+                    if not is_guard_policy(self._xs.get_policy(pol.selector, pol.dir)):
+                        raise PathError(f"{self.node}: access guard: {pol.describe()}: selector already used "
+                                        "by another policy") from None
+        except BaseException:
+            for pol in added:
+                with contextlib.suppress(XfrmError):
+                    self._xs.delete_policy(pol.selector, pol.dir)
+            raise
+
+    def _unguard_sync(self, home_address: str) -> None:
+        for pol in guard_policies(home_address):
+            try:
+                self._xs.delete_policy(pol.selector, pol.dir)
+            except XfrmError as exc:
+                if exc.errno not in _GONE:
+                    raise
+
+    def _guarded_sync(self) -> set[str]:
+        """The home addresses the kernel holds a guard policy for."""
+        return {str(p.selector.src.network_address) for p in self._xs.dump_policies() if is_guard_policy(p)}
+
+    async def guard_access(self, access_ifname: str, visitors: Sequence[str]) -> None:
+        """The access segment's blackhole, then every visitor's guard made exactly ``visitors``
+        (guards of the gone released: rule first, then policies; the missing added)."""
+        if self._access is None or self._access.interface != access_ifname:
+            if self._access is not None:
+                self._access.close()
+            self._access = AccessGuard(access_ifname, self.netns)
+        await self._access.install()
+        want = {str(ipaddress.IPv4Address(v)) for v in visitors}
+        have = await self._x(self._guarded_sync) | await self._access.admitted()
+        for hoa in sorted(have - want):
+            await self.release_visitor(hoa)
+        for hoa in sorted(want):
+            await self.guard_visitor(hoa)
+
+    async def guard_visitor(self, home_address: str) -> None:
+        """BLOCK policies first, then the rule that lets the visitor's traffic past the
+        access segment's blackhole: whatever it sends from then on is routed, and leaves in
+        a path's ESP or not at all."""
+        await self._x(self._guard_sync, home_address)
+        if self._access is not None:
+            await self._access.admit(home_address)
+
+    async def release_visitor(self, home_address: str) -> None:
+        """The rule first (what the address sends hits the blackhole again), then the policies."""
+        if self._access is not None:
+            await self._access.refuse(home_address)
+        await self._x(self._unguard_sync, home_address)
+
     # ---- the path API -------------------------------------------------------------------
 
     async def install(self, path: VpnPath) -> PathStatus:
@@ -525,6 +630,9 @@ class XfrmBackend(PathBackend):
     async def flush(self) -> None:
         async with self._lock:
             await self._x(self._remove_strays_sync, ())
+            admitted = await self._access.admitted() if self._access is not None else set()
+            for hoa in await self._x(self._guarded_sync) | admitted:  # the access blackhole stays
+                await self.release_visitor(hoa)
             for qos in self._qos.values():
                 for key in list(qos.classes):
                     await qos.remove(key)
