@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -76,7 +75,6 @@ def binding_via(env: LabEnv, coa: str):
 
 
 KEYLOG_DIR = "tls-keys"  # daemons.provision.configs.KEYLOG_DIR: RUN_DIR/tls-keys/NODE.keys
-_KEYLOGS = Path(tempfile.mkdtemp(prefix="mipvpn-keylogs-"))
 
 
 def lab_keylog(pcap) -> Path | None:
@@ -85,7 +83,7 @@ def lab_keylog(pcap) -> Path | None:
     logs = sorted((Path(pcap).parent.parent / KEYLOG_DIR).glob("*.keys"))
     if not logs:
         return None
-    joined = _KEYLOGS / f"{abs(hash(str(Path(pcap).parent.resolve())))}.keys"
+    joined = Path(pcap).parent.parent / "tls-keys.joined"  # in the run directory: gone with the lab
     joined.write_bytes(b"".join(p.read_bytes().rstrip(b"\n") + b"\n" for p in logs))
     return joined
 
