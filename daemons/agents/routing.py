@@ -14,14 +14,11 @@ import json
 import os
 import socket
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
-from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl import RTM_GETNEIGH, ndmsg
+from pyroute2.netlink.rtnl import ndmsg
 
 from daemons.runtime.log import EventLog
+from daemons.runtime.rtnl import RouteError, Rtnl
 
 log = EventLog("mipvpn.routing")
 
@@ -29,10 +26,6 @@ RTPROT_STATIC = 4  # `proto static`
 RT_SCOPE_LINK = 253
 MAIN_TABLE = 254
 _USABLE_NEIGHBOUR = ~(ndmsg.NUD_INCOMPLETE | ndmsg.NUD_FAILED | ndmsg.NUD_NONE)
-
-
-class RouteError(RuntimeError):
-    pass
 
 
 async def ip(*args: str, check: bool = True) -> str:
@@ -52,59 +45,6 @@ async def converge(present: Iterable[str], wanted: Iterable[str], add: Callable[
         await remove(stray)
     for missing in want - have:
         await add(missing)
-
-
-class Rtnl:
-    """One rtnetlink socket in ``netns`` (None: ours), opened on first use; requests one at a
-    time. ``RouteError`` names what was asked and the kernel's answer."""
-
-    def __init__(self, netns: str | None = None) -> None:
-        self.netns = netns
-        self._ipr: Any = None
-        self._lock = asyncio.Lock()
-        self._ifindex: dict[str, int] = {}
-
-    def _socket(self) -> Any:
-        if self._ipr is None:
-            # flags=0: never create a missing namespace (pyroute2 would, silently).
-            self._ipr = AsyncIPRoute(netns=self.netns, flags=0) if self.netns else AsyncIPRoute()
-        return self._ipr
-
-    async def call(self, what: str, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        """``ipr.METHOD(*args, **kwargs)``, a dump read to the end."""
-        async with self._lock:
-            try:
-                result = await getattr(self._socket(), method)(*args, **kwargs)
-                if hasattr(result, "__aiter__"):
-                    return [msg async for msg in result]
-                return list(result)
-            except NetlinkError as exc:
-                raise RouteError(f"{what}: {os.strerror(exc.code) if exc.code else exc}") from None
-
-    async def neighbours_proxied(self) -> list[Any]:
-        """The proxy-ARP entries (a dump with NTF_PROXY in the request, as ``ip neigh show proxy``)."""
-        msg = ndmsg.ndmsg()
-        msg["family"] = socket.AF_INET
-        msg["flags"] = ndmsg.NTF_PROXY
-        async with self._lock:
-            try:
-                result = await self._socket().nlm_request(msg, RTM_GETNEIGH, NLM_F_REQUEST | NLM_F_DUMP)
-                return [m async for m in result]
-            except NetlinkError as exc:
-                raise RouteError(f"proxy neighbours: {os.strerror(exc.code)}") from None
-
-    async def ifindex(self, name: str) -> int:
-        if name not in self._ifindex:
-            found = await self.call(f"interface {name}", "link_lookup", ifname=name)
-            if not found:
-                raise RouteError(f"no interface {name}")
-            self._ifindex[name] = found[0]
-        return self._ifindex[name]
-
-    def close(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
 
 
 def _missing(exc: RouteError) -> bool:

@@ -20,16 +20,13 @@ Changes go through rtnetlink (pyroute2), one socket per guard, opened on first u
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import ipaddress
 import os
 import socket
 from typing import Any
 
-from pyroute2 import AsyncIPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
+from daemons.runtime.rtnl import Rtnl
 from daemons.vpn.path import PathError
 
 MAIN_TABLE = 254
@@ -46,24 +43,10 @@ class AccessGuard:
     def __init__(self, interface: str, netns: str | None = None) -> None:
         self.interface = interface
         self.netns = netns
-        self._ipr: Any = None
-        self._lock = asyncio.Lock()
-
-    def _socket(self) -> Any:
-        if self._ipr is None:
-            # flags=0: never create a missing namespace (pyroute2 would, silently).
-            self._ipr = AsyncIPRoute(netns=self.netns, flags=0) if self.netns else AsyncIPRoute()
-        return self._ipr
+        self.rtnl = Rtnl(netns, error=PathError)
 
     async def _call(self, what: str, method: str, *args: Any, **kwargs: Any) -> list[Any]:
-        async with self._lock:
-            try:
-                result = await getattr(self._socket(), method)(*args, **kwargs)
-                if hasattr(result, "__aiter__"):
-                    return [msg async for msg in result]
-                return list(result)
-            except NetlinkError as exc:
-                raise PathError(f"access guard: {what}: {os.strerror(exc.code) if exc.code else exc}") from None
+        return await self.rtnl.call(f"access guard: {what}", method, *args, **kwargs)
 
     async def _rules(self) -> list[Any]:
         return await self._call("rules", "rule", "dump", family=socket.AF_INET)
@@ -106,6 +89,4 @@ class AccessGuard:
                 raise
 
     def close(self) -> None:
-        if self._ipr is not None:
-            self._ipr.close()
-            self._ipr = None
+        self.rtnl.close()
