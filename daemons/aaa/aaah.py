@@ -275,14 +275,15 @@ class HomeAAAServer:
             log.info("service_update.received", mn=nai, sid=sid, seq=update.sequence if update else "malformed")
         async with self.locks.hold(nai):
             try:
-                user = await self.authenticate(amr)
-                return await self.register(amr, user, application.local_aaa(amr, peer.host))
+                user, mn_aaa = await self.authenticate(amr)
+                return await self.register(amr, user, application.local_aaa(amr, peer.host), mn_aaa)
             except AmrRejected as rej:
                 log.warning("ama.sent", mn=nai, sid=sid, result=rej.code, reason=rej.reason)
                 return self._ama(amr, rej.code, error=rej.reason)
 
-    async def authenticate(self, amr: application.Amr) -> User:
-        """The user's record once the MN-AAA authenticator checks out (secret from the DB only)."""
+    async def authenticate(self, amr: application.Amr) -> tuple[User, Secret]:
+        """The user's record and the MN-AAA secret it was checked with, once the MN-AAA
+        authenticator checks out (secret from the DB only)."""
         assert self.db is not None
         nai, raw, rrq = amr.nai, amr.rrq_raw, amr.rrq
         user = await self.db.aio.user_by_nai(nai)
@@ -319,9 +320,10 @@ class HomeAAAServer:
             log.warning("auth.failed", mn=nai, reason=f"home address {rrq.home_address} is not the user's")
             raise AmrRejected(ResultCode.DIAMETER_AUTHORIZATION_REJECTED, "home address not the user's")
         log.info("auth.ok", mn=nai, spi=hex(ext.spi))  # type: ignore[union-attr]
-        return user
+        return user, secret  # type: ignore[return-value]  # secret is set when reason is None
 
-    async def register(self, amr: application.Amr, user: User, local_aaa: str | None = None) -> Message:
+    async def register(self, amr: application.Amr, user: User, local_aaa: str | None = None,
+                       mn_aaa: Secret | None = None) -> Message:
         nai, rrq = amr.nai, amr.rrq
         sid = amr.session_id or ""
         ha = self.home_agents.get(str(rrq.home_agent))
@@ -385,7 +387,7 @@ class HomeAAAServer:
                 self._drop(nai)  # deregistered
             self.counters["accepted"] += 1
             fa_view = fa_sealed
-            local_key = await self.local_answer_key(amr, local_aaa) if session is not None else None
+            local_key = self.local_answer_key(amr, local_aaa, mn_aaa) if session is not None else None
             log.info("ama.sent", mn=nai, sid=sid, result=code, paths=len(fa_view), local_key=local_key is not None)
             return self._ama(amr, ResultCode.DIAMETER_SUCCESS, rrp_raw, fa_view, local_key=local_key)
         undo()
@@ -407,24 +409,18 @@ class HomeAAAServer:
                                      local_key=local_key)
 
     # ---- the AAAF's local answer (claim 17, issue #15) ----------------------------------------------
-    async def local_answer_key(self, amr: application.Amr, local_aaa: str | None) -> bytes | None:
+    def local_answer_key(self, amr: application.Amr, local_aaa: str | None, mn_aaa: Secret | None) -> bytes | None:
         """The key the MN proves in its next intra-domain move (``daemons.wire.mip.localanswer``),
         sealed for the local AAA ``local_aaa`` the AMR came through, for the AMA of a
-        registration we accepted: derived from the MN-AAA key (the one :meth:`authenticate`
-        checked) and this request's FA challenge. None without either, or without a seal key for
-        that AAA (it then answers no move itself: every move comes to us)."""
-        assert self.db is not None
-        rrq = amr.rrq
-        auth = rrq.find(mip.GeneralizedAuthExtension)
-        if auth is None or not local_aaa:
+        registration we accepted: derived from ``mn_aaa`` (the key :meth:`authenticate` checked)
+        and this request's FA challenge. None without either, or without a seal key for that AAA
+        (it then answers no move itself: every move comes to us)."""
+        if mn_aaa is None or not local_aaa:
             return None
         if local_aaa not in self.seal_keys:
             log.info("local_key.not_sent", mn=amr.nai, sid=amr.session_id, aaa=local_aaa, reason="no seal key for it")
             return None
-        secret = await self.db.aio.mn_aaa_secret(amr.nai, auth.spi)
-        if secret is None:
-            return None
-        key = mip.registration_local_key(secret, rrq, amr.nai)
+        key = mip.registration_local_key(mn_aaa, amr.rrq, amr.nai)
         context = application.local_key_context(amr.nai, amr.session_id or "")
         return self.seal_keys.seal_secret(local_aaa, context, key)
 
