@@ -656,3 +656,14 @@ def test_message_length_limit():
     assert message_length(wire[:4], max_length=len(wire)) == len(wire)
     with pytest.raises(DecodeError):
         message_length(wire[:4], max_length=len(wire) - 4)
+
+
+def test_ip_prefix_only_in_canonical_form():
+    """A selector is written ``address/length`` as the codec writes it: a bare address or another
+    spelling would re-encode differently (found by the mutation test: ``::00`` became ``::/128``)."""
+    from daemons.wire.diameter.datatypes import AvpType, decode_value
+
+    assert str(decode_value(AvpType.IP_PREFIX, b"198.18.100.10/32")) == "198.18.100.10/32"
+    for text in (b"::00", b"198.18.100.10", b"::0/0", b"010.0.0.0/8"):
+        with pytest.raises(DecodeError):
+            decode_value(AvpType.IP_PREFIX, text)

@@ -223,7 +223,11 @@ def decode_value(dtype: AvpType, data: bytes) -> Any:
         return base + timedelta(seconds=secs)
     if dtype is AvpType.IP_PREFIX:
         try:
-            return ipaddress.ip_network(bytes(data).decode("ascii"), strict=True)
+            text = bytes(data).decode("ascii")
+            network = ipaddress.ip_network(text, strict=True)
         except ValueError:  # UnicodeDecodeError is a ValueError too
             raise _bad_value(dtype, "not an IP prefix") from None
+        if str(network) != text:  # "a.b.c.d/len" as written out, never a bare address or "::0/0"
+            raise _bad_value(dtype, "not an IP prefix in canonical form (address/length)")
+        return network
     raise TypeError(f"no scalar decoding for {dtype.value}")
