@@ -12,7 +12,7 @@ One registration (flow F1, RFC 4004 AMR/HAR)::
 The paths of one registration (static CN-GW, claim 16):
 
 * path 1, FA⇄HA: per-user selectors (home address ⇄ every static profile destination), fresh
-  ESP keys from the CSPRNG, SPIs unique per receiving gateway (>= 0x10000), the pair's PSK;
+  ESP keys from the CSPRNG, SPIs unique per receiving gateway (>= 0x10000), a fresh IKE PSK;
 * path 2.., HA⇄CN-GW per static gateway: the standing network-to-network tunnel (home prefix ⇄
   what the gateway accommodates, ``static_suite``), with the static keys both ends derive from the master secret
   (``daemons.vpn.keys.static_spi/static_esp_key``), so the HA's half matches the CN-GW's;
@@ -61,7 +61,7 @@ from daemons.store.vpndb import (
     open_database,
 )
 from daemons.vpn import vpninfo
-from daemons.vpn.keys import new_esp_key, pair_psk, static_esp_key, static_spi
+from daemons.vpn.keys import new_esp_key, new_psk, pair_psk, static_esp_key, static_spi
 from daemons.vpn.path import Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
 from daemons.vpn.seal import Keyring, SealError
 from daemons.vpn.vpninfo import VpnInfo, direction_keys
@@ -435,7 +435,7 @@ class HomeAAAServer:
             return []
         first = (static or dynamic)[0]
         suite = first.suite
-        # Path 1, FA⇄HA, in the FA's view: fresh keys, SPIs unique at the receiving gateway.
+        # Path 1, FA⇄HA, in the FA's view: fresh keys and PSK, SPIs unique at the receiving gateway.
         # It carries everything the MN sends and receives (home address ⇄ any): the HA is the
         # MN's anchor and routes on from there (to the CN-GW's tunnel for the profiles'
         # destinations). This is also what user-space ESP needs: the HA's local selector
@@ -448,7 +448,7 @@ class HomeAAAServer:
             remote_ts=(ANY,),
             security=SecurityService(suite, outbound=direction_keys(suite, spi_at_ha, new_esp_key(suite)),
                                      inbound=direction_keys(suite, spi_at_fa, new_esp_key(suite)),
-                                     psk=pair_psk(self.master, coa, ha.address), lifetime=first.lifetime),
+                                     psk=new_psk(), lifetime=first.lifetime),
             qos=first.qos)
         infos = [VpnInfo(nai, FA_PATH_ID, path1)]
         # Paths 2.., HA⇄CN-GW: the static tunnel, as the HA sees it.
@@ -497,7 +497,7 @@ class HomeAAAServer:
                                     profiles: list[VpnProfile], first_id: int) -> list[VpnInfo]:
         """Claim 19 (F4): per dynamic CN-GW one FA⇄CN-GW path, in the FA's view: the MN's home
         address ⇄ what the gateway accommodates (correspondence table), fresh keys, SPIs
-        unique at each receiving gateway, the pair's PSK. The HA gets the CN-GW's mirrored
+        unique at each receiving gateway, a PSK of its own. The HA gets the CN-GW's mirrored
         copy in the HAR (``Session.for_ha``) and hands it to the CN-GW in a Binding Update."""
         infos: list[VpnInfo] = []
         path_id = first_id
@@ -512,7 +512,7 @@ class HomeAAAServer:
                 local_ts=(IPv4Network(f"{home_address}/32"),), remote_ts=remote_ts,
                 security=SecurityService(suite, outbound=direction_keys(suite, spi_at_gw, new_esp_key(suite)),
                                          inbound=direction_keys(suite, spi_at_fa, new_esp_key(suite)),
-                                         psk=pair_psk(self.master, coa, gw.address), lifetime=profile.lifetime),
+                                         psk=new_psk(), lifetime=profile.lifetime),
                 qos=profile.qos), _distribution(gw_profiles)))
             path_id += 1
         return infos

@@ -35,6 +35,7 @@ from daemons.bench.kit import percentiles
 from daemons.bench.paths import BenchResult, Timings, bench_paths
 from daemons.runtime.secret import Secret
 from daemons.vpn.factory import NodeDaemon, choose_backend, make_backend, node_daemon
+from daemons.vpn.keys import new_psk
 from daemons.vpn.path import (
     DirectionKeys,
     Endpoint,
@@ -64,8 +65,8 @@ def user_address(i: int) -> str:
 
 
 def make_paths(n: int, suite: EspSuite = EspSuite.AES128GCM16) -> list[VpnPath]:
-    """N paths from the initiator's point of view, one user (/32) each, fresh random keys."""
-    psk = Secret(os.urandom(32))  # one IKE secret per gateway pair (strongswan)
+    """N paths from the initiator's point of view, one user (/32) each, fresh random keys and
+    IKE PSK each (strongswan: one IKE_SA per path, as the AAAH hands them out)."""
     paths = []
     for i in range(n):
         def keys(spi: int) -> DirectionKeys:
@@ -79,7 +80,7 @@ def make_paths(n: int, suite: EspSuite = EspSuite.AES128GCM16) -> list[VpnPath]:
             local_ts=(ipaddress.IPv4Network(f"{user_address(i)}/32"),),
             remote_ts=(ipaddress.IPv4Network(CORP_NET),),
             security=SecurityService(suite=suite, outbound=keys(0x10000 + 2 * i), inbound=keys(0x10001 + 2 * i),
-                                     psk=psk),
+                                     psk=new_psk()),
         ))
     return paths
 

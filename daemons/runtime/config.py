@@ -325,7 +325,7 @@ class AAAHConfig(Common):
     address: ipaddress.IPv4Address = NO_ADDRESS  # we listen here for Diameter (AAAFs dial us)
     port: int | None = None  # None: the transport's Diameter port (TLS 5658, TCP 3868)
     db_url: str = ""  # the VPN database (users, profiles, correspondence table): sqlite:/// or postgresql://
-    master_secret: Secret | None = None  # the domain's master secret: pair PSKs and static path keys
+    master_secret: Secret | None = None  # the domain's master secret: static tunnels' PSKs and keys
     home_agents: list[HomeAgentRef] = field(default_factory=list)
     har_timeout: float = 3.0  # no HAA by then: 4006 DIAMETER_ERROR_HA_NOT_AVAILABLE (below the FA's timeout)
     static_suite: str = "aes128gcm16"  # ESP suite of the static HA-CN-GW tunnels (as the CN-GWs are provisioned)

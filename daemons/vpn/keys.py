@@ -1,10 +1,13 @@
 """Key material for VPN paths.
 
-Per-user ESP keys come fresh from the CSPRNG at every registration (``new_esp_key``). The
-IKE pre-shared secret belongs to a gateway *pair* (the strongswan backend runs one IKE_SA
-per pair, see daemons/vpn/strongswan/backend.py), so it is derived from the AAA domain's master
-secret and the two gateway addresses: every party that holds the master secret (the AAAH,
-and the provisioning of static paths) gets the same value without storing one per pair.
+Per-user keys come fresh from the CSPRNG at every registration: the ESP keys (``new_esp_key``)
+and the IKE pre-shared secret of each of the user's paths (``new_psk``: the strongswan backend
+runs one IKE_SA per path, daemons/vpn/strongswan/backend.py), so a re-registration rotates them.
+A standing tunnel between two gateways (to a static CN-GW) is the pair's, not a user's: its PSK is
+derived from the AAA domain's master secret and the two addresses (``pair_psk``), so every
+party that holds the master secret (the AAAH, the provisioning of static paths) gets the same
+value without storing one per pair. A smooth-handoff forwarding path's PSK is derived by both
+FAs from their shared key and that path's SPIs (``forward_psk``).
 """
 
 from __future__ import annotations
@@ -22,6 +25,21 @@ def pair_psk(master: Secret, a: IPv4Address | str, b: IPv4Address | str) -> Secr
     low, high = sorted((IPv4Address(a), IPv4Address(b)))
     label = b"mipvpn ike psk " + low.packed + high.packed
     return Secret(hmac.new(master.reveal(), label, hashlib.sha256).digest())
+
+
+def forward_psk(fa_fa_key: Secret, a: IPv4Address | str, spi_at_a: int, b: IPv4Address | str,
+                spi_at_b: int) -> Secret:
+    """The IKE PSK of one forwarding path between two FAs: bound to its two ends and the SPI each
+    receives on (random per path), so each forwarding path has its own; both FAs compute it."""
+    ends = sorted((IPv4Address(a).packed + spi_at_a.to_bytes(4, "big"),
+                   IPv4Address(b).packed + spi_at_b.to_bytes(4, "big")))
+    label = b"mipvpn forward psk " + b"".join(ends)
+    return Secret(hmac.new(fa_fa_key.reveal(), label, hashlib.sha256).digest())
+
+
+def new_psk() -> Secret:
+    """A user path's IKE PSK, fresh at every registration (256 bits)."""
+    return Secret(secrets.token_bytes(32))
 
 
 def static_esp_key(master: Secret, src: IPv4Address | str, dst: IPv4Address | str, spi: int,

@@ -119,10 +119,9 @@ class SecurityService:
 
     Either ``outbound``/``inbound`` keys (xfrm backend: SPIs and keys from the AAAH) or
     ``psk`` (strongswan backend: the IKE pre-shared secret); a profile may carry both so that
-    either backend can install it.  The strongswan backend runs one IKE_SA per gateway pair,
-    so ``psk`` is the secret *of the gateway pair*: every path between the same two gateways
-    must carry the same value (the AAAH keeps or derives one per pair); the per-user part is
-    the CHILD_SA, negotiated fresh per path.
+    either backend can install it.  The strongswan backend runs one IKE_SA per path, so
+    ``psk`` is the path's own (fresh from the AAAH at every registration); only a standing
+    network-to-network tunnel carries its gateway pair's.
     """
 
     suite: EspSuite = EspSuite.AES128GCM16

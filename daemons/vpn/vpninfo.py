@@ -16,7 +16,7 @@ from ipaddress import IPv4Address, IPv4Network
 
 from daemons.runtime.config import StaticPath
 from daemons.runtime.secret import Secret
-from daemons.vpn.keys import pair_psk, static_esp_key
+from daemons.vpn.keys import forward_psk, static_esp_key
 from daemons.vpn.path import (
     DirectionKeys,
     Endpoint,
@@ -277,7 +277,7 @@ SecretSource = Callable[[IPv4Address, IPv4Address, EspSuite, int, int, int], Sec
 
 def forward_security(fa_fa_key: Secret) -> SecretSource:
     """Keys of a forwarding path between two FAs, derived from the FA-FA security
-    association both already share: the IKE PSK of the pair and, per direction, ESP keys
+    association both already share: the path's IKE PSK (bound to its ends and SPIs) and, per direction, ESP keys
     bound to the SPI. Both FAs compute the same values, so the Binding Update that carries
     the VPN info copy carries no key material."""
 
@@ -287,7 +287,7 @@ def forward_security(fa_fa_key: Secret) -> SecretSource:
             suite,
             outbound=direction_keys(suite, spi_out, static_esp_key(fa_fa_key, local, remote, spi_out, suite)),
             inbound=direction_keys(suite, spi_in, static_esp_key(fa_fa_key, remote, local, spi_in, suite)),
-            psk=pair_psk(fa_fa_key, local, remote), lifetime=lifetime)
+            psk=forward_psk(fa_fa_key, local, spi_in, remote, spi_out), lifetime=lifetime)
 
     return derive
 

@@ -36,7 +36,7 @@ from daemons.vpn.path import (
 )
 from daemons.vpn.strongswan.addresses import prepare_local_selector, release_local_selector
 from daemons.vpn.strongswan.backend import StrongswanBackend
-from daemons.vpn.strongswan.charon import charon_command, vici_socket_path
+from daemons.vpn.strongswan.charon import charon_command, conn_name, vici_socket_path
 from daemons.vpn.strongswan.routes import DEST_TABLE, SRC_TABLE
 
 pytestmark = [
@@ -52,7 +52,7 @@ GW_A = "198.18.1.1"
 GW_B = "198.18.2.1"
 GW_B2 = "198.18.2.2"
 PREFIX = f"mipvpn-t-ss{os.getpid()}-"
-PAIR_PSK = Secret(os.urandom(32))  # the gateway pair's IKE secret (one IKE_SA per pair)
+PATH_PSK = Secret(os.urandom(32))  # a path's IKE secret (one IKE_SA per path)
 
 
 def sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
@@ -191,7 +191,7 @@ def make_path(
         remote=Endpoint(ipaddress.IPv4Address(GW_B), EndpointType.CNGW_DYNAMIC),
         local_ts=(ipaddress.IPv4Network(f"{hoa}/32"),),
         remote_ts=(ipaddress.IPv4Network("198.18.20.0/24"),),
-        security=SecurityService(suite=suite, psk=psk or PAIR_PSK, lifetime=3600),
+        security=SecurityService(suite=suite, psk=psk or PATH_PSK, lifetime=3600),
         qos=qos,
         on_traffic=on_traffic,
     )
@@ -230,6 +230,21 @@ def sas(c: Chain, node: str) -> list[dict]:
             for name, sa in entry.items():
                 out.append({"name": name.decode() if isinstance(name, bytes) else name, **sa})
         return out
+    finally:
+        sock.close()
+
+
+def terminate(c: Chain, node: str, conn: str) -> None:
+    """End a connection's IKE_SA at ``node`` (as a DPD timeout or a peer's restart would)."""
+    import socket as s
+
+    import vici
+
+    sock = s.socket(s.AF_UNIX)
+    sock.connect(str(vici_socket_path(c.run_dir, node)))
+    try:
+        for _ in vici.Session(sock).terminate({"ike": conn, "force": "yes", "timeout": "3000"}):
+            pass
     finally:
         sock.close()
 
@@ -296,7 +311,7 @@ def test_install_ping_esp_only_remove_reinstall(chain: Chain) -> None:
     for node in ("a", "b"):
         log_text = (c.run_dir / node / "charon.log").read_text()
         assert not re.search(r"^\s*\d+: [0-9A-F]{2} [0-9A-F]{2} ", log_text, re.M)
-        assert PAIR_PSK.reveal().hex() not in log_text.replace(" ", "").lower()
+        assert PATH_PSK.reveal().hex() not in log_text.replace(" ", "").lower()
     # QoS class for the user exists on ipsec0 at both ends
     assert "rate 5Mbit ceil 20Mbit" in nsx(c.ns["a"], "tc", "class", "show", "dev",
                                            "ipsec0").stdout
@@ -321,7 +336,7 @@ def test_install_ping_esp_only_remove_reinstall(chain: Chain) -> None:
     assert routing_leftovers(c, "b") == []
     run(c.a.remove(path.id))  # removing twice is harmless
 
-    # re-install works (new pair PSK, other suite)
+    # re-install works (new PSK, other suite)
     path2 = make_path(suite=EspSuite.AES256GCM16, psk=Secret(os.urandom(32)))
     run(install_both(c, path2))
     assert c.ping(3)
@@ -353,8 +368,8 @@ def test_update_new_endpoint_and_qos(chain: Chain) -> None:
         assert st.state is PathState.UP, f"{st}\n{charon_logs(c)}"
         assert str(st.remote) == GW_B2
         assert c.ping(2)
-        [ike] = sas(c, "a")
-        assert ike["name"] == f"mipvpn-{GW_A}-{GW_B2}"
+        [ike] = sas(c, "a")  # the old connection's IKE_SA went after the new one was up
+        assert ike["name"] == f"mipvpn-{GW_A}-{GW_B2}/{path.id}"
         assert child_names(c, "a") == [path.id] and child_names(c, "b") == [path.id]
     finally:
         run(c.a.flush())
@@ -363,24 +378,64 @@ def test_update_new_endpoint_and_qos(chain: Chain) -> None:
     assert routing_leftovers(c, "a") == [] and routing_leftovers(c, "b") == []
 
 
-def test_second_path_reuses_the_pair_ike_sa(chain: Chain) -> None:
+def test_each_user_path_has_its_own_ike_sa_and_psk(chain: Chain) -> None:
+    """Issue 15: two users between the same two gateways, each path with a PSK of its own: two
+    IKE_SAs whose identities name the path; a path whose ends hold different PSKs stays down."""
     c = chain
     assert c.a is not None and c.b is not None
     run(prepare_local_selector(c.ns["a"], HOA2, "acc"))
-    p1 = make_path()
-    p2 = make_path("mn2@home.example:fa-cngw", hoa=HOA2, suite=EspSuite.AES128_SHA256)
+    p1 = make_path(psk=Secret(os.urandom(32)))
+    p2 = make_path("mn2@home.example:fa-cngw", hoa=HOA2, suite=EspSuite.AES128_SHA256, psk=Secret(os.urandom(32)))
     try:
         run(install_both(c, p1))
         run(install_both(c, p2))
-        [ike] = sas(c, "a")  # one IKE_SA for the gateway pair, two CHILD_SAs
-        assert sorted(child_names(c, "a")) == sorted([p1.id, p2.id])
-        assert ike["name"] == "mipvpn-198.18.1.1-198.18.2.1"
+        ikes = sorted(sas(c, "a"), key=lambda sa: sa["name"])
+        assert [sa["name"] for sa in ikes] == [conn_name(p1), conn_name(p2)]
+        for sa, p in zip(ikes, (p1, p2), strict=True):
+            assert [ch["name"].decode() for ch in sa["child-sas"].values()] == [p.id]
+            assert (sa["local-id"].decode(), sa["remote-id"].decode()) == (f"{GW_A}/{p.id}", f"{GW_B}/{p.id}")
         assert c.ping(2)
-        # remove one user: the other keeps the IKE_SA and its traffic
+        # remove one user: the other's IKE_SA and traffic stay
         run(c.a.remove(p2.id))
         run(c.b.remove(p2.id))
-        assert child_names(c, "a") == [p1.id]
+        assert [sa["name"] for sa in sas(c, "a")] == [conn_name(p1)] and child_names(c, "a") == [p1.id]
         assert c.ping(2)
+        # the PSK is the path's: ends holding different ones authenticate nothing
+        run(c.b.install(p2.mirrored()))
+        st = run(c.a.install(replace(p2, security=replace(p2.security, psk=Secret(os.urandom(32))))))
+        assert st.state is not PathState.UP
+        assert child_names(c, "a") == [p1.id]
+    finally:
+        run(c.a.flush())
+        run(c.b.flush())
+    assert sas(c, "a") == [] and sas(c, "b") == []
+
+
+def test_psk_rotated_at_reregistration_keeps_the_sa(chain: Chain) -> None:
+    """A re-registration brings the same path with a new PSK: the SAs stay (same SPI, traffic
+    flows), the next IKE_SA is authenticated with the new key, and the old one is gone."""
+    c = chain
+    assert c.a is not None and c.b is not None
+    path = make_path(psk=Secret(os.urandom(32)))
+    rotated = replace(path, security=replace(path.security, psk=Secret(os.urandom(32))))
+
+    def restart_ike() -> PathState:
+        terminate(c, "a", conn_name(path))
+        assert sas(c, "a") == []
+        return run(c.a.install(rotated)).state  # a known path without an SA: initiated again
+
+    try:
+        run(install_both(c, path))
+        spi = run(c.a.status(path.id)).spi_out
+        run(c.b.update(rotated.mirrored()))
+        st = run(c.a.update(rotated))
+        assert st.state is PathState.UP and st.spi_out == spi
+        assert c.ping(2)
+        assert restart_ike() is PathState.UP, charon_logs(c)
+        assert c.ping(2)
+        # B rotates again, A does not: A's key (the one B had) no longer authenticates
+        run(c.b.update(replace(rotated, security=replace(rotated.security, psk=Secret(os.urandom(32)))).mirrored()))
+        assert restart_ike() is not PathState.UP
     finally:
         run(c.a.flush())
         run(c.b.flush())

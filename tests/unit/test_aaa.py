@@ -280,7 +280,8 @@ def test_registration_distributes_vpn_info(tmp_path: Path, event_log: Any) -> No
                 assert keys is not None and len(keys.enc_key) == 20 and keys.auth_key is None
                 assert keys.spi >= FIRST_DYNAMIC_SPI
             assert key_bytes(sec.inbound) != key_bytes(sec.outbound)
-            assert sec.psk == pair_psk(MASTER, COA, HA_ADDR)
+            # the path's own IKE PSK (one IKE_SA per user path), not one shared by the gateway pair
+            assert sec.psk is not None and len(sec.psk) == 32 and sec.psk != pair_psk(MASTER, COA, HA_ADDR)
             assert p.qos == Qos(1_000_000, 2_000_000, 2)
             # F4 (claim 19): FA⇄CN-GW2 directly, home address ⇄ the gateway's prefixes, its own keys.
             ro = fa_infos[3].path
@@ -289,7 +290,8 @@ def test_registration_distributes_vpn_info(tmp_path: Path, event_log: Any) -> No
             assert ro.local_ts == (IPv4Network(f"{HOA}/32"),) and ro.remote_ts == (DYN_CORP,)
             rsec = ro.security
             assert rsec.suite is EspSuite.AES256GCM16 and rsec.lifetime == 900
-            assert rsec.psk == pair_psk(MASTER, COA, CNGW2_ADDR)
+            assert rsec.psk is not None and len(rsec.psk) == 32
+            assert rsec.psk not in (sec.psk, pair_psk(MASTER, COA, CNGW2_ADDR))
             assert rsec.inbound.spi >= FIRST_DYNAMIC_SPI and rsec.outbound.spi >= FIRST_DYNAMIC_SPI
             assert len({key_bytes(k) for k in (rsec.inbound, rsec.outbound, sec.inbound, sec.outbound)}) == 4
 
@@ -312,12 +314,14 @@ def test_registration_distributes_vpn_info(tmp_path: Path, event_log: Any) -> No
             assert h3.local_ts == ro.remote_ts and h3.remote_ts == ro.local_ts
             assert (h3.security.inbound.spi, h3.security.outbound.spi) == (rsec.outbound.spi, rsec.inbound.spi)
             assert key_bytes(h3.security.inbound) == key_bytes(rsec.outbound)
+            assert h3.security.psk == rsec.psk  # both ends of a path hold its PSK
             h1 = ha_infos[1].path
             assert (h1.local.address, h1.local.type, h1.remote.address) == (HA_ADDR, EndpointType.HA, COA)
             assert h1.local_ts == p.remote_ts and h1.remote_ts == p.local_ts
             assert h1.security.inbound.spi == sec.outbound.spi and h1.security.outbound.spi == sec.inbound.spi
             assert key_bytes(h1.security.inbound) == key_bytes(sec.outbound)
             assert key_bytes(h1.security.outbound) == key_bytes(sec.inbound)
+            assert h1.security.psk == sec.psk
             h2 = ha_infos[2].path
             assert (h2.local.address, h2.local.type) == (HA_ADDR, EndpointType.HA)
             assert (h2.remote.address, h2.remote.type) == (CNGW_ADDR, EndpointType.CNGW_STATIC)
@@ -399,7 +403,7 @@ def test_sessions_survive_a_restart_and_spis_stay_unique(tmp_path: Path) -> None
     run(main())
 
 
-def test_reregistration_renews_keys_and_replaces_the_session(tmp_path: Path) -> None:
+def test_reregistration_renews_keys_and_psks_and_replaces_the_session(tmp_path: Path) -> None:
     async def main() -> None:
         async with world(tmp_path) as w:
             _, ama1 = await w.register(rrq_bytes())
@@ -409,6 +413,8 @@ def test_reregistration_renews_keys_and_replaces_the_session(tmp_path: Path) -> 
             (a, ra), (b, rb) = fa_paths(ama1), fa_paths(ama2)
             assert key_bytes(a.path.security.inbound) != key_bytes(b.path.security.inbound)
             assert key_bytes(ra.path.security.inbound) != key_bytes(rb.path.security.inbound)
+            # the paths' IKE PSKs are rotated too (issue 15)
+            assert a.path.security.psk != b.path.security.psk and ra.path.security.psk != rb.path.security.psk
             assert len(w.aaah.store.sessions) == 1 and w.aaah.store.get(NAI).session_id == amr2.session_id
             assert w.aaaf.store.get(NAI).session_id == amr2.session_id
 

@@ -23,7 +23,7 @@ from daemons.vpn.path import (
     VpnPath,
 )
 from daemons.vpn.strongswan.backend import StrongswanBackend
-from daemons.vpn.strongswan.charon import charon_command, conn_name, psk_id, strongswan_conf
+from daemons.vpn.strongswan.charon import charon_command, conn_name, ike_ids, psk_id, strongswan_conf
 from daemons.vpn.strongswan.routes import route_mode
 
 PSK = Secret(b"k" * 32)
@@ -146,23 +146,37 @@ def test_charon_command_execs_charon(tmp_path) -> None:
     assert (tmp_path / "fa1" / "strongswan.conf").exists()
 
 
-def test_conn_message_per_pair_without_secrets() -> None:
+def test_conn_message_per_path_with_its_own_identities_without_secrets() -> None:
     b = StrongswanBackend("n", "/tmp/x", None)
     p1 = path(qos=Qos(rate=1000))
     p2 = path(id="mn2@home.example:ha-fa1", local_ts=(N("198.18.100.11/32"),),
               security=SecurityService(suite=EspSuite.AES128_SHA256, psk=PSK))
-    assert conn_name(p1) == conn_name(p2) == "mipvpn-198.18.1.1-198.18.2.1"
-    assert psk_id(conn_name(p1)) == "mipvpn-psk-198.18.1.1-198.18.2.1"
-    msg = b._conn_message(conn_name(p1), [p1, p2])
-    conn = msg[conn_name(p1)]
-    assert set(conn["children"]) == {p1.id, p2.id}
+    # one connection (IKE_SA) per path, the gateway pair in its name
+    assert conn_name(p1) == "mipvpn-198.18.1.1-198.18.2.1/mn1@home.example:ha-fa1"
+    assert conn_name(p2) == "mipvpn-198.18.1.1-198.18.2.1/mn2@home.example:ha-fa1"
+    assert psk_id(conn_name(p1)) == "mipvpn-psk-198.18.1.1-198.18.2.1/mn1@home.example:ha-fa1"
+    conn = b._conn_message(p2)[conn_name(p2)]
+    assert set(conn["children"]) == {p2.id}
     assert conn["children"][p2.id]["esp_proposals"] == ["aes128-sha256"]
     assert conn["encap"] == "yes" and conn["childless"] == "allow"
-    assert "k" * 16 not in repr(msg)
-    # the IKE part does not depend on which paths are installed (keeps the IKE_SA on reload)
-    only1 = b._conn_message(conn_name(p1), [p1])[conn_name(p1)]
-    assert {k: v for k, v in only1.items() if k != "children"} == {
-        k: v for k, v in conn.items() if k != "children"}
+    assert "k" * 16 not in repr(conn)
+    # user paths: identities that name the path, mirrored at the other end, so the responder
+    # finds this path's connection and PSK among the pair's
+    assert ike_ids(p1) == ("@198.18.1.1/mn1@home.example:ha-fa1", "@198.18.2.1/mn1@home.example:ha-fa1")
+    assert ike_ids(p1.mirrored()) == ike_ids(p1)[::-1]
+    assert ike_ids(p1) != ike_ids(p2)
+    assert (conn["local"]["id"], conn["remote"]["id"]) == ike_ids(p2)
+    # a standing network-to-network tunnel is the pair's: the addresses are its ids
+    net = path(id="static:1", local_ts=(N("198.18.30.0/24"),), remote_ts=(N("198.18.100.0/24"),))
+    assert ike_ids(net) == ("198.18.1.1", "198.18.2.1")
+    # a moved far end is another connection (make-before-break), the same path id
+    moved = replace(p1, remote=Endpoint(ipaddress.IPv4Address("198.18.3.1"), EndpointType.HA))
+    assert conn_name(moved) != conn_name(p1)
+
+
+def test_strongswan_conf_hashes_the_ike_sa_table(tmp_path) -> None:
+    conf = strongswan_conf(tmp_path, "ha")
+    assert "ikesa_table_size = 4096" in conf and "ikesa_table_segments = 16" in conf
 
 
 def test_route_mode_by_local_endpoint() -> None:

@@ -231,7 +231,7 @@ def test_bench_paths_are_distinct_users_of_one_pair() -> None:
     assert {p.pair for p in paths} == {paths[0].pair}
     spis = [k.spi for p in paths for k in (p.security.outbound, p.security.inbound)]  # type: ignore[union-attr]
     assert len(set(spis)) == 600
-    assert len({p.security.psk for p in paths}) == 1  # one IKE secret per gateway pair
+    assert len({p.security.psk for p in paths}) == 300  # one IKE secret per path
 
 
 @needs_root

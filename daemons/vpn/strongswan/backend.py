@@ -6,27 +6,27 @@ addresses an FA must own), :mod:`.traps` (on-traffic paths) and :mod:`daemons.vp
 
 Design
 ------
-* **One IKE_SA per gateway pair, one CHILD_SA per path.**  Each (local, remote) gateway pair
-  is one VICI connection ``mipvpn-<local>-<remote>`` whose ``children`` are the paths (one per
-  mobile node) between the two gateways.  The first path brings the IKE_SA up; every further
-  path costs a single CREATE_CHILD_SA exchange and the IKE_SA survives handovers of single
-  users.  Measured (VICI ``initiate`` alone, two namespaces, 2-core VM): IKE_SA + first
-  CHILD_SA 3.3-3.9 ms, a further CHILD_SA 1.3-1.9 ms; a whole ``install`` until up 4-5.5 ms
-  (environment.md measured ~3 ms against ~9-10 ms).  A connection per path would pay the
-  full IKE_SA (and a DH) per user and handover, and multiply IKE_SAs and DPD traffic by the
-  number of users between the same two gateways.
-  Reloading a connection whose IKE parameters are unchanged only replaces its children in
-  charon, so established SAs of other users are untouched.  The IKE parameters are therefore
-  constant per pair (proposal list covering every :class:`EspSuite`).
-* **Authentication: one IKE PSK per gateway pair.**  The IKE_SA belongs to the pair, so it is
-  authenticated with the pair's PSK, which every path between the two gateways carries
-  (``SecurityService.psk``; the AAAH keeps/derives one per gateway pair).  It is loaded with
-  ``load-shared`` (id ``mipvpn-psk-<local>-<remote>``, owners = the two gateway addresses,
-  which are the IKE ids) and unloaded with the pair's last path.  Per-user PSKs cannot work
-  with a shared IKE_SA: the responder signs its AUTH with *one* key (its best match), which
-  the initiator may not hold — seen in the benchmark: with 20 different keys loaded at the
-  responder no IKE_SA came up.  A path that brings a different PSK replaces the pair's key
-  (logged, without the key) — that is key rotation for the next IKE_SA.
+* **One IKE_SA per path, authenticated with that path's own PSK.**  Each path is one VICI
+  connection ``mipvpn-LOCAL-REMOTE/PATH`` (:func:`~.charon.conn_name`) with one child, the
+  path.  Its IKE identities name the path at both ends (``@ADDRESS/PATH``,
+  :func:`~.charon.ike_ids`), so among many connections between the same two gateways the
+  responder picks exactly this one and its key.  The PSK (``SecurityService.psk``) is the
+  path's: the AAAH draws a fresh one at every registration, sealed for the two gateways
+  (issue 15); a standing network-to-network tunnel (a static CN-GW's) keeps the pair's ids and
+  PSK.  Loaded with ``load-shared`` (id ``mipvpn-psk-LOCAL-REMOTE/PATH``, owners = the two ids)
+  and unloaded with the path.  A path must not share an IKE_SA with another user's: the
+  responder signs its AUTH with the one key it finds for the identities, so per-user keys need
+  per-user identities (seen: with 20 keys loaded for the same pair of ids, no IKE_SA came up).
+* **Rotation:** a re-registration that brings the same path with new keys replaces the PSK in
+  charon and keeps the established SAs (the PSK only authenticates an IKE_AUTH; what runs was
+  keyed by its DH): the old key is gone, so no later IKE_SA can be authenticated with it.
+  ESP keys come from IKE here; the AAAH's per-direction ESP keys are the xfrm backend's.
+* **Cost:** a new path is one ``load-conn`` of one child and a full IKE_SA (IKE_SA_INIT +
+  IKE_AUTH with the child) — O(1) in the paths already there, where a pair connection was
+  reloaded with all its children; measured (VICI ``initiate`` alone, two namespaces, 2-core
+  VM): IKE_SA + first CHILD_SA 3.3-3.9 ms, where a further CHILD_SA in a pair's IKE_SA took
+  1.3-1.9 ms.  charon's IKE_SA table is hashed for many IKE_SAs (``strongswan_conf``).  Every
+  IKE_SA runs its own DPD (30 s).
 * **Who initiates:** both ends install and both try to initiate; the end that installs first
   finds its peer unconfigured (fails fast: NO_PROPOSAL_CHOSEN / TS_UNACCEPTABLE) and reports
   ``WAITING``, the end that installs second brings the CHILD_SA up.  An end that already has a
@@ -65,7 +65,7 @@ import contextlib
 import ipaddress
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -91,6 +91,7 @@ from daemons.vpn.strongswan.charon import (
     Vici,
     children,
     conn_name,
+    ike_ids,
     number,
     psk_id,
     text,
@@ -210,35 +211,30 @@ class StrongswanBackend(PathBackend):
 
     # ---- VICI messages ------------------------------------------------------------------
 
-    def _pair_paths(self, name: str) -> list[VpnPath]:
-        return [p for p in self._paths.values() if conn_name(p) == name]
-
-    def _conn_message(self, name: str, paths: Sequence[VpnPath]) -> dict[str, Any]:
-        first = paths[0]
-        child_configs: dict[str, Any] = {}
-        for p in paths:
-            life = p.security.lifetime
-            child_configs[p.id] = {
-                "mode": "tunnel",
-                "local_ts": [str(n) for n in p.local_ts],
-                "remote_ts": [str(n) for n in p.remote_ts],
-                "esp_proposals": [p.security.suite.esp_proposal()],
-                # on-traffic: charon installs the trap policy when the connection is loaded
-                "start_action": "trap" if self.traps.trapped(p) else "none",
-                "close_action": "none",
-                "dpd_action": "clear",
-                "life_time": f"{life}s",
-                "rekey_time": f"{max(1, life * 9 // 10)}s",
-                "rand_time": f"{max(0, life // 20)}s",
-            }
-            if self.traps.trapped(p):
-                child_configs[p.id]["reqid"] = str(self.traps.reqid(name, p.id))
-        local, remote = str(first.local.address), str(first.remote.address)
+    def _conn_message(self, path: VpnPath) -> dict[str, Any]:
+        name = conn_name(path)
+        life = path.security.lifetime
+        child: dict[str, Any] = {
+            "mode": "tunnel",
+            "local_ts": [str(n) for n in path.local_ts],
+            "remote_ts": [str(n) for n in path.remote_ts],
+            "esp_proposals": [path.security.suite.esp_proposal()],
+            # on-traffic: charon installs the trap policy when the connection is loaded
+            "start_action": "trap" if self.traps.trapped(path) else "none",
+            "close_action": "none",
+            "dpd_action": "clear",
+            "life_time": f"{life}s",
+            "rekey_time": f"{max(1, life * 9 // 10)}s",
+            "rand_time": f"{max(0, life // 20)}s",
+        }
+        if self.traps.trapped(path):
+            child["reqid"] = str(self.traps.reqid(name, path.id))
+        local_id, remote_id = ike_ids(path)
         return {
             name: {
                 "version": "2",
-                "local_addrs": [local],
-                "remote_addrs": [remote],
+                "local_addrs": [str(path.local.address)],
+                "remote_addrs": [str(path.remote.address)],
                 "proposals": IKE_PROPOSALS,
                 "encap": "yes",
                 "childless": "allow",
@@ -246,43 +242,38 @@ class StrongswanBackend(PathBackend):
                 "mobike": "no",
                 "dpd_delay": "30s",
                 "rekey_time": "4h",
-                "local": {"auth": "psk", "id": local},
-                "remote": {"auth": "psk", "id": remote},
-                "children": child_configs,
+                "local": {"auth": "psk", "id": local_id},
+                "remote": {"auth": "psk", "id": remote_id},
+                "children": {path.id: child},
             }
         }
 
-    def _load_psk(self, path: VpnPath) -> Callable[[vici.Session], Any]:
+    async def _load_psk(self, path: VpnPath) -> None:
+        """Load (or replace: rotation) the path's IKE PSK, owned by its two IKE identities."""
         psk = path.security.psk
         if psk is None:
             raise PathError(f"path {path.id}: the strongswan backend needs an IKE PSK")
-        name = conn_name(path)
-        others = [p for p in self._pair_paths(name) if p.id != path.id]
-        if any(p.security.psk != psk for p in others):
-            # the newest is used (logged without the key)
-            log.warning("psk.replaced", gw=self.node, path=path.id, pair=name)
-        msg = {
-            "id": psk_id(name),
-            "type": "IKE",
-            "data": psk.reveal(),
-            "owners": [str(path.local.address), str(path.remote.address)],
-        }
-        return lambda s: s.load_shared(msg)
+        msg = {"id": psk_id(conn_name(path)), "type": "IKE", "data": psk.reveal(), "owners": list(ike_ids(path))}
+        await self.vici.call(lambda s: s.load_shared(msg))
 
-    async def _load_pair(self, name: str) -> None:
-        paths = self._pair_paths(name)
-        self.traps.prune(name, [p.id for p in paths if self.traps.trapped(p)])
-        if any(self.traps.trapped(p) for p in paths):
+    async def _load_conn(self, path: VpnPath) -> None:
+        name = conn_name(path)
+        trapped = self.traps.trapped(path)
+        self.traps.prune(name, [path.id] if trapped else [])
+        if trapped:
             await self.traps.watching()
+        msg = self._conn_message(path)
         try:
-            if paths:
-                msg = self._conn_message(name, paths)
-                await self.vici.call(lambda s: s.load_conn(msg))
-            else:
-                await self.vici.call(lambda s: s.unload_conn({"name": name}))
+            await self.vici.call(lambda s: s.load_conn(msg))
         except CommandException as e:
-            if paths:
-                raise PathError(f"load-conn {name}: {e}") from None
+            raise PathError(f"load-conn {name}: {e}") from None
+
+    async def _unload_conn(self, name: str) -> None:
+        """Unload a connection and its PSK (its SAs are terminated by the caller)."""
+        self.traps.prune(name, [])
+        for command, what in (("unload_conn", {"name": name}), ("unload_shared", {"id": psk_id(name)})):
+            with contextlib.suppress(CommandException):
+                await self.vici.call(lambda s, c=command, w=what: getattr(s, c)(w))
 
     async def _initiate(self, path: VpnPath) -> bool:
         msg = {
@@ -328,9 +319,8 @@ class StrongswanBackend(PathBackend):
         for _sa, c in children(await self.vici.list_sas(conn), conn, child):
             await self._terminate(child_id=number(c.get("uniqueid")))
 
-    async def _terminate_empty_ike(self, conn: str) -> None:
-        if self._pair_paths(conn):
-            return
+    async def _terminate_conn(self, conn: str) -> None:
+        """End the IKE_SA(s) of a path's connection, and with them its CHILD_SA."""
         for sa in await self.vici.list_sas(conn):
             if sa["name"] == conn:
                 await self._terminate(ike_id=number(sa.get("uniqueid")))
@@ -353,7 +343,7 @@ class StrongswanBackend(PathBackend):
                 continue
             name = conn_name(p)
             if self.traps.loaded_as_trap(name, p.id) != self.traps.trapped(p):
-                await self._load_pair(name)
+                await self._load_conn(p)
             if self.traps.trapped(p):
                 continue
             if any(text(c.get("state")) in UP_STATES
@@ -430,10 +420,10 @@ class StrongswanBackend(PathBackend):
     async def _install_locked(self, path: VpnPath) -> PathStatus:
         name = conn_name(path)
         known = path.id in self._paths
-        await self.vici.call(self._load_psk(path))
+        await self._load_psk(path)
         self._paths[path.id] = path
         try:
-            await self._load_pair(name)
+            await self._load_conn(path)
             await self._sync_routing()
             if path.qos is not None:
                 await self.qos.apply(path.id, path.qos, path.local_ts, path.remote_ts)
@@ -451,15 +441,11 @@ class StrongswanBackend(PathBackend):
         return self._status(path.id, await self.vici.list_sas(name))
 
     async def _forget(self, path: VpnPath) -> None:
-        """Remove a path's config, routing, QoS and PSK (SAs are terminated by the caller)."""
+        """Remove a path's config, PSK, routing and QoS (SAs are terminated by the caller)."""
         self._paths.pop(path.id, None)
-        await self._load_pair(conn_name(path))
+        await self._unload_conn(conn_name(path))
         await self._sync_routing()
         await self.qos.remove(path.id)
-        name = conn_name(path)
-        if not self._pair_paths(name):
-            with contextlib.suppress(CommandException):
-                await self.vici.call(lambda s: s.unload_shared({"id": psk_id(name)}))
 
     async def update(self, path: VpnPath) -> PathStatus:
         async with self._lock:
@@ -469,39 +455,46 @@ class StrongswanBackend(PathBackend):
             return await self._update_locked(old, path)
 
     async def _update_locked(self, old: VpnPath, new: VpnPath) -> PathStatus:
-        if replace(old, qos=new.qos, on_traffic=new.on_traffic) == new:  # only QoS / start changed
-            self._paths[new.id] = new
-            if new.on_traffic != old.on_traffic:
-                # charon swaps the child config: the trap goes or comes, an established
-                # CHILD_SA stays; a path no longer on-traffic is brought up now
-                await self._load_pair(conn_name(new))
-            if new.qos is None:
-                await self.qos.remove(new.id)
-            else:
-                await self.qos.apply(new.id, new.qos, new.local_ts, new.remote_ts)
-            if not new.on_traffic and (await self.status(new.id)).state is not PathState.UP:
-                await self._initiate(new)
-            await self._sync_traps()
-            return await self.status(new.id)
         old_conn, new_conn = conn_name(old), conn_name(new)
         if old_conn != new_conn:
-            # make-before-break: the new pair's CHILD_SA first, then drop the old one
-            await self.vici.call(self._load_psk(new))
+            # a far (or near) end moved: make-before-break, the new connection's SAs first,
+            # then the old connection's IKE_SA goes
+            await self._load_psk(new)
             self._paths[new.id] = new
-            await self._load_pair(new_conn)
-            await self._load_pair(old_conn)
+            await self._load_conn(new)
             await self._sync_routing()
             await self.qos.remove(new.id)
             if new.qos is not None:
                 await self.qos.apply(new.id, new.qos, new.local_ts, new.remote_ts)
             if not new.on_traffic:
                 await self._initiate(new)
-            await self._terminate_children(old_conn, old.id)
-            await self._terminate_empty_ike(old_conn)
+            await self._terminate_conn(old_conn)
+            await self._unload_conn(old_conn)
             await self._sync_traps()
             return await self.status(new.id)
-        # same pair, other selectors/suite: break-before-make (same CHILD_SA name)
-        await self._terminate_children(old_conn, old.id)
+        keys = replace(old.security, outbound=new.security.outbound, inbound=new.security.inbound,
+                       psk=new.security.psk)
+        if replace(old, security=keys, qos=new.qos, on_traffic=new.on_traffic) == new:
+            # the same path with new keys (a re-registration: rotation), QoS or start: the SAs stay
+            self._paths[new.id] = new
+            if new.security.psk != old.security.psk:
+                await self._load_psk(new)  # replaces the old key: no later IKE_SA can use it
+                log.info("psk.rotated", gw=self.node, path=new.id)
+            if new.on_traffic != old.on_traffic:
+                # charon swaps the child config: the trap goes or comes, an established
+                # CHILD_SA stays; a path no longer on-traffic is brought up now
+                await self._load_conn(new)
+            if new.qos != old.qos:
+                if new.qos is None:
+                    await self.qos.remove(new.id)
+                else:
+                    await self.qos.apply(new.id, new.qos, new.local_ts, new.remote_ts)
+            if not new.on_traffic and (await self.status(new.id)).state is not PathState.UP:
+                await self._initiate(new)
+            await self._sync_traps()
+            return await self.status(new.id)
+        # same pair, other selectors/suite/lifetime: break-before-make (same connection name)
+        await self._terminate_conn(old_conn)
         await self.qos.remove(old.id)
         return await self._install_locked(new)
 
@@ -515,12 +508,11 @@ class StrongswanBackend(PathBackend):
             # unknown to this object (e.g. after a restart): remove whatever charon has
             for name, child_names in (await self.vici.list_conns()).items():
                 if name.startswith(CONN_PREFIX) and path_id in child_names:
-                    await self._terminate_children(name, path_id)
+                    await self._terminate_conn(name)
+                    await self._unload_conn(name)
             return
-        name = conn_name(path)
-        await self._terminate_children(name, path_id)
+        await self._terminate_conn(conn_name(path))
         await self._forget(path)
-        await self._terminate_empty_ike(name)
         await self._sync_traps()
 
     async def list(self) -> builtins.list[PathStatus]:
@@ -546,32 +538,30 @@ class StrongswanBackend(PathBackend):
             self._paths = {p.id: p for p in wanted}
             wanted_conns = {conn_name(p) for p in wanted}
             for p in wanted:
-                await self.vici.call(self._load_psk(p))
-            for name in wanted_conns:
-                await self._load_pair(name)
-            # strays: children/IKE_SAs not wanted, connections and PSKs not wanted
-            sas = await self.vici.list_sas()
-            for sa in sas:
+                await self._load_psk(p)
+                await self._load_conn(p)
+            # strays: IKE_SAs, duplicate children, connections and PSKs not wanted
+            for sa in await self.vici.list_sas():
                 if not sa["name"].startswith(CONN_PREFIX):
                     continue
                 if sa["name"] not in wanted_conns:
                     await self._terminate(ike_id=number(sa.get("uniqueid")))
                     continue
-                keep = {p.id for p in self._pair_paths(sa["name"])}
                 seen: set[str] = set()
                 for c in (sa.get("child-sas") or {}).values():
                     cname = text(c.get("name"))
-                    if cname not in keep or cname in seen:
+                    if cname not in self._paths or cname in seen:
                         await self._terminate(child_id=number(c.get("uniqueid")))
                     elif text(c.get("state")) == "INSTALLED":
                         seen.add(cname)
             for name in await self.vici.list_conns():
                 if name.startswith(CONN_PREFIX) and name not in wanted_conns:
-                    await self._load_pair(name)  # no paths -> unload
+                    await self._unload_conn(name)
+            wanted_keys = {psk_id(c) for c in wanted_conns}
             shared = await self.vici.call(lambda s: s.get_shared())
             for key in shared.get("keys") or ():
                 key = text(key)
-                if key.startswith(PSK_PREFIX) and key not in {psk_id(c) for c in wanted_conns}:
+                if key.startswith(PSK_PREFIX) and key not in wanted_keys:
                     with contextlib.suppress(CommandException):
                         await self.vici.call(lambda s, k=key: s.unload_shared({"id": k}))
             await self._sync_routing(rescan=True)

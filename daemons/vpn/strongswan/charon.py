@@ -6,8 +6,9 @@
 * :class:`Vici` is the backend's session to it: one socket on one worker thread (the ``vici``
   package is synchronous), reconnected once when charon went away, e.g. after a restart.
   Watcher threads open sessions of their own (:func:`open_session`).
-* Our connections in charon are named after the gateway pair (:func:`conn_name`), their IKE
-  pre-shared keys after the connection (:func:`psk_id`).
+* Our connections in charon are one per path, named after the gateway pair and the path
+  (:func:`conn_name`); their IKE identities name the path (:func:`ike_ids`), their IKE
+  pre-shared keys are named after the connection (:func:`psk_id`).
 
 ``vici`` (strongSwan's VICI client): ``initiate``, ``terminate`` and ``list_*`` are generators,
 nothing is sent until they are iterated; values come back as ``bytes`` (:func:`text`,
@@ -55,6 +56,8 @@ def vici_socket_path(run_dir: str | os.PathLike[str], node: str) -> Path:
 def strongswan_conf(run_dir: str | os.PathLike[str], node: str) -> str:
     """strongswan.conf text for one node.
 
+    IKE_SA table: hashed, 4096 buckets in 16 locked segments (one IKE_SA per user path).
+
     Log levels: filelog at 1 for every group.  strongSwan's level 4 ("private") dumps key
     material (``ike``/``cfg``/``enc``/``knl``...), level 3 raw packets; never go above 2 in a
     deployment, and never above 1 in the groups that touch secrets (``ike``, ``cfg``, ``knl``,
@@ -67,6 +70,10 @@ charon {{
     install_routes = no
     install_virtual_ip = no
     retransmit_tries = 3
+    # one IKE_SA per user path: the IKE_SA table hashed (charon's default is one bucket, a
+    # lookup that walks every IKE_SA)
+    ikesa_table_size = 4096
+    ikesa_table_segments = 16
     retransmit_timeout = 1.0
     plugins {{
         vici {{
@@ -134,13 +141,31 @@ def charon_command(run_dir: str | os.PathLike[str], node: str) -> list[str]:
 
 
 def conn_name(path: VpnPath) -> str:
-    """The VICI connection of a path's gateway pair (one IKE_SA per pair, one child per path)."""
-    return f"{CONN_PREFIX}{path.local.address}-{path.remote.address}"
+    """The VICI connection of one path (one IKE_SA per path, its one child is the path):
+    ``mipvpn-LOCAL-REMOTE/PATH`` — the gateway pair is in the name, so a path whose far end
+    moves is another connection, brought up before the old one goes."""
+    return f"{CONN_PREFIX}{path.local.address}-{path.remote.address}/{path.id}"
 
 
 def psk_id(conn: str) -> str:
-    """The VICI shared-key id of a gateway pair's IKE PSK."""
+    """The VICI shared-key id of a connection's IKE PSK."""
     return f"{PSK_PREFIX}{conn[len(CONN_PREFIX):]}"
+
+
+def ike_ids(path: VpnPath) -> tuple[str, str]:
+    """The (local, remote) IKE identities of a path's IKE_SA, the same pair mirrored at the
+    other end.
+
+    A user's path (a /32 selector: :meth:`VpnPath.user_addresses`) is authenticated with a PSK
+    of its own, fresh at every registration: its identities name the gateway *and the path*
+    (FQDN ids ``@ADDRESS/PATH``; both ends know the path by the same id), so the responder picks
+    exactly this path's connection and key among the many between the same two gateways.  A
+    network-to-network path (the standing tunnel to a static CN-GW) is the gateway pair's own:
+    its ids are the two addresses and its PSK is the pair's."""
+    local, remote = str(path.local.address), str(path.remote.address)
+    if not path.user_addresses():
+        return local, remote
+    return f"@{local}/{path.id}", f"@{remote}/{path.id}"
 
 
 def text(value: Any) -> str:
