@@ -327,9 +327,6 @@ class StrongswanBackend(PathBackend):
 
     # ---- routing into ipsec0, traps -----------------------------------------------------
 
-    async def _sync_routing(self, rescan: bool = False) -> None:
-        await self.routing.sync(list(self._paths.values()), rescan)
-
     async def _sync_traps(self, force: bool = False) -> None:
         """After any change of the path set: every on-traffic path is trapped the way that
         works for it now.  Not shadowed: charon's trap (its child config says so; reload a pair
@@ -424,7 +421,7 @@ class StrongswanBackend(PathBackend):
         self._paths[path.id] = path
         try:
             await self._load_conn(path)
-            await self._sync_routing()
+            await self.routing.add(path)
             if path.qos is not None:
                 await self.qos.apply(path.id, path.qos, path.local_ts, path.remote_ts)
         except Exception:
@@ -444,7 +441,7 @@ class StrongswanBackend(PathBackend):
         """Remove a path's config, PSK, routing and QoS (SAs are terminated by the caller)."""
         self._paths.pop(path.id, None)
         await self._unload_conn(conn_name(path))
-        await self._sync_routing()
+        await self.routing.remove(path.id)
         await self.qos.remove(path.id)
 
     async def update(self, path: VpnPath) -> PathStatus:
@@ -462,7 +459,7 @@ class StrongswanBackend(PathBackend):
             await self._load_psk(new)
             self._paths[new.id] = new
             await self._load_conn(new)
-            await self._sync_routing()
+            await self.routing.add(new)
             await self.qos.remove(new.id)
             if new.qos is not None:
                 await self.qos.apply(new.id, new.qos, new.local_ts, new.remote_ts)
@@ -564,7 +561,7 @@ class StrongswanBackend(PathBackend):
                 if key.startswith(PSK_PREFIX) and key not in wanted_keys:
                     with contextlib.suppress(CommandException):
                         await self.vici.call(lambda s, k=key: s.unload_shared({"id": k}))
-            await self._sync_routing(rescan=True)
+            await self.routing.sync(wanted, rescan=True)
             await self.qos.flush()
             for p in wanted:
                 if p.qos is not None:

@@ -14,9 +14,12 @@ selector is 0.0.0.0/0.  So that rule is deleted after charon starts
 * When a remote selector covers the peer gateway's own address, ``to PEER lookup main`` at pref
   800 keeps IKE and ESP-in-UDP to the peer on the ordinary route.
 
-Routes and rules are derived from the installed path set (:func:`wanted_routing`) and synced
-as sets, so two paths with the same selectors (make-before-break) share them.  Routes into
-``ipsec0`` vanish when charon restarts (new TUN): ``sync(..., rescan=True)`` after a restart.
+Each path needs a few routes and rules (:func:`path_routing`); paths with the same selectors
+(make-before-break, many users of one network) share them, so :class:`TunRouting` counts
+how many installed paths need each and touches the kernel only when a count goes from or to
+zero: adding or removing a path is O(1) in the paths already there.  Routes into ``ipsec0``
+vanish when charon restarts (new TUN): ``sync(paths, rescan=True)`` after a restart makes the
+kernel exactly what the whole path set needs.
 """
 
 from __future__ import annotations
@@ -99,30 +102,40 @@ def route_mode(path: VpnPath) -> str:
     return "source" if path.local.type is EndpointType.FA else "destination"
 
 
+def path_routing(p: VpnPath) -> tuple[set[Route], set[Rule]]:
+    """The routes and rules into ``ipsec0`` that one path needs (pure)."""
+    routes: set[Route] = set()
+    rules: set[Rule] = set()
+    # When the remote selector covers the peer gateway's own address (a CN-GW
+    # protecting the home prefix that holds the HA's address), IKE and ESP-in-UDP to
+    # the peer must still take the ordinary route, not the tunnel they build.
+    if any(p.remote.address in d for d in p.remote_ts):
+        rules.add(Rule(BYPASS_RULE_PREF, MAIN_TABLE, None, ipaddress.IPv4Network(f"{p.remote.address}/32")))
+    if route_mode(p) == "source":
+        routes.add(Route(SRC_TABLE, ipaddress.IPv4Network("0.0.0.0/0")))
+        for s in p.local_ts:
+            for d in p.remote_ts:
+                rules.add(Rule(rule_pref(SRC_RULE_PREF, s, d), SRC_TABLE, s if s.prefixlen else None,
+                               d if d.prefixlen else None))
+    else:
+        # Only the protected traffic (from the local selectors to the remote ones):
+        # the gateway's own traffic to the same destinations keeps its normal route.
+        for d in p.remote_ts:
+            routes.add(Route(DEST_TABLE, d))
+            for s in p.local_ts:
+                rules.add(Rule(rule_pref(DEST_RULE_PREF, s, d), DEST_TABLE, s if s.prefixlen else None,
+                               d if d.prefixlen else None))
+    return routes, rules
+
+
 def wanted_routing(paths: Iterable[VpnPath]) -> tuple[set[Route], set[Rule]]:
-    """The routes and rules into ``ipsec0`` that ``paths`` need (pure)."""
+    """The routes and rules into ``ipsec0`` that ``paths`` need together (pure)."""
     routes: set[Route] = set()
     rules: set[Rule] = set()
     for p in paths:
-        # When the remote selector covers the peer gateway's own address (a CN-GW
-        # protecting the home prefix that holds the HA's address), IKE and ESP-in-UDP to
-        # the peer must still take the ordinary route, not the tunnel they build.
-        if any(p.remote.address in d for d in p.remote_ts):
-            rules.add(Rule(BYPASS_RULE_PREF, MAIN_TABLE, None, ipaddress.IPv4Network(f"{p.remote.address}/32")))
-        if route_mode(p) == "source":
-            routes.add(Route(SRC_TABLE, ipaddress.IPv4Network("0.0.0.0/0")))
-            for s in p.local_ts:
-                for d in p.remote_ts:
-                    rules.add(Rule(rule_pref(SRC_RULE_PREF, s, d), SRC_TABLE, s if s.prefixlen else None,
-                                   d if d.prefixlen else None))
-        else:
-            # Only the protected traffic (from the local selectors to the remote ones):
-            # the gateway's own traffic to the same destinations keeps its normal route.
-            for d in p.remote_ts:
-                routes.add(Route(DEST_TABLE, d))
-                for s in p.local_ts:
-                    rules.add(Rule(rule_pref(DEST_RULE_PREF, s, d), DEST_TABLE, s if s.prefixlen else None,
-                                   d if d.prefixlen else None))
+        r, u = path_routing(p)
+        routes |= r
+        rules |= u
     return routes, rules
 
 
@@ -146,14 +159,17 @@ def scan_routing(ipr: Any) -> tuple[set[Route], set[Rule]]:
 
 
 class TunRouting:
-    """The node's routes and rules into ``ipsec0``, on one rtnetlink socket and worker thread."""
+    """The node's routes and rules into ``ipsec0``, on one rtnetlink socket and worker thread.
+
+    What each installed path needs is kept by path id (``_needs``) with a count per route and
+    rule (``_count``); the kernel holds exactly the routes and rules counted."""
 
     def __init__(self, node: str, netns: str | None, tun_ifname: str = TUN_IFNAME) -> None:
         self.node = node
         self.netns = netns
         self.tun_ifname = tun_ifname
-        self._routes: set[Route] = set()
-        self._rules: set[Rule] = set()
+        self._needs: dict[str, frozenset[Route | Rule]] = {}
+        self._count: dict[Route | Rule, int] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, f"nl-{node}")
         self._ipr: Any = None
 
@@ -183,31 +199,101 @@ class TunRouting:
 
         return await self._nl(run)
 
+    def _count_in(self, items: Iterable[Route | Rule]) -> list[Route | Rule]:
+        """Count ``items`` once more; those needed for the first time."""
+        first = []
+        for item in items:
+            self._count[item] = self._count.get(item, 0) + 1
+            if self._count[item] == 1:
+                first.append(item)
+        return first
+
+    def _count_out(self, items: Iterable[Route | Rule]) -> list[Route | Rule]:
+        """Count ``items`` once less; those no longer needed."""
+        last = []
+        for item in items:
+            self._count[item] -= 1
+            if not self._count[item]:
+                del self._count[item]
+                last.append(item)
+        return last
+
+    async def add(self, path: VpnPath) -> None:
+        """Route ``path`` into ``ipsec0`` (replacing what a path of the same id needed: what
+        the new one needs goes in first)."""
+        routes, rules = path_routing(path)
+        needs = frozenset((*routes, *rules))
+        old = self._needs.get(path.id, frozenset())
+        self._needs[path.id] = needs
+        new, gone = self._count_in(needs), self._count_out(old)
+        try:
+            await self._apply(new, gone)
+        except BaseException:
+            self._count_out(needs)
+            self._count_in(old)
+            self._needs[path.id] = old
+            raise
+
+    async def remove(self, path_id: str) -> None:
+        """Take a path's routes and rules out (those no other path needs)."""
+        gone = self._count_out(self._needs.pop(path_id, frozenset()))
+        await self._apply([], gone)
+
+    async def _apply(self, new: list[Route | Rule], gone: list[Route | Rule]) -> None:
+        if not new and not gone:
+            return
+
+        def run(ipr: Any) -> None:
+            tun = ipr.link_lookup(ifname=self.tun_ifname)
+            if not tun and any(isinstance(i, Route) for i in new):
+                raise PathError(f"{self.node}: no {self.tun_ifname} (is charon running?)")
+            for item in [i for i in new if isinstance(i, Route)] + [i for i in new if isinstance(i, Rule)]:
+                if isinstance(item, Route):
+                    ipr.route("replace", dst=str(item.dst), oif=tun[0], table=item.table)
+                else:
+                    ipr.rule("add", **rule_kwargs(item))
+            for item in [i for i in gone if isinstance(i, Rule)] + [i for i in gone if isinstance(i, Route)]:
+                with contextlib.suppress(Exception):  # already gone (e.g. with the TUN device)
+                    if isinstance(item, Route):
+                        ipr.route("del", dst=str(item.dst), table=item.table)
+                    else:
+                        ipr.rule("del", **rule_kwargs(item))
+
+        await self._nl(run)
+
     async def sync(self, paths: Iterable[VpnPath], rescan: bool = False) -> None:
-        """Make the routes and rules into ``ipsec0`` exactly what ``paths`` need.  ``rescan``:
-        read what the kernel holds first (after a restart of ours or of charon)."""
-        want_routes, want_rules = wanted_routing(paths)
+        """Make the routes and rules into ``ipsec0`` exactly what ``paths`` need (the whole
+        set: at start and after a charon restart).  ``rescan``: read what the kernel holds
+        first (after a restart of ours or of charon)."""
+        held = set(self._count)
+        self._needs = {}
+        self._count = {}
+        for p in paths:
+            routes, rules = path_routing(p)
+            self._needs[p.id] = frozenset((*routes, *rules))
+            self._count_in(self._needs[p.id])
+        want_routes = {i for i in self._count if isinstance(i, Route)}
+        want_rules = {i for i in self._count if isinstance(i, Rule)}
 
         def run(ipr: Any) -> None:
             if rescan:
-                self._routes, self._rules = scan_routing(ipr)
+                have_routes, have_rules = scan_routing(ipr)
+            else:
+                have_routes = {i for i in held if isinstance(i, Route)}
+                have_rules = {i for i in held if isinstance(i, Rule)}
             tun = ipr.link_lookup(ifname=self.tun_ifname)
-            if not tun and (want_routes - self._routes):
+            if not tun and (want_routes - have_routes):
                 raise PathError(f"{self.node}: no {self.tun_ifname} (is charon running?)")
-            for rule in self._rules - want_rules:
+            for rule in have_rules - want_rules:
                 with contextlib.suppress(Exception):
                     ipr.rule("del", **rule_kwargs(rule))
-                self._rules.discard(rule)
-            for route in self._routes - want_routes:
+            for route in have_routes - want_routes:
                 with contextlib.suppress(Exception):
                     ipr.route("del", dst=str(route.dst), table=route.table)
-                self._routes.discard(route)
-            for route in want_routes - self._routes:
+            for route in want_routes - have_routes:
                 ipr.route("replace", dst=str(route.dst), oif=tun[0], table=route.table)
-                self._routes.add(route)
-            for rule in want_rules - self._rules:
+            for rule in want_rules - have_rules:
                 ipr.rule("add", **rule_kwargs(rule))
-                self._rules.add(rule)
 
         await self._nl(run)
 
