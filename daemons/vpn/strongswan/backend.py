@@ -28,7 +28,8 @@ Design
   1.3-1.9 ms.  charon's IKE_SA table is hashed for many IKE_SAs (``strongswan_conf``).  Every
   IKE_SA runs its own DPD (30 s).
 * **Who initiates:** both ends install and both try to initiate; the end that installs first
-  finds its peer unconfigured (fails fast: NO_PROPOSAL_CHOSEN / TS_UNACCEPTABLE) and reports
+  finds its peer unconfigured (fails fast: NO_PROPOSAL_CHOSEN, or AUTHENTICATION_FAILED where
+  the peer has other paths to us but no connection for these identities) and reports
   ``WAITING``, the end that installs second brings the CHILD_SA up.  An end that already has a
   CHILD_SA for the path does not initiate again (install is idempotent).
 * **kernel-libipsec fixups** (no ESP in the kernel): charon's ``lookup 220`` rule is deleted
