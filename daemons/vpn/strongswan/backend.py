@@ -316,10 +316,6 @@ class StrongswanBackend(PathBackend):
         except CommandException as e:
             log.info("vici.terminate_failed", gw=self.node, child_id=child_id, ike_id=ike_id, error=e)
 
-    async def _terminate_children(self, conn: str, child: str) -> None:
-        for _sa, c in children(await self.vici.list_sas(conn), conn, child):
-            await self._terminate(child_id=number(c.get("uniqueid")))
-
     async def _terminate_conn(self, conn: str) -> None:
         """End the IKE_SA(s) of a path's connection, and with them its CHILD_SA."""
         for sa in await self.vici.list_sas(conn):
