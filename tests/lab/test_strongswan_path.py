@@ -610,7 +610,7 @@ def test_on_traffic_trap_first_packet_brings_path_up(chain: Chain) -> None:
         assert st.state is PathState.UP and st.packets_out >= 5 and st.packets_in >= 5
         # the CHILD_SA goes (e.g. DPD cleared it): the trap stays, the next packet from the
         # *correspondent's* side brings it up again through the other end's trap
-        run(c.a._terminate_children(f"mipvpn-{GW_A}-{GW_B}", path.id))
+        terminate(c, "a", conn_name(path))
         deadline = time.monotonic() + 5
         while child_names(c, "b") and time.monotonic() < deadline:
             time.sleep(0.1)
