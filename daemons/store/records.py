@@ -90,20 +90,22 @@ class RecordStore:
         return cls(state_dir / f"{name}.db", legacy=state_dir / f"{name}.json", synchronous=synchronous)
 
     # ---- opening ---------------------------------------------------------------------------
-    def _open(self) -> sqlite3.Connection:
+    def _open(self, migrate: bool = True) -> sqlite3.Connection:
+        """The connection (opened on first use); ``migrate``: a legacy file may be imported
+        (not after a corrupt database was set aside: the daemon starts empty then)."""
         if self.db is not None:
             return self.db
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with contextlib.suppress(OSError):
             self.path.parent.chmod(0o700)
         try:
-            self.db = self._connect()
+            self.db = self._connect(migrate)
         except sqlite3.DatabaseError as exc:
             self._set_aside(reason(exc))
-            self.db = self._connect()
+            self.db = self._connect(migrate=False)
         return self.db
 
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, migrate: bool) -> sqlite3.Connection:
         # Created 0600 before SQLite sees it: its -wal and -shm get the same mode.
         os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
         for name in (self.path, *(self._sibling(s) for s in SUFFIXES)):
@@ -117,7 +119,7 @@ class RecordStore:
             db.execute(f"PRAGMA synchronous={self.synchronous}")
             has_table = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'records'").fetchone()
             if has_table is None:
-                if self.legacy is not None and self.legacy.exists():
+                if migrate and self.legacy is not None and self.legacy.exists():
                     self._migrate = True  # the table comes with the import, in one transaction
                 else:
                     db.execute(_SCHEMA)
@@ -177,7 +179,7 @@ class RecordStore:
                 db.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             self._set_aside(reason(exc))
-            self._open()
+            self._open(migrate=False)
             return {section: {} for section in builders}
         out: dict[str, dict[str, Any]] = {}
         bad: list[tuple[str, str]] = []
