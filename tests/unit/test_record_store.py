@@ -409,6 +409,26 @@ def test_a_registration_at_the_ha_writes_only_its_own_records_whatever_n(tmp_pat
     assert len(writes) == 2 and all(f"'{hoa}'" in s for s in writes)  # its binding and its identification
 
 
+def test_a_users_paths_at_the_mavpn_write_that_users_record_only_whatever_n(tmp_path: Path) -> None:
+    from daemons.vpn.mavpn import MavpnControl
+    from tests.unit.test_restart_state import MN1, KernelLike, ha_path
+
+    work: dict[int, list[str]] = {}
+    for n in (10, 10_000):
+        store = filled(tmp_path / f"vpn{n}.db", 0)
+        control = MavpnControl(KernelLike(), store)
+        with store.batch():
+            for i in range(n):
+                store.put("vpn", f"u{i:05d}@home.example", ["00"])  # others' records: never read here
+        statements = traced(store)
+        asyncio.run(control.apply(MN1, [ha_path(MN1)]))
+        asyncio.run(control.remove_user(MN1))
+        work[n] = list(statements)
+        assert len(store.rows("vpn")) == n
+    assert work[10] == work[10_000] and [s.split()[0] for s in work[10]] == ["INSERT", "DELETE"]
+    assert all(f"'{MN1}'" in s for s in work[10])
+
+
 def test_a_session_change_writes_one_record_and_the_counters_their_own(tmp_path: Path) -> None:
     from daemons.aaa.aaah import SpiAllocator
 
