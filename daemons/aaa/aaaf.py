@@ -46,7 +46,7 @@ class ForeignAAAServer:
         if not config.home_servers:
             raise ConfigError(f"{config.node} (aaaf)", "home_servers", "at least one home AAA server is needed")
         self.config = config
-        self.store = SessionStore(config.state_dir / "sessions.json")
+        self.store = SessionStore(config.state_dir)
         self.counters: dict[str, int] = {"amr_relayed": 0, "ama_success": 0, "ama_failure": 0, "cached": 0,
                                          "answered_locally": 0, "request_refused": 0, "local_key_unopened": 0}
         self.control = ControlServer(config.control_socket)
@@ -94,8 +94,8 @@ class ForeignAAAServer:
                  sessions=len(self.store.sessions))
 
     def restore(self) -> None:
-        """The cached sessions, record by record (one that cannot be read is dropped and
-        logged: ``daemons.store.state``)."""
+        """The cached sessions, record by record (one that cannot be read is dropped, logged
+        and deleted: ``daemons.store.records``)."""
         self.store.load()
         self.counters["state_dropped"] = self.store.state.dropped
         if self.store.sessions or self.store.state.dropped:

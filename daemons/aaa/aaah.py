@@ -91,6 +91,7 @@ class SpiAllocator:
     def __init__(self, state: dict[str, int] | None = None) -> None:
         self.next: dict[str, int] = dict(state or {})
         self.used: dict[str, set[int]] = {}
+        self.changed: set[str] = set()  # gateways whose counter moved since the owner last persisted it
 
     def allocate(self, gateway: IPv4Address | str) -> int:
         gw = str(gateway)
@@ -106,6 +107,7 @@ class SpiAllocator:
             raise RuntimeError(f"no free SPI for {gw}")
         used.add(spi)
         self.next[gw] = spi + 1
+        self.changed.add(gw)
         return spi
 
     def claim(self, gateway: IPv4Address | str, spi: int) -> None:
@@ -146,7 +148,7 @@ class HomeAAAServer:
         self.home_agents: dict[str, HomeAgentRef] = {str(h.address): h for h in config.home_agents}
         self.seal_keys = self.load_seal_keys(config, source)
         self.cngw_names: dict[str, str] = {}  # dynamic CN-GW address -> its name (the recipient of its keys)
-        self.store = SessionStore(config.state_dir / "sessions.json")
+        self.store = SessionStore(config.state_dir)
         self.spis = SpiAllocator()
         self.locks = KeyedLocks()  # one registration/binding update per user at a time
         self.counters: dict[str, int] = {"amr": 0, "auth_failed": 0, "unknown_user": 0, "har": 0, "accepted": 0,
@@ -217,10 +219,10 @@ class HomeAAAServer:
         await serve(self.start, self.stop)
 
     def restore(self) -> None:
-        """Sessions and SPI counters from the state file, record by record (one that cannot be
-        read is dropped and logged: ``daemons.store.state``)."""
-        self.store.load()
-        self.spis = SpiAllocator(self.store.state.records(self.store.extra, "spi_next", lambda _, v: int_record(v)))
+        """Sessions and SPI counters from the state store, record by record (one that cannot be
+        read is dropped, logged and deleted: ``daemons.store.records``)."""
+        extra = self.store.load({"spi_next": lambda _, v: int_record(v)})
+        self.spis = SpiAllocator(extra["spi_next"])
         for session in self.store.sessions.values():
             for gw, spi in session.spis():
                 self.spis.claim(gw, spi)
@@ -230,11 +232,15 @@ class HomeAAAServer:
             log.info("aaah.restored", sessions=len(self.store.sessions), dropped=dropped)
 
     def _save_counters(self) -> None:
-        self.store.extra["spi_next"] = dict(self.spis.next)
+        """The SPI counters that moved, one record per gateway."""
+        for gw in sorted(self.spis.changed):
+            self.store.put_extra("spi_next", gw, self.spis.next[gw])
+        self.spis.changed.clear()
 
     def _put(self, session: Session) -> Session | None:
-        self._save_counters()
-        old = self.store.put(session)
+        with self.store.state.batch():  # the session and the counters its SPIs came from: one commit
+            self._save_counters()
+            old = self.store.put(session)
         if old is not None:
             self._release(old)
         return old

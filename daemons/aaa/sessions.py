@@ -1,5 +1,5 @@
 """The registrations an AAA server caches (claims 7, 16-18): one :class:`Session` per user,
-kept by a :class:`SessionStore` that persists every change.
+kept by a :class:`SessionStore` that persists every change, one record per session.
 
 The home AAA server (``daemons.aaa.aaah``) caches what it built and distributed; the local one
 (``daemons.aaa.aaaf``) caches what it relayed, to answer an intra-domain move itself. A
@@ -7,14 +7,14 @@ session's paths are kept as the AAAH describes them (FA-side paths in the FA's v
 in the HA's); :meth:`Session.for_fa` / :meth:`Session.for_ha` give each receiver its copy and
 :meth:`Session.with_fa` moves the FA end. Sessions are persisted with their VPN-Info AVPs as
 hex (``daemons.vpn.vpninfo.to_record``, as ``daemons.vpn.mavpn`` does), the AAAF's local-answer
-keys as hex too: key material, so the file lives in the daemon's 0700 state directory and is 0600 itself.
+keys as hex too: key material, so the store (``sessions.db``, ``daemons.store.records``) lives in
+the daemon's 0700 state directory and is 0600 itself.
 """
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from ipaddress import IPv4Address
 from pathlib import Path
@@ -22,7 +22,8 @@ from typing import Any
 
 from daemons.runtime.log import EventLog
 from daemons.runtime.secret import Secret
-from daemons.store.state import StateFile
+from daemons.store.records import RecordStore
+from daemons.store.state import Build
 from daemons.vpn import vpninfo
 from daemons.vpn.path import EndpointType
 from daemons.vpn.vpninfo import VpnInfo
@@ -126,49 +127,44 @@ class Session:
 
 
 class SessionStore:
-    """Sessions by NAI, persisted on every change in a private state file."""
+    """Sessions by NAI, each change persisted (one record per session, in ``<state_dir>/<name>.db``,
+    which takes over ``<name>.json``), with the small records of the owner (e.g. the AAAH's SPI
+    counters) in sections of their own."""
 
-    def __init__(self, path: os.PathLike[str] | str) -> None:
-        self.path = Path(path)
-        self.state = StateFile(self.path)
+    SECTION = "sessions"
+
+    def __init__(self, state_dir: Path, name: str = "sessions") -> None:
+        self.state = RecordStore.in_dir(state_dir, name)
+        self.path = self.state.path
         self.sessions: dict[str, Session] = {}
-        self.extra: dict[str, Any] = {}  # other persisted state of the owner (e.g. SPI counters)
 
-    def load(self) -> None:
-        """The sessions from the state file, record by record: one that cannot be read (a
-        changed schema, a corrupt entry) is dropped and logged (``daemons.store.state``)."""
-        self._private_dir()
-        data = self.state.load()
-        restored = self.state.records(data, "sessions", lambda _, item: Session.from_json(item))
-        self.sessions = {s.nai: s for s in restored.values()}
-        self.extra = {k: v for k, v in data.items() if k != "sessions"}
-        if self.state.dropped:  # the file says what we hold, and a bad record warns once
-            self.save()
+    def load(self, extra: Mapping[str, Build] | None = None) -> dict[str, dict[str, Any]]:
+        """The sessions from the store, record by record: one that cannot be read (a changed
+        schema, a corrupt entry) is dropped, logged and deleted (``daemons.store.records``).
+        Returns the owner's ``extra`` sections, built the same way."""
+        builders: dict[str, Build] = {**(extra or {}), self.SECTION: lambda _, item: Session.from_json(item)}
+        loaded = self.state.load_records(builders, keys={self.SECTION: lambda s: s.nai})
+        self.sessions = {s.nai: s for s in loaded.pop(self.SECTION).values()}
+        return loaded
 
-    def _private_dir(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with contextlib.suppress(OSError):
-            self.path.parent.chmod(0o700)
-
-    def save(self) -> None:
-        self._private_dir()
-        self.state.save({**self.extra, "sessions": [s.to_json() for s in self.sessions.values()]})
-        with contextlib.suppress(OSError):
-            self.path.chmod(0o600)
+    def put_extra(self, section: str, key: str, record: Any) -> None:
+        """One record of the owner's (see :meth:`load`)."""
+        self.state.put(section, key, record)
 
     def get(self, nai: str) -> Session | None:
         return self.sessions.get(nai)
 
     def put(self, session: Session) -> Session | None:
+        """Cache (and persist) ``session``; returns the one it replaces."""
         old = self.sessions.get(session.nai)
         self.sessions[session.nai] = session
-        self.save()
+        self.state.put(self.SECTION, session.nai, session.to_json())
         return old
 
     def drop(self, nai: str) -> Session | None:
         old = self.sessions.pop(nai, None)
         if old is not None:
-            self.save()
+            self.state.delete(self.SECTION, nai)
         return old
 
     def show(self) -> list[dict[str, Any]]:

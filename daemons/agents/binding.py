@@ -35,12 +35,15 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from daemons.runtime.config import PeerAgent
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import UdpEndpoint
 from daemons.wire import mip
+
+if TYPE_CHECKING:
+    from daemons.store.records import RecordStore
 
 __all__ = ["Authentic", "BindingClient", "BindingEvents", "BindingPeers", "Fresh", "ReplayWindow", "Retransmit"]
 
@@ -145,13 +148,15 @@ class ReplayWindow:
     The record of a key outlives the binding it created (a deletion or expiry does not reopen
     the door to the last update) and goes only once the window alone refuses everything up
     to it (``mip.identification_expired``): the table holds what arrived within the last
-    ``window_s`` seconds, at most ``limit`` keys. What survives a restart
-    (:meth:`to_json`/:meth:`load`) is the identifications: no digests, no answers."""
+    ``window_s`` seconds, at most ``limit`` keys. What survives a restart is the
+    identifications, one record per key (:meth:`save`, :meth:`record`/:meth:`load`): no
+    digests, no answers."""
 
     def __init__(self, window_s: float, limit: int = 4096) -> None:
         self.window_s = window_s
         self.limit = limit
         self.seen: dict[tuple[str, str], _Seen] = {}  # in order of acceptance (oldest first)
+        self.forgotten: set[tuple[str, str]] = set()  # pruned since the last save (their records go)
 
     @staticmethod
     def digest(raw: bytes) -> bytes:
@@ -196,6 +201,7 @@ class ReplayWindow:
         for key in list(self.seen):
             if mip.identification_expired(self.seen[key].identification, now, self.window_s):
                 del self.seen[key]
+                self.forgotten.add(key)
             elif len(self.seen) < self.limit:
                 break
 
@@ -206,17 +212,34 @@ class ReplayWindow:
         return [[peer, hoa, seen.identification] for (peer, hoa), seen in self.seen.items()]
 
     @staticmethod
+    def record_key(key: tuple[str, str]) -> str:
+        """The key of one entry's record in a state store."""
+        return f"{key[0]} {key[1]}"
+
+    def save(self, store: RecordStore, section: str, key: tuple[str, str] | None = None) -> None:
+        """Into ``store``: the entry of ``key`` as it stands (a record :meth:`record` reads),
+        and the records of the entries pruned since the last save deleted; one commit."""
+        with store.batch():
+            for gone in self.forgotten:
+                if gone not in self.seen:
+                    store.delete(section, self.record_key(gone))
+            self.forgotten.clear()
+            seen = self.seen.get(key) if key is not None else None
+            if key is not None and seen is not None:
+                store.put(section, self.record_key(key), [key[0], key[1], seen.identification])
+
+    @staticmethod
     def record(item: object) -> tuple[str, str, int]:
-        """One entry :meth:`to_json` saved, checked (a builder for ``StateFile.load_records``:
-        raises TypeError for an entry that is not one)."""
+        """One entry :meth:`save` (or :meth:`to_json`) saved, checked (a builder for
+        ``RecordStore.load_records``: raises TypeError for an entry that is not one)."""
         if isinstance(item, list) and len(item) == 3 and all(isinstance(x, str) for x in item[:2]) \
                 and type(item[2]) is int and 0 <= item[2] < 1 << 64:
             return item[0], item[1], item[2]
         raise TypeError("not a [peer, home address, identification] entry")
 
     def load(self, entries: Iterable[tuple[str, str, int]], now: float) -> None:
-        """The identifications :meth:`to_json` saved (each checked by :meth:`record`); what has
-        expired meanwhile is dropped."""
+        """The identifications :meth:`save` saved (each checked by :meth:`record`); what has
+        expired meanwhile is dropped (and its record deleted at the next :meth:`save`)."""
         for peer, hoa, identification in entries:
             self.seen[(peer, hoa)] = _Seen(identification, b"", None)
         self.prune(now)

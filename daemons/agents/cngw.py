@@ -32,7 +32,8 @@ from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import UdpEndpoint
 from daemons.runtime.tasks import KeyedLocks
-from daemons.store.state import StateFile, dataclass_record, ipv4_fields
+from daemons.store.records import RecordStore
+from daemons.store.state import dataclass_record, ipv4_fields
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import EndpointType
@@ -144,7 +145,7 @@ class CorrespondentGateway:
         self.table = BindingTable(config.binding_request_threshold, config.binding_request_interval)
         # The last Binding Update identification accepted per (HA, home address), kept after the binding goes.
         self.bu_seen = ReplayWindow(config.replay_window)
-        self.state = StateFile(config.state_dir / "bindings.json")
+        self.state = RecordStore.in_dir(config.state_dir, "bindings")
         self.locks = KeyedLocks()  # one registration/binding update per user at a time
         self.udp: UdpEndpoint | None = None
         self.counters: dict[str, int] = {"bu_received": 0, "bu_accepted": 0, "bu_rejected": 0, "br_sent": 0,
@@ -174,17 +175,21 @@ class CorrespondentGateway:
 
     # ---- persistence -------------------------------------------------------------------------
     def restore(self) -> None:
-        """Bindings from the state file, record by record (one that cannot be read is dropped
-        and logged: ``daemons.store.state``); those that ran out while we were down are
-        dropped, and their paths with them (:meth:`MavpnControl.reconcile`)."""
+        """Bindings from the state store, record by record (one that cannot be read is dropped,
+        logged and deleted: ``daemons.store.records``); those that ran out while we were down
+        are dropped, and their paths with them (:meth:`MavpnControl.reconcile`)."""
         saved = self.state.load_records({"bindings": lambda _, r: ipv4_fields(dataclass_record(CnBinding, r),
                                                                               "home_address", "care_of_address",
                                                                               "home_agent"),
-                                         "binding_ids": lambda _, r: ReplayWindow.record(r)})
+                                         "binding_ids": lambda _, r: ReplayWindow.record(r)},
+                                        keys={"binding_ids": lambda r: ReplayWindow.record_key(r[:2])})
         expired = self.table.load(saved["bindings"].values(), time.time())
         self.bu_seen.load(saved["binding_ids"].values(), time.time())
-        if expired or self.state.dropped:  # the file says what we hold, and a bad record warns once
-            self.persist()
+        with self.state.batch():  # the store says what we hold
+            for hoa in saved["bindings"]:
+                if hoa not in self.table.bindings:
+                    self.state.delete("bindings", hoa)
+            self.bu_seen.save(self.state, "binding_ids")  # the identifications that ran out
         self.counters["state_dropped"] = self.state.dropped
         if self.table.bindings or expired or self.state.dropped:
             log.info("cngw.restored", bindings=len(self.table.bindings), expired=expired, dropped=self.state.dropped)
@@ -204,8 +209,16 @@ class CorrespondentGateway:
         self.counters["state_dropped"] = self.counters.get("state_dropped", 0) + self.mavpn.state.dropped
         return self.mavpn.reconcile(self.live_users())
 
-    def persist(self) -> None:
-        self.state.save({"bindings": self.table.to_json(), "binding_ids": self.bu_seen.to_json()})
+    def persist(self, hoa: str, key: tuple[str, str] | None = None) -> None:
+        """The binding of ``hoa`` as it stands (none: its record goes) and, with ``key``, the
+        Binding Update identification accepted for it; one commit."""
+        with self.state.batch():
+            binding = self.table.bindings.get(hoa)
+            if binding is not None:
+                self.state.put("bindings", hoa, asdict(binding))
+            else:
+                self.state.delete("bindings", hoa)
+            self.bu_seen.save(self.state, "binding_ids", key)
 
     # ---- binding lifetime (F8) ---------------------------------------------------------------
     async def lifetime_loop(self) -> None:
@@ -216,9 +229,12 @@ class CorrespondentGateway:
     async def tick(self, now: float) -> None:
         for binding in self.table.requests_due(now):
             self.send_request(binding, now)
+            self.persist(binding.home_address)  # its request pacing survives a restart
         gone = self.table.expired(now)
         if gone:
-            self.persist()
+            with self.state.batch():
+                for binding in gone:
+                    self.persist(binding.home_address)
         for binding in gone:
             self.counters["expired"] += 1
             # Under the binding's lock: a Binding Update being applied meanwhile renews it,
@@ -301,7 +317,7 @@ class CorrespondentGateway:
             old = self.table.remove(hoa)
             # Spent, and kept after the binding: the deleted binding's updates cannot come back.
             self.bu_seen.accept(key, bu.identification, raw, (Status.ACCEPTED, 0))
-            self.persist()
+            self.persist(hoa, key)
             if self.mavpn is not None:
                 await self.mavpn.remove_user(old.nai if old else nai)
             log.info("binding.removed", mn=nai, hoa=hoa, was=old.care_of_address if old else None, ha=src)
@@ -336,12 +352,12 @@ class CorrespondentGateway:
                 log.error("bu.path_failed", mn=nai, reason=type(exc).__name__)
                 # Acted on (paths may have changed): spent, its retransmissions get this answer.
                 self.bu_seen.accept(key, bu.identification, raw, (Status.PATH_SETUP_FAILED, 0))
-                self.persist()
+                self.persist(hoa, key)
                 return Status.PATH_SETUP_FAILED, 0
         previous = current
         binding = self.table.update(nai, hoa, str(bu.care_of_address), src, bu.lifetime, bu.identification, now)
         self.bu_seen.accept(key, bu.identification, raw, (Status.ACCEPTED, bu.lifetime))
-        self.persist()
+        self.persist(hoa, key)
         log.info("binding.updated" if previous else "binding.created", mn=nai, hoa=hoa, coa=binding.care_of_address,
                  lifetime=bu.lifetime, ha=src,
                  previous_coa=previous.care_of_address if previous and previous.care_of_address !=

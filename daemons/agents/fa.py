@@ -30,7 +30,8 @@ from daemons.runtime.net import LinkUdpEndpoint
 from daemons.runtime.ratelimit import Limit, RateLimiter
 from daemons.runtime.secret import Secret
 from daemons.runtime.tasks import KeyedLocks, background
-from daemons.store.state import StateFile, dataclass_record, float_record, ipv4_fields
+from daemons.store.records import RecordStore
+from daemons.store.state import dataclass_record, float_record, ipv4_fields
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import Capability, EndpointType, PathError
@@ -117,7 +118,7 @@ class ForeignAgent:
         self.seal = Recipient(*own_key) if own_key else None
         # F6 Binding Updates to the previous FA: log lines name it "to" (sent) and "src" (acknowledged).
         self.binding = BindingClient(self.fa_peers, log, self.counters, BindingEvents(peer="to", ack_peer="src"))
-        self.state = StateFile(config.state_dir / "visitors.json")
+        self.state = RecordStore.in_dir(config.state_dir, "visitors")
         self.routes = VisitorRoutes(config.access_interface)
         self.udp: LinkUdpEndpoint | None = None
         self.access_ifindex: int | None = None  # where RRQs must come in and replies to MNs go out
@@ -149,22 +150,28 @@ class ForeignAgent:
         await asyncio.gather(self.advertiser.run(), self.expire_loop())
 
     def restore(self) -> None:
-        """Visitors and F6 forwarding paths from the state file, record by record (one that
-        cannot be read is dropped and logged: ``daemons.store.state``); those that ran out
-        while we were down are dropped."""
+        """Visitors and F6 forwarding paths from the state store, record by record (one that
+        cannot be read is dropped, logged and deleted: ``daemons.store.records``); those that
+        ran out while we were down are dropped."""
         now = time.time()
         saved = self.state.load_records({"visitors": lambda _, r: ipv4_fields(dataclass_record(Visitor, r),
                                                                               "home_address", "home_agent"),
                                          "forwards": lambda _, v: float_record(v),
-                                         "binding_ids": lambda _, r: ReplayWindow.record(r)})
+                                         "binding_ids": lambda _, r: ReplayWindow.record(r)},
+                                        keys={"binding_ids": lambda r: ReplayWindow.record_key(r[:2])})
         self.bu_seen.load(saved["binding_ids"].values(), now)
         self.visitors = {v.home_address: v for v in saved["visitors"].values() if v.expires > now}
         self.forwards = {nai: t for nai, t in saved["forwards"].items() if t > now}
         # A live visitor's forwarding path that ran out: the path goes, the visitor stays.
         self.lapsed_forwards = {nai for nai in saved["forwards"] if nai not in self.forwards}
         expired = len(saved["visitors"]) - len(self.visitors) + len(self.lapsed_forwards)
-        if expired or self.state.dropped:  # the file says what we hold, and a bad record warns once
-            self.persist()
+        with self.state.batch():  # the store says what we hold
+            for hoa in saved["visitors"]:
+                if hoa not in self.visitors:
+                    self.state.delete("visitors", hoa)
+            for nai in self.lapsed_forwards:
+                self.state.delete("forwards", nai)
+            self.bu_seen.save(self.state, "binding_ids")  # the identifications that ran out
         self.counters["state_dropped"] = self.state.dropped
         if self.visitors or expired or self.state.dropped:
             log.info("fa.restored", visitors=len(self.visitors), forwards=len(self.forwards), expired=expired,
@@ -186,9 +193,21 @@ class ForeignAgent:
         self.lapsed_forwards = set()
         return self.mavpn.reconcile(self.live_users(), lapsed)
 
-    def persist(self) -> None:
-        self.state.save({"visitors": {k: asdict(v) for k, v in self.visitors.items()}, "forwards": self.forwards,
-                         "binding_ids": self.bu_seen.to_json()})
+    def persist_visitor(self, hoa: str) -> None:
+        """The visitor record of ``hoa`` as it stands (none: the record goes)."""
+        visitor = self.visitors.get(hoa)
+        if visitor is not None:
+            self.state.put("visitors", hoa, asdict(visitor))
+        else:
+            self.state.delete("visitors", hoa)
+
+    def persist_forward(self, nai: str) -> None:
+        """When the F6 forwarding path of ``nai`` goes, as it stands (none: the record goes)."""
+        expires = self.forwards.get(nai)
+        if expires is not None:
+            self.state.put("forwards", nai, expires)
+        else:
+            self.state.delete("forwards", nai)
 
     async def expire_loop(self) -> None:
         while True:
@@ -205,7 +224,7 @@ class ForeignAgent:
         """The F6 forwarding path of ``nai`` goes; the user's other paths stay."""
         if self.forwards.pop(nai, None) is None:
             return
-        self.persist()
+        self.persist_forward(nai)
         if self.mavpn is not None:
             await self.mavpn.apply(nai, [i for i in self.mavpn.infos(nai) if i.path_id != vpninfo.FORWARD_PATH_ID])
         log.info("forwarding.ended", mn=nai, reason=reason)
@@ -214,7 +233,7 @@ class ForeignAgent:
         visitor = self.visitors.pop(hoa, None)
         if visitor is None:
             return
-        self.persist()
+        self.persist_visitor(hoa)
         await self.unroute_visitor(hoa)
         if self.mavpn is not None and visitor.nai and not keep_paths:
             await self.mavpn.remove_user(visitor.nai)
@@ -559,7 +578,7 @@ class ForeignAgent:
             self.visitors[hoa] = Visitor(pending.nai, hoa, str(pending.rrq.home_agent), pending.mn_port,
                                          rrp.lifetime, time.time() + rrp.lifetime, rrp.identification,
                                          pending.session_id)
-            self.persist()
+            self.persist_visitor(hoa)
             self.counters["accepted"] += 1
             log.info("visitor.added", mn=pending.nai, hoa=hoa, lifetime=rrp.lifetime, id=hex(rrp.identification))
             if forward is None and pending.nai:
@@ -632,7 +651,7 @@ class ForeignAgent:
                         status=int(ack.status) if ack else None)
             return None
         self.forwards[pending.nai] = time.time() + lifetime
-        self.persist()
+        self.persist_forward(pending.nai)
         log.info("forwarding.up", mn=pending.nai, previous_fa=previous, lifetime=lifetime)
         return ours
 
@@ -708,9 +727,9 @@ class ForeignAgent:
             self.counters["bu_replayed"] += 1
             log.warning("bu.replay_or_clock", src=src, mn=nai, id=hex(bu.identification or 0), reason=fresh.value)
             return mip.BindingStatus.IDENTIFICATION_MISMATCH, bu.lifetime
-        # Spent before anything changes (it is persisted with the visitors, below or by remove_visitor).
+        # Spent (and persisted) before anything changes.
         self.bu_seen.accept(key, bu.identification, raw)
-        had_visitor = hoa in self.visitors
+        self.bu_seen.save(self.state, "binding_ids", key)
         log.info("bu.received", src=src, mn=nai, hoa=bu.home_address, new_coa=bu.care_of_address)
         # A registration of that MN still in flight here (a late retransmission) is void:
         # the MN is gone; its answer must not bring the visitor back.
@@ -723,8 +742,6 @@ class ForeignAgent:
         await self.remove_visitor(hoa, f"moved to {bu.care_of_address}",
                                   keep_paths=status is mip.BindingStatus.ACCEPTED and nai in self.forwards)
         self.bu_seen.answered(key, bu.identification, status, bu.lifetime)
-        if not had_visitor:  # remove_visitor saved nothing: the identification must survive a restart too
-            self.persist()
         return status, bu.lifetime
 
     async def forward_for(self, bu: mip.BindingUpdate, nai: str | None, fa_fa_key: Secret,
@@ -753,7 +770,7 @@ class ForeignAgent:
             log.warning("forwarding.failed", mn=nai, new_fa=new_fa, reason=exc)
             return mip.BindingStatus.PATH_SETUP_FAILED
         self.forwards[nai] = time.time() + min(bu.lifetime, self.config.forwarding_lifetime)
-        self.persist()
+        self.persist_forward(nai)
         log.info("forwarding.up", mn=nai, new_fa=new_fa, lifetime=bu.lifetime)
         return mip.BindingStatus.ACCEPTED
 

@@ -3,7 +3,8 @@
 Registrations arrive on UDP 434 (relayed by a foreign agent, or straight from a mobile node
 at home) and, with AAA, inside a Diameter HAR: both go through ``process_request``, which
 takes the raw RRQ bytes and returns the raw RRP bytes. The binding cache is persisted on
-every change and reloaded at start, so a restarted HA carries on with its bindings.
+every change, one record per binding (``bindings.db``), before the reply leaves, and reloaded
+at start, so a restarted HA carries on with its bindings.
 
 Route optimisation (claims 19-21, 25; flows F4, F5, F8): the HAR may carry FA⇄CN-GW paths in
 a dynamic CN-GW's view (Local = the CN-GW). The HA does not install those; it keeps them with
@@ -36,7 +37,8 @@ from daemons.runtime.control import ControlServer
 from daemons.runtime.log import EventLog
 from daemons.runtime.net import UdpEndpoint
 from daemons.runtime.tasks import background
-from daemons.store.state import StateFile, dataclass_record, int_record, ipv4_fields
+from daemons.store.records import RecordStore
+from daemons.store.state import dataclass_record, int_record, ipv4_fields
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import EndpointType
@@ -88,9 +90,9 @@ class HomeAgent:
         self.fa_keys = {str(fa.address): fa for fa in config.foreign_agents}
         self.cngw_keys: dict[str, PeerAgent] = {str(gw.address): gw for gw in config.correspondent_gateways}
         # Route optimisation: per home address, the FA⇄CN-GW paths in the CN-GWs' view (they
-        # hold keys: a file of their own in the private state directory, like the MAVPN cache).
+        # hold keys: a store of their own in the private state directory, like the MAVPN cache).
         self.cn_paths: dict[str, list[VpnInfo]] = {}
-        self.cn_state = StateFile(config.state_dir / "cngw-paths.json")
+        self.cn_state = RecordStore.in_dir(config.state_dir, "cngw-paths")
         self.cngw_peers = BindingPeers(self.cngw_keys)
         # Binding Requests: the last identification per (CN-GW, home address). Not persisted: a
         # request replayed across our restart only gets the binding as it stands.
@@ -109,7 +111,7 @@ class HomeAgent:
         self.binding = BindingClient(self.cngw_peers, log, self.counters, BindingEvents(
             peer="cngw", ack_peer="cngw", ack_lifetime=True, unacknowledged_id=True, sent_counter="bu_sent",
             ack_counter="ba_received"))
-        self.state = StateFile(config.state_dir / "bindings.json")
+        self.state = RecordStore.in_dir(config.state_dir, "bindings")
         self.home_link = HomeLink(config.home_interface)
         self.udp: UdpEndpoint | None = None
         self.control = ControlServer(config.control_socket)
@@ -144,9 +146,9 @@ class HomeAgent:
             await self.expire(time.time())
 
     def restore(self) -> None:
-        """Bindings, identifications and CN-GW paths from the state files, record by record
-        (one that cannot be read is dropped and logged: ``daemons.store.state``); a binding
-        that ran out while we were down is dropped, with its CN-GW paths."""
+        """Bindings, identifications and CN-GW paths from the state stores, record by record
+        (one that cannot be read is dropped, logged and deleted: ``daemons.store.records``); a
+        binding that ran out while we were down is dropped, with its CN-GW paths."""
         now = time.time()
         saved = self.state.load_records({"bindings": lambda _, r: ipv4_fields(dataclass_record(Binding, r),
                                                                               "home_address", "care_of_address"),
@@ -163,10 +165,14 @@ class HomeAgent:
         cn = self.cn_state.load_records({"paths": cn_paths})["paths"]
         self.cn_paths = {hoa: infos for hoa, infos in cn.items() if infos is not None}
         dropped = self.state.dropped + self.cn_state.dropped
-        if expired or dropped:  # the files say what we hold, and a bad record warns once
-            self.persist()
-        if dropped or len(cn) > len(self.cn_paths):
-            self.persist_cn_paths()
+        with self.state.batch():  # the stores say what we hold
+            for hoa in saved["bindings"]:
+                if hoa not in self.bindings:
+                    self.state.delete("bindings", hoa)
+        with self.cn_state.batch():
+            for hoa in cn:
+                if hoa not in self.cn_paths:
+                    self.cn_state.delete("paths", hoa)
         self.counters["state_dropped"] = dropped
         if self.bindings or expired or dropped:
             log.info("ha.restored", bindings=len(self.bindings), expired=expired, cngw_paths=len(self.cn_paths),
@@ -186,19 +192,33 @@ class HomeAgent:
         self.counters["state_dropped"] = self.counters.get("state_dropped", 0) + self.mavpn.state.dropped
         return self.mavpn.reconcile(self.live_users())
 
-    def persist(self) -> None:
-        self.state.save({"bindings": {k: asdict(b) for k, b in self.bindings.items()},
-                         "last_ident": self.last_ident})
+    def persist(self, hoa: str) -> None:
+        """The binding of ``hoa`` as it stands (none: its record goes) and its last
+        identification, committed together."""
+        with self.state.batch():
+            binding = self.bindings.get(hoa)
+            if binding is not None:
+                self.state.put("bindings", hoa, asdict(binding))
+            else:
+                self.state.delete("bindings", hoa)
+            if hoa in self.last_ident:
+                self.state.put("last_ident", hoa, self.last_ident[hoa])
 
-    def persist_cn_paths(self) -> None:
-        self.cn_state.save({"paths": {hoa: vpninfo.to_record(infos) for hoa, infos in self.cn_paths.items()}})
+    def persist_cn_paths(self, hoa: str) -> None:
+        """The CN-GW paths of ``hoa`` as they stand (none: the record goes)."""
+        infos = self.cn_paths.get(hoa)
+        if infos:
+            self.cn_state.put("paths", hoa, vpninfo.to_record(infos))
+        else:
+            self.cn_state.delete("paths", hoa)
 
     async def expire(self, now: float) -> None:
         expired = [b for b in self.bindings.values() if b.expires <= now]
-        for binding in expired:
-            del self.bindings[binding.home_address]
         if expired:
-            self.persist()
+            with self.state.batch():
+                for binding in expired:
+                    del self.bindings[binding.home_address]
+                    self.persist(binding.home_address)
         for binding in expired:
             await self.home_link.release(binding.home_address)
             if self.mavpn is not None:
@@ -384,7 +404,7 @@ class HomeAgent:
         coa = str(rrq.care_of_address)
         if rrq.is_deregistration or rrq.care_of_address == entry.home_address:
             old = self.bindings.pop(hoa, None)
-            self.persist()
+            self.persist(hoa)
             await self.home_link.release(hoa)
             log.info("binding.removed", mn=entry.nai, hoa=hoa, was=old.care_of_address if old else None,
                      reason="deregistration")
@@ -392,7 +412,7 @@ class HomeAgent:
         previous = self.bindings.get(hoa)
         self.bindings[hoa] = Binding(entry.nai, hoa, coa, lifetime, now + lifetime, rrq.identification,
                                      source if source != hoa else None)
-        self.persist()
+        self.persist(hoa)
         await self.home_link.intercept(hoa)
         log.info("binding.updated" if previous else "binding.created", mn=entry.nai, hoa=hoa, coa=coa,
                  lifetime=lifetime, previous_coa=previous.care_of_address if previous else None)
@@ -427,7 +447,7 @@ class HomeAgent:
             self.cn_paths[key] = new
         else:
             self.cn_paths.pop(key, None)
-        self.persist_cn_paths()
+        self.persist_cn_paths(key)
         before, after = by_gateway(old), by_gateway(new)
         sends = [self.send_binding_update(gw, nai, hoa, coa, lifetime, infos) for gw, infos in after.items()]
         sends += [self.send_binding_update(gw, nai, hoa, coa, 0, []) for gw in before if gw not in after]

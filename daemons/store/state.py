@@ -1,8 +1,10 @@
-"""Persisted daemon state: a JSON document written atomically, reloaded at start.
+"""Persisted daemon state: the record builders, and the reader of the old JSON state files.
 
 A daemon restarted by the supervisor (or systemd) carries on with its bindings, visitors
-and sessions. Secrets are never written here: state files hold identities and addresses;
-keys stay in the configuration (or, later, with the paths' own store).
+and sessions. They live in ``daemons.store.records`` (one SQLite row per record, written per
+change); this module holds what that store shares with the JSON documents it replaced: the
+record builders (:func:`dataclass_record`, :func:`ipv4_fields`, ...), the errors a builder
+may raise, and :class:`StateFile`, which reads such a document once, to import it.
 
 Loading is record by record, and nothing in a file stops a start (docs/reliability.md):
 
@@ -16,8 +18,7 @@ Loading is record by record, and nothing in a file stops a start (docs/reliabili
 - a file that is not a JSON object at all is moved aside (``<name>.corrupt-<UTC time>``, kept
   for inspection), logged as ``state.file_corrupt``, and the daemon starts empty.
 
-The loader knows no record type, so it carries over when whole-file JSON gives way to
-per-record storage: the builders stay as they are.
+The loader knows no record type: ``daemons.store.records`` loads with the same builders.
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ def float_record(record: Any) -> float:
 
 
 class StateFile:
+    """One JSON state document of the daemons before per-record storage (read only: the
+    :class:`daemons.store.records.RecordStore` that replaces it imports it once)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.dropped = 0  # records (and whole files) dropped by the loads so far
@@ -149,25 +153,29 @@ class StateFile:
     def records(self, document: Mapping[str, Any], section: str, build: Build) -> dict[str, Any]:
         """The records of one section of ``document`` (as :meth:`load` returned it), by key (a
         list section's keys are the positions, ``"0"``, ``"1"``, ...)."""
-        raw = document.get(section)
-        if raw is None:
-            return {}
-        if isinstance(raw, dict):
-            items = [(str(k), v) for k, v in raw.items()]
-        elif isinstance(raw, list):
-            items = [(str(i), v) for i, v in enumerate(raw)]
-        else:
-            self._drop(section, None, f"section is a JSON {type(raw).__name__}")
-            return {}
         out: dict[str, Any] = {}
-        for key, record in items:
+        for key, record in self.items(document, section):
             try:
                 out[key] = build(key, record)
             except RECORD_ERRORS as exc:
-                self._drop(section, key, reason(exc))
+                self.drop(section, key, reason(exc))
         return out
 
-    def _drop(self, section: str, key: str | None, why: str) -> None:
+    def items(self, document: Mapping[str, Any], section: str) -> list[tuple[str, Any]]:
+        """The (key, raw record) pairs of one section, unbuilt; a section that is neither an
+        object nor a list is dropped (counted and logged) and has none."""
+        raw = document.get(section)
+        if raw is None:
+            return []
+        if isinstance(raw, dict):
+            return [(str(k), v) for k, v in raw.items()]
+        if isinstance(raw, list):
+            return [(str(i), v) for i, v in enumerate(raw)]
+        self.drop(section, None, f"section is a JSON {type(raw).__name__}")
+        return []
+
+    def drop(self, section: str, key: str | None, why: str) -> None:
+        """Count and log one record (or section) that cannot be read."""
         self.dropped += 1
         log.warning("state.record_dropped", file=self.path.name, section=section,
                     key=key[:80] if key is not None else None, reason=why)
@@ -182,12 +190,3 @@ class StateFile:
         os.replace(self.path, aside)
         self.dropped += 1
         log.warning("state.file_corrupt", file=self.path.name, moved_to=aside.name, reason=why)
-
-    def save(self, data: dict[str, Any]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=1, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)

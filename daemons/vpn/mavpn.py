@@ -3,9 +3,10 @@
 It keeps, per user, the VPN info the node was given (its "VPN cache"), installs and removes
 paths through whichever backend the node runs (xfrm or strongswan: the agents never care
 which), and persists the cache so a restarted agent reconciles its paths: against the users
-its daemon says are still live (:meth:`MavpnControl.reconcile`), never the whole cache. The cache file
-holds key material: it lives in the daemon's private state directory (0700, files 0600),
-like the configuration files that hold the Mobile IP keys.
+its daemon says are still live (:meth:`MavpnControl.reconcile`), never the whole cache. The
+cache is one record per user (``vpn.db``, ``daemons.store.records``), written when that user's
+paths change. It holds key material: it lives in the daemon's private state directory
+(0700, files 0600), like the configuration files that hold the Mobile IP keys.
 
 Distribution (claim 5): a VpnInfo with ``VPN-Distribution = ON_TRAFFIC`` becomes a backend path
 with ``on_traffic`` set — installed as a trap, its SAs set up by the backend at the first
@@ -25,7 +26,7 @@ from typing import Any
 from daemons.runtime.config import Common
 from daemons.runtime.log import EventLog
 from daemons.runtime.tasks import background
-from daemons.store.state import StateFile
+from daemons.store.records import RecordStore
 from daemons.vpn.factory import make_backend
 from daemons.vpn.path import Capability, EndpointType, PathBackend, PathError, PathStatus, VpnPath
 from daemons.vpn.vpninfo import ON_TRAFFIC, STATIC_OWNER, VpnInfo, from_record, from_static, to_record
@@ -34,7 +35,7 @@ log = EventLog("mipvpn.mavpn")
 
 
 class MavpnControl:
-    def __init__(self, backend: PathBackend, state: StateFile, access_interface: str | None = None) -> None:
+    def __init__(self, backend: PathBackend, state: RecordStore, access_interface: str | None = None) -> None:
         self.backend = backend
         self.state = state
         self.access_interface = access_interface  # FA: where the MNs are
@@ -51,7 +52,7 @@ class MavpnControl:
             return None
         backend = make_backend(config.ipsec_backend, config.node, config.run_dir or config.state_dir)
         await backend.wait_ready()  # e.g. strongswan: charon must be up, ipsec0 there
-        control = cls(backend, StateFile(config.state_dir / "vpn.json"), access_interface)
+        control = cls(backend, RecordStore.in_dir(config.state_dir, "vpn"), access_interface)
         control.restore()
         static = [from_static(p) for p in config.static_paths]
         if static:
@@ -60,14 +61,19 @@ class MavpnControl:
 
     # ---- persistence -----------------------------------------------------------------------
     def restore(self) -> None:
-        """The cached VPN info from the state file, user by user; a user whose entry cannot
-        be read is dropped (``state.record_dropped``) rather than keeping the agent from
-        starting: the next registration brings it again."""
+        """The cached VPN info from the state store (``vpn.db``, one record per user); a user
+        whose entry cannot be read is dropped (``state.record_dropped``) rather than keeping
+        the agent from starting: the next registration brings it again."""
         restored = self.state.load_records({"vpn": lambda nai, hexes: from_record(hexes, nai)})["vpn"]
         self.cache = {nai: {i.path_id: i for i in infos} for nai, infos in restored.items()}
 
-    def persist(self) -> None:
-        self.state.save({"vpn": {nai: to_record(infos.values()) for nai, infos in self.cache.items()}})
+    def persist(self, nai: str) -> None:
+        """The cache entry of one user as it stands (none: its record goes)."""
+        infos = self.cache.get(nai)
+        if infos:
+            self.state.put("vpn", nai, to_record(infos.values()))
+        else:
+            self.state.delete("vpn", nai)
 
     def wanted(self) -> list[VpnInfo]:
         return [info for infos in self.cache.values() for info in infos.values()]
@@ -99,8 +105,9 @@ class MavpnControl:
             log.info("paths.dropped", mn=nai, paths=paths, reason="no live binding")
         for nai, path_id in sorted(gone):
             log.info("paths.dropped", mn=nai, path=path_id, reason="lapsed")
-        if dropped or gone:
-            self.persist()
+        with self.state.batch():
+            for nai in {*dropped, *(nai for nai, _ in gone)}:
+                self.persist(nai)
         stale = [path_id for path_id in before if path_id not in self.backend_paths()]
         return background(self._reconcile_backend(stale, owned))
 
@@ -150,7 +157,7 @@ class MavpnControl:
                 status = await (self.backend.update(path) if same_pair else self.backend.install(path))
                 log.info("path.installed", mn=nai, path=path_id, local=path.local.address,
                          remote=path.remote.address, state=status.state.value)
-            self.persist()
+            self.persist(nai)
 
     async def remove_user(self, nai: str) -> None:
         await self.apply(nai, [])

@@ -114,14 +114,12 @@ def expert_problems(pcap) -> list[str]:
 
 def installed_secrets(run_dir: Path, node: str) -> list[bytes]:
     """The ESP keys and IKE PSKs of the paths a node installed (its MAVPN cache, its own state
-    file ``state/vpn.json``: keys in clear); nothing for a node without one."""
+    store ``state/vpn.db``: keys in clear); nothing for a node without one."""
+    from daemons.store.records import read_rows
     from daemons.vpn.vpninfo import from_record
 
-    path = run_dir / "nodes" / node / "state" / "vpn.json"
-    if not path.exists():
-        return []
     out: list[bytes] = []
-    for nai, hexes in json.loads(path.read_text())["vpn"].items():
+    for nai, hexes in read_rows(run_dir / "nodes" / node / "state" / "vpn.db", "vpn").items():
         for info in from_record(hexes, nai):
             sec = info.path.security
             out += [k.enc_key.reveal() for k in (sec.inbound, sec.outbound) if k is not None]

@@ -184,8 +184,9 @@ def test_up_beside_another_lab_with_the_same_prefix_touches_nothing(lab_up: LabE
 
 
 def test_daemon_state_is_private(lab_up: LabEnv) -> None:
-    """State directories (keys in vpn.json, visitors, bindings) are 0700, their files 0600."""
-    visitors = lab_up.run_dir / "nodes" / "fa1" / "state" / "visitors.json"
+    """State directories (keys in vpn.db, visitors, bindings) are 0700, their files 0600 (the
+    databases, their -wal and -shm)."""
+    visitors = lab_up.run_dir / "nodes" / "fa1" / "state" / "visitors.db"
     deadline = time.monotonic() + 15
     while not visitors.exists() and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 from pathlib import Path
 
 import pytest
 
 from daemons.roles import load_config
 from daemons.runtime.secret import Secret
+from daemons.store.records import read_rows
 from daemons.vpn.keys import pair_psk
 from tests.conftest import LabEnv
 from tests.lab.mipkit import binding_via, installed_secrets, tshark, wait_for
@@ -61,8 +61,8 @@ def run_secrets(run_dir: Path) -> list[bytes]:
         found += installed_secrets(run_dir, node)
     # The seal keys (files beside the configurations) and the AAAFs' local-answer keys.
     found += [bytes.fromhex(p.read_text().strip()) for p in sorted((run_dir / "nodes").glob("*/seal/*.key"))]
-    for sessions in sorted((run_dir / "nodes").glob("*/state/sessions.json")):
-        for record in json.loads(sessions.read_text()).get("sessions", []):
+    for sessions in sorted((run_dir / "nodes").glob("*/state/sessions.db")):
+        for record in read_rows(sessions, "sessions").values():
             found += [bytes.fromhex(record[k]) for k in ("local_key", "previous_local_key") if record.get(k)]
     return list(dict.fromkeys(k for k in found if len(k) >= 16))
 

@@ -39,6 +39,7 @@ from daemons.runtime.config import (
 )
 from daemons.runtime.log import EventFormatter
 from daemons.runtime.secret import Secret
+from daemons.store.records import read_rows
 from daemons.store.vpndb import open_database
 from daemons.vpn import vpninfo
 from daemons.vpn.keys import pair_psk, static_esp_key, static_spi
@@ -360,10 +361,12 @@ def test_registration_distributes_vpn_info(tmp_path: Path, event_log: Any) -> No
             for event in ("amr.received", "auth.ok", "har.sent", "haa.received", "ama.sent", "ama.relayed"):
                 assert f"event={event}" in text
 
-            # The state files are private (they hold keys) and hold the sessions.
-            for state in (tmp_path / "aaah-state" / "sessions.json", tmp_path / "aaaf-state" / "sessions.json"):
-                assert stat.S_IMODE(state.stat().st_mode) == 0o600
+            # The state stores are private (they hold keys: the database, its -wal and -shm) and hold the sessions.
+            for state in (tmp_path / "aaah-state" / "sessions.db", tmp_path / "aaaf-state" / "sessions.db"):
+                for f in (state, state.with_name("sessions.db-wal"), state.with_name("sessions.db-shm")):
+                    assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
                 assert stat.S_IMODE(state.parent.stat().st_mode) == 0o700
+                assert list(read_rows(state, "sessions")) == [NAI]
 
     run(main())
 

@@ -28,7 +28,7 @@ from daemons.agents.ha import Binding, HomeAgent
 from daemons.runtime.config import CNGWConfig, FAConfig, HAConfig, PeerAgent, SecurityAssociation
 from daemons.runtime.net import UdpEndpoint
 from daemons.runtime.secret import Secret
-from daemons.store.state import StateFile
+from daemons.store.records import RecordStore
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import Capability, Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
@@ -138,7 +138,7 @@ def make_fa(tmp: Path, me: str, peer: str) -> ForeignAgent:
                                challenge=False, peer_agents=[PeerAgent(IPv4Address(peer), FA_SPI, FA_FA_KEY)]))
     fa.routes = NoRoutes()  # type: ignore[assignment]
     fa.diameter = Diameter(lambda req: req.answer(2001))  # type: ignore[assignment]  # records the STRs
-    fa.mavpn = MavpnControl(Recorder(Capability.FORWARDING_PATHS), StateFile(tmp / me / "vpn.json"))
+    fa.mavpn = MavpnControl(Recorder(Capability.FORWARDING_PATHS), RecordStore(tmp / me / "vpn.db"))
     return fa
 
 
@@ -327,7 +327,7 @@ class RouteOpt:
                                              home_agents=[PeerAgent(IPv4Address(HA), GW_SPI, HA_GW_KEY)],
                                              binding_request_threshold=threshold, binding_request_interval=0.1,
                                              seal=key_file(tmp, "cngw2")))
-        gw.mavpn = MavpnControl(Recorder(Capability.NONE), StateFile(tmp / "gw" / "vpn.json"))
+        gw.mavpn = MavpnControl(Recorder(Capability.NONE), RecordStore(tmp / "gw" / "vpn.db"))
         ha.home_link = NoRoutes()  # type: ignore[assignment]
         to_gw, to_ha = Tap(gw.on_datagram), Tap(ha.on_datagram)
         gw.udp = await UdpEndpoint.open(to_gw, GW, 0)
@@ -592,7 +592,7 @@ def test_replay_window_checks_remembers_and_forgets() -> None:
     expired.load(win.to_json(), now + 8)
     assert len(expired) == 0
     for entry in (["x"], "y", [1, 2, 3], ["p", "h", -1], ["p", "h", "12"], {"p": 1}, ["p", "h", True]):
-        with pytest.raises(TypeError):  # StateFile.load_records drops, counts and logs it
+        with pytest.raises(TypeError):  # RecordStore.load_records drops, counts and logs it
             ReplayWindow.record(entry)
     assert ReplayWindow.record(["p", "h", first]) == ("p", "h", first)
 

@@ -18,7 +18,7 @@ from daemons.agents.cngw import BindingTable, CnBinding, CorrespondentGateway, c
 from daemons.agents.ha import Binding, HomeAgent, by_gateway, split_paths
 from daemons.runtime.config import CNGWConfig, HAConfig, PeerAgent
 from daemons.runtime.secret import Secret
-from daemons.store.state import StateFile
+from daemons.store.records import RecordStore
 from daemons.vpn import vpninfo
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import Capability, DirectionKeys, Endpoint, EndpointType, EspSuite, SecurityService, VpnPath
@@ -167,7 +167,7 @@ def test_ha_waits_for_the_acknowledge_and_moves_and_removes_the_binding(tmp_path
     async def main() -> None:
         ha, gw, to_gw, to_ha = pair(tmp_path)
         backend = Recorder(Capability.NONE)
-        gw.mavpn = MavpnControl(backend, StateFile(tmp_path / "gw" / "vpn.json"))
+        gw.mavpn = MavpnControl(backend, RecordStore(tmp_path / "gw" / "vpn.db"))
         await ha.update_correspondents(NAI, HOA, FA1, 20, for_cngw())
         # Returned only after the CN-GW acknowledged: its binding is already there.
         (bu,) = decoded(to_gw)

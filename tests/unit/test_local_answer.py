@@ -27,6 +27,7 @@ from daemons.agents.mn import MobileNode
 from daemons.runtime.config import SecurityAssociation
 from daemons.runtime.log import EventFormatter
 from daemons.runtime.secret import Secret
+from daemons.store.records import read_rows
 from daemons.vpn import seal, vpninfo
 from daemons.wire import mip
 from daemons.wire.diameter import Message, ResultCode
@@ -85,8 +86,9 @@ def answered_locally(ama: Message) -> bool:
         and bool(ama.find_all("VPN-Info"))
 
 
-def state_file(w: World) -> Path:
-    return w.aaaf.config.state_dir / "sessions.json"
+def stored_sessions(w: World) -> dict[str, Any]:
+    """The AAAF's session records as its store holds them (read by another connection)."""
+    return read_rows(w.aaaf.config.state_dir / "sessions.db", "sessions")
 
 
 async def registered_at_fa1(w: World) -> bytes:
@@ -124,7 +126,7 @@ def test_the_aaah_hands_the_aaaf_the_key_and_the_fa_never_sees_it(tmp_path: Path
             assert cached is not None and cached.local_key == key and cached.previous_local_key is None
 
             # Persisted with the session (the 0600 state file), restored after a restart ...
-            assert key.reveal().hex() in state_file(w).read_text()
+            assert key.reveal().hex() in json.dumps(stored_sessions(w))
             again = ForeignAAAServer(w.aaaf.config)
             again.store.load()
             assert again.store.get(NAI) == cached and again.store.get(NAI).local_key == key  # type: ignore[union-attr]
@@ -241,7 +243,7 @@ def test_a_forged_intra_domain_amr_gets_nothing_and_changes_nothing(tmp_path: Pa
     async def main() -> None:
         async with world(tmp_path) as w:
             c1 = await registered_at_fa1(w)
-            before, on_disk = dict(w.aaaf.store.sessions), state_file(w).read_bytes()
+            before, on_disk = dict(w.aaaf.store.sessions), stored_sessions(w)
             amrs, hars = len(w.amrs_at_aaah), len(w.ha.hars)
             forger_key = Secret(b"not-the-mn-aaa-secret")
             expected = ResultCode.DIAMETER_AUTHENTICATION_REJECTED
@@ -267,7 +269,7 @@ def test_a_forged_intra_domain_amr_gets_nothing_and_changes_nothing(tmp_path: Pa
             assert ama.find("VPN-Info") is None and ama.find(KEY_AVP) is None
             key = key_of(c1).reveal()
             assert key not in ama.encode()
-            assert w.aaaf.store.sessions == before and state_file(w).read_bytes() == on_disk
+            assert w.aaaf.store.sessions == before and stored_sessions(w) == on_disk
             assert len(w.amrs_at_aaah) == amrs + 1 and w.amrs_at_aaah[-1].get("MIP-Reg-Request") == raw
             if expected == ResultCode.DIAMETER_AUTHENTICATION_REJECTED:
                 assert len(w.ha.hars) == hars

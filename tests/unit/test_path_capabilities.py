@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from daemons.runtime.secret import Secret
-from daemons.store.state import StateFile
+from daemons.store.records import RecordStore
 from daemons.vpn.mavpn import MavpnControl
 from daemons.vpn.path import (
     Capability,
@@ -112,7 +112,7 @@ def test_hooks_default_to_nothing() -> None:
 @pytest.mark.parametrize("needs_address", [True, False])
 def test_fa_owns_the_home_address_only_where_the_backend_needs_it(tmp_path: Path, needs_address: bool) -> None:
     backend = Recorder(Capability.LOCAL_SELECTOR_ADDRESS if needs_address else Capability.FORWARDING_PATHS)
-    control = MavpnControl(backend, StateFile(tmp_path / "vpn.json"), access_interface="acc")
+    control = MavpnControl(backend, RecordStore(tmp_path / "vpn.db"), access_interface="acc")
 
     async def go() -> None:
         await control.apply(NAI, [fa_to_ha()])
@@ -131,6 +131,6 @@ def test_fa_owns_the_home_address_only_where_the_backend_needs_it(tmp_path: Path
 
 def test_no_access_interface_no_addresses(tmp_path: Path) -> None:
     backend = Recorder(Capability.LOCAL_SELECTOR_ADDRESS)  # e.g. an HA: owns its home link already
-    control = MavpnControl(backend, StateFile(tmp_path / "vpn.json"))
+    control = MavpnControl(backend, RecordStore(tmp_path / "vpn.db"))
     asyncio.run(control.apply(NAI, [fa_to_ha()]))
     assert [c[0] for c in backend.calls] == ["install"]

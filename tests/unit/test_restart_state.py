@@ -1,7 +1,9 @@
 """A restarted daemon (issue 15): its state loads record by record, and its paths follow its
 live bindings only.
 
-Real state files in tmp_path, the real daemon objects (HA, FA, CN-GW, AAAH, AAAF) and their
+Real state in tmp_path (the JSON files the daemons wrote before per-record storage, imported
+at the first load: daemons/store/records.py; tests/unit/test_record_store.py tests the
+store itself), the real daemon objects (HA, FA, CN-GW, AAAH, AAAF) and their
 real MAVPN control; the path backend is a fake that keeps what is installed like a kernel
 would across a daemon's death (the thing under test is the reconciliation, not the backend:
 tests/unit/test_xfrm_backend_native.py and the lab tests cover the backends themselves).
@@ -31,6 +33,7 @@ from daemons.agents.ha import Binding, HomeAgent
 from daemons.runtime.config import AAAFConfig, AAAHConfig, CNGWConfig, DiameterPeer, FAConfig, HAConfig, HomeAgentRef
 from daemons.runtime.log import EventFormatter
 from daemons.runtime.secret import Secret
+from daemons.store.records import RecordStore, read_rows
 from daemons.store.state import StateFile
 from daemons.vpn import mavpn as mavpn_module
 from daemons.vpn.mavpn import MavpnControl
@@ -216,8 +219,13 @@ def test_ha_loads_the_good_binding_and_drops_one_of_an_old_schema(tmp_path: Path
     text = events()
     assert f"event=state.record_dropped file=bindings.json section=bindings key={USERS[MN2]} reason=" in text
     assert "not a number" not in text  # a stored value is never repeated in the log
-    # The file now says what the HA holds: the bad records warn once, not at every start.
-    assert list(json.loads((tmp_path / "ha" / "bindings.json").read_text())["bindings"]) == [USERS[MN1]]
+    # The store now says what the HA holds: the bad records warn once, not at every start.
+    assert list(read_rows(tmp_path / "ha" / "bindings.db", "bindings")) == [USERS[MN1]]
+    assert not (tmp_path / "ha" / "bindings.json").exists() and (tmp_path / "ha" / "bindings.json.migrated").exists()
+    again = HomeAgent(ha_config(tmp_path))
+    again.restore()
+    assert list(again.bindings) == [USERS[MN1]] and again.last_ident == {USERS[MN1]: 7}
+    assert again.counters["state_dropped"] == 0
 
 
 def test_fa_and_cngw_drop_an_unreadable_record_and_keep_the_rest(tmp_path: Path) -> None:
@@ -315,7 +323,7 @@ def test_ha_restart_reinstalls_only_the_paths_of_live_bindings(tmp_path: Path, b
         assert set(backend.installed) == {ha_path(MN1).path.id}
         assert backend.installs(ha_path(MN2).path.id) == 0
         assert ("remove", ha_path(MN2).path.id) in backend.calls
-        assert list(json.loads((config.state_dir / "vpn.json").read_text())["vpn"]) == [MN1]
+        assert list(read_rows(config.state_dir / "vpn.db", "vpn")) == [MN1]
         assert ha.show_bindings()[0]["mn"] == MN1
 
     asyncio.run(asyncio.wait_for(main(), 10))
@@ -378,7 +386,7 @@ def test_reconcile_keeps_static_paths_and_a_registration_made_meanwhile(tmp_path
     registers again before the backend is reconciled keeps the new path."""
     async def main() -> None:
         kernel = KernelLike()
-        control = MavpnControl(kernel, StateFile(tmp_path / "vpn.json"))
+        control = MavpnControl(kernel, RecordStore(tmp_path / "vpn.db"))
         static = info(STATIC_OWNER, 1, Endpoint(HA, EndpointType.HA), Endpoint(GW, EndpointType.CNGW_STATIC),
                       "198.18.100.0/24", "198.18.3.0/24")
         control.cache = {STATIC_OWNER: {1: static}, MN1: {1: ha_path(MN1)}, MN2: {1: ha_path(MN2)}}
