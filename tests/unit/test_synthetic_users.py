@@ -60,7 +60,7 @@ def test_provisioning_synthetic_users(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     users = provision.read_synthetic_users(run)
     assert [(u.nai, str(u.home_address), str(u.home_agent)) for u in users] == [
-        (nai, f"198.18.100.{k + 2}", "198.18.100.1") for k, nai in enumerate(bench)]
+        (nai, f"198.19.0.{k + 11}", "198.19.0.1") for k, nai in enumerate(bench)]  # after mn1's 198.19.0.10
     # the same MN-HA keys as the HA's, the same MN-AAA secrets as the AAAH's database
     assert [m["key"] for m in ha["mobile_nodes"][1:]] == [u.mn_ha.key.reveal().hex() for u in users]
     db = open_database(f"sqlite:///{run / 'nodes' / 'aaah' / 'vpn.db'}")
