@@ -1,23 +1,43 @@
 """`mipvpn bench register`: registrations per second through FA -> AAAF -> AAAH -> HA.
 
-    mipvpn bench register --mns N [--concurrency C] [--backend auto|xfrm|strongswan|none] [--json]
+    mipvpn bench register --mns N [--concurrency C]                      # closed loop (default)
+    mipvpn bench register --mns N --rate R --duration S                  # open loop
+    mipvpn bench register --mns N --renew --duration S [--lifetime L]    # steady renewals
+        [--backend auto|xfrm|strongswan|none] [--timeout T] [--profile [--profile-dir DIR]] [--json]
     # without the main CLI wiring: .venv/bin/python -m daemons.bench.register --mns N ...
 
 Brings up a lab of its own (run directory ``/tmp/mipvpn-benchreg-*``, namespace prefix
-``mvrPID-``, always torn down, also on SIGTERM) from the default topology plus:
+``mvrPID-``, always torn down, also on SIGTERM) from the default topology with the bench's home
+prefixes (``HOME_POOLS``: the HA's home link widened to 198.19.0.0/16, mn1 at 198.19.0.10; past
+65,524 users a second and third HA of the home domain, 198.18.128.0/17 and 198.18.112.0/20) plus:
 
 * N *synthetic* users ``benchK@home.example`` (topology users without an ``mn`` node), home
-  addresses from the home prefix 198.18.100.0/24 not in use yet (at most 252). The lab
-  provisions them like any user (VPN database, HA's mobile nodes) but runs no MN daemon for
-  them; their MN-HA and MN-AAA keys are in ``RUN_DIR/bench-users.yaml`` (0600, see
+  addresses after the highest one in use in each home prefix (``load.allocate_home_addresses``).
+  The lab provisions them like any user (VPN database, HA's mobile nodes) but runs no MN daemon
+  for them; their MN-HA and MN-AAA keys are in ``RUN_DIR/bench-users.yaml`` (0600, see
   ``daemons.provision.configs``).
 * a node ``drv`` (role mn, no user, so no MN daemon) attached to fa1's access segment: the
   load generator runs in its namespace (``python -m daemons.bench.register drive``, started with
-  ``ip netns exec``). It puts every synthetic home address on its ``eth0`` as a /32 with a
-  default route to the FA (onlink), exactly what an MN away from home does, and registers
-  every user once as an MN would (RFC 5944 + RFC 3012 + RFC 4004): NAI, MN-HA authenticator,
-  the FA's challenge, MN-AAA authenticator; one UDP socket, the source address of each RRQ
-  chosen per user with IP_PKTINFO; up to C registrations outstanding.
+  ``ip netns exec``). It has one address of its own on ``eth0`` (the last of fa1's segment, for its
+  solicitations) and makes the synthetic home addresses its own with a few ``local`` routes on
+  ``lo`` covering exactly them (``load.covering_blocks``: about 16 for 10,000 users), not one address
+  per user: the kernel then answers the FA's ARP for every home address (the FA sends each RRP
+  to the home address on the access link) and accepts them as IP_PKTINFO sources. Default route
+  to the FA (onlink), as an MN away from home has. It registers as an MN would (RFC 5944 + RFC 3012 +
+  RFC 4004): NAI, MN-HA authenticator, the FA's challenge, MN-AAA authenticator; one UDP socket,
+  the source address of each RRQ chosen per user with IP_PKTINFO.
+
+Modes: **closed loop** (default): every user once, up to C registrations outstanding;
+registrations/s = accepted / wall time from the first started to the last answered. **Open loop**
+(``--rate R --duration S``): a registration started every 1/R s for S s whatever the answers do
+(``load.arrivals``), each for the user idle longest (``load.UserPool``; an arrival finding every
+user busy is counted, not sent); offered and achieved rate (accepted / S), latency of the last
+request and from when it was due (challenge waits and retries in: no coordinated omission), lost
+(no answer after ``MAX_ATTEMPTS``) and retried. **Renewals** (``--renew --duration S``): the closed
+loop first, then every user re-registers at a random point of 50-90 % of the lifetime it was
+granted (``load.renewal_due``), for S s; renewals/s, latency; at the end every user's binding must
+still be at the HA (``bindings_live``). ``--lifetime`` sets the lifetime asked in the RRQs (the HA
+grants at most its ``max_lifetime``, 300 s).
 
 Challenges: the FA accepts a challenge for ``challenge_window`` (8) advertisement intervals after
 it advertised it, from every MN that heard it (spent per MN once it bought that MN a
@@ -27,15 +47,17 @@ generator uses the newest challenge heard for every registration while it is you
 again after ``RESOLICIT_S``) and waits for the advertisement: the FA's per-source solicitation
 limit never paces it. The FA runs with its default configuration. A registration the FA still
 answers with 104/106 (unknown or stale challenge), or not at all within ``--timeout``, is sent
-again as a new request with a newer challenge, as an MN would (at most 3 attempts). The latency of a registration is
-its RRQ -> RRP round trip at the generator (the last attempt), not the wait for a challenge,
-which is reported apart; registrations per second = accepted / wall time from the first
-registration started to the last answered (challenge waits included). Where the time goes,
-per stage, comes from the daemons' log lines (``STAGES``).
+again as a new request with a newer challenge, as an MN would (at most 3 attempts). Where the
+time goes, per stage, comes from the daemons' log lines (``STAGES``; first registration of each user).
 
 Afterwards it checks every reply was code 0 with a valid MN-HA authenticator, and asks the
-daemons (control sockets) for the HA's bindings, fa1's visitors and the VPN paths the HA and
-fa1 hold. It prints numbers; it never fails on a timing.
+daemons (control sockets) for every HA's bindings, fa1's visitors and the VPN paths the HA and
+fa1 hold; it reads each daemon's RSS and CPU time (``/proc``, PIDs from the lab's supervisor)
+before and after the load: RSS growth per binding, CPU ms per registration. ``--profile`` starts
+every daemon with ``mipvpn daemon --profile DIR/NODE.prof`` and the generator under
+``python -m cProfile``; the files are written when the lab goes down, kept in DIR (default
+``/tmp/mipvpn-benchprof-TIME``), and the top functions per process printed. It prints numbers;
+it never fails on a timing.
 """
 
 from __future__ import annotations
