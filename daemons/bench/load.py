@@ -5,6 +5,7 @@ and the users they go to, and when a registered user renews."""
 from __future__ import annotations
 
 import ipaddress
+import statistics
 from collections import deque
 from collections.abc import Iterable
 from typing import Generic, TypeVar
@@ -91,3 +92,24 @@ def renewal_due(replied_at: float, granted: int, u: float, now: float | None = N
     if now is not None and lo < now:
         return now + u * max(0.0, hi - now)
     return lo + u * (hi - lo)
+
+
+def by_tenths(samples: list[tuple[float, float]]) -> list[dict[str, float | int]]:
+    """How a closed loop went as the bindings piled up: its answers ``(replied_at s, latency ms)``
+    in reply order, cut into ten consecutive slices (fewer for fewer answers), each with its
+    count, answers a second (from the previous slice's last answer, the first slice from its own
+    first) and median latency."""
+    s = sorted(samples)
+    if not s:
+        return []
+    parts = min(10, len(s))
+    out: list[dict[str, float | int]] = []
+    start = s[0][0]
+    for k in range(parts):
+        chunk = s[k * len(s) // parts:(k + 1) * len(s) // parts]
+        end = chunk[-1][0]
+        lat = [v for _, v in chunk]
+        out.append({"answers": len(chunk), "per_s": round(len(chunk) / (end - start), 1) if end > start else 0.0,
+                    "p50_ms": round(statistics.median(lat), 1)})
+        start = end
+    return out

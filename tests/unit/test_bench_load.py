@@ -16,6 +16,7 @@ from daemons.bench.load import (
     UserPool,
     allocate_home_addresses,
     arrivals,
+    by_tenths,
     covering_blocks,
     pool_free,
     renewal_due,
@@ -98,3 +99,13 @@ def test_percentiles() -> None:
     p = percentiles([float(v) for v in range(1, 101)])
     assert (p["n"], p["min"], p["p50"], p["p90"], p["p99"], p["max"]) == (100, 1.0, 50.5, 90.0, 99.0, 100.0)
     assert percentiles([5.0])["p99"] == 5.0
+
+
+def test_closed_loop_by_tenths_shows_a_slowdown() -> None:
+    # 100 answers: the first 50 at 10/s with 100 ms latency, the last 50 at 2/s with 900 ms
+    samples = [(k * 0.1, 100.0) for k in range(50)] + [(4.9 + (k + 1) * 0.5, 900.0) for k in range(50)]
+    tenths = by_tenths(samples)
+    assert [t["answers"] for t in tenths] == [10] * 10
+    assert tenths[1]["per_s"] == pytest.approx(10.0) and tenths[-1]["per_s"] == pytest.approx(2.0)
+    assert tenths[0]["p50_ms"] == 100.0 and tenths[-1]["p50_ms"] == 900.0
+    assert by_tenths([]) == [] and len(by_tenths([(1.0, 5.0), (2.0, 7.0)])) == 2
