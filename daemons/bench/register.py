@@ -287,7 +287,7 @@ def profiled(plan: Any, out_dir: Path) -> Any:
 
 
 def home_agents_of(lab: Any) -> list[str]:
-    return [u for u in dict.fromkeys(user.home_agent for user in lab.topology.users)]
+    return list(dict.fromkeys(user.home_agent for user in lab.topology.users))
 
 
 def run_bench(opts: Options, echo: Any = print) -> dict[str, Any]:
