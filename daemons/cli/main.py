@@ -38,12 +38,14 @@ main.add_command(bench_group)
 @main.command("daemon")
 @click.argument("role", type=click.Choice(list(ROLES)))
 @click.option("-c", "--config", "config_path", type=click.Path(path_type=Path), required=True)
-def daemon(role: str, config_path: Path) -> None:
+@click.option("--profile", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Run under cProfile and write its statistics (pstats) to this file at exit or SIGTERM.")
+def daemon(role: str, config_path: Path, profile: Path | None) -> None:
     """Run one daemon (what the lab's supervisor and systemd units start)."""
     from daemons.runtime.daemon import run
 
     try:
-        run(role, config_path)
+        run(role, config_path, profile)
     except ConfigError as exc:
         raise click.ClickException(f"refusing to start: {exc}") from None
     except KeyboardInterrupt:

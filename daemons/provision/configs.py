@@ -434,7 +434,10 @@ def write_config(path: Path, config: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.touch(mode=0o600)
     path.chmod(0o600)
-    path.write_text(yaml.safe_dump(cfg.dump(config), sort_keys=False))
+    # libyaml's emitter when PyYAML has it: the same YAML, several times faster for an HA with
+    # 10,000 mobile nodes (the pure-Python one took most of a 10,000-user lab's provisioning)
+    dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+    path.write_text(yaml.dump(cfg.dump(config), Dumper=dumper, sort_keys=False))
 
 
 def write_synthetic_users(run_dir: Path, users: list[SyntheticUser]) -> Path | None:
@@ -452,7 +455,7 @@ def read_synthetic_users(run_dir: Path) -> list[SyntheticUser]:
     """The synthetic users of the lab in ``run_dir`` (ConfigError naming the field if the file is bad)."""
     path = run_dir / SYNTHETIC_USERS_FILE
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.load(path.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
     except OSError as exc:
         raise cfg.ConfigError(str(path), "file", f"cannot read: {exc.strerror}") from None
     return cfg.build(SyntheticUsers, data, path.name, "").users

@@ -60,7 +60,7 @@ def test_provisioning_synthetic_users(tmp_path: Path) -> None:
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     users = provision.read_synthetic_users(run)
     assert [(u.nai, str(u.home_address), str(u.home_agent)) for u in users] == [
-        (nai, f"198.18.100.{k + 2}", "198.18.100.1") for k, nai in enumerate(bench)]
+        (nai, f"198.19.0.{k + 11}", "198.19.0.1") for k, nai in enumerate(bench)]  # after mn1's 198.19.0.10
     # the same MN-HA keys as the HA's, the same MN-AAA secrets as the AAAH's database
     assert [m["key"] for m in ha["mobile_nodes"][1:]] == [u.mn_ha.key.reveal().hex() for u in users]
     db = open_database(f"sqlite:///{run / 'nodes' / 'aaah' / 'vpn.db'}")
@@ -75,3 +75,24 @@ def test_provisioning_synthetic_users(tmp_path: Path) -> None:
 def test_no_synthetic_users_no_file(tmp_path: Path) -> None:
     provision.services(parse(copy.deepcopy(DEFAULT), "default.yaml"), tmp_path / "run", "none")
     assert not (tmp_path / "run" / provision.SYNTHETIC_USERS_FILE).exists()
+
+
+def test_bench_home_prefixes_and_more_home_agents(tmp_path: Path) -> None:
+    """The bench's home link is 198.19.0.0/16 (mn1 keeps its offset); past it, ha2 and ha3 of the
+    home domain, each a valid node of the lab with its own home link, provisioned like ha."""
+    from daemons.bench.register import bench_base_topology, bench_pools, home_agents_needed, max_users
+
+    one = parse(bench_base_topology(1), "bench.yaml")
+    assert str(one.segment_of("ha").prefix) == "198.19.0.0/16"  # type: ignore[union-attr]
+    assert str(one.user_of("mn1").home_address) == "198.19.0.10"  # type: ignore[union-attr]
+    assert home_agents_needed(65_524) == 1 and home_agents_needed(65_525) == 2 and max_users() == 102_382
+    three = parse(bench_base_topology(3), "bench3.yaml")
+    assert [str(three.segment_of(h).prefix) for h in ("ha", "ha2", "ha3")] == [  # type: ignore[union-attr]
+        "198.19.0.0/16", "198.18.128.0/17", "198.18.112.0/20"]
+    assert [ha for ha, _ in bench_pools(bench_base_topology(3))] == ["ha", "ha2", "ha3"]
+    data = bench_base_topology(2)
+    data["users"].append({"nai": "bench1@home.example", "home_address": "198.18.128.2", "home_agent": "ha2"})
+    services = provision.services(parse(data, "bench2.yaml"), tmp_path / "run", "none")
+    assert {"daemon:ha", "daemon:ha2"} <= {s.name for s in services}
+    ha2 = yaml.safe_load((tmp_path / "run" / "nodes" / "ha2" / "ha.yaml").read_text())
+    assert [m["nai"] for m in ha2["mobile_nodes"]] == ["bench1@home.example"]
